@@ -1,0 +1,3 @@
+"""codec, the Compiler Of Deep Ensembles."""
+
+__version__ = "0.1.0"
