@@ -1,4 +1,68 @@
-"""codec command-line interface (placeholder until the commands land)."""
+"""codec's command-line interface: `codec <command> ...` or `python -m codec <command> ...`.
 
-def main(argv=None):
-    return 0
+Each subcommand lives in its own module under `codec/commands/`, exposing
+`register(subparsers)` which adds a parser whose default `func(args) -> int` runs it.
+Command modules import heavy libraries (torch, onnxruntime) inside `func`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from codec import __version__
+from codec.errors import CodecError
+
+# Order is the order `codec --help` lists them in. A module missing here is a command not built yet.
+COMMAND_MODULES = [
+    "inspect",
+    "profile",
+    "train",
+    "eval",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codec",
+        description=(
+            "codec, the Compiler Of Deep Ensembles: lifts trained networks (ONNX) into a neuron-granular IR, "
+            "profiles their activations, and removes the redundancy between ensemble members."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"codec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"codec.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"codec.commands.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="codec: %(message)s", stream=sys.stderr
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CodecError as exc:
+        print(f"codec {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"codec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
