@@ -1,0 +1,445 @@
+"""Lift an ONNX graph into NetworkIR.
+
+Accepted: what torch's dynamo and legacy exporters emit for MLPs and CNNs — Gemm (either transB, any
+alpha/beta), MatMul + Add, Conv (groups = 1), Flatten or Reshape to (batch, features), Relu, LeakyRelu,
+Sigmoid, Tanh, Softmax (last axis), MaxPool, AveragePool, GlobalAveragePool, BatchNormalization (folded
+into the layer before it), Dropout and Identity (dropped: inference semantics). Everything else is refused
+with a `LiftError` naming the node, its op type and the reason.
+
+The walk follows the chain from the graph's one input to its one output; a value consumed by more than
+one node (a branch) is refused, as is any node left off that chain.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from codec.errors import LiftError, ModelLoadError
+from codec.ir.network import (
+    MONOTONE_ACTIVATIONS,
+    Activation,
+    Conv,
+    Dense,
+    Flatten,
+    Layer,
+    NetworkIR,
+    Pool,
+    is_compute,
+)
+
+_ACTIVATION_OPS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
+_DROPPED_OPS = ("Dropout", "Identity")
+# A tensor larger than this is refused before it is read: no MLP/CNN codec targets comes near it, and a
+# hostile file could otherwise make codec allocate arbitrary memory.
+MAX_TENSOR_ELEMENTS = 1 << 31
+
+
+def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
+    """Read an ONNX model (path, serialized bytes or an onnx_ir Model) with its external data, safely.
+
+    External data must live inside the model's directory: absolute locations and `..` escapes are refused.
+
+    Raises:
+        ModelLoadError: missing or unreadable file, truncated or non-ONNX content, unsafe external data.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            import onnx
+
+            return ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
+        except Exception as exc:
+            raise ModelLoadError(f"not a readable ONNX model: {_first_line(exc)}") from exc
+    path = Path(source)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such model file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}") from exc
+    _check_external_data(model, path.resolve().parent, path)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_external_data(model: ir.Model, base_dir: Path, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = Path(tensor.location)
+        target = (base_dir / location).resolve()
+        if location.is_absolute() or not target.is_relative_to(base_dir):
+            raise ModelLoadError(
+                f"{path.name}: initializer {value.name!r} points at external data {tensor.location!r} outside "
+                "the model's directory; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"{path.name}: external data file {tensor.location!r} of {value.name!r} is missing")
+        needed = (tensor.offset or 0) + (tensor.length or 0)
+        if needed > target.stat().st_size:
+            raise ModelLoadError(
+                f"{path.name}: external data {tensor.location!r} is truncated ({target.stat().st_size} bytes, "
+                f"{value.name!r} needs {needed})"
+            )
+
+
+def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) -> NetworkIR:
+    """Lift an ONNX model into NetworkIR.
+
+    Args:
+        source: a path to an .onnx file (external data beside it), serialized bytes, or an onnx_ir Model.
+        name: the network's label; defaults to the file's stem or the graph's name.
+
+    Raises:
+        ModelLoadError: the file cannot be read.
+        LiftError: the graph is not a network codec can lift; names the node, op and reason.
+    """
+    model = load_model(source)
+    if name is None:
+        name = Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
+    return _Lifter(model.graph, name).run()
+
+
+class _Lifter:
+    def __init__(self, graph: ir.Graph, name: str):
+        self.graph = graph
+        self.name = name
+        self.layers: list[Layer] = []
+        self.shape: tuple[int, ...] = ()
+        self.visited: set[int] = set()
+        self.used_names: set[str] = set()
+
+    # -- the walk ---------------------------------------------------------------------------------------
+    def run(self) -> NetworkIR:
+        graph_inputs = [v for v in self.graph.inputs if v.name not in self.graph.initializers]
+        if len(graph_inputs) != 1:
+            raise LiftError(f"the graph has {len(graph_inputs)} data inputs; codec lifts single-input networks")
+        if len(self.graph.outputs) != 1:
+            raise LiftError(f"the graph has {len(self.graph.outputs)} outputs; codec lifts single-output networks")
+        x = graph_inputs[0]
+        self.input_shape = self._input_shape(x)
+        self.shape = self.input_shape
+        value = x
+        output = self.graph.outputs[0]
+        while value is not output:
+            node = self._sole_consumer(value)
+            value = self._visit(node)
+        for node in self.graph:
+            if id(node) not in self.visited and node.op_type != "Constant":
+                raise LiftError("node is not on the path from the input to the output", node.name, node.op_type)
+        if not any(is_compute(layer) for layer in self.layers):
+            raise LiftError("the graph has no Gemm, MatMul or Conv layer to lift")
+        return NetworkIR(
+            name=self.name,
+            input_name=x.name,
+            output_name=output.name,
+            input_shape=self.input_shape,
+            layers=self.layers,
+            metadata={},
+        )
+
+    def _input_shape(self, x: ir.Value) -> tuple[int, ...]:
+        if x.dtype != ir.DataType.FLOAT:
+            raise LiftError(f"input {x.name!r} has element type {x.dtype}; codec expects float32 inputs")
+        if x.shape is None:
+            raise LiftError(f"input {x.name!r} has no declared shape")
+        dims = list(x.shape)
+        if not 2 <= len(dims) <= 4:
+            raise LiftError(
+                f"input {x.name!r} has rank {len(dims)} (shape {x.shape}); codec expects (batch, features) "
+                "or (batch, channels, height, width)"
+            )
+        rest = dims[1:]
+        if not all(isinstance(d, int) and d > 0 for d in rest):
+            raise LiftError(f"input {x.name!r} has shape {x.shape}; all but the batch dimension must be fixed")
+        return tuple(int(d) for d in rest)
+
+    def _sole_consumer(self, value: ir.Value) -> ir.Node:
+        users = {id(use.node): use.node for use in value.uses()}
+        if value in self.graph.outputs:
+            raise LiftError(f"value {value.name!r} is both a graph output and used inside the graph")
+        if not users:
+            raise LiftError(f"value {value.name!r} is consumed by no node but is not the graph output")
+        if len(users) > 1:
+            names = ", ".join(f"{n.name} ({n.op_type})" for n in users.values())
+            raise LiftError(f"value {value.name!r} branches into {len(users)} nodes ({names}); codec lifts chains only")
+        return next(iter(users.values()))
+
+    def _visit(self, node: ir.Node) -> ir.Value:
+        self.visited.add(id(node))
+        if node.domain not in ("", "ai.onnx"):
+            raise LiftError(f"custom-domain op ({node.domain}) is not supported", node.name, node.op_type)
+        handler = getattr(self, f"_op_{node.op_type}", None)
+        if handler is None:
+            if node.op_type in _ACTIVATION_OPS:
+                return self._activation(node)
+            if node.op_type in _DROPPED_OPS:
+                return self._dropped(node)
+            raise LiftError("unsupported op", node.name, node.op_type)
+        return handler(node)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _const(self, node: ir.Node, index: int, what: str) -> np.ndarray | None:
+        if index >= len(node.inputs) or node.inputs[index] is None:
+            return None
+        value = node.inputs[index]
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is None:
+            raise LiftError(
+                f"its {what} {value.name!r} is not an initializer or constant (missing initializer?)",
+                node.name,
+                node.op_type,
+            )
+        if tensor.size > MAX_TENSOR_ELEMENTS:
+            raise LiftError(f"its {what} {value.name!r} has {tensor.size} elements, beyond codec's limit", node.name, node.op_type)
+        try:
+            array = tensor.numpy()
+        except Exception as exc:
+            raise LiftError(f"cannot read {what} {value.name!r}: {_first_line(exc)}", node.name, node.op_type) from exc
+        if what in ("weight", "bias", "scale", "mean", "variance", "shift"):
+            if array.dtype.kind != "f":
+                raise LiftError(f"its {what} {value.name!r} has dtype {array.dtype}; expected floating point", node.name, node.op_type)
+            if not np.all(np.isfinite(array)):
+                raise LiftError(f"its {what} {value.name!r} contains NaN or infinite values", node.name, node.op_type)
+        return array
+
+    def _attrs(self, node: ir.Node) -> dict:
+        return {k: a.value for k, a in node.attributes.items()}
+
+    def _out(self, node: ir.Node) -> ir.Value:
+        used = [o for o in node.outputs[1:] if o is not None and (o.uses() or o in self.graph.outputs)]
+        if used:
+            raise LiftError(f"its extra output {used[0].name!r} is used; codec supports its first output only", node.name, node.op_type)
+        return node.outputs[0]
+
+    def _layer_name(self, node: ir.Node, fallback: str) -> str:
+        """A readable unique layer name: the weight's module path ("net.1" for "net.1.weight"), else the node's."""
+        weight = node.inputs[1] if len(node.inputs) > 1 and node.op_type in ("Gemm", "MatMul", "Conv") else None
+        if weight is not None and weight.name and weight.name.endswith(".weight"):
+            base = weight.name[: -len(".weight")]
+        else:
+            base = (node.name or fallback).strip("/").replace("/", ".") or fallback
+        name, i = base, 1
+        while name in self.used_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.used_names.add(name)
+        return name
+
+    def _last_compute(self) -> Dense | Conv | None:
+        return self.layers[-1] if self.layers and is_compute(self.layers[-1]) else None
+
+    # -- compute layers ---------------------------------------------------------------------------------
+    def _add_dense(self, node: ir.Node, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        if len(self.shape) != 1:
+            raise LiftError(
+                f"dense layer reads a tensor of shape {list(self.shape)}; flatten it to (batch, features) first",
+                node.name,
+                node.op_type,
+            )
+        if weight.shape[1] != self.shape[0]:
+            raise LiftError(
+                f"weight expects {weight.shape[1]} input features but receives {self.shape[0]}", node.name, node.op_type
+            )
+        out = weight.shape[0]
+        bias = np.zeros(out, np.float32) if bias is None else bias
+        if bias.size == 1 and out != 1:
+            bias = np.full(out, float(bias.reshape(-1)[0]), np.float32)
+        if bias.size != out:
+            raise LiftError(f"bias has {bias.size} entries for {out} output features", node.name, node.op_type)
+        self.layers.append(Dense(self._layer_name(node, "dense"), weight.astype(np.float32), bias.reshape(-1)))
+        self.shape = (out,)
+
+    def _op_Gemm(self, node: ir.Node) -> ir.Value:
+        attrs = self._attrs(node)
+        if attrs.get("transA", 0):
+            raise LiftError("transA=1 is not supported", node.name, node.op_type)
+        weight = self._const(node, 1, "weight")
+        if weight.ndim != 2:
+            raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
+        weight = weight if attrs.get("transB", 0) else weight.T
+        weight = weight * np.float32(attrs.get("alpha", 1.0))
+        bias = self._const(node, 2, "bias")
+        if bias is not None:
+            bias = np.asarray(bias * np.float32(attrs.get("beta", 1.0)))
+            if bias.ndim == 2 and bias.shape[0] == 1:
+                bias = bias[0]
+            elif bias.ndim > 1:
+                raise LiftError(f"bias of shape {list(bias.shape)} is not per output feature", node.name, node.op_type)
+        self._add_dense(node, weight, bias)
+        return self._out(node)
+
+    def _op_MatMul(self, node: ir.Node) -> ir.Value:
+        weight = self._const(node, 1, "weight")
+        if weight.ndim != 2:
+            raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
+        out = node.outputs[0]
+        bias = None
+        users = [u.node for u in out.uses()]
+        if len(users) == 1 and users[0].op_type == "Add" and out not in self.graph.outputs:
+            add = users[0]
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            if ir.convenience.get_const_tensor(other) is not None:
+                self.visited.add(id(add))
+                index = 1 if add.inputs[0] is out else 0
+                bias = self._const(add, index, "bias")
+                node, out = add, add.outputs[0]
+        self._add_dense(node, weight.T, bias)
+        return out
+
+    def _op_Conv(self, node: ir.Node) -> ir.Value:
+        attrs = self._attrs(node)
+        if len(self.shape) != 3:
+            raise LiftError(f"convolution reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+        if attrs.get("group", 1) != 1:
+            raise LiftError(f"group={attrs['group']} convolutions are not supported", node.name, node.op_type)
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
+        weight = self._const(node, 1, "weight")
+        if weight.ndim != 4:
+            raise LiftError(f"weight has rank {weight.ndim}; codec supports 2-D convolutions", node.name, node.op_type)
+        if weight.shape[1] != self.shape[0]:
+            raise LiftError(f"weight expects {weight.shape[1]} input channels but receives {self.shape[0]}", node.name, node.op_type)
+        bias = self._const(node, 2, "bias")
+        bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
+        conv = Conv(
+            self._layer_name(node, "conv"),
+            weight,
+            bias,
+            strides=tuple(attrs.get("strides", (1, 1))),
+            pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
+            dilations=tuple(attrs.get("dilations", (1, 1))),
+        )
+        shape = conv.output_shape(self.shape)
+        if min(shape[1:]) < 1:
+            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+        self.layers.append(conv)
+        self.shape = shape
+        return self._out(node)
+
+    def _op_BatchNormalization(self, node: ir.Node) -> ir.Value:
+        layer = self._last_compute()
+        if layer is None or layer.activation.kind != "identity":
+            raise LiftError("BatchNormalization is supported only right after a Gemm/MatMul/Conv (it is folded into it)", node.name, node.op_type)
+        attrs = self._attrs(node)
+        if attrs.get("training_mode", 0):
+            raise LiftError("training-mode BatchNormalization cannot be folded; export in eval mode", node.name, node.op_type)
+        scale, shift, mean, var = (self._const(node, i, w) for i, w in ((1, "scale"), (2, "shift"), (3, "mean"), (4, "variance")))
+        factor = (scale / np.sqrt(var + attrs.get("epsilon", 1e-5))).astype(np.float32)
+        if factor.shape[0] != layer.num_neurons:
+            raise LiftError(f"has {factor.shape[0]} channels for {layer.num_neurons} neurons", node.name, node.op_type)
+        layer.weight = (layer.weight * factor.reshape((-1,) + (1,) * (layer.weight.ndim - 1))).astype(np.float32)
+        layer.bias = ((layer.bias - mean) * factor + shift).astype(np.float32)
+        return self._out(node)
+
+    # -- activations and structural ops -----------------------------------------------------------------
+    def _activation(self, node: ir.Node) -> ir.Value:
+        kind = _ACTIVATION_OPS[node.op_type]
+        attrs = self._attrs(node)
+        alpha = float(attrs.get("alpha", 0.01)) if kind == "leaky_relu" else 0.01
+        if kind == "softmax":
+            rank = len(self.shape) + 1
+            axis = attrs.get("axis", -1)
+            if axis not in (-1, rank - 1) or rank != 2:
+                raise LiftError(f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature axis of (batch, features)", node.name, node.op_type)
+        activation = Activation(kind, alpha)
+        target = self._last_compute()
+        if target is None and self.layers and isinstance(self.layers[-1], Pool) and self.layers[-1].mode == "max":
+            # act(maxpool(z)) == maxpool(act(z)) for monotone non-decreasing act: move it onto the conv.
+            before = self.layers[-2] if len(self.layers) > 1 else None
+            if kind in MONOTONE_ACTIVATIONS and before is not None and is_compute(before):
+                target = before
+        if target is None:
+            raise LiftError("activation must follow a Gemm/MatMul/Conv layer (or a max pool right after one)", node.name, node.op_type)
+        if target.activation.kind != "identity":
+            raise LiftError(f"a second activation after {target.activation.kind} on layer {target.name!r} is not supported", node.name, node.op_type)
+        target.activation = activation
+        return self._out(node)
+
+    def _dropped(self, node: ir.Node) -> ir.Value:
+        if node.op_type == "Dropout":
+            training = node.inputs[2] if len(node.inputs) > 2 else None
+            if training is not None:
+                mode = ir.convenience.get_const_tensor(training)
+                if mode is None or bool(mode.numpy()):
+                    raise LiftError("training-mode Dropout is not supported; export in eval mode", node.name, node.op_type)
+        return self._out(node)
+
+    def _op_Flatten(self, node: ir.Node) -> ir.Value:
+        axis = self._attrs(node).get("axis", 1)
+        if axis != 1:
+            raise LiftError(f"Flatten with axis={axis}; codec supports axis=1 (batch, features)", node.name, node.op_type)
+        return self._flatten(node)
+
+    def _flatten(self, node: ir.Node) -> ir.Value:
+        if len(self.shape) != 1:
+            self.layers.append(Flatten(self._layer_name(node, "flatten")))
+            self.shape = (int(np.prod(self.shape)),)
+        return self._out(node)
+
+    def _op_Reshape(self, node: ir.Node) -> ir.Value:
+        target = self._const(node, 1, "target shape")
+        if target is None:
+            raise LiftError("Reshape without a shape input", node.name, node.op_type)
+        target = [int(d) for d in np.asarray(target).reshape(-1)]
+        features = int(np.prod(self.shape))
+        copies_batch = not self._attrs(node).get("allowzero", 0)  # 0 means "copy the input's dim" unless allowzero
+        flat = target == [-1, features] or (copies_batch and target in ([0, -1], [0, features]))
+        if not flat:
+            raise LiftError(
+                f"Reshape to {target} from {['batch', *self.shape]}; codec supports only flattening to (batch, {features})",
+                node.name,
+                node.op_type,
+            )
+        return self._flatten(node)
+
+    def _pool(self, node: ir.Node, mode: str) -> ir.Value:
+        attrs = self._attrs(node)
+        if len(self.shape) != 3:
+            raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
+        if any(d != 1 for d in attrs.get("dilations", (1, 1))):
+            raise LiftError("dilated pooling is not supported", node.name, node.op_type)
+        kernel = tuple(attrs["kernel_shape"])
+        if len(kernel) != 2:
+            raise LiftError(f"{len(kernel)}-D pooling is not supported", node.name, node.op_type)
+        pool = Pool(
+            self._layer_name(node, f"{mode}pool"),
+            mode,
+            kernel,
+            tuple(attrs.get("strides", (1, 1))),
+            tuple(attrs.get("pads", (0, 0, 0, 0))),
+            bool(attrs.get("ceil_mode", 0)),
+            bool(attrs.get("count_include_pad", 0)),
+        )
+        shape = pool.output_shape(self.shape)
+        if min(shape[1:]) < 1:
+            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+        self.layers.append(pool)
+        self.shape = shape
+        return self._out(node)
+
+    def _op_MaxPool(self, node: ir.Node) -> ir.Value:
+        return self._pool(node, "max")
+
+    def _op_AveragePool(self, node: ir.Node) -> ir.Value:
+        return self._pool(node, "avg")
+
+    def _op_GlobalAveragePool(self, node: ir.Node) -> ir.Value:
+        if len(self.shape) != 3:
+            raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+        c, h, w = self.shape
+        self.layers.append(Pool(self._layer_name(node, "gap"), "avg", (h, w), (1, 1), is_global=True))
+        self.shape = (c, 1, 1)
+        return self._out(node)

@@ -1,0 +1,172 @@
+"""Lower NetworkIR back to ONNX (opset 18) with onnx-ir, and save models atomically.
+
+`lower(net)` builds a graph that computes the same function as the model `net` was lifted from:
+Dense -> Gemm(transB=1), Conv -> Conv, Pool -> MaxPool/AveragePool/GlobalAveragePool, Flatten -> Flatten,
+each compute layer followed by its activation node. With `taps=True` every hidden compute layer's
+post-activation output is also a graph output named `tap_name(layer)`, which is how profiling observes
+neurons with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from codec import __version__
+from codec.io import atomic_path
+from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool
+
+OPSET = 18
+IR_VERSION = 9
+TAP_PREFIX = "codec.tap."
+_ACTIVATION_OPS = {"relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}
+
+
+def tap_name(layer_name: str) -> str:
+    """The graph-output name under which `lower(..., taps=True)` exposes a layer's activations."""
+    return TAP_PREFIX + layer_name
+
+
+class GraphBuilder:
+    """Appends codec layers as ONNX nodes to a node list; shared by `lower` and the ensemble emitter."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+
+    def initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        value.shape = ir.Shape(array.shape)
+        value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        self.initializers.append(value)
+        return value
+
+    def node(self, op_type: str, inputs: list, name: str, attributes: dict | None = None) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes or {}, name=name)
+        node.outputs[0].name = name
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def layer(self, layer, x: ir.Value, weights: dict[str, ir.Value] | None = None) -> ir.Value:
+        """Emit `layer` reading `x`; `weights` may supply already-emitted weight/bias values to reuse."""
+        name = self.prefix + layer.name
+        if isinstance(layer, (Dense, Conv)):
+            weights = weights or {}
+            w = weights.get("weight") or self.initializer(f"{name}.weight", layer.weight)
+            b = weights.get("bias") or self.initializer(f"{name}.bias", layer.bias)
+            if isinstance(layer, Dense):
+                z = self.node("Gemm", [x, w, b], name, {"transB": 1})
+            else:
+                z = self.node(
+                    "Conv",
+                    [x, w, b],
+                    name,
+                    {
+                        "kernel_shape": list(layer.kernel_shape),
+                        "strides": list(layer.strides),
+                        "pads": list(layer.pads),
+                        "dilations": list(layer.dilations),
+                    },
+                )
+            return self.activation(layer, z)
+        if isinstance(layer, Pool):
+            if layer.is_global:
+                op = "GlobalAveragePool" if layer.mode == "avg" else "GlobalMaxPool"
+                return self.node(op, [x], name)
+            attrs = {
+                "kernel_shape": list(layer.kernel_shape),
+                "strides": list(layer.strides),
+                "pads": list(layer.pads),
+                "ceil_mode": int(layer.ceil_mode),
+            }
+            if layer.mode == "avg":
+                attrs["count_include_pad"] = int(layer.count_include_pad)
+                return self.node("AveragePool", [x], name, attrs)
+            return self.node("MaxPool", [x], name, attrs)
+        if isinstance(layer, Flatten):
+            return self.node("Flatten", [x], name, {"axis": 1})
+        raise TypeError(f"cannot lower layer of type {type(layer).__name__}")
+
+    def activation(self, layer: Dense | Conv, z: ir.Value) -> ir.Value:
+        kind = layer.activation.kind
+        if kind == "identity":
+            return z
+        attrs = {"alpha": float(layer.activation.alpha)} if kind == "leaky_relu" else {}
+        if kind == "softmax":
+            attrs = {"axis": -1}
+        return self.node(_ACTIVATION_OPS[kind], [z], f"{self.prefix}{layer.name}.{kind}", attrs)
+
+
+def input_value(net: NetworkIR, name: str | None = None) -> ir.Value:
+    return ir.Value(
+        name=name or net.input_name,
+        shape=ir.Shape(["batch", *net.input_shape]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+    )
+
+
+def make_model(graph: ir.Graph, metadata: dict[str, str] | None = None) -> ir.Model:
+    props = {"codec.version": __version__}
+    props.update(metadata or {})
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="codec", producer_version=__version__, metadata_props=props)
+
+
+def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
+    """Build an ONNX model (onnx_ir) computing `net`; with `taps`, hidden activations are extra outputs."""
+    builder = GraphBuilder()
+    x = input_value(net)
+    value = x
+    tap_outputs = []
+    hidden = {id(layer) for layer in net.hidden_layers()}
+    for layer in net.layers:
+        value = builder.layer(layer, value)
+        if taps and id(layer) in hidden:
+            tap = builder.node("Identity", [value], tap_name(layer.name))
+            tap_outputs.append(tap)
+    if value is x:
+        value = builder.node("Identity", [x], net.output_name)
+    value.name = net.output_name
+    value.shape = ir.Shape(["batch", *net.output_shape])
+    value.type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph(
+        [x],
+        [value, *tap_outputs],
+        nodes=builder.nodes,
+        initializers=builder.initializers,
+        opset_imports={"": OPSET},
+        name=net.name,
+    )
+    return make_model(graph, net.metadata)
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """Serialize an onnx_ir model (all tensors inline) to ONNX bytes."""
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool = False) -> Path:
+    """Save atomically: a crash or a full disk never leaves a truncated model at `path`.
+
+    With `external_data`, tensors go to `<name>.data` beside the model (needed past protobuf's 2 GB limit).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not external_data:
+        with atomic_path(path) as tmp:
+            ir.save(model, tmp)
+        return path
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        ir.save(model, tmp_dir / path.name, external_data=data_name)
+        os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
