@@ -12,6 +12,8 @@ one node (a branch) is refused, as is any node left off that chain.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -38,6 +40,18 @@ _DROPPED_OPS = ("Dropout", "Identity")
 MAX_TENSOR_ELEMENTS = 1 << 31
 
 
+@contextlib.contextmanager
+def _quiet_onnx_ir():
+    """onnx_ir logs a warning per undeclared value; lift reports those itself, as one clear error."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
     """Read an ONNX model (path, serialized bytes or an onnx_ir Model) with its external data, safely.
 
@@ -52,14 +66,16 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         try:
             import onnx
 
-            return ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
+            with _quiet_onnx_ir():
+                return ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
         except Exception as exc:
             raise ModelLoadError(f"not a readable ONNX model: {_first_line(exc)}") from exc
     path = Path(source)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
     try:
-        model = ir.load(path)
+        with _quiet_onnx_ir():
+            model = ir.load(path)
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}") from exc
     _check_external_data(model, path.resolve().parent, path)

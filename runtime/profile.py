@@ -1,0 +1,341 @@
+"""Activation profiling: run lifted networks with onnxruntime over calibration data and accumulate statistics.
+
+Statistics are accumulated batch by batch, so memory is O(neurons^2) per layer whatever the number of
+calibration inputs (the calibration set itself may be a memory-mapped array or any iterable of batches).
+
+Per input, a Dense neuron's *activation* is its post-activation output. A Conv neuron is a channel: its
+activation on an input is the spatial mean of its post-activation map, and it *fires* on that input when
+its firing condition holds at any position (so "never fires" means "zero everywhere, on every input" for
+ReLU, which is what dead-neuron elimination needs). The firing condition is per activation function, see
+`codec.ir.Activation.fire_threshold`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from codec.errors import DataError, ShapeError
+from codec.ir.lower import lower, tap_name, to_bytes
+from codec.ir.network import Conv, NetworkIR
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one hidden layer's neurons over the calibration inputs seen so far.
+
+    Attributes:
+        fire: inputs on which each neuron fired.
+        nonzero: inputs on which each neuron's output was not exactly zero (somewhere, for channels).
+        sum / sumsq: sums of each neuron's activation and its square (float64).
+        cofire: (neurons, previous-layer neurons) inputs on which both fired; None for the first hidden layer,
+            whose inputs are the network's input (counted as fully shared by CODE).
+    """
+
+    name: str
+    activation: str
+    threshold: float
+    num_neurons: int
+    previous: str | None
+    count: int = 0
+    fire: np.ndarray = None
+    nonzero: np.ndarray = None
+    sum: np.ndarray = None
+    sumsq: np.ndarray = None
+    cofire: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = self.num_neurons
+        self.fire = np.zeros(n, np.int64) if self.fire is None else self.fire
+        self.nonzero = np.zeros(n, np.int64) if self.nonzero is None else self.nonzero
+        self.sum = np.zeros(n, np.float64) if self.sum is None else self.sum
+        self.sumsq = np.zeros(n, np.float64) if self.sumsq is None else self.sumsq
+
+    @property
+    def fire_rate(self) -> np.ndarray:
+        return self.fire / max(self.count, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def std(self) -> np.ndarray:
+        var = self.sumsq / max(self.count, 1) - self.mean**2
+        return np.sqrt(np.maximum(var, 0.0))
+
+    @property
+    def never_fires(self) -> np.ndarray:
+        return self.fire == 0
+
+    @property
+    def always_zero(self) -> np.ndarray:
+        """Neurons whose output was exactly zero on every input: removing them changes no output."""
+        return self.nonzero == 0
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.fire, self.nonzero, self.sum, self.sumsq] + ([self.cofire] if self.cofire is not None else [])
+        return sum(a.nbytes for a in arrays)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of every hidden layer of one network, by layer name (in network order)."""
+
+    network: str
+    count: int = 0
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers.values())
+
+    def to_dict(self) -> dict:
+        """A JSON-ready per-layer summary (rates, not the raw matrices)."""
+        return {
+            "network": self.network,
+            "inputs": self.count,
+            "layers": [
+                {
+                    "name": s.name,
+                    "activation": s.activation,
+                    "neurons": s.num_neurons,
+                    "fire_threshold": s.threshold,
+                    "mean_fire_rate": float(s.fire_rate.mean()) if s.num_neurons else 0.0,
+                    "never_fire": int(s.never_fires.sum()),
+                    "always_zero": int(s.always_zero.sum()),
+                    "dead_neurons": np.flatnonzero(s.always_zero).tolist(),
+                }
+                for s in self.layers.values()
+            ],
+        }
+
+
+@dataclass
+class CrossLayerStats:
+    """Statistics between the same layer of two members (main neurons x peer neurons)."""
+
+    name: str
+    cofire: np.ndarray  # (n_main, n_peer) int64: inputs on which both fired
+    sum_products: np.ndarray  # (n_main, n_peer) float64: sum over inputs of a_main * a_peer
+
+
+@dataclass
+class PairStats:
+    """Two members' ActivationStats plus the cross-member statistics CSNE needs."""
+
+    main: ActivationStats
+    peer: ActivationStats
+    cross: dict[str, CrossLayerStats] = field(default_factory=dict)  # by main's layer name
+    peer_layer: dict[str, str] = field(default_factory=dict)  # main layer name -> peer layer name (same position)
+
+    @property
+    def count(self) -> int:
+        return self.main.count
+
+    def _pair(self, main_layer: str) -> tuple[LayerStats, LayerStats]:
+        return self.main.layers[main_layer], self.peer.layers[self.peer_layer[main_layer]]
+
+    def agreement(self, main_layer: str) -> np.ndarray:
+        """Fraction of inputs on which main neuron m and peer neuron p both fire or both stay silent."""
+        m, p = self._pair(main_layer)
+        both = self.cross[main_layer].cofire
+        n = max(self.count, 1)
+        return (n - m.fire[:, None] - p.fire[None, :] + 2 * both) / n
+
+    def cofire_rate(self, main_layer: str) -> np.ndarray:
+        """Fraction of inputs on which both fire."""
+        return self.cross[main_layer].cofire / max(self.count, 1)
+
+    def correlation(self, main_layer: str) -> np.ndarray:
+        """Pearson correlation of activations, main neuron x peer neuron; 0 where either is constant."""
+        m, p = self._pair(main_layer)
+        n = max(self.count, 1)
+        cov = self.cross[main_layer].sum_products / n - np.outer(m.mean, p.mean)
+        denom = np.outer(m.std, p.std)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = np.where(denom > 1e-12, cov / denom, 0.0)
+        return np.clip(corr, -1.0, 1.0)
+
+
+class _Tapped:
+    """A network lowered with taps, running in onnxruntime, reducing each batch to per-input neuron views."""
+
+    def __init__(self, net: NetworkIR, intra_op_threads: int | None = None):
+        from codec.runtime.session import create_session
+
+        self.net = net
+        self.hidden = net.hidden_layers()
+        self.session = create_session(to_bytes(lower(net, taps=True)), intra_op_threads)
+        self.outputs = [tap_name(layer.name) for layer in self.hidden]
+
+    def new_stats(self) -> ActivationStats:
+        stats = ActivationStats(network=self.net.name)
+        previous = None
+        for layer in self.hidden:
+            s = LayerStats(
+                name=layer.name,
+                activation=layer.activation.kind,
+                threshold=layer.activation.fire_threshold(layer.num_neurons),
+                num_neurons=layer.num_neurons,
+                previous=previous.name if previous is not None else None,
+            )
+            if previous is not None:
+                s.cofire = np.zeros((layer.num_neurons, previous.num_neurons), np.int64)
+            stats.layers[layer.name] = s
+            previous = layer
+        return stats
+
+    def views(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per hidden layer: (activation (B, n) float64, fires (B, n) bool, nonzero (B, n) bool)."""
+        outs = self.session.run(self.outputs, {self.session.get_inputs()[0].name: batch})
+        views = []
+        for layer, out in zip(self.hidden, outs):
+            thr = layer.activation.fire_threshold(layer.num_neurons)
+            if isinstance(layer, Conv):
+                flat = out.reshape(out.shape[0], out.shape[1], -1)
+                act = flat.mean(axis=2, dtype=np.float64)
+                fires = (flat > thr).any(axis=2)
+                nonzero = (flat != 0).any(axis=2)
+            else:
+                act = out.astype(np.float64)
+                fires = out > thr
+                nonzero = out != 0
+            views.append((act, fires, nonzero))
+        return views
+
+
+def _accumulate(stats: ActivationStats, views) -> None:
+    prev_fires = None
+    for s, (act, fires, nonzero) in zip(stats.layers.values(), views):
+        s.count += act.shape[0]
+        s.fire += fires.sum(axis=0)
+        s.nonzero += nonzero.sum(axis=0)
+        s.sum += act.sum(axis=0)
+        s.sumsq += np.einsum("bi,bi->i", act, act)
+        if s.cofire is not None:
+            # float32 GEMM of 0/1 matrices is exact below 2**24 per batch; accumulate as int64.
+            s.cofire += np.rint(fires.T.astype(np.float32) @ prev_fires.astype(np.float32)).astype(np.int64)
+        prev_fires = fires
+    stats.count += views[0][0].shape[0] if views else 0
+
+
+def _batches(data, batch_size: int) -> Iterator[np.ndarray]:
+    """Yield float32 batches from an array (sliced lazily; memmaps stay on disk) or an iterable of arrays."""
+    if isinstance(data, np.ndarray):
+        for start in range(0, len(data), batch_size):
+            yield data[start : start + batch_size]
+    else:
+        yield from data
+
+
+def _check_batch(batch: np.ndarray, net: NetworkIR, seen: int) -> np.ndarray:
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if batch.shape[1:] != tuple(net.input_shape):
+        raise ShapeError(
+            f"calibration examples have shape {list(batch.shape[1:])} but {net.name!r} expects {list(net.input_shape)}"
+        )
+    if not np.all(np.isfinite(batch)):
+        bad = int(np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))[0])
+        raise DataError(f"calibration input {seen + bad} contains NaN or infinite values")
+    return batch
+
+
+def profile(
+    net: NetworkIR,
+    data: np.ndarray | Iterable[np.ndarray],
+    batch_size: int = 256,
+    progress: bool = False,
+    intra_op_threads: int | None = None,
+) -> ActivationStats:
+    """Profile one network's hidden activations over `data` (an array or an iterable of batches)."""
+    return _run([net], data, batch_size, progress, intra_op_threads)[0]
+
+
+def profile_pair(
+    main: NetworkIR,
+    peer: NetworkIR,
+    data: np.ndarray | Iterable[np.ndarray],
+    batch_size: int = 256,
+    progress: bool = False,
+    intra_op_threads: int | None = None,
+) -> PairStats:
+    """Profile two members of the same architecture together, with their cross-member statistics."""
+    difference = main.same_architecture(peer)
+    if difference is not None:
+        raise ShapeError(f"{main.name!r} and {peer.name!r} do not have the same architecture: {difference}")
+    stats_main, stats_peer, cross = _run([main, peer], data, batch_size, progress, intra_op_threads, pair=True)
+    names = {a.name: b.name for a, b in zip(main.hidden_layers(), peer.hidden_layers())}
+    return PairStats(stats_main, stats_peer, cross, names)
+
+
+def _run(nets, data, batch_size, progress, intra_op_threads, pair=False):
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    tapped = [_Tapped(net, intra_op_threads) for net in nets]
+    stats = [t.new_stats() for t in tapped]
+    cross = {}
+    if pair:
+        for a, b in zip(tapped[0].hidden, tapped[1].hidden):
+            cross[a.name] = CrossLayerStats(
+                a.name, np.zeros((a.num_neurons, b.num_neurons), np.int64), np.zeros((a.num_neurons, b.num_neurons))
+            )
+    total = len(data) if hasattr(data, "__len__") else None
+    bar = tqdm(total=total, unit="input", desc="profiling", disable=not progress, leave=False)
+    seen = 0
+    try:
+        for batch in _batches(data, batch_size):
+            if len(batch) == 0:
+                continue
+            batch = _check_batch(batch, nets[0], seen)
+            views = [t.views(batch) for t in tapped]
+            for s, v in zip(stats, views):
+                _accumulate(s, v)
+            if pair:
+                for c, (act_m, fire_m, _), (act_p, fire_p, _) in zip(cross.values(), views[0], views[1]):
+                    c.cofire += np.rint(fire_m.T.astype(np.float32) @ fire_p.astype(np.float32)).astype(np.int64)
+                    c.sum_products += act_m.T @ act_p
+            seen += len(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    if seen == 0:
+        raise DataError("the calibration set is empty: nothing to profile")
+    return (*stats, cross) if pair else stats
+
+
+def activations(net: NetworkIR, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every hidden layer's per-input neuron activations on `x`, (N, neurons) each (channels: spatial mean).
+
+    Holds O(N x neurons) memory: for inspection and tests, not for calibration-sized data.
+    """
+    tapped = _Tapped(net)
+    parts: dict[str, list[np.ndarray]] = {layer.name: [] for layer in tapped.hidden}
+    for start in range(0, len(x), batch_size):
+        batch = _check_batch(x[start : start + batch_size], net, start)
+        for layer, (act, _, _) in zip(tapped.hidden, tapped.views(batch)):
+            parts[layer.name].append(act)
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
+    """Statistics of the union of two disjoint calibration sets (e.g. shards profiled in parallel)."""
+    out = ActivationStats(a.network, a.count + b.count)
+    for name, sa in a.layers.items():
+        sb = b.layers[name]
+        out.layers[name] = dataclasses.replace(
+            sa,
+            count=sa.count + sb.count,
+            fire=sa.fire + sb.fire,
+            nonzero=sa.nonzero + sb.nonzero,
+            sum=sa.sum + sb.sum,
+            sumsq=sa.sumsq + sb.sumsq,
+            cofire=None if sa.cofire is None else sa.cofire + sb.cofire,
+        )
+    return out
