@@ -35,6 +35,10 @@ from codec.ir.network import (
 
 _ACTIVATION_OPS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
 _DROPPED_OPS = ("Dropout", "Identity")
+SUPPORTED_OPS = frozenset(
+    {"Gemm", "MatMul", "Add", "Conv", "BatchNormalization", "Flatten", "Reshape", "MaxPool", "AveragePool",
+     "GlobalAveragePool", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS}
+)
 # A tensor larger than this is refused before it is read: no MLP/CNN codec targets comes near it, and a
 # hostile file could otherwise make codec allocate arbitrary memory.
 MAX_TENSOR_ELEMENTS = 1 << 31

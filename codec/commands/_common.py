@@ -1,0 +1,82 @@
+"""Helpers shared by CLI commands: data options, reshaping data to a model's input, JSON/human output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from codec.errors import ShapeError
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "mnist_small", split: bool = True) -> None:
+    parser.add_argument(
+        "--data",
+        default=default,
+        required=default is None,
+        help="dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download) or "
+        f"npz:PATH (arrays x_train, y_train, x_test, y_test){f'; default {default}' if default else ''}",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+    )
+    if split:
+        parser.add_argument("--split", choices=("train", "test"), default="test", help="which split to use (default test)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
+
+
+def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:
+    """(x, y, dataset) for the split the command-line arguments name."""
+    from codec.runtime.data import load_dataset
+
+    dataset = load_dataset(args.data, data_dir=args.data_dir)
+    split = getattr(args, "split", "test")
+    x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_test, dataset.y_test)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ShapeError(f"--limit must be positive, got {args.limit}")
+        x, y = x[: args.limit], y[: args.limit]
+    return x, y, dataset
+
+
+def fit_to_model(x: np.ndarray, input_shape: tuple[int, ...], what: str = "data") -> np.ndarray:
+    """Reshape examples to a model's input shape when only the layout differs (images fed to an MLP).
+
+    (N, 1, 28, 28) data becomes (N, 784) for a model whose input is (784,); anything else that does not
+    match is a ShapeError naming both shapes.
+    """
+    if tuple(x.shape[1:]) == tuple(input_shape):
+        return x
+    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
+        return x.reshape((len(x), *input_shape))
+    raise ShapeError(
+        f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}"
+    )
+
+
+def emit(args, payload: dict, human: str) -> None:
+    """Print `payload` as JSON with --json, else the human-readable text."""
+    if getattr(args, "json", False):
+        json.dump(payload, sys.stdout, indent=2, default=_default)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(human.rstrip("\n") + "\n")
+
+
+def _default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
