@@ -329,8 +329,9 @@ class NetworkIR:
             rows.append(row)
         return rows
 
-    def same_architecture(self, other: "NetworkIR") -> str | None:
-        """None when `other` has the same layer kinds, neuron counts and input shape; else the first difference."""
+    def same_architecture(self, other: "NetworkIR", widths: bool = True) -> str | None:
+        """None when `other` has the same input shape, layer kinds, activations and (with `widths`) neuron
+        counts; else the first difference, as a phrase for an error message."""
         if tuple(self.input_shape) != tuple(other.input_shape):
             return f"input shapes differ: {list(self.input_shape)} vs {list(other.input_shape)}"
         if len(self.layers) != len(other.layers):
@@ -338,7 +339,7 @@ class NetworkIR:
         for i, (a, b) in enumerate(zip(self.layers, other.layers)):
             if type(a) is not type(b):
                 return f"layer {i}: {type(a).__name__} vs {type(b).__name__}"
-            if is_compute(a) and a.weight.shape != b.weight.shape:
+            if widths and is_compute(a) and a.weight.shape != b.weight.shape:
                 return f"layer {i} ({a.name} / {b.name}): weight shape {a.weight.shape} vs {b.weight.shape}"
             if is_compute(a) and a.activation != b.activation:
                 return f"layer {i}: activation {a.activation.kind} vs {b.activation.kind}"

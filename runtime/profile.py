@@ -264,8 +264,11 @@ def profile_pair(
     progress: bool = False,
     intra_op_threads: int | None = None,
 ) -> PairStats:
-    """Profile two members of the same architecture together, with their cross-member statistics."""
-    difference = main.same_architecture(peer)
+    """Profile two members of the same architecture together, with their cross-member statistics.
+
+    Their layer widths may differ (after dead-neuron elimination, say): cross statistics are main x peer.
+    """
+    difference = main.same_architecture(peer, widths=False)
     if difference is not None:
         raise ShapeError(f"{main.name!r} and {peer.name!r} do not have the same architecture: {difference}")
     stats_main, stats_peer, cross = _run([main, peer], data, batch_size, progress, intra_op_threads, pair=True)

@@ -1,0 +1,59 @@
+"""DNA, Dead Neuron Analysis: neurons whose output is zero on every calibration input.
+
+By default (`scope=intersect`) a neuron position is dead only if it is dead in every member, which keeps
+the members' layer widths aligned; `scope=member` is the conventional single-model analysis (each
+member's own dead neurons), which removes more and is equally function-preserving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from codec.passes.activations import ActivationAnalysis
+from codec.passes.base import Analysis, EnsembleModule, PassError
+from codec.passes.registry import register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class DeadNeuronAnalysis(Analysis):
+    """Find dead neurons: output exactly zero on every calibration input (`criterion=zero`, the one DNE
+    can remove without changing any output), or never meeting the firing condition (`criterion=never_fires`,
+    identical for ReLU). `scope=intersect` keeps only positions dead in every member; `scope=member`
+    analyses each member alone."""
+
+    name = "dna"
+    scope: Literal["intersect", "member"] = "intersect"
+    criterion: Literal["zero", "never_fires"] = "zero"
+
+    def compute(self, module: EnsembleModule, am) -> dict[str, dict[str, np.ndarray]]:
+        acts = am.get(ActivationAnalysis, module)
+        dead: dict[str, dict[str, np.ndarray]] = {}
+        for member, stats in acts.members.items():
+            dead[member] = {
+                layer: (s.always_zero if self.criterion == "zero" else s.never_fires).copy()
+                for layer, s in stats.layers.items()
+            }
+        if self.scope == "intersect" and len(dead) > 1:
+            nets = list(module.members.values())
+            for other in nets[1:]:
+                difference = nets[0].same_architecture(other)
+                if difference is not None:
+                    raise PassError(
+                        f"dna{{scope=intersect}} needs members of the same architecture ({difference}); "
+                        "use dna{scope=member}"
+                    )
+            masks = [list(m.values()) for m in dead.values()]
+            common = [np.logical_and.reduce([m[i] for m in masks]) for i in range(len(masks[0]))]
+            for member in dead:
+                dead[member] = dict(zip(dead[member], common))
+        return {member: {layer: np.flatnonzero(mask) for layer, mask in layers.items()} for member, layers in dead.items()}
+
+    def summarize(self, result) -> dict:
+        return {
+            "dead_per_layer": {m: {l: int(len(idx)) for l, idx in layers.items()} for m, layers in result.items()},
+            "dead_total": {m: int(sum(len(idx) for idx in layers.values())) for m, layers in result.items()},
+        }

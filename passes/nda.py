@@ -1,0 +1,132 @@
+"""NDA, Neuron Dependence Analysis: the Neuron Dependence Graph (NDG) of each member.
+
+An edge runs from neuron j of layer l-1 to neuron i of layer l when they are connected (some weight
+between them is non-zero) and fire together often enough. How "together" is counted is an option:
+- `conditional` (default): of the inputs on which j fires, the fraction on which i fires too;
+- `joint`: the fraction of all inputs on which both fire;
+- `jaccard`: both fire / either fires.
+The first hidden layer has no NDG predecessors: the network input counts as fully shared (CODE).
+
+The result keeps each layer's edges as arrays (what CSNE reads); `to_networkx()` builds the networkx
+DiGraph (nodes `(layer, index)`, edge attribute `weight` = the co-firing fraction), e.g. for GraphML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from codec.ir.network import Conv, NetworkIR
+from codec.passes.activations import ActivationAnalysis
+from codec.passes.base import Analysis, EnsembleModule, check_fraction
+from codec.passes.registry import register_pass
+from codec.runtime.profile import ActivationStats
+
+
+@dataclass
+class LayerEdges:
+    layer: str
+    previous: str
+    rows: np.ndarray  # neuron index in `layer`
+    cols: np.ndarray  # neuron index in `previous`
+    weights: np.ndarray  # co-firing fraction
+
+
+@dataclass
+class NeuronDependenceGraph:
+    member: str
+    layers: dict[str, LayerEdges] = field(default_factory=dict)  # by the later layer's name
+    sizes: dict[str, int] = field(default_factory=dict)  # neurons per hidden layer, in order
+
+    @property
+    def num_edges(self) -> int:
+        return sum(len(e.rows) for e in self.layers.values())
+
+    def predecessors(self, layer: str) -> list[np.ndarray]:
+        """For each neuron of `layer`, the indices of its NDG predecessors in the previous layer."""
+        n = self.sizes[layer]
+        edges = self.layers.get(layer)
+        if edges is None:
+            return [np.zeros(0, np.int64) for _ in range(n)]
+        order = np.argsort(edges.rows, kind="stable")
+        rows, cols = edges.rows[order], edges.cols[order]
+        bounds = np.searchsorted(rows, np.arange(n + 1))
+        return [cols[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+    def to_networkx(self):
+        import networkx as nx
+
+        graph = nx.DiGraph(member=self.member)
+        for layer, n in self.sizes.items():
+            graph.add_nodes_from(((layer, i) for i in range(n)), layer=layer)
+        for e in self.layers.values():
+            graph.add_weighted_edges_from(
+                ((e.previous, int(j)), (e.layer, int(i)), float(w)) for i, j, w in zip(e.rows, e.cols, e.weights)
+            )
+        return graph
+
+
+def connectivity(net: NetworkIR, layer_name: str) -> np.ndarray:
+    """(neurons, previous-layer neurons) bool: True where some weight links the two."""
+    layer = net.layer(layer_name)
+    previous = net.previous_compute(layer_name)
+    magnitude = np.abs(layer.weight)
+    if isinstance(layer, Conv):
+        return magnitude.sum(axis=(2, 3)) > 0
+    owner = net.input_neuron_map(layer_name)
+    summed = np.zeros((layer.num_neurons, previous.num_neurons), np.float64)
+    np.add.at(summed.T, owner, magnitude.T)
+    return summed > 0
+
+
+def cofire_fraction(stats: ActivationStats, layer: str, mode: str) -> np.ndarray:
+    s = stats.layers[layer]
+    prev = stats.layers[s.previous]
+    both = s.cofire.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if mode == "conditional":
+            frac = both / prev.fire[None, :]
+        elif mode == "joint":
+            frac = both / max(s.count, 1)
+        else:
+            frac = both / (s.fire[:, None] + prev.fire[None, :] - both)
+    return np.nan_to_num(frac, nan=0.0, posinf=0.0)
+
+
+@register_pass
+@dataclass(frozen=True)
+class NeuronDependenceAnalysis(Analysis):
+    """Build each member's Neuron Dependence Graph: edges between connected neurons of consecutive layers
+    whose co-firing fraction (`mode`: conditional, joint or jaccard) is at least `fire`."""
+
+    name = "nda"
+    fire: float = 0.5
+    mode: Literal["conditional", "joint", "jaccard"] = "conditional"
+
+    def check_options(self) -> None:
+        check_fraction(self.name, "fire", self.fire)
+
+    def compute(self, module: EnsembleModule, am) -> dict[str, NeuronDependenceGraph]:
+        acts = am.get(ActivationAnalysis, module)
+        graphs = {}
+        for member, net in module.members.items():
+            stats = acts.members[member]
+            ndg = NeuronDependenceGraph(member, sizes={l.name: l.num_neurons for l in net.hidden_layers()})
+            for layer in net.hidden_layers():
+                s = stats.layers[layer.name]
+                if s.previous is None:
+                    continue
+                fraction = cofire_fraction(stats, layer.name, self.mode)
+                rows, cols = np.nonzero(connectivity(net, layer.name) & (fraction >= self.fire))
+                weights = fraction[rows, cols]
+                ndg.layers[layer.name] = LayerEdges(layer.name, s.previous, rows, cols, weights)
+            graphs[member] = ndg
+        return graphs
+
+    def summarize(self, result: dict[str, NeuronDependenceGraph]) -> dict:
+        return {
+            member: {"edges": g.num_edges, "edges_per_layer": {l: int(len(e.rows)) for l, e in g.layers.items()}}
+            for member, g in result.items()
+        }
