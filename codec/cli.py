@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "profile",
     "train",
     "eval",
+    "opt",
 ]
 
 

@@ -127,7 +127,28 @@ def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) 
     model = load_model(source)
     if name is None:
         name = Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
-    return _Lifter(model.graph, name).run()
+    net = _Lifter(model.graph, name).run()
+    _restore_roles(net, model)
+    return net
+
+
+def _restore_roles(net: NetworkIR, model: ir.Model) -> None:
+    """Neuron roles that codec wrote into the model's metadata (see codec.ir.lower.roles_metadata)."""
+    import json
+
+    from codec.ir.network import Role
+
+    text = (model.metadata_props or {}).get("codec.roles")
+    if not text:
+        return
+    try:
+        roles = json.loads(text)
+        for layer in net.compute_layers():
+            for role, indices in roles.get(layer.name, {}).items():
+                layer.roles[np.asarray(indices, dtype=np.int64)] = Role[role.upper()]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelLoadError(f"the model's codec.roles metadata is malformed: {exc}") from exc
+    net.metadata.update({k: v for k, v in model.metadata_props.items() if k.startswith("codec.") and k != "codec.roles"})
 
 
 class _Lifter:

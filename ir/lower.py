@@ -142,7 +142,29 @@ def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
         opset_imports={"": OPSET},
         name=net.name,
     )
-    return make_model(graph, net.metadata)
+    metadata = dict(net.metadata)
+    roles = roles_metadata(net)
+    if roles:
+        metadata[ROLES_KEY] = roles
+    return make_model(graph, metadata)
+
+
+ROLES_KEY = "codec.roles"
+
+
+def roles_metadata(net: NetworkIR) -> str | None:
+    """JSON of every non-trainable neuron per layer ({layer: {role: [indices]}}), or None if all trainable."""
+    import json
+
+    from codec.ir.network import Role
+
+    out = {}
+    for layer in net.compute_layers():
+        special = {r.name.lower(): np.flatnonzero(layer.roles == r).tolist() for r in Role if r != Role.TRAINABLE}
+        special = {k: v for k, v in special.items() if v}
+        if special:
+            out[layer.name] = special
+    return json.dumps(out, separators=(",", ":")) if out else None
 
 
 def to_bytes(model: ir.Model) -> bytes:

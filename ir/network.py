@@ -329,6 +329,21 @@ class NetworkIR:
             rows.append(row)
         return rows
 
+    def to_text(self) -> str:
+        """A readable listing of the IR (for --print-ir-after-all): one line per layer."""
+        lines = [f"network {self.name} ({self.input_name}: {list(self.input_shape)} -> {self.output_name})"]
+        for layer, shape in zip(self.layers, self.shapes()):
+            kind = type(layer).__name__
+            if is_compute(layer):
+                roles = ", ".join(f"{r.name.lower()} {int((layer.roles == r).sum())}" for r in Role if (layer.roles == r).any())
+                act = layer.activation.kind + (f"({layer.activation.alpha:g})" if layer.activation.kind == "leaky_relu" else "")
+                lines.append(f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {act}, weight {list(layer.weight.shape)} -> {list(shape)} [{roles}]")
+            elif isinstance(layer, Pool):
+                lines.append(f"  {kind:<7} {layer.name}: {layer.mode} {list(layer.kernel_shape)} stride {list(layer.strides)} -> {list(shape)}")
+            else:
+                lines.append(f"  {kind:<7} {layer.name} -> {list(shape)}")
+        return "\n".join(lines)
+
     def same_architecture(self, other: "NetworkIR", widths: bool = True) -> str | None:
         """None when `other` has the same input shape, layer kinds, activations and (with `widths`) neuron
         counts; else the first difference, as a phrase for an error message."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codec.ir.surgery import select_neurons
+from codec.passes.activations import ActivationAnalysis, MemberActivations
 from codec.passes.base import EnsembleModule, PassResult, Transform
 from codec.passes.dna import DeadNeuronAnalysis
 from codec.passes.registry import register_pass
@@ -21,11 +22,15 @@ class DeadNeuronElimination(Transform):
 
     name = "dne"
     requires = (DeadNeuronAnalysis,)
-    preserves = ()
+    # Removing neurons whose output is zero on every calibration input changes no other neuron's
+    # statistics, so the activation profile is edited in place instead of recomputed.
+    preserves = (ActivationAnalysis,)
     verify_function = True
 
     def run(self, module: EnsembleModule, am) -> PassResult:
         dead = am.get(DeadNeuronAnalysis, module)
+        acts = _copy_activations(am.get(ActivationAnalysis, module))
+        names = list(module.members)
         members = {}
         removed: dict[str, dict[str, int]] = {}
         modified = False
@@ -40,10 +45,25 @@ class DeadNeuronElimination(Transform):
                 if len(idx):
                     keep = np.setdiff1d(np.arange(layer.num_neurons), idx)
                     select_neurons(new, layer.name, keep)
+                    _select_stats(acts, names, name, layer.name, keep)
                     modified = True
             members[name] = new
         params = {
             name: {"before": module.members[name].num_parameters, "after": net.num_parameters}
             for name, net in members.items()
         }
+        am.update(ActivationAnalysis, acts)
         return PassResult(module.replace(members=members), modified, {"removed_per_layer": removed, "parameters": params})
+
+
+def _copy_activations(acts: MemberActivations) -> MemberActivations:
+    import copy
+
+    return copy.deepcopy(acts)
+
+
+def _select_stats(acts: MemberActivations, names: list[str], member: str, layer: str, keep: np.ndarray) -> None:
+    if acts.pair is not None and member in names[:2]:
+        acts.pair.select("main" if member == names[0] else "peer", layer, keep)  # edits the shared member stats too
+    else:
+        acts.members[member].select(layer, keep)

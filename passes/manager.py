@@ -102,6 +102,7 @@ class PassManager:
         self.atol = atol
         self.after_pass = after_pass
         self.analyses = AnalysisManager()
+        self.results: dict[str, Any] = {}  # each analysis pass's result as it stood when it ran
 
     def run(self, module: EnsembleModule) -> tuple[EnsembleModule, dict]:
         records = []
@@ -138,6 +139,7 @@ class PassManager:
         if isinstance(p, Analysis):
             self.analyses.configure(p)
             result = self.analyses.get(p, module)
+            self.results[p.name] = result
             record.update(modified=False, details=p.summarize(result), module=module)
             return record
         if not isinstance(p, Transform):

@@ -94,6 +94,20 @@ class ActivationStats:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.layers.values())
 
+    def select(self, layer: str, keep: np.ndarray) -> None:
+        """Keep only neurons `keep` of `layer` (in place), as neuron surgery did to the network.
+
+        Exact for removed neurons whose output was zero on every input, and for reorderings: no other
+        neuron's statistics change."""
+        s = self.layers[layer]
+        s.num_neurons = len(keep)
+        s.fire, s.nonzero, s.sum, s.sumsq = s.fire[keep], s.nonzero[keep], s.sum[keep], s.sumsq[keep]
+        if s.cofire is not None:
+            s.cofire = s.cofire[keep]
+        for other in self.layers.values():
+            if other.previous == layer:
+                other.cofire = other.cofire[:, keep]
+
     def to_dict(self) -> dict:
         """A JSON-ready per-layer summary (rates, not the raw matrices)."""
         return {
@@ -136,6 +150,18 @@ class PairStats:
     @property
     def count(self) -> int:
         return self.main.count
+
+    def select(self, member: str, layer: str, keep: np.ndarray) -> None:
+        """Neuron surgery on `member` ("main" or "peer"): keep neurons `keep` of `layer` (in place)."""
+        if member == "main":
+            self.main.select(layer, keep)
+            c = self.cross[layer]
+            c.cofire, c.sum_products = c.cofire[keep], c.sum_products[keep]
+        else:
+            self.peer.select(layer, keep)
+            main_layer = next(m for m, p in self.peer_layer.items() if p == layer)
+            c = self.cross[main_layer]
+            c.cofire, c.sum_products = c.cofire[:, keep], c.sum_products[:, keep]
 
     def _pair(self, main_layer: str) -> tuple[LayerStats, LayerStats]:
         return self.main.layers[main_layer], self.peer.layers[self.peer_layer[main_layer]]

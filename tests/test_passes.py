@@ -225,3 +225,29 @@ def test_csne_needs_a_peer_and_matching_architectures(calibration):
 def test_empty_calibration_refused():
     with pytest.raises(CodecError, match="empty"):
         Calibration(np.zeros((0, 20), np.float32))
+
+
+def test_dne_keeps_activation_stats_exact(calibration):
+    """DNE edits the cached profile instead of re-profiling; the edit must equal a fresh profile."""
+    rng = np.random.default_rng(3)
+    main, peer, *_ = planted_pair(rng)
+    main.layer("fc1").bias[[1, 12]] = -1e4
+    peer.layer("fc2").bias[[0, 4]] = -1e4
+    module = EnsembleModule({"main": main, "peer": peer}, calibration)
+    pm = PassManager(parse_pipeline("dna{scope=member},dne"))
+    out, report = pm.run(module)
+    assert "activations" not in report["passes"][1]["invalidated"]
+    from codec.passes.activations import ActivationAnalysis
+
+    edited = pm.analyses.get(ActivationAnalysis, out)
+    fresh = ActivationAnalysis().compute(out, None)
+    for member in ("main", "peer"):
+        for name, s in fresh.members[member].layers.items():
+            e = edited.members[member].layers[name]
+            np.testing.assert_array_equal(e.fire, s.fire)
+            np.testing.assert_allclose(e.sum, s.sum, rtol=1e-9)
+            if s.cofire is not None:
+                np.testing.assert_array_equal(e.cofire, s.cofire)
+    for name, c in fresh.pair.cross.items():
+        np.testing.assert_array_equal(edited.pair.cross[name].cofire, c.cofire)
+        np.testing.assert_allclose(edited.pair.cross[name].sum_products, c.sum_products, rtol=1e-9)
