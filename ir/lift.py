@@ -217,6 +217,8 @@ class _Lifter:
         return next(iter(users.values()))
 
     def _visit(self, node: ir.Node) -> ir.Value:
+        if id(node) in self.visited:
+            raise LiftError("the graph has a cycle through this node", node.name, node.op_type)
         self.visited.add(id(node))
         if node.domain not in ("", "ai.onnx"):
             raise LiftError(f"custom-domain op ({node.domain}) is not supported", node.name, node.op_type)

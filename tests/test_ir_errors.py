@@ -140,3 +140,15 @@ def test_external_data_outside_model_dir_refused(tmp_path):
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(ModelLoadError, match="outside the model's directory"):
         lift(path)
+
+
+def test_cyclic_graph_refused():
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Add", ["h", "loop"], ["a"], name="add_loop"),
+        helper.make_node("Relu", ["a"], ["loop"], name="back"),
+    ]
+    # the output 'y' is produced by nothing and add_loop <-> back form a cycle: refused, naming a node
+    with pytest.raises(LiftError) as err:
+        lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node in ("add_loop", "back")
