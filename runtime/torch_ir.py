@@ -1,0 +1,172 @@
+"""NetworkIR <-> torch: train any lifted member, with frozen shared neurons.
+
+`IRModule(net)` is an `nn.Module` computing `net`. In every compute layer the neurons whose role is
+FROZEN_SHARED come first (that is how CSNE and grow lay layers out) and are held as buffers: they get no
+gradient and no optimizer state. The remaining rows are trainable parameters. `to_network()` writes the
+current weights back into a NetworkIR with the same roles, ready to lower to ONNX.
+
+For classifiers the module returns logits (the output layer's softmax is left to the loss) unless
+`probabilities=True`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.errors import ShapeError
+from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
+
+
+def _activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
+    if kind == "identity":
+        return z
+    if kind == "relu":
+        return F.relu(z)
+    if kind == "leaky_relu":
+        return F.leaky_relu(z, alpha)
+    if kind == "sigmoid":
+        return torch.sigmoid(z)
+    if kind == "tanh":
+        return torch.tanh(z)
+    return F.softmax(z, dim=1)
+
+
+def frozen_count(layer: Dense | Conv) -> int:
+    """Number of leading FROZEN_SHARED neurons; they must form a prefix of the layer."""
+    frozen = layer.roles == Role.FROZEN_SHARED
+    k = int(frozen.sum())
+    if k and not frozen[:k].all():
+        raise ShapeError(f"layer {layer.name!r}: frozen shared neurons must come first (run CSNE's rewrite)")
+    return k
+
+
+class IRLayer(nn.Module):
+    """One compute layer: frozen rows as buffers, trainable rows as parameters."""
+
+    def __init__(self, layer: Dense | Conv):
+        super().__init__()
+        self.kind = "conv" if isinstance(layer, Conv) else "dense"
+        self.activation = layer.activation.kind
+        self.alpha = layer.activation.alpha
+        self.k = frozen_count(layer)
+        weight = torch.from_numpy(np.array(layer.weight, dtype=np.float32))
+        bias = torch.from_numpy(np.array(layer.bias, dtype=np.float32))
+        self.register_buffer("frozen_weight", weight[: self.k].clone())
+        self.register_buffer("frozen_bias", bias[: self.k].clone())
+        self.weight = nn.Parameter(weight[self.k :].clone())
+        self.bias = nn.Parameter(bias[self.k :].clone())
+        if isinstance(layer, Conv):
+            self.stride = tuple(layer.strides)
+            self.dilation = tuple(layer.dilations)
+            top, left, bottom, right = layer.pads
+            self.symmetric = top == bottom and left == right
+            self.padding = (top, left) if self.symmetric else 0
+            self.pad4 = (left, right, top, bottom)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dense":
+            return F.linear(x, weight, bias)
+        if not self.symmetric:
+            x = F.pad(x, self.pad4)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def pre_activation(self, x: torch.Tensor, frozen_out: torch.Tensor | None = None) -> torch.Tensor:
+        parts = []
+        if self.k:
+            if frozen_out is None:
+                with torch.no_grad():
+                    frozen_out = self.linear(x, self.frozen_weight, self.frozen_bias)
+            parts.append(frozen_out)
+        if self.weight.shape[0]:
+            parts.append(self.linear(x, self.weight, self.bias))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, apply_softmax: bool = True) -> torch.Tensor:
+        z = self.pre_activation(x)
+        if self.activation == "softmax" and not apply_softmax:
+            return z
+        return _activation(self.activation, self.alpha, z)
+
+
+class IRPool(nn.Module):
+    def __init__(self, layer: Pool):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.layer
+        if p.is_global:
+            return x.mean(dim=(2, 3), keepdim=True) if p.mode == "avg" else x.amax(dim=(2, 3), keepdim=True)
+        top, left, bottom, right = p.pads
+        if top != bottom or left != right:
+            value = float("-inf") if p.mode == "max" else 0.0
+            x = F.pad(x, (left, right, top, bottom), value=value)
+            padding = (0, 0)
+        else:
+            padding = (top, left)
+        if p.mode == "max":
+            return F.max_pool2d(x, p.kernel_shape, p.strides, padding, ceil_mode=p.ceil_mode)
+        return F.avg_pool2d(x, p.kernel_shape, p.strides, padding, ceil_mode=p.ceil_mode, count_include_pad=p.count_include_pad)
+
+
+class IRModule(nn.Module):
+    """An nn.Module computing a NetworkIR; frozen shared neurons are buffers, the rest parameters."""
+
+    def __init__(self, net: NetworkIR, probabilities: bool = False):
+        super().__init__()
+        self.template = net.copy()
+        self.probabilities = probabilities
+        self.blocks = nn.ModuleList()
+        for layer in net.layers:
+            if is_compute(layer):
+                self.blocks.append(IRLayer(layer))
+            elif isinstance(layer, Pool):
+                self.blocks.append(IRPool(layer))
+            elif isinstance(layer, Flatten):
+                self.blocks.append(nn.Flatten())
+            else:  # pragma: no cover - NetworkIR has no other layer kinds
+                raise TypeError(type(layer).__name__)
+        self.input_shape = tuple(net.input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, apply_softmax=self.probabilities) if isinstance(block, IRLayer) and i == last else block(h)
+        return h
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def to_network(self, name: str | None = None) -> NetworkIR:
+        """The current weights as a NetworkIR (frozen rows first, roles kept)."""
+        net = self.template.copy()
+        if name:
+            net.name = name
+        compute = [l for l in net.layers if is_compute(l)]
+        blocks = [b for b in self.blocks if isinstance(b, IRLayer)]
+        for layer, block in zip(compute, blocks):
+            layer.weight = torch.cat([block.frozen_weight, block.weight.detach()]).cpu().numpy().copy()
+            layer.bias = torch.cat([block.frozen_bias, block.bias.detach()]).cpu().numpy().copy()
+        return net
+
+
+def reinitialise_trainable(module: IRModule, seed: int) -> None:
+    """Fresh random init of every trainable row, as torch initialises nn.Linear / nn.Conv2d.
+
+    Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, where
+    fan_in counts every input of the row (shared and own), so fresh neurons start at the usual scale.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in module.blocks:
+            if isinstance(block, IRLayer) and block.weight.shape[0]:
+                fan_in = int(np.prod(block.weight.shape[1:]))
+                bound = 1.0 / math.sqrt(fan_in)
+                block.weight.copy_(torch.rand(block.weight.shape, generator=generator) * 2 * bound - bound)
+                block.bias.copy_(torch.rand(block.bias.shape, generator=generator) * 2 * bound - bound)
