@@ -22,7 +22,7 @@ from codec.errors import ShapeError
 from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
 
 
-def _activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
+def activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
     if kind == "identity":
         return z
     if kind == "relu":
@@ -90,7 +90,7 @@ class IRLayer(nn.Module):
         z = self.pre_activation(x)
         if self.activation == "softmax" and not apply_softmax:
             return z
-        return _activation(self.activation, self.alpha, z)
+        return activation(self.activation, self.alpha, z)
 
 
 class IRPool(nn.Module):
