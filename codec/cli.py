@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from codec import __version__
@@ -22,6 +23,8 @@ COMMAND_MODULES = [
     "train",
     "eval",
     "opt",
+    "compile",
+    "export",
 ]
 
 
@@ -48,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: checkpoints stay resumable.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
     except CodecError as exc:
         print(f"codec {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"codec {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command with --resume to continue" if args.command in ("compile", "train") else ""
+        print(f"codec {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

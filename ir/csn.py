@@ -60,6 +60,22 @@ class CSN:
             depth += 1
         return depth
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CSN":
+        """Rebuild from `to_dict()` output (csn.json); the network is rebuilt with `csn_network`."""
+        layers = []
+        for l in data["layers"]:
+            layers.append(
+                CSNLayer(
+                    l["name"],
+                    np.asarray(l["main"], np.int64),
+                    np.asarray(l["peer"], np.int64),
+                    np.asarray(l.get("agreement", []), np.float64),
+                    np.asarray(l.get("correlation", []), np.float64),
+                )
+            )
+        return cls(layers, data.get("inputs", "fold_mean"), dict(data.get("options", {})))
+
     def to_dict(self) -> dict:
         return {
             "inputs": self.inputs,
@@ -71,6 +87,8 @@ class CSN:
                     "size": l.size,
                     "main": l.main.tolist(),
                     "peer": l.peer.tolist(),
+                    "agreement": np.round(l.agreement, 6).tolist(),
+                    "correlation": np.round(l.correlation, 6).tolist(),
                     "mean_agreement": float(l.agreement.mean()) if l.size else None,
                     "mean_correlation": float(l.correlation.mean()) if l.size else None,
                 }

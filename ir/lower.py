@@ -41,8 +41,9 @@ class GraphBuilder:
         self.initializers: list[ir.Value] = []
 
     def initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-        value.shape = ir.Shape(array.shape)
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, const_value=tensor)
+        value.shape = ir.Shape(tensor.shape)  # a 0-d array becomes shape (1,): take the stored tensor's shape
         value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
         self.initializers.append(value)
         return value
@@ -179,6 +180,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool = F
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Tensors still backed by another file's external data are read in first, so the saved model is
+    # self-contained (and never points at data that may move or be overwritten).
+    model = ir.external_data.load_to_model(model)
     if not external_data:
         with atomic_path(path) as tmp:
             ir.save(model, tmp)

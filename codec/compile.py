@@ -1,0 +1,355 @@
+"""`codec compile`: the whole CODE pipeline, resumable.
+
+train main and peer -> passes (dna, dne, nda, csne) -> grow N-2 members around the frozen CSN -> fused
+ensemble ONNX -> evaluation and report.
+
+The run directory:
+    config.json            what was asked (a resumed run must ask the same)
+    state.json             what is done, with each finished step's facts (times, epochs, scores)
+    members/               main.onnx, peer.onnx (trained conventionally), grown_<i>.onnx
+    checkpoints/           one per member in training (deleted when the member is finished)
+    opt/                   passes' outputs: rewritten main.onnx, peer.onnx, csn.onnx, csn.json, report.json
+    ensemble.onnx          the fused ensemble (dispatch, CSN once, members, collect)
+    report.json            per-phase time, quality of every member and of the ensemble as it grows,
+                           memory footprint M, redundancy R, options
+
+Every artifact is written atomically and a finished member is never trained again: an interrupted compile
+(Ctrl-C, SIGTERM, a crash) resumes with `--resume` where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from codec import __version__
+from codec.errors import ConfigError
+from codec.io import write_json_atomic
+from codec.runtime.grow import GrowOptions
+
+log = logging.getLogger("codec.compile")
+
+
+@dataclass
+class CompileOptions:
+    """Everything that decides a compile's result (saved as config.json)."""
+
+    recipe: str
+    members: int = 4
+    seed: int = 0
+    passes: str = "dna,dne,nda,csne"
+    calibration: int | None = 10_000  # training inputs profiled by the passes (None: all)
+    grow: GrowOptions = field(default_factory=GrowOptions)
+    keep_main: str = "rewritten"  # "rewritten": main shares the CSN; "whole": main as trained
+    criterion: str | None = None  # default: prod for classifiers, mean for autoencoders
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields replacing the recipe's
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.members < 2:
+            raise ConfigError(f"--members must be at least 2 (main and peer), got {self.members}")
+        if self.keep_main not in ("rewritten", "whole"):
+            raise ConfigError(f"keep_main={self.keep_main!r}; choose rewritten or whole")
+        if self.calibration is not None and self.calibration < 1:
+            raise ConfigError(f"calibration size must be positive, got {self.calibration}")
+        from codec.passes.registry import parse_pipeline
+
+        parse_pipeline(self.passes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["grow"] = self.grow.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileOptions":
+        d = dict(d)
+        d["grow"] = GrowOptions(**d.get("grow", {}))
+        return cls(**d)
+
+
+class Run:
+    """A run directory and its state; every write is atomic."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.members = self.path / "members"
+        self.checkpoints = self.path / "checkpoints"
+        self.opt = self.path / "opt"
+        self.state_path = self.path / "state.json"
+        self.state: dict = {"steps": {}}
+
+    def prepare(self, options: CompileOptions, resume: bool) -> None:
+        config = self.path / "config.json"
+        if config.exists() and not resume:
+            raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it, or choose another -o")
+        if resume and config.exists():
+            saved = json.loads(config.read_text())
+            if saved != json.loads(json.dumps(options.to_dict())):
+                changed = sorted(k for k in set(saved) | set(options.to_dict()) if saved.get(k) != json.loads(json.dumps(options.to_dict())).get(k))
+                raise ConfigError(f"cannot resume {self.path}: options differ from the original run ({', '.join(changed)})")
+            if self.state_path.exists():
+                self.state = json.loads(self.state_path.read_text())
+        for d in (self.path, self.members, self.checkpoints, self.opt):
+            d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config, options.to_dict())
+
+    def done(self, step: str) -> dict | None:
+        return self.state["steps"].get(step)
+
+    def finish(self, step: str, facts: dict) -> None:
+        self.state["steps"][step] = facts
+        write_json_atomic(self.state_path, self.state)
+
+
+@dataclass
+class _Data:
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_shape: tuple
+    num_outputs: int
+    name: str
+
+
+def _load_data(recipe, config, data_dir) -> _Data:
+    from codec.runtime.data import load_dataset
+    from codec.runtime.train import DATA_SEED
+
+    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
+    if config.n_train is not None or config.n_test is not None:
+        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
+    if config.val_fraction > 0:
+        train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
+    else:
+        train, x_val, y_val = dataset, None, None
+    classify = recipe.task == "classification"
+    shape = tuple(dataset.input_shape)
+    return _Data(
+        train.x_train,
+        train.y_train if classify else None,
+        x_val,
+        y_val if classify else None,
+        dataset.x_test,
+        dataset.y_test,
+        shape,
+        dataset.num_classes if classify else int(np.prod(shape)),
+        dataset.name,
+    )
+
+
+def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> dict:
+    """Train one member the ordinary way (random init) and export it; skipped if already finished."""
+    facts = run.done(f"train:{name}")
+    if facts is not None:
+        return facts
+    from codec.models import build_model
+    from codec.runtime.train import export_onnx, train_member
+
+    config = dataclasses.replace(config, seed=seed, quiet=quiet)
+    module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+    ckpt = run.checkpoints / f"{name}.ckpt"
+    result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config, checkpoint_path=ckpt, resume=True, desc=name)
+    path = export_onnx(result.module, run.members / f"{name}.onnx", data.input_shape, task=recipe.task)
+    facts = {
+        "path": str(path.relative_to(run.path)),
+        "seed": seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds,
+        "parameters": sum(p.numel() for p in result.module.parameters()),
+        "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
+    }
+    run.finish(f"train:{name}", facts)
+    ckpt.unlink(missing_ok=True)
+    return facts
+
+
+def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
+    facts = run.done("passes")
+    if facts is not None:
+        return facts
+    from codec.commands.opt import write_outputs
+    from codec.ir import lift
+    from codec.passes.base import Calibration, EnsembleModule
+    from codec.passes.manager import PassManager
+    from codec.passes.registry import parse_pipeline
+
+    members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
+    x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
+    x_cal = x_cal.reshape((len(x_cal), *members["main"].input_shape))
+    manager = PassManager(parse_pipeline(options.passes))
+    module, report = manager.run(EnsembleModule(members, Calibration(x_cal)))
+    report["calibration"] = {"data": data.name, "split": "train", "inputs": len(x_cal)}
+    write_outputs(run.opt, module, manager, report)
+    csn = module.csn
+    facts = {
+        "seconds": report["seconds"],
+        "pipeline": report["pipeline"],
+        "csn_per_layer": csn.sizes if csn is not None else {},
+        "csn_total": csn.total if csn is not None else 0,
+        "csn_parameters": csn.network.num_parameters if csn is not None and csn.network is not None else 0,
+    }
+    run.finish("passes", facts)
+    return facts
+
+
+def _load_csn(run: Run, rewritten):
+    from codec.ir.csn import CSN, csn_network
+
+    path = run.opt / "csn.json"
+    if not path.exists():
+        return None
+    csn = CSN.from_dict(json.loads(path.read_text()))
+    if csn.depth:
+        csn.network = csn_network(rewritten, csn)
+    return csn
+
+
+def _grow(run: Run, index: int, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> dict:
+    name = f"grown_{index}"
+    facts = run.done(f"train:{name}")
+    if facts is not None:
+        return facts
+    from codec.ir import lower, save_model
+    from codec.runtime.grow import train_grown
+
+    config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
+    ckpt = run.checkpoints / f"{name}.ckpt"
+    net, result, extra = train_grown(
+        template, data.x_train, data.y_train, data.x_val, data.y_val, config,
+        seed=seed, options=options.grow, checkpoint_path=ckpt, resume=True, desc=name,
+    )
+    path = save_model(lower(net), run.members / f"{name}.onnx")
+    facts = {
+        "path": str(path.relative_to(run.path)),
+        "seed": seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds,
+        **extra,
+    }
+    run.finish(f"train:{name}", facts)
+    ckpt.unlink(missing_ok=True)
+    return facts
+
+
+def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+                     ensemble_path: str | Path | None = None) -> dict:
+    """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
+    from codec.ir import lift, save_model
+    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
+    from codec.models import get_recipe
+    from codec.runtime.train import TrainConfig
+
+    options.validate()
+    recipe = get_recipe(options.recipe)
+    config = TrainConfig.from_recipe(recipe, **options.train_overrides)
+    run = Run(Path(run_dir))
+    run.prepare(options, resume)
+    data = _load_data(recipe, config, options.data_dir)
+    started = time.perf_counter()
+
+    main_facts = _train_conventional(run, "main", options.seed, recipe, config, data, quiet)
+    peer_facts = _train_conventional(run, "peer", options.seed + 1, recipe, config, data, quiet)
+    pass_facts = _run_passes(run, options, data)
+
+    rewritten = lift(run.opt / "main.onnx", name="main")
+    csn = _load_csn(run, rewritten)
+    grown_facts = []
+    for i in range(1, options.members - 1):
+        grown_facts.append(_grow(run, i, options.seed + 1 + i, rewritten, options, config, data, quiet))
+
+    members = {"main": rewritten if options.keep_main == "rewritten" else lift(run.members / "main.onnx", name="main"),
+               "peer": lift(run.opt / "peer.onnx", name="peer")}
+    for i in range(1, options.members - 1):
+        members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
+    criterion = options.criterion or ("prod" if recipe.task == "classification" else "mean")
+    csn_net = csn.network if csn is not None else None
+    t0 = time.perf_counter()
+    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
+                          metadata={"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})})
+    out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
+    save_model(model, out)
+    emit_seconds = time.perf_counter() - t0
+    quality = _evaluate(members, criterion, recipe.task, data)
+    counts = ensemble_parameter_count(list(members.values()), csn_net)
+    report = _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+                     criterion, emit_seconds, time.perf_counter() - started)
+    write_json_atomic(run.path / "report.json", report)
+    return report
+
+
+def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
+    """Every member's and the growing ensemble's quality on the test set (onnxruntime)."""
+    from codec.ir import lower, to_bytes
+    from codec.runtime import metrics
+    from codec.runtime.session import predict
+
+    x = data.x_test
+    outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
+    if task == "classification":
+        result = metrics.evaluate_classifier(outputs, data.y_test, criterion)
+        result["members"] = dict(zip(members, result.pop("member_accuracies")))
+        return result
+    target = x.reshape(len(x), -1)
+    return {
+        "mse": metrics.mse(outputs.mean(axis=0), target),
+        "members": {n: metrics.mse(o, target) for n, o in zip(members, outputs)},
+        "cumulative_mse": metrics.cumulative_mse(outputs, target).tolist(),
+    }
+
+
+def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+            criterion, emit_seconds, wall) -> dict:
+    from codec.runtime.metrics import memory_footprint
+
+    n = options.members
+    tp_dnn = main_facts["parameters"]
+    tp_codedn = grown_facts[0]["trainable_parameters"] if grown_facts else tp_dnn
+    csn_params = pass_facts["csn_parameters"]
+    train_seconds = main_facts["train_seconds"] + peer_facts["train_seconds"] + sum(g["train_seconds"] for g in grown_facts)
+    return {
+        "codec_version": __version__,
+        "recipe": recipe.name,
+        "dataset": data.name,
+        "task": recipe.task,
+        "members": n,
+        "criterion": criterion,
+        "ensemble": str(out),
+        "options": options.to_dict(),
+        "data": {"train": len(data.x_train), "validation": 0 if data.x_val is None else len(data.x_val), "test": len(data.x_test)},
+        "time": {
+            "train_main": main_facts["train_seconds"],
+            "train_peer": peer_facts["train_seconds"],
+            "passes": pass_facts["seconds"],
+            "grow": [g["train_seconds"] for g in grown_facts],
+            "emit_ensemble": emit_seconds,
+            "training_total": train_seconds,
+            "passes_fraction_of_training": pass_facts["seconds"] / train_seconds if train_seconds else None,
+            "wall_this_invocation": wall,
+        },
+        "epochs": {"main": main_facts["epochs"], "peer": peer_facts["epochs"], "grow": [g["epochs"] for g in grown_facts]},
+        "csn": {"per_layer": pass_facts["csn_per_layer"], "total": pass_facts["csn_total"], "parameters": csn_params},
+        "parameters": {
+            "conventional_member": tp_dnn,
+            "grown_member_trainable": tp_codedn,
+            "fused_graph_stored": counts["total_stored"],
+            "fused_graph": counts,
+        },
+        # M measured on what is deployed: parameters stored in the fused graph over N conventional members.
+        "memory_footprint_M": counts["total_stored"] / (n * tp_dnn),
+        # The paper's formula, with TP_codedn = a grown member's trainable parameters (the peer, trained
+        # conventionally, is counted as one of the N-1 non-main members: the formula predates a kept peer).
+        "memory_footprint_M_formula": memory_footprint(tp_dnn, n, tp_codedn, csn_params, n),
+        "quality": quality,
+    }
