@@ -71,9 +71,14 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
             import onnx
 
             with _quiet_onnx_ir():
-                return ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
+                model = ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
         except Exception as exc:
             raise ModelLoadError(f"not a readable ONNX model: {_first_line(exc)}") from exc
+        # Serialized bytes have no directory for external data to live in: onnx_ir would resolve the
+        # location against the working directory (or take it as absolute) and read any file there.
+        for owner, _ in _external_tensors(model):
+            raise ModelLoadError(f"{owner} of an in-memory model points at external data; refusing to read it")
+        return model
     path = Path(source)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
@@ -91,26 +96,53 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_external_data(model: ir.Model, base_dir: Path, path: Path) -> None:
+def _external_tensors(model: ir.Model):
+    """(description, tensor) for every tensor of the main graph stored as external data: initializers and
+    tensor attributes (a Constant's value), which lift reads too."""
     for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
+        if isinstance(value.const_value, ir.ExternalTensor):
+            yield f"initializer {value.name!r}", value.const_value
+    for node in model.graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                tensors = [attr.value]
+            elif attr.type == ir.AttributeType.TENSORS:
+                tensors = list(attr.value)
+            else:
+                continue
+            for tensor in tensors:
+                if isinstance(tensor, ir.ExternalTensor):
+                    yield f"attribute {attr.name!r} of node {node.name!r}", tensor
+
+
+def _check_external_data(model: ir.Model, base_dir: Path, path: Path) -> None:
+    for owner, tensor in _external_tensors(model):
+        if "\0" in tensor.location:
+            raise ModelLoadError(f"{path.name}: {owner} has an external data location containing a NUL byte")
         location = Path(tensor.location)
         target = (base_dir / location).resolve()
         if location.is_absolute() or not target.is_relative_to(base_dir):
             raise ModelLoadError(
-                f"{path.name}: initializer {value.name!r} points at external data {tensor.location!r} outside "
+                f"{path.name}: {owner} points at external data {tensor.location!r} outside "
                 "the model's directory; refusing to read it"
             )
         if not target.is_file():
-            raise ModelLoadError(f"{path.name}: external data file {tensor.location!r} of {value.name!r} is missing")
-        needed = (tensor.offset or 0) + (tensor.length or 0)
+            raise ModelLoadError(f"{path.name}: external data file {tensor.location!r} of {owner} is missing")
+        # The declared length may understate what the dims need; onnx_ir reads what the dims need.
+        needed = (tensor.offset or 0) + max(tensor.length or 0, _declared_nbytes(tensor))
         if needed > target.stat().st_size:
             raise ModelLoadError(
                 f"{path.name}: external data {tensor.location!r} is truncated ({target.stat().st_size} bytes, "
-                f"{value.name!r} needs {needed})"
+                f"{owner} needs {needed})"
             )
+
+
+def _declared_nbytes(tensor: ir.ExternalTensor) -> int:
+    """Bytes the tensor's declared dims and type need (0 when they are not a fixed, known size)."""
+    try:
+        return int(tensor.nbytes)
+    except Exception:  # odd dtypes (4-bit, strings) or malformed dims: the read itself will fail cleanly
+        return 0
 
 
 def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) -> NetworkIR:
