@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -177,8 +178,11 @@ def _restore_roles(net: NetworkIR, model: ir.Model) -> None:
         roles = json.loads(text)
         for layer in net.compute_layers():
             for role, indices in roles.get(layer.name, {}).items():
-                layer.roles[np.asarray(indices, dtype=np.int64)] = Role[role.upper()]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+                if indices.size and (indices.min() < 0 or indices.max() >= layer.num_neurons):
+                    raise IndexError(f"neuron index out of range for layer {layer.name!r}")
+                layer.roles[indices] = Role[role.upper()]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
         raise ModelLoadError(f"the model's codec.roles metadata is malformed: {exc}") from exc
     net.metadata.update({k: v for k, v in model.metadata_props.items() if k.startswith("codec.") and k != "codec.roles"})
 
@@ -235,6 +239,8 @@ class _Lifter:
         rest = dims[1:]
         if not all(isinstance(d, int) and d > 0 for d in rest):
             raise LiftError(f"input {x.name!r} has shape {x.shape}; all but the batch dimension must be fixed")
+        if math.prod(rest) > MAX_TENSOR_ELEMENTS:
+            raise LiftError(f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond codec's limit")
         return tuple(int(d) for d in rest)
 
     def _sole_consumer(self, value: ir.Value) -> ir.Node:
@@ -257,15 +263,25 @@ class _Lifter:
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
             if node.op_type in _ACTIVATION_OPS:
-                return self._activation(node)
-            if node.op_type in _DROPPED_OPS:
-                return self._dropped(node)
-            raise LiftError("unsupported op", node.name, node.op_type)
-        return handler(node)
+                handler = self._activation
+            elif node.op_type in _DROPPED_OPS:
+                handler = self._dropped
+            else:
+                raise LiftError("unsupported op", node.name, node.op_type)
+        if not node.outputs or node.outputs[0] is None:
+            raise LiftError("node has no output", node.name, node.op_type)
+        try:
+            return handler(node)
+        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError) as exc:
+            # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
+            # inputs, inconsistent shapes): whatever the specific checks miss is still a refusal of this node.
+            raise LiftError(f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type) from exc
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _const(self, node: ir.Node, index: int, what: str) -> np.ndarray | None:
+    def _const(self, node: ir.Node, index: int, what: str, required: bool = False) -> np.ndarray | None:
         if index >= len(node.inputs) or node.inputs[index] is None:
+            if required:
+                raise LiftError(f"its {what} input is missing", node.name, node.op_type)
             return None
         value = node.inputs[index]
         tensor = ir.convenience.get_const_tensor(value)
@@ -290,6 +306,30 @@ class _Lifter:
 
     def _attrs(self, node: ir.Node) -> dict:
         return {k: a.value for k, a in node.attributes.items()}
+
+    def _ints(self, node: ir.Node, key: str, default: tuple[int, ...] | None, length: int, minimum: int) -> tuple[int, ...]:
+        """A list-of-ints attribute, checked: `length` integers, each >= `minimum` (zero strides, negative
+        pads and the like would otherwise become IR that divides by zero or cannot be lowered)."""
+        value = self._attrs(node).get(key, default)
+        if value is None:
+            raise LiftError(f"attribute {key} is required", node.name, node.op_type)
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if len(values) != length or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+            raise LiftError(f"attribute {key}={value!r} is invalid: expected {length} integers >= {minimum}", node.name, node.op_type)
+        return values
+
+    def _float(self, node: ir.Node, key: str, default: float) -> float:
+        value = self._attrs(node).get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LiftError(f"attribute {key}={value!r} is not a finite number", node.name, node.op_type)
+        return float(value)
+
+    def _check_size(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if min(shape[1:]) < 1:
+            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+        if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            raise LiftError(f"output shape {list(shape)} is beyond codec's limit", node.name, node.op_type)
+        return shape
 
     def _out(self, node: ir.Node) -> ir.Value:
         used = [o for o in node.outputs[1:] if o is not None and (o.uses() or o in self.graph.outputs)]
@@ -339,14 +379,14 @@ class _Lifter:
         attrs = self._attrs(node)
         if attrs.get("transA", 0):
             raise LiftError("transA=1 is not supported", node.name, node.op_type)
-        weight = self._const(node, 1, "weight")
+        weight = self._const(node, 1, "weight", required=True)
         if weight.ndim != 2:
             raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
         weight = weight if attrs.get("transB", 0) else weight.T
-        weight = weight * np.float32(attrs.get("alpha", 1.0))
+        weight = weight * np.float32(self._float(node, "alpha", 1.0))
         bias = self._const(node, 2, "bias")
         if bias is not None:
-            bias = np.asarray(bias * np.float32(attrs.get("beta", 1.0)))
+            bias = np.asarray(bias * np.float32(self._float(node, "beta", 1.0)))
             if bias.ndim == 2 and bias.shape[0] == 1:
                 bias = bias[0]
             elif bias.ndim > 1:
@@ -355,7 +395,7 @@ class _Lifter:
         return self._out(node)
 
     def _op_MatMul(self, node: ir.Node) -> ir.Value:
-        weight = self._const(node, 1, "weight")
+        weight = self._const(node, 1, "weight", required=True)
         if weight.ndim != 2:
             raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
         out = node.outputs[0]
@@ -380,7 +420,7 @@ class _Lifter:
             raise LiftError(f"group={attrs['group']} convolutions are not supported", node.name, node.op_type)
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
-        weight = self._const(node, 1, "weight")
+        weight = self._const(node, 1, "weight", required=True)
         if weight.ndim != 4:
             raise LiftError(f"weight has rank {weight.ndim}; codec supports 2-D convolutions", node.name, node.op_type)
         if weight.shape[1] != self.shape[0]:
@@ -391,13 +431,11 @@ class _Lifter:
             self._layer_name(node, "conv"),
             weight,
             bias,
-            strides=tuple(attrs.get("strides", (1, 1))),
-            pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-            dilations=tuple(attrs.get("dilations", (1, 1))),
+            strides=self._ints(node, "strides", (1, 1), 2, 1),
+            pads=self._ints(node, "pads", (0, 0, 0, 0), 4, 0),
+            dilations=self._ints(node, "dilations", (1, 1), 2, 1),
         )
-        shape = conv.output_shape(self.shape)
-        if min(shape[1:]) < 1:
-            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+        shape = self._check_size(node, conv.output_shape(self.shape))
         self.layers.append(conv)
         self.shape = shape
         return self._out(node)
@@ -409,10 +447,15 @@ class _Lifter:
         attrs = self._attrs(node)
         if attrs.get("training_mode", 0):
             raise LiftError("training-mode BatchNormalization cannot be folded; export in eval mode", node.name, node.op_type)
-        scale, shift, mean, var = (self._const(node, i, w) for i, w in ((1, "scale"), (2, "shift"), (3, "mean"), (4, "variance")))
-        factor = (scale / np.sqrt(var + attrs.get("epsilon", 1e-5))).astype(np.float32)
-        if factor.shape[0] != layer.num_neurons:
-            raise LiftError(f"has {factor.shape[0]} channels for {layer.num_neurons} neurons", node.name, node.op_type)
+        params = [self._const(node, i, w, required=True) for i, w in ((1, "scale"), (2, "shift"), (3, "mean"), (4, "variance"))]
+        if any(p.shape != (layer.num_neurons,) for p in params):
+            shapes = ", ".join(str(list(p.shape)) for p in params)
+            raise LiftError(f"scale, shift, mean and variance have shapes {shapes} for {layer.num_neurons} neurons", node.name, node.op_type)
+        scale, shift, mean, var = params
+        var = var + self._float(node, "epsilon", 1e-5)
+        if not np.all(var > 0):
+            raise LiftError("variance + epsilon is not positive for every channel", node.name, node.op_type)
+        factor = (scale / np.sqrt(var)).astype(np.float32)
         layer.weight = (layer.weight * factor.reshape((-1,) + (1,) * (layer.weight.ndim - 1))).astype(np.float32)
         layer.bias = ((layer.bias - mean) * factor + shift).astype(np.float32)
         return self._out(node)
@@ -421,7 +464,7 @@ class _Lifter:
     def _activation(self, node: ir.Node) -> ir.Value:
         kind = _ACTIVATION_OPS[node.op_type]
         attrs = self._attrs(node)
-        alpha = float(attrs.get("alpha", 0.01)) if kind == "leaky_relu" else 0.01
+        alpha = self._float(node, "alpha", 0.01) if kind == "leaky_relu" else 0.01
         if kind == "softmax":
             rank = len(self.shape) + 1
             axis = attrs.get("axis", -1)
@@ -446,7 +489,7 @@ class _Lifter:
             training = node.inputs[2] if len(node.inputs) > 2 else None
             if training is not None:
                 mode = ir.convenience.get_const_tensor(training)
-                if mode is None or bool(mode.numpy()):
+                if mode is None or mode.size != 1 or bool(mode.numpy().reshape(-1)[0]):
                     raise LiftError("training-mode Dropout is not supported; export in eval mode", node.name, node.op_type)
         return self._out(node)
 
@@ -466,6 +509,8 @@ class _Lifter:
         target = self._const(node, 1, "target shape")
         if target is None:
             raise LiftError("Reshape without a shape input", node.name, node.op_type)
+        if target.dtype.kind not in "iu":
+            raise LiftError(f"target shape has dtype {target.dtype}; ONNX requires int64", node.name, node.op_type)
         target = [int(d) for d in np.asarray(target).reshape(-1)]
         features = int(np.prod(self.shape))
         copies_batch = not self._attrs(node).get("allowzero", 0)  # 0 means "copy the input's dim" unless allowzero
@@ -484,23 +529,22 @@ class _Lifter:
             raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
-        if any(d != 1 for d in attrs.get("dilations", (1, 1))):
+        if self._ints(node, "dilations", (1, 1), 2, 1) != (1, 1):
             raise LiftError("dilated pooling is not supported", node.name, node.op_type)
-        kernel = tuple(attrs["kernel_shape"])
-        if len(kernel) != 2:
-            raise LiftError(f"{len(kernel)}-D pooling is not supported", node.name, node.op_type)
+        kernel = self._ints(node, "kernel_shape", None, 2, 1)
+        pads = self._ints(node, "pads", (0, 0, 0, 0), 4, 0)
+        if any(pad >= kernel[i % 2] for i, pad in enumerate(pads)):
+            raise LiftError(f"pads {list(pads)} must be smaller than the kernel {list(kernel)}", node.name, node.op_type)
         pool = Pool(
             self._layer_name(node, f"{mode}pool"),
             mode,
             kernel,
-            tuple(attrs.get("strides", (1, 1))),
-            tuple(attrs.get("pads", (0, 0, 0, 0))),
+            self._ints(node, "strides", (1, 1), 2, 1),
+            pads,
             bool(attrs.get("ceil_mode", 0)),
             bool(attrs.get("count_include_pad", 0)),
         )
-        shape = pool.output_shape(self.shape)
-        if min(shape[1:]) < 1:
-            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+        shape = self._check_size(node, pool.output_shape(self.shape))
         self.layers.append(pool)
         self.shape = shape
         return self._out(node)
