@@ -19,7 +19,7 @@ def _compile_args():
 
 
 _CARGS, _LARGS = _compile_args()
-_KERNELS = []  # module names under passes/, e.g. "_cofire" -> passes/_cofire.pyx
+_KERNELS = ["_kernels"]  # module names under passes/, e.g. "_cofire" -> passes/_cofire.pyx
 
 extensions = [
     Extension(
