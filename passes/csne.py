@@ -30,22 +30,9 @@ from codec.passes.registry import register_pass
 
 def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """One-to-one matching: take eligible pairs by decreasing score (ties: lowest row, then column)."""
-    try:
-        from codec.passes import kernels
-    except ImportError:  # the compiled kernels are missing (a source checkout not built): pure numpy
-        kernels = None
-    if kernels is not None and hasattr(kernels, "greedy_match"):
-        return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
-    rows, cols = np.nonzero(eligible)
-    order = np.lexsort((cols, rows, -score[rows, cols]))
-    match = np.full(score.shape[0], -1, np.int64)
-    taken = np.zeros(score.shape[1], bool)
-    for k in order:
-        i, j = rows[k], cols[k]
-        if match[i] < 0 and not taken[j]:
-            match[i] = j
-            taken[j] = True
-    return match
+    from codec.passes import kernels
+
+    return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
 
 
 @dataclass

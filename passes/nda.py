@@ -118,9 +118,17 @@ class NeuronDependenceAnalysis(Analysis):
                 s = stats.layers[layer.name]
                 if s.previous is None:
                     continue
-                fraction = cofire_fraction(stats, layer.name, self.mode)
-                rows, cols = np.nonzero(connectivity(net, layer.name) & (fraction >= self.fire))
-                weights = fraction[rows, cols]
+                connected = connectivity(net, layer.name)
+                if self.mode == "conditional":
+                    from codec.passes import kernels
+
+                    rows, cols, weights = kernels.ndg_edges(
+                        s.cofire, stats.layers[s.previous].fire, s.count, self.fire, connected
+                    )
+                else:
+                    fraction = cofire_fraction(stats, layer.name, self.mode)
+                    rows, cols = np.nonzero(connected & (fraction >= self.fire))
+                    weights = fraction[rows, cols]
                 ndg.layers[layer.name] = LayerEdges(layer.name, s.previous, rows, cols, weights)
             graphs[member] = ndg
         return graphs

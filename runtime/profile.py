@@ -235,18 +235,19 @@ class _Tapped:
         return views
 
 
-def _accumulate(stats: ActivationStats, views) -> None:
-    prev_fires = None
-    for s, (act, fires, nonzero) in zip(stats.layers.values(), views):
+def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None:
+    """Add one batch. `packed[i]` is layer i's fire matrix bit-packed by `kernels.pack_fires`."""
+    from codec.passes import kernels
+
+    for i, (s, (act, fires, nonzero)) in enumerate(zip(stats.layers.values(), views)):
         s.count += act.shape[0]
         s.fire += fires.sum(axis=0)
         s.nonzero += nonzero.sum(axis=0)
         s.sum += act.sum(axis=0)
         s.sumsq += np.einsum("bi,bi->i", act, act)
         if s.cofire is not None:
-            # float32 GEMM of 0/1 matrices is exact below 2**24 per batch; accumulate as int64.
-            s.cofire += np.rint(fires.T.astype(np.float32) @ prev_fires.astype(np.float32)).astype(np.int64)
-        prev_fires = fires
+            # popcount(a_i & b_j) over bit-packed inputs: exact, and ~5x a float32 GEMM (bench/kernels.json)
+            kernels.cofire_counts(packed[i], packed[i - 1], out=s.cofire)
     stats.count += views[0][0].shape[0] if views else 0
 
 
@@ -314,6 +315,8 @@ def _run(nets, data, batch_size, progress, intra_op_threads, pair=False):
 
 
 def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm):
+    from codec.passes import kernels
+
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     tapped = [_Tapped(net, intra_op_threads) for net in nets]
@@ -333,11 +336,12 @@ def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm)
                 continue
             batch = _check_batch(batch, nets[0], seen)
             views = [t.views(batch) for t in tapped]
-            for s, v in zip(stats, views):
-                _accumulate(s, v)
+            packed = [[kernels.pack_fires(fires) for _, fires, _ in v] for v in views]
+            for s, v, p in zip(stats, views, packed):
+                _accumulate(s, v, p)
             if pair:
-                for c, (act_m, fire_m, _), (act_p, fire_p, _) in zip(cross.values(), views[0], views[1]):
-                    c.cofire += np.rint(fire_m.T.astype(np.float32) @ fire_p.astype(np.float32)).astype(np.int64)
+                for c, (act_m, _, _), (act_p, _, _), bits_m, bits_p in zip(cross.values(), views[0], views[1], packed[0], packed[1]):
+                    kernels.cofire_counts(bits_m, bits_p, out=c.cofire)
                     c.sum_products += act_m.T @ act_p
             seen += len(batch)
             bar.update(len(batch))
