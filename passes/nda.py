@@ -72,13 +72,11 @@ def connectivity(net: NetworkIR, layer_name: str) -> np.ndarray:
     """(neurons, previous-layer neurons) bool: True where some weight links the two."""
     layer = net.layer(layer_name)
     previous = net.previous_compute(layer_name)
-    magnitude = np.abs(layer.weight)
     if isinstance(layer, Conv):
-        return magnitude.sum(axis=(2, 3)) > 0
-    owner = net.input_neuron_map(layer_name)
-    summed = np.zeros((layer.num_neurons, previous.num_neurons), np.float64)
-    np.add.at(summed.T, owner, magnitude.T)
-    return summed > 0
+        return np.abs(layer.weight).sum(axis=(2, 3)) > 0
+    # a Dense layer's inputs are channel-major: each previous neuron owns a contiguous run of features
+    per_neuron = layer.in_features // previous.num_neurons
+    return np.abs(layer.weight).reshape(layer.num_neurons, previous.num_neurons, per_neuron).sum(axis=2) > 0
 
 
 def cofire_fraction(stats: ActivationStats, layer: str, mode: str) -> np.ndarray:

@@ -13,12 +13,13 @@ ReLU, which is what dead-neuron elimination needs). The firing condition is per 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from codec.errors import DataError, ShapeError
+from codec.errors import ConfigError, DataError, ShapeError
 from codec.ir.lower import lower, tap_name, to_bytes
 from codec.ir.network import Conv, NetworkIR
 
@@ -247,8 +248,58 @@ def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None
         s.sumsq += np.einsum("bi,bi->i", act, act)
         if s.cofire is not None:
             # popcount(a_i & b_j) over bit-packed inputs: exact, and ~5x a float32 GEMM (bench/kernels.json)
-            kernels.cofire_counts(packed[i], packed[i - 1], out=s.cofire)
+            kernels.cofire_counts(packed[i], packed[i - 1], out=s.cofire, n_threads=_threads_for(s.cofire, packed[i]))
     stats.count += views[0][0].shape[0] if views else 0
+
+
+MAX_STATS_BYTES_ENV = "CODEC_MAX_STATS_BYTES"
+# The statistics are O(neurons^2) per layer (co-firing with the layer below, main x peer products): a wide
+# enough model would need more memory than the machine has and be killed mid-run instead of refused.
+DEFAULT_MAX_STATS_BYTES = 4 << 30
+
+
+def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
+    """Bytes the statistics of profiling `nets` (main x peer cross statistics too when `pair`) will hold, by
+    "network/layer": fire, nonzero, sum, sumsq per neuron, co-firing with the layer below, cross products."""
+    sizes: dict[str, int] = {}
+    for net in nets:
+        previous = None
+        for layer in net.hidden_layers():
+            n = layer.num_neurons
+            sizes[f"{net.name}/{layer.name}"] = 4 * 8 * n + (8 * n * previous.num_neurons if previous is not None else 0)
+            previous = layer
+    if pair:
+        for a, b in zip(nets[0].hidden_layers(), nets[1].hidden_layers()):
+            sizes[f"{nets[0].name}/{a.name}"] += 2 * 8 * a.num_neurons * b.num_neurons
+    return sizes
+
+
+def _check_stats_budget(nets: list[NetworkIR], pair: bool, limit: int | None) -> None:
+    """Refuse, before anything is allocated, statistics larger than the memory budget."""
+    if limit is None:
+        text = os.environ.get(MAX_STATS_BYTES_ENV) or str(DEFAULT_MAX_STATS_BYTES)
+        try:
+            limit = int(text)
+        except ValueError:
+            raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+    sizes = stats_bytes(nets, pair)
+    total = sum(sizes.values())
+    if total > limit:
+        layer = max(sizes, key=sizes.get)
+        raise ShapeError(
+            f"profiling needs {_mib(total)} for its statistics, more than the budget of {_mib(limit)}; the largest "
+            f"share is layer {layer} ({_mib(sizes[layer])}); set {MAX_STATS_BYTES_ENV}=BYTES to raise the budget"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _threads_for(out: np.ndarray, bits: np.ndarray) -> int | None:
+    """OpenMP threads for a co-firing update: one below ~16M word-ANDs, where waking workers costs more
+    than the work (on a busy machine, much more); else the OpenMP default."""
+    return None if out.size * bits.shape[1] >= 1 << 24 else 1
 
 
 def _batches(data, batch_size: int) -> Iterator[np.ndarray]:
@@ -278,9 +329,13 @@ def profile(
     batch_size: int = 256,
     progress: bool = False,
     intra_op_threads: int | None = None,
+    max_stats_bytes: int | None = None,
 ) -> ActivationStats:
-    """Profile one network's hidden activations over `data` (an array or an iterable of batches)."""
-    return _run([net], data, batch_size, progress, intra_op_threads)[0]
+    """Profile one network's hidden activations over `data` (an array or an iterable of batches).
+
+    `max_stats_bytes` caps the memory the statistics may take (default `$CODEC_MAX_STATS_BYTES`, else 4 GiB):
+    a network needing more is refused with a ShapeError naming its largest layer, before any allocation."""
+    return _run([net], data, batch_size, progress, intra_op_threads, max_stats_bytes=max_stats_bytes)[0]
 
 
 def profile_pair(
@@ -290,22 +345,28 @@ def profile_pair(
     batch_size: int = 256,
     progress: bool = False,
     intra_op_threads: int | None = None,
+    max_stats_bytes: int | None = None,
 ) -> PairStats:
     """Profile two members of the same architecture together, with their cross-member statistics.
 
     Their layer widths may differ (after dead-neuron elimination, say): cross statistics are main x peer.
+    `max_stats_bytes`: as for `profile`.
     """
     difference = main.same_architecture(peer, widths=False)
     if difference is not None:
         raise ShapeError(f"{main.name!r} and {peer.name!r} do not have the same architecture: {difference}")
-    stats_main, stats_peer, cross = _run([main, peer], data, batch_size, progress, intra_op_threads, pair=True)
+    stats_main, stats_peer, cross = _run(
+        [main, peer], data, batch_size, progress, intra_op_threads, pair=True, max_stats_bytes=max_stats_bytes
+    )
     names = {a.name: b.name for a, b in zip(main.hidden_layers(), peer.hidden_layers())}
     return PairStats(stats_main, stats_peer, cross, names)
 
 
-def _run(nets, data, batch_size, progress, intra_op_threads, pair=False):
+def _run(nets, data, batch_size, progress, intra_op_threads, pair=False, max_stats_bytes=None):
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
+
+    _check_stats_budget(nets, pair, max_stats_bytes)
 
     # The per-batch products are small: a multi-threaded BLAS spends more time waking threads than
     # computing (measured 30x slower for 256x128 products on a busy 2-core machine). onnxruntime keeps
@@ -336,12 +397,13 @@ def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm)
                 continue
             batch = _check_batch(batch, nets[0], seen)
             views = [t.views(batch) for t in tapped]
-            packed = [[kernels.pack_fires(fires) for _, fires, _ in v] for v in views]
+            # packing is a light O(batch x neurons) pass: one thread (waking OpenMP workers costs more)
+            packed = [[kernels.pack_fires(fires, n_threads=1) for _, fires, _ in v] for v in views]
             for s, v, p in zip(stats, views, packed):
                 _accumulate(s, v, p)
             if pair:
                 for c, (act_m, _, _), (act_p, _, _), bits_m, bits_p in zip(cross.values(), views[0], views[1], packed[0], packed[1]):
-                    kernels.cofire_counts(bits_m, bits_p, out=c.cofire)
+                    kernels.cofire_counts(bits_m, bits_p, out=c.cofire, n_threads=_threads_for(c.cofire, bits_m))
                     c.sum_products += act_m.T @ act_p
             seen += len(batch)
             bar.update(len(batch))
