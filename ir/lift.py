@@ -79,6 +79,7 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         # location against the working directory (or take it as absolute) and read any file there.
         for owner, _ in _external_tensors(model):
             raise ModelLoadError(f"{owner} of an in-memory model points at external data; refusing to read it")
+        _check_text(model, "")
         return model
     path = Path(source)
     if not path.is_file():
@@ -89,7 +90,21 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}") from exc
     _check_external_data(model, path.resolve().parent, path)
+    _check_text(model, f"{path.name}: ")
     return model
+
+
+def _check_text(model: ir.Model, where: str) -> None:
+    """Names and metadata must be text: protobuf hands invalid UTF-8 over as bytes, which would break
+    every later step (layer names, lowering, reports) with a TypeError or a serializer error."""
+    graph = model.graph
+    texts = [graph.name, *model.metadata_props.keys(), *model.metadata_props.values()]
+    texts += [v.name for v in (*graph.inputs, *graph.outputs, *graph.initializers.values())]
+    for node in graph:
+        texts += [node.name, node.op_type, node.domain, *(v.name for v in node.outputs if v is not None)]
+    bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{where}the model holds a name or metadata entry that is not valid UTF-8: {bad!r}")
 
 
 def _first_line(exc: BaseException) -> str:
