@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from codec.errors import CodecError
+
+# A full disk, an exhausted quota, a file too large or a read-only file system: the user's to fix, so a
+# one-line error rather than a traceback.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class WriteError(CodecError, OSError):
+    """An artifact could not be written for lack of room (disk full, quota, read-only file system).
+
+    Also an OSError, so code that handles OSError keeps working; `errno` is the original one."""
 
 
 @contextlib.contextmanager
@@ -26,9 +39,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, CodecError) and exc.errno in _NO_ROOM:
+            kept = "the previous version is untouched" if path.exists() else "nothing was written"
+            error = WriteError(f"cannot write {path}: {exc.strerror or exc}; {kept}")
+            error.errno = exc.errno
+            raise error from exc
         raise
 
 
