@@ -58,6 +58,7 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # for commands that relaunch themselves
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="codec: %(message)s", stream=sys.stderr
     )

@@ -147,21 +147,20 @@ def _load_data(recipe, config, data_dir) -> _Data:
     )
 
 
-def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> dict:
-    """Train one member the ordinary way (random init) and export it; skipped if already finished."""
-    facts = run.done(f"train:{name}")
-    if facts is not None:
-        return facts
+def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
+    """Train one member the ordinary way (random init); returns its facts and its ONNX bytes."""
     from codec.models import build_model
     from codec.runtime.train import export_onnx, train_member
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet)
     module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
-    ckpt = run.checkpoints / f"{name}.ckpt"
-    result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config, checkpoint_path=ckpt, resume=True, desc=name)
-    path = export_onnx(result.module, run.members / f"{name}.onnx", data.input_shape, task=recipe.task)
+    result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config,
+                          checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name)
+    part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
+    blob = part.read_bytes()
+    part.unlink()
     facts = {
-        "path": str(path.relative_to(run.path)),
+        "path": f"members/{name}.onnx",
         "seed": seed,
         "epochs": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -169,9 +168,28 @@ def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _D
         "parameters": sum(p.numel() for p in result.module.parameters()),
         "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
     }
+    return facts, blob
+
+
+def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
+    """Rank 0: write a finished member and record it; its checkpoint is no longer needed."""
+    from codec.io import write_bytes_atomic
+
+    write_bytes_atomic(run.path / facts["path"], blob)
     run.finish(f"train:{name}", facts)
-    ckpt.unlink(missing_ok=True)
-    return facts
+    (run.checkpoints / f"{name}.ckpt").unlink(missing_ok=True)
+
+
+def _train_all(run: Run, world, names: list[str], task) -> None:
+    """Train the members not finished yet, spread over ranks; rank 0 stores them."""
+    from codec import distributed
+
+    todo = [n for n in names if run.done(f"train:{n}") is None]
+    results = distributed.run_tasks(todo, task)
+    if world.is_main:
+        for name in todo:
+            _store_member(run, name, *results[name])
+    run.state = distributed.broadcast(run.state)
 
 
 def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
@@ -215,32 +233,25 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, index: int, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> dict:
-    name = f"grown_{index}"
-    facts = run.done(f"train:{name}")
-    if facts is not None:
-        return facts
-    from codec.ir import lower, save_model
+def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
+    """Train one grown member around the CSN; returns its facts and its ONNX bytes."""
+    from codec.ir import lower, to_bytes
     from codec.runtime.grow import train_grown
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
-    ckpt = run.checkpoints / f"{name}.ckpt"
     net, result, extra = train_grown(
         template, data.x_train, data.y_train, data.x_val, data.y_val, config,
-        seed=seed, options=options.grow, checkpoint_path=ckpt, resume=True, desc=name,
+        seed=seed, options=options.grow, checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name,
     )
-    path = save_model(lower(net), run.members / f"{name}.onnx")
     facts = {
-        "path": str(path.relative_to(run.path)),
+        "path": f"members/{name}.onnx",
         "seed": seed,
         "epochs": result.epochs_run,
         "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds,
         **extra,
     }
-    run.finish(f"train:{name}", facts)
-    ckpt.unlink(missing_ok=True)
-    return facts
+    return facts, to_bytes(lower(net))
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
@@ -251,23 +262,39 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     from codec.models import get_recipe
     from codec.runtime.train import TrainConfig
 
+    from codec import distributed
+
     options.validate()
+    world = distributed.init(threads=options.train_overrides.get("num_threads"))
     recipe = get_recipe(options.recipe)
     config = TrainConfig.from_recipe(recipe, **options.train_overrides)
     run = Run(Path(run_dir))
-    run.prepare(options, resume)
+    if world.is_main:
+        run.prepare(options, resume)
+    run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
+    run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
     data = _load_data(recipe, config, options.data_dir)
     started = time.perf_counter()
+    quiet = quiet or not world.is_main
 
-    main_facts = _train_conventional(run, "main", options.seed, recipe, config, data, quiet)
-    peer_facts = _train_conventional(run, "peer", options.seed + 1, recipe, config, data, quiet)
-    pass_facts = _run_passes(run, options, data)
-
-    rewritten = lift(run.opt / "main.onnx", name="main")
+    seeds = {"main": options.seed, "peer": options.seed + 1}
+    _train_all(run, world, ["main", "peer"], lambda n: _train_conventional(run, n, seeds[n], recipe, config, data, quiet))
+    if world.is_main:
+        _run_passes(run, options, data)
+    # every rank grows around the same rewritten main: rank 0 sends it (no shared filesystem needed)
+    rewritten_bytes = distributed.broadcast((run.opt / "main.onnx").read_bytes() if world.is_main else None)
+    run.state = distributed.broadcast(run.state)
+    rewritten = lift(rewritten_bytes, name="main")
+    grown = [f"grown_{i}" for i in range(1, options.members - 1)]
+    grown_seeds = {name: options.seed + 1 + i for i, name in enumerate(grown, start=1)}
+    _train_all(run, world, grown, lambda n: _grow(run, n, grown_seeds[n], rewritten, options, config, data, quiet))
+    if not world.is_main:
+        distributed.barrier()
+        return {}
+    main_facts, peer_facts = run.done("train:main"), run.done("train:peer")
+    pass_facts = run.done("passes")
+    grown_facts = [run.done(f"train:{n}") for n in grown]
     csn = _load_csn(run, rewritten)
-    grown_facts = []
-    for i in range(1, options.members - 1):
-        grown_facts.append(_grow(run, i, options.seed + 1 + i, rewritten, options, config, data, quiet))
 
     members = {"main": rewritten if options.keep_main == "rewritten" else lift(run.members / "main.onnx", name="main"),
                "peer": lift(run.opt / "peer.onnx", name="peer")}
@@ -285,7 +312,9 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     counts = ensemble_parameter_count(list(members.values()), csn_net)
     report = _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
                      criterion, emit_seconds, time.perf_counter() - started)
+    report["world_size"] = world.size
     write_json_atomic(run.path / "report.json", report)
+    distributed.barrier()
     return report
 
 

@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
     parser.add_argument("--data-dir", default=None, help="dataset folder (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -52,8 +53,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from codec import distributed
     from codec.compile import CompileOptions, compile_ensemble
     from codec.runtime.grow import GrowOptions
+
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
 
     overrides = {
         "max_epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "patience": args.patience,
@@ -77,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         run_dir, ensemble = out, None
     report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble)
-    emit(args, report, summary(report, run_dir))
+    if report:  # ranks other than 0 have nothing to print
+        emit(args, report, summary(report, run_dir))
     return 0
 
 
