@@ -287,9 +287,10 @@ class _Lifter:
             raise LiftError("node has no output", node.name, node.op_type)
         try:
             return handler(node)
-        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as exc:
             # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
-            # inputs, inconsistent shapes): whatever the specific checks miss is still a refusal of this node.
+            # inputs, inconsistent shapes; onnx_ir asserts on tensor data stored in the wrong field): whatever
+            # the specific checks miss is still a refusal of this node.
             raise LiftError(f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type) from exc
 
     # -- helpers ----------------------------------------------------------------------------------------
