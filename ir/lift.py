@@ -338,7 +338,13 @@ class _Lifter:
         value = self._attrs(node).get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise LiftError(f"attribute {key}={value!r} is not a finite number", node.name, node.op_type)
-        return float(value)
+        # ONNX stores float attributes as float32: take the shortest decimal that is that float32, so an
+        # alpha of 0.01 lifts as 0.01 (not 0.009999999776) and compares equal to the network it came from.
+        with np.errstate(over="ignore"):
+            value = np.float32(value)
+        if not np.isfinite(value):
+            raise LiftError(f"attribute {key} overflows float32", node.name, node.op_type)
+        return float(str(value))
 
     def _check_size(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
         if min(shape[1:]) < 1:
@@ -561,6 +567,19 @@ class _Lifter:
             bool(attrs.get("count_include_pad", 0)),
         )
         shape = self._check_size(node, pool.output_shape(self.shape))
+        if pool.ceil_mode:
+            # Both round up, but torch and onnxruntime then drop a last window that would start past the
+            # input, while ONNX shape inference keeps it: where they differ, onnxruntime cannot load the
+            # model once a later layer fixes the size, so codec refuses it.
+            inferred = [-(-(self.shape[i + 1] + pads[i] + pads[i + 2] - kernel[i]) // pool.strides[i]) + 1 for i in range(2)]
+            if list(shape[1:]) != inferred:
+                raise LiftError(
+                    f"ceil_mode pooling of a {list(self.shape[1:])} map gives {list(shape[1:])} in onnxruntime but "
+                    f"{inferred} by ONNX shape inference (its last window starts outside the input); export with "
+                    "ceil_mode=0 or other pads",
+                    node.name,
+                    node.op_type,
+                )
         self.layers.append(pool)
         self.shape = shape
         return self._out(node)
