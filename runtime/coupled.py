@@ -1,0 +1,963 @@
+"""Coupled ensembles (Lee et al., "Why M Heads are Better than One", 2015): TreeNets, bagging, ensemble-aware
+losses, trained together with one optimizer, and exported as one fused ONNX graph.
+
+**TreeNet.** Any recipe's `nn.Sequential` is cut after a named module: the modules up to and including it
+are the *trunk*, shared by all M members; the rest is copied into M *branches*, each initialised with its
+own seed. The forward pass computes the trunk once and returns the branches' logits stacked (M, B, K);
+one backward of the summed loss accumulates every branch's gradient in the trunk.
+
+Module names (`module_names`) come from the module type and a per-type count, in order: ``conv1``,
+``conv2`` (Conv2d), ``fc1`` (Linear), ``pool1`` (MaxPool2d and AvgPool2d), ``relu1``, ``leaky_relu1``,
+``sigmoid1``, ``tanh1``, ``flatten1``, ``dropout1``; any other module type is its class name in lower
+case. Caffe's CIFAR10-Quick reads ``conv1 pool1 relu1 conv2 relu2 pool2 conv3 relu3 pool3 flatten1 fc1
+fc2``. A split is:
+
+- a module name: the trunk is every module up to and including it;
+- an integer n: the trunk is the first n modules (``0`` shares nothing);
+- ``none``: no trunk, M independent networks (Lee et al.'s usual ensemble);
+- ``all``: everything shared: the M heads are one network (Lee et al.'s "single model" end of the TreeNet
+  range), trained with the ensemble loss of M identical members (for the independent loss that is M times
+  the network's cross-entropy). A trunk that holds every weighted layer is the same case. The fused
+  export stores everything but the output layer once (see `treenet_networks`).
+
+Activations and pools are modules like any other, so ``--split conv1`` in CIFAR10-Quick leaves conv1's
+pool and ReLU in the branches (they have no weights; computing them once or M times gives the same
+values, except Dropout, whose masks are drawn per branch when it is in the branches).
+
+**Member variation** (`VARIATIONS`): ``random`` gives each member its own initialisation (seed
+`member_seed(seed, m)`) on the same data; ``bagging`` gives every member the same initialisation and its
+own bootstrap sample (N draws with replacement, `bootstrap_weights`); ``both`` does both. Bootstrap
+samples enter as per-member example weights (how often an example is in the member's sample), so all
+members still see one shuffled batch per step and are trained in one coupled pass.
+
+**Training** (`train_coupled`): one optimizer over the trunk and all branches (Adam or SGD from the
+recipe), the learning rate optionally multiplied by M (`lr_scale_by_members`, what Lee et al. do for the
+score- and probability-averaged losses), gradients optionally accumulated over `accumulate` batches,
+`pretrain_epochs` epochs of independent cross-entropy before the chosen loss (MCL's usual warm start),
+early stopping on a validation loss (`MONITORS`, see `EnsembleOptions.monitor`), a checkpoint written
+atomically at every epoch end and read with ``torch.load(weights_only=True)``, and exact resume.
+
+**Export** (`treenet_networks`, `emit_treenet`): each member becomes a NetworkIR whose trunk layers are
+whole FROZEN_SHARED copies of a trunk chain (the CSN), so `codec.ir.ensemble.emit_ensemble` computes the
+trunk once in the fused graph.
+
+`train_ensemble_recipe` ties it together for a named recipe: data, TreeNet, training, fused ONNX, test
+metrics (ensemble, oracle and member accuracy, per-class assignment of test examples to members) and a
+JSON-able report.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from codec.errors import ConfigError, DataError, ModelLoadError
+from codec.ir.network import Activation, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
+from codec.runtime.losses import LOSSES, EnsembleLoss, member_losses
+from codec.runtime.train import (
+    CHECKPOINT_FORMAT,
+    DATA_SEED,
+    EVAL_BATCH_SIZE,
+    TrainConfig,
+    _check_fingerprint,
+    _check_training_data,
+    _fingerprint,
+    _make_optimizer,
+    _make_scheduler,
+    _save_checkpoint,
+    _state_copy,
+    load_checkpoint,
+    resolve_device,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+VARIATIONS = ("random", "bagging", "both")
+MONITORS = ("objective", "ensemble_nll", "member_ce")
+SPLIT_NONE, SPLIT_ALL = "none", "all"
+# Marks a coupled-ensemble checkpoint apart from train_member's (both share runtime.train's format number).
+CHECKPOINT_KIND = "coupled_ensemble"
+# Independent random streams of one seed: member initialisation, bootstrap samples, MCL's tie-breaking.
+_INIT_STREAM, _BAG_STREAM, _TIE_STREAM = 0, 1, 2
+
+_TYPE_PREFIX = {
+    nn.Conv2d: "conv",
+    nn.Linear: "fc",
+    nn.MaxPool2d: "pool",
+    nn.AvgPool2d: "pool",
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Flatten: "flatten",
+    nn.Dropout: "dropout",
+}
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """How the M members are made different and coupled (recorded in report.json).
+
+    Attributes:
+        members: M, >= 1.
+        loss: one of `codec.runtime.losses.LOSSES`.
+        k: MCL's members per example (1..M).
+        alpha: MCL's weight of the independent cross-entropy, in [0, 1] (0 = pure MCL).
+        pretrain_epochs: epochs of independent cross-entropy before `loss` takes over (>= 0).
+        lr_scale_by_members: multiply the learning rate by M.
+        accumulate: batches whose gradients are summed (each loss divided by `accumulate`) per
+            optimizer step, >= 1.
+        variation: "random", "bagging" or "both" (see the module docstring).
+        split: where the trunk ends: a module name, an integer, "none" or "all".
+        monitor: the validation loss early stopping watches: "objective" (the training objective on the
+            validation set, deterministically: for MCL the sum of the k lowest member losses mixed with
+            alpha; during pretraining the independent cross-entropy), "ensemble_nll" (NLL of the members'
+            mean probability) or "member_ce" (the members' mean cross-entropy).
+        criterion: how the fused ONNX ensemble combines members (`codec.runtime.metrics.CRITERIA`);
+            "mean" is Lee et al.'s ensemble-mean. Does not affect training.
+    """
+
+    members: int = 4
+    loss: str = "independent"
+    k: int = 1
+    alpha: float = 0.0
+    pretrain_epochs: int = 0
+    lr_scale_by_members: bool = False
+    accumulate: int = 1
+    variation: str = "random"
+    split: str = SPLIT_NONE
+    monitor: str = "objective"
+    criterion: str = "mean"
+
+    def __post_init__(self) -> None:
+        from codec.runtime.metrics import CRITERIA
+
+        self.ensemble_loss()  # validates members, loss, k and alpha
+        if self.variation not in VARIATIONS:
+            raise ConfigError(f"unknown variation {self.variation!r}; choose one of {', '.join(VARIATIONS)}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"unknown ensemble criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        for name in ("pretrain_epochs", "accumulate"):
+            value = getattr(self, name)
+            low = 0 if name == "pretrain_epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.bagging and not self.ensemble_loss().memberwise:
+            raise ConfigError(
+                f"bagging gives each member its own sample, but the {self.loss} loss scores the combined output; "
+                "use --variation random with it"
+            )
+
+    @property
+    def bagging(self) -> bool:
+        return self.variation in ("bagging", "both")
+
+    @property
+    def random_init(self) -> bool:
+        return self.variation in ("random", "both")
+
+    def ensemble_loss(self) -> EnsembleLoss:
+        """The loss after pretraining."""
+        return EnsembleLoss(self.loss, self.members, self.k, self.alpha)
+
+    def trajectory(self) -> dict:
+        """The options that decide training (a checkpoint written under others cannot be resumed)."""
+        out = dataclasses.asdict(self)
+        del out["criterion"]
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Member `member`'s initialisation seed, drawn from ``SeedSequence([seed, 0, member])`` so that runs
+    with neighbouring seeds do not share members (seed 0's member 1 is not seed 1's member 0)."""
+    return int(np.random.SeedSequence([int(seed), _INIT_STREAM, int(member)]).generate_state(1)[0])
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
+
+
+def bootstrap_weights(n: int, members: int, seed: int) -> np.ndarray:
+    """Each member's bootstrap sample of n examples, as counts: (M, n) float32, row m sums to n.
+
+    Member m draws n indices uniformly with replacement from ``np.random.default_rng([seed, 1, m])``;
+    ``weights[m, i]`` is how often example i was drawn (about 63 % of the examples are drawn at least once).
+    """
+    if n < 1 or members < 1:
+        raise DataError(f"cannot draw bootstrap samples of {n} examples for {members} members")
+    weights = np.empty((members, n), dtype=np.float32)
+    for m in range(members):
+        rng = np.random.default_rng([int(seed), _BAG_STREAM, m])
+        weights[m] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------------
+# TreeNet
+# --------------------------------------------------------------------------------------------------------
+
+
+def module_names(model: nn.Sequential) -> list[str]:
+    """The split-point names of a Sequential's modules (see the module docstring), in order."""
+    counts: dict[str, int] = {}
+    names = []
+    for module in model:
+        prefix = next((p for t, p in _TYPE_PREFIX.items() if type(module) is t), type(module).__name__.lower())
+        counts[prefix] = counts.get(prefix, 0) + 1
+        names.append(f"{prefix}{counts[prefix]}")
+    return names
+
+
+def resolve_split(model: nn.Sequential, split: str | int | None) -> int:
+    """How many leading modules of `model` form the trunk for `split` (0 = none, len(model) = all).
+
+    A trunk that holds every weighted layer is full sharing and returns len(model).
+
+    Raises:
+        ConfigError: an unknown name or an integer out of range (the message lists the valid splits).
+    """
+    names = module_names(model)
+    text = SPLIT_NONE if split is None else str(split).strip().lower()
+    if text == SPLIT_NONE:
+        count = 0
+    elif text == SPLIT_ALL:
+        count = len(names)
+    elif text.lstrip("-").isdigit():
+        count = int(text)
+        if not 0 <= count <= len(names):
+            raise ConfigError(
+                f"split {split!r}: an integer split shares the first n modules, n in 0..{len(names)}; "
+                f"or name one of: {', '.join(names)}"
+            )
+    elif text in names:
+        count = names.index(text) + 1
+    else:
+        raise ConfigError(f"unknown split {split!r}; choose none, all, an integer 0..{len(names)}, or one of: {', '.join(names)}")
+    if not any(isinstance(m, _WEIGHTED) for m in list(model)[count:]):
+        count = len(names)  # no weights left for the branches: they would all be the same network
+    return count
+
+
+class TreeNet(nn.Module):
+    """M members sharing a trunk: ``forward(x) -> (M, B, K)`` logits, the trunk computed once.
+
+    Attributes:
+        trunk: the shared leading modules (an empty Sequential for an independent ensemble).
+        branches: one Sequential per member (empty Sequentials when everything is shared).
+        names: the split-point names of the full network's modules (`module_names`).
+        split: how many leading modules are in the trunk.
+    """
+
+    def __init__(self, trunk: nn.Sequential, branches: Sequence[nn.Sequential], names: Sequence[str]):
+        super().__init__()
+        if not branches:
+            raise ConfigError("a TreeNet needs at least one branch (member)")
+        self.trunk = trunk
+        self.branches = nn.ModuleList(branches)
+        self.names = list(names)
+        self.split = len(trunk)
+
+    @property
+    def members(self) -> int:
+        return len(self.branches)
+
+    @property
+    def fully_shared(self) -> bool:
+        """True when the branches hold no weights: the M members are one network."""
+        return not any(p.numel() for b in self.branches for p in b.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        return torch.stack([branch(h) for branch in self.branches])
+
+    def member(self, index: int) -> nn.Sequential:
+        """Member `index` as one Sequential (trunk modules followed by its branch; modules are shared)."""
+        return nn.Sequential(*self.trunk, *self.branches[index])
+
+    def parameter_counts(self) -> dict:
+        """Trainable parameters: trunk, each branch, stored (trunk once) and unshared (M separate networks)."""
+        trunk = sum(p.numel() for p in self.trunk.parameters())
+        branches = [sum(p.numel() for p in b.parameters()) for b in self.branches]
+        return {
+            "trunk": int(trunk),
+            "branches": [int(b) for b in branches],
+            "stored": int(trunk + sum(branches)),
+            "unshared": int(self.members * trunk + sum(branches)),
+        }
+
+    def describe(self) -> dict:
+        """Which modules are shared (JSON-able)."""
+        return {
+            "trunk": self.names[: self.split],
+            "branch": self.names[self.split :],
+            "fully_shared": self.fully_shared,
+        }
+
+
+def build_treenet(build: Callable[[int], nn.Sequential], members: int, split: str | int | None, seed: int, *,
+                  random_init: bool = True) -> TreeNet:
+    """A TreeNet from a network builder.
+
+    Args:
+        build: ``build(seed) -> nn.Sequential`` (e.g. a recipe's network with that initialisation seed).
+        members: M.
+        split: where the trunk ends (see `resolve_split`).
+        seed: the run's seed; member m is initialised from `member_seed(seed, m)` (the trunk from member
+            0's), or every member from member 0's seed when `random_init` is False.
+        random_init: different initial weights per member (False: bagging alone).
+    """
+    template = build(member_seed(seed, 0))
+    if not isinstance(template, nn.Sequential):
+        raise ConfigError(f"a TreeNet splits an nn.Sequential, got {type(template).__name__}")
+    names = module_names(template)
+    count = resolve_split(template, split)
+    trunk = nn.Sequential(*list(template)[:count])
+    branches = []
+    for m in range(members):
+        source = template if m == 0 else build(member_seed(seed, m) if random_init else member_seed(seed, 0))
+        branches.append(nn.Sequential(*copy.deepcopy(list(source)[count:])))
+    return TreeNet(trunk, branches, names)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export: TreeNet -> NetworkIRs (trunk = CSN of whole frozen-shared layers) -> fused ONNX
+# --------------------------------------------------------------------------------------------------------
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def sequential_to_network(model: nn.Sequential, input_shape: Sequence[int], names: Sequence[str], *,
+                          frozen_modules: int = 0, name: str = "member") -> NetworkIR:
+    """A classifier Sequential (logits out) as a NetworkIR outputting probabilities (softmax appended).
+
+    Activations become the activation of the compute layer before them (across max pools and flattens,
+    which commute with monotone activations); Dropout is dropped (inference). Compute layers made from
+    the first `frozen_modules` modules get Role.FROZEN_SHARED on every neuron.
+
+    Raises:
+        ConfigError: a module codec cannot express (named), or a network that does not end in a weighted layer.
+    """
+    layers: list = []
+    frozen = np.int8(Role.FROZEN_SHARED)
+
+    def roles(index: int, count: int):
+        return np.full(count, frozen, np.int8) if index < frozen_modules else None
+
+    for index, (module, label) in enumerate(zip(model, names)):
+        kind = type(module)
+        if kind is nn.Conv2d:
+            if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+                raise ConfigError(f"cannot export {label}: only zero-padded Conv2d with groups=1 and numeric padding")
+            weight = module.weight.detach().cpu().numpy()
+            bias = module.bias.detach().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0], np.float32)
+            ph, pw = _pair(module.padding)
+            layers.append(Conv(label, weight, bias, Activation(), roles(index, weight.shape[0]),
+                               strides=_pair(module.stride), pads=(ph, pw, ph, pw), dilations=_pair(module.dilation)))
+        elif kind is nn.Linear:
+            weight = module.weight.detach().cpu().numpy()
+            bias = module.bias.detach().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0], np.float32)
+            layers.append(Dense(label, weight, bias, Activation(), roles(index, weight.shape[0])))
+        elif kind in (nn.MaxPool2d, nn.AvgPool2d):
+            kernel = _pair(module.kernel_size)
+            stride = _pair(module.stride if module.stride is not None else module.kernel_size)
+            ph, pw = _pair(module.padding)
+            if kind is nn.MaxPool2d:
+                if _pair(module.dilation) != (1, 1) or module.return_indices:
+                    raise ConfigError(f"cannot export {label}: dilated max pooling or pooling indices")
+                layers.append(Pool(label, "max", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode)))
+            else:
+                if module.divisor_override is not None:
+                    raise ConfigError(f"cannot export {label}: average pooling with divisor_override")
+                layers.append(Pool(label, "avg", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode),
+                                   count_include_pad=bool(module.count_include_pad)))
+        elif kind is nn.Flatten:
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise ConfigError(f"cannot export {label}: Flatten must flatten dims 1..-1")
+            layers.append(Flatten(label))
+        elif kind in _ACTIVATION_MODULES:
+            alpha = float(module.negative_slope) if kind is nn.LeakyReLU else 0.01
+            _fold_activation(layers, Activation(_ACTIVATION_MODULES[kind], alpha), label)
+        elif kind in (nn.Dropout, nn.Identity):
+            continue
+        else:
+            raise ConfigError(f"cannot export {label} ({kind.__name__}) to codec's IR")
+    if not layers or not is_compute(layers[-1]) or layers[-1].activation.kind != "identity":
+        raise ConfigError("a fused classifier ensemble needs members ending in a Linear or Conv2d layer that outputs logits")
+    layers[-1].activation = Activation("softmax")
+    return NetworkIR(name, "input", "output", tuple(int(d) for d in input_shape), layers)
+
+
+def _fold_activation(layers: list, act: Activation, label: str) -> None:
+    """Put `act` on the last compute layer, past the max pools and flattens after it (they commute)."""
+    for layer in reversed(layers):
+        if is_compute(layer):
+            if layer.activation.kind != "identity":
+                raise ConfigError(f"cannot export {label}: {layer.name} already has the activation {layer.activation.kind}")
+            layer.activation = act
+            return
+        if isinstance(layer, Pool) and layer.mode == "max" or isinstance(layer, Flatten):
+            continue
+        raise ConfigError(f"cannot export {label}: an activation after {layer.name} ({layer.mode} pool) does not "
+                          "commute into the layer before it")
+    raise ConfigError(f"cannot export {label}: an activation with no weighted layer before it")
+
+
+def treenet_networks(treenet: TreeNet, input_shape: Sequence[int]) -> tuple[list[NetworkIR], NetworkIR | None]:
+    """The members as NetworkIRs and the trunk as a chain (the CSN), for `emit_ensemble`.
+
+    Each member is trunk + its branch; its layers made from trunk modules are whole FROZEN_SHARED copies
+    of the trunk's. The trunk chain ends at its last compute layer (structural layers after it are
+    emitted once by the ensembler for all members). Returns ``(members, None)`` when the trunk has no
+    weights. When everything is shared, the trunk is everything before the output layer and each member
+    keeps its own copy of the (identical) output layer: the ensembler cannot share an output layer, and
+    M copies keep the fused graph equal to the M identical members under every criterion (``prod`` of M
+    identical members is not the single network's probability).
+    """
+    frozen_modules = treenet.split
+    if treenet.fully_shared:
+        weighted = [i for i, module in enumerate(treenet.member(0)) if isinstance(module, _WEIGHTED)]
+        frozen_modules = weighted[-1] if weighted else 0
+    members = [
+        sequential_to_network(treenet.member(i), input_shape, treenet.names, frozen_modules=frozen_modules,
+                              name=f"member{i}")
+        for i in range(treenet.members)
+    ]
+    first = members[0]
+    frozen = [i for i, layer in enumerate(first.layers) if is_compute(layer) and (layer.roles == Role.FROZEN_SHARED).all()]
+    if not frozen:
+        return members, None
+    trunk_layers = copy.deepcopy(first.layers[: frozen[-1] + 1])
+    for layer in trunk_layers:
+        if is_compute(layer):
+            layer.roles = None
+            layer.__post_init__()  # trainable roles: the CSN chain itself is an ordinary network
+    return members, NetworkIR("trunk", "input", "trunk", first.input_shape, trunk_layers)
+
+
+def emit_treenet(treenet: TreeNet, input_shape: Sequence[int], *, criterion: str = "mean",
+                 member_outputs: bool = False, metadata: dict[str, str] | None = None):
+    """The fused ensemble ONNX (onnx_ir Model) of a TreeNet: trunk once, branches, collect."""
+    from codec.ir.ensemble import emit_ensemble
+
+    members, trunk = treenet_networks(treenet, input_shape)
+    return emit_ensemble(members, trunk, criterion=criterion, member_outputs=member_outputs, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Coupled training
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoupledResult:
+    """What `train_coupled` returns.
+
+    Attributes:
+        module: the TreeNet with the best epoch's weights (of the phase after pretraining, when it ran).
+        history: one dict per epoch: epoch, phase ("pretrain" or the loss name), train_loss, val_loss
+            (the monitored value; None without validation data), val_accuracy (ensemble mean),
+            val_oracle_accuracy, val_member_accuracy (mean over members), lr, seconds.
+        best_epoch, epochs_run, train_seconds, stopped_early: as in `runtime.train.TrainResult`.
+        bag_unique: per member, the share of distinct training examples in its bootstrap sample (1.0 each
+            without bagging).
+    """
+
+    module: TreeNet
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    bag_unique: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def ensemble_logits(treenet: nn.Module, x, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """(M, N, K) logits of every member on `x`, in eval mode, on the CPU (train/eval mode restored)."""
+    x_t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    device = next(treenet.parameters()).device
+    was_training = treenet.training
+    treenet.eval()
+    try:
+        parts = [treenet(x_t[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x_t), batch_size)]
+    finally:
+        treenet.train(was_training)
+    return torch.cat(parts, dim=1)
+
+
+def _validation(logits: torch.Tensor, labels: torch.Tensor, loss: EnsembleLoss, monitor: str) -> dict:
+    """The monitored loss and accuracies of held-out logits (M, N, K)."""
+    if monitor == "objective":
+        value = loss.validation(logits, labels)
+    elif monitor == "ensemble_nll":
+        value = EnsembleLoss("prob_avg", loss.members).validation(logits, labels)
+    else:
+        value = member_losses(logits, labels).mean()
+    probs = torch.softmax(logits.double(), dim=2)
+    correct = probs.argmax(dim=2) == labels[None, :]
+    return {
+        "val_loss": float(value),
+        "val_accuracy": float((probs.mean(dim=0).argmax(dim=1) == labels).double().mean()),
+        "val_oracle_accuracy": float(correct.any(dim=0).double().mean()),
+        "val_member_accuracy": float(correct.double().mean()),
+    }
+
+
+def _phase_loss(options: EnsembleOptions, epoch: int) -> tuple[str, EnsembleLoss]:
+    if epoch <= options.pretrain_epochs:
+        return "pretrain", EnsembleLoss("independent", options.members)
+    return options.loss, options.ensemble_loss()
+
+
+def train_coupled(
+    treenet: TreeNet,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    config: TrainConfig,
+    options: EnsembleOptions,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    desc: str = "ensemble",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> CoupledResult:
+    """Train all members of `treenet` together, in place, with one optimizer.
+
+    Each epoch shuffles the training set (a generator seeded with ``config.seed``) and steps through it in
+    batches; every batch runs the TreeNet once and backpropagates the ensemble loss of all members
+    (example weights from the bootstrap samples under bagging; MCL's ties broken by a seeded generator).
+    After each epoch the monitored validation loss decides early stopping (strictly lower is better).
+    Pretraining epochs never stop early, and the best-so-far restarts when the main loss takes over, so
+    the returned weights are from the main phase (unless only pretraining ran). Without validation data
+    the training loss is monitored.
+
+    A checkpoint at every epoch end (atomic; ``torch.load(weights_only=True)``) holds weights, optimizer
+    and scheduler state, best weights, patience counter and every RNG (global torch, shuffling, tie
+    breaking), so a resumed run ends with exactly the weights of an uninterrupted one (CPU, same seed).
+
+    Args:
+        treenet: the members (`build_treenet`); its size must match ``options.members``.
+        x_train, y_train: (N, ...) inputs and (N,) labels.
+        x_val, y_val: validation data, or None.
+        config: optimizer, learning rate, batch size, epochs, patience, seed, device (loss must be "ce").
+        options: the ensemble options.
+        checkpoint_path: written at every epoch end; None for none.
+        resume: continue from `checkpoint_path` when it exists.
+        desc: the progress bar's label.
+        on_epoch_end: ``on_epoch_end(epoch, entry)`` after each checkpoint; raising there stops training
+            with the checkpoint resumable.
+
+    Raises:
+        ConfigError: options that do not fit (members, loss), or a checkpoint written under other options.
+        DataError: bad data or a non-finite loss (names the epoch and batch).
+    """
+    config.validate()
+    if config.loss != "ce":
+        raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
+    if treenet.members != options.members:
+        raise ConfigError(f"the TreeNet has {treenet.members} members but the options ask for {options.members}")
+    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, "ce")
+    device = resolve_device(config.device)
+    n = x_t.shape[0]
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    weights = torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
+    bag_unique = [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    step_config = config
+    if options.lr_scale_by_members:
+        step_config = dataclasses.replace(config, lr=config.lr * options.members)
+
+    previous_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        treenet.to(device)
+        treenet.train()
+        optimizer = _make_optimizer(treenet, step_config)
+        scheduler = _make_scheduler(optimizer, step_config)
+        shuffle = torch.Generator().manual_seed(config.seed)
+        ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
+        fingerprint = _fingerprint(config, treenet, n)
+        fingerprint["ensemble"] = json.dumps(options.trajectory(), sort_keys=True)
+        _check_labels(treenet, x_t, y_t, device)
+
+        history: list[dict] = []
+        best_loss, best_epoch, bad_epochs, start_epoch = math.inf, 0, 0, 0
+        best_state = _state_copy(treenet)
+        prior_seconds, finished, stopped_early = 0.0, False, False
+        seed_everything(config.seed)
+        if resume and checkpoint_path is not None and checkpoint_path.exists():
+            state = load_checkpoint(checkpoint_path)
+            if state.get("kind") != CHECKPOINT_KIND:
+                raise ModelLoadError(f"{checkpoint_path} is a single-member checkpoint, not a coupled ensemble's")
+            _check_fingerprint(state["fingerprint"], fingerprint, checkpoint_path)
+            if state["fingerprint"].get("ensemble") != fingerprint["ensemble"]:
+                raise ConfigError(
+                    f"checkpoint {checkpoint_path} was written with other ensemble options "
+                    f"({state['fingerprint'].get('ensemble')}); delete it or do not resume"
+                )
+            treenet.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            best_state = state["best_model"]
+            best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+            bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
+            history = json.loads(state["history"])
+            prior_seconds = float(state["train_seconds"])
+            stopped_early = bool(state["stopped_early"])
+            finished = bool(state["finished"]) and (stopped_early or start_epoch >= config.max_epochs)
+            shuffle.set_state(state["generator"])
+            ties.set_state(state["tie_generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+
+        run_start = time.perf_counter()
+        progress = _progress(config, desc, start_epoch)
+        try:
+            epoch = start_epoch
+            while not finished and epoch < config.max_epochs:
+                epoch += 1
+                epoch_start = time.perf_counter()
+                phase, loss = _phase_loss(options, epoch)
+                if epoch == options.pretrain_epochs + 1 and options.pretrain_epochs:
+                    best_loss, bad_epochs = math.inf, 0  # a new objective: its values do not compare with the old
+                lr = float(optimizer.param_groups[0]["lr"])
+                train_loss = _coupled_epoch(treenet, x_t, y_t, weights, loss, optimizer, config, options,
+                                            shuffle, ties, device, epoch)
+                if scheduler is not None:
+                    scheduler.step()
+                entry = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "val_loss": None,
+                         "val_accuracy": None, "val_oracle_accuracy": None, "val_member_accuracy": None}
+                if xv_t is not None:
+                    entry.update(_validation(ensemble_logits(treenet, xv_t), yv_t, loss, options.monitor))
+                    monitored = entry["val_loss"]
+                else:
+                    monitored = train_loss
+                if not math.isfinite(monitored):
+                    raise DataError(f"{desc}: non-finite loss at epoch {epoch} (lr {lr:g}); check the data or lower the learning rate")
+                if monitored < best_loss:
+                    best_loss, best_epoch, bad_epochs = monitored, epoch, 0
+                    best_state = _state_copy(treenet)
+                else:
+                    bad_epochs += 1
+                entry.update(lr=lr, seconds=time.perf_counter() - epoch_start)
+                history.append(entry)
+                stopped_early = (phase != "pretrain" and config.patience is not None and bad_epochs >= config.patience)
+                finished = stopped_early or epoch >= config.max_epochs
+                if checkpoint_path is not None:
+                    state = {
+                        "format": CHECKPOINT_FORMAT,
+                        "kind": CHECKPOINT_KIND,
+                        "fingerprint": fingerprint,
+                        "model": _state_copy(treenet),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                        "best_model": best_state,
+                        "best_loss": best_loss,
+                        "best_epoch": best_epoch,
+                        "bad_epochs": bad_epochs,
+                        "epoch": epoch,
+                        "history": json.dumps(history),
+                        "train_seconds": prior_seconds + time.perf_counter() - run_start,
+                        "stopped_early": stopped_early,
+                        "finished": finished,
+                        "generator": shuffle.get_state(),
+                        "tie_generator": ties.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                    }
+                    if device.type == "cuda":
+                        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+                    _save_checkpoint(checkpoint_path, state)
+                if progress is not None:
+                    postfix = {"loss": f"{train_loss:.4f}"}
+                    if entry["val_loss"] is not None:
+                        postfix.update(val=f"{entry['val_loss']:.4f}", acc=f"{entry['val_accuracy']:.3f}",
+                                       oracle=f"{entry['val_oracle_accuracy']:.3f}")
+                    progress.set_postfix(postfix, refresh=False)
+                    progress.update(1)
+                if config.verbose:
+                    log.info("%s: epoch %d (%s) train_loss %.4f val %s (%.1fs)", desc, epoch, phase, train_loss,
+                             entry["val_loss"], entry["seconds"])
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, entry)
+        finally:
+            if progress is not None:
+                progress.close()
+        treenet.load_state_dict(best_state)
+        return CoupledResult(
+            module=treenet,
+            history=history,
+            best_epoch=best_epoch,
+            epochs_run=len(history),
+            train_seconds=prior_seconds + time.perf_counter() - run_start,
+            stopped_early=stopped_early,
+            bag_unique=bag_unique,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _progress(config: TrainConfig, desc: str, start_epoch: int):
+    if config.quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def _check_labels(treenet: TreeNet, x_t: torch.Tensor, y_t: torch.Tensor, device) -> None:
+    """Refuse, before training, labels the members have no output for (one line, not an index error)."""
+    was_training = treenet.training
+    treenet.eval()
+    try:
+        out = treenet(x_t[:2].to(device))
+    finally:
+        treenet.train(was_training)
+    if out.ndim != 3:
+        raise DataError(f"the members must output (examples, classes) logits, got shape {tuple(out.shape[1:])}")
+    if int(y_t.max()) >= out.shape[2]:
+        raise DataError(f"labels go up to {int(y_t.max())} but the members have only {out.shape[2]} outputs (classes)")
+
+
+def _coupled_epoch(treenet, x_t, y_t, weights, loss: EnsembleLoss, optimizer, config, options, shuffle, ties, device,
+                   epoch) -> float:
+    """One pass over the shuffled training set; returns the mean training loss per example."""
+    treenet.train()
+    n = x_t.shape[0]
+    order = torch.randperm(n, generator=shuffle)
+    starts = list(range(0, n, config.batch_size))
+    total = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for batch, start in enumerate(starts, start=1):
+        index = order[start : start + config.batch_size]
+        xb, yb = x_t[index].to(device), y_t[index].to(device)
+        wb = weights[:, index].to(device) if weights is not None else None
+        value = loss(treenet(xb), yb, wb if loss.memberwise else None, ties)
+        if not torch.isfinite(value):
+            raise DataError(
+                f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch {batch}; check the data "
+                f"or lower the learning rate (lr {optimizer.param_groups[0]['lr']:g})"
+            )
+        (value / options.accumulate).backward()
+        # Step after every `accumulate` batches and at the epoch's end, so each epoch ends on a step and a
+        # checkpoint never holds half-accumulated gradients.
+        if batch % options.accumulate == 0 or batch == len(starts):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += float(value.detach()) * len(index)
+    return total / n
+
+
+# --------------------------------------------------------------------------------------------------------
+# A coupled ensemble from a recipe, end to end
+# --------------------------------------------------------------------------------------------------------
+
+
+def train_ensemble_recipe(
+    recipe_name: str,
+    options: EnsembleOptions,
+    out_dir: str | os.PathLike,
+    *,
+    overrides: dict | None = None,
+    width: float = 1.0,
+    data_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    export_members: bool = False,
+    plot: bool = True,
+) -> dict:
+    """Train a coupled ensemble of a named recipe, export it fused, score it, and write its report.
+
+    Writes into `out_dir`: ``ensemble.onnx`` (fused: trunk once, branches, collect per
+    ``options.criterion``), ``ensemble.ckpt`` (the checkpoint), ``report.json``, ``assignment.png``
+    (with `plot`) and ``members/member_<i>.onnx`` (with `export_members`).
+
+    Args:
+        recipe_name: a classification recipe of `codec.models.RECIPES`.
+        options: the ensemble options.
+        out_dir: the output folder (created).
+        overrides: TrainConfig fields replacing the recipe's (None values ignored), e.g. seed, max_epochs.
+        width: the network's width multiplier (1.0 = the recipe's network).
+        data_dir: where datasets live (None: the loader's default).
+        resume: continue from ``ensemble.ckpt`` when it exists.
+        quiet: no progress bar.
+        export_members: also write each member as its own ONNX model.
+        plot: write the assignment heatmap (needs matplotlib: ``pip install 'codec[plot]'``).
+
+    Returns:
+        The report (also written as report.json): recipe, dataset, options, config, treenet (trunk/branch
+        modules, parameters), data sizes, training facts and history, test metrics (ensemble accuracy of
+        the fused ONNX, member and oracle accuracies, NLL, ECE, accuracy of the mean logits), the assignment
+        table (members x classes),
+        parity of the fused ONNX with torch, files written and times.
+    """
+    from codec.io import write_json_atomic
+    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
+    from codec.ir.lower import lower, save_model, to_bytes
+    from codec.models import get_recipe
+    from codec.runtime.data import load_dataset
+    from codec.runtime.metrics import assignment_table, combine, evaluate_classifier
+    from codec.runtime.session import create_session, run_batches
+
+    started = time.perf_counter()
+    recipe = get_recipe(recipe_name)
+    if recipe.task != "classification":
+        raise ConfigError(f"recipe {recipe.name!r} is not a classifier; coupled ensembles (MCL, TreeNets) train classifiers")
+    overrides = dict(overrides or {})
+    overrides["quiet"] = quiet or overrides.get("quiet", False)
+    config = TrainConfig.from_recipe(recipe, **overrides)
+    if plot:
+        from codec.plots import require_matplotlib
+
+        require_matplotlib()  # before training, not after it
+    out_dir = Path(out_dir)
+
+    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
+    if config.n_train is not None or config.n_test is not None:
+        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
+    if config.val_fraction > 0:
+        train_set, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
+    else:
+        train_set, x_val, y_val = dataset, None, None
+    input_shape = tuple(dataset.input_shape)
+    num_classes = dataset.num_classes
+
+    def build(seed: int) -> nn.Sequential:
+        return recipe.build(input_shape, num_classes, width=width, seed=seed)
+
+    treenet = build_treenet(build, options.members, options.split, config.seed, random_init=options.random_init)
+    treenet_networks(treenet, input_shape)  # refuse a network the fused export cannot express before training
+
+    result = train_coupled(
+        treenet, train_set.x_train, train_set.y_train, x_val, y_val, config, options,
+        checkpoint_path=out_dir / "ensemble.ckpt", resume=resume,
+        desc=f"{recipe.name} x{options.members} {options.loss}",
+    )
+    treenet = result.module.to("cpu").eval()
+
+    export_start = time.perf_counter()
+    members_ir, trunk_ir = treenet_networks(treenet, input_shape)
+    ensemble_path = save_model(emit_ensemble(members_ir, trunk_ir, criterion=options.criterion), out_dir / "ensemble.onnx")
+    member_files = []
+    if export_members:
+        for i, net in enumerate(members_ir):
+            member_files.append(str(save_model(lower(net), out_dir / "members" / f"member_{i}.onnx")))
+    export_seconds = time.perf_counter() - export_start
+
+    eval_start = time.perf_counter()
+    # Score the fused graph: it is what is deployed. Its member outputs give the oracle and member metrics.
+    scoring = emit_ensemble(members_ir, trunk_ir, criterion=options.criterion, member_outputs=True)
+    session = create_session(to_bytes(scoring))
+    batches = list(run_batches(session, dataset.x_test, batch_size=EVAL_BATCH_SIZE))
+    fused = np.concatenate([b[0] for b in batches])
+    onnx_members = np.stack([np.concatenate([b[1 + i] for b in batches]) for i in range(len(members_ir))])
+    logits = ensemble_logits(treenet, dataset.x_test)
+    torch_probs = torch.softmax(logits.double(), dim=2).numpy()
+    metrics = evaluate_classifier(onnx_members, dataset.y_test, options.criterion)
+    metrics["fused_accuracy"] = float(np.mean(fused.argmax(axis=1) == dataset.y_test))
+    # The score-averaged loss trains the mean of the logits; the ONNX criteria combine probabilities, so
+    # the accuracy of the mean logits (torch) is reported beside them.
+    metrics["logit_mean_accuracy"] = float(np.mean(logits.mean(dim=0).argmax(dim=1).numpy() == dataset.y_test))
+    losses = member_losses(logits, torch.from_numpy(dataset.y_test)).numpy()
+    table = assignment_table(losses, dataset.y_test, num_classes)
+    parity = {
+        "members_max_abs_diff": float(np.abs(onnx_members - torch_probs).max()),
+        "ensemble_max_abs_diff": float(np.abs(fused - combine(torch_probs, options.criterion)).max()),
+    }
+    eval_seconds = time.perf_counter() - eval_start
+
+    plot_path = None
+    if plot:
+        from codec.plots import assignment_heatmap
+
+        title = f"{recipe.name}: {options.members} members, {options.loss}" + (f" k={options.k}" if options.loss == "mcl" else "")
+        plot_path = str(assignment_heatmap(table, out_dir / "assignment.png", class_names=dataset.class_names, title=title))
+
+    best = next((e for e in result.history if e["epoch"] == result.best_epoch), {})
+    report = {
+        "recipe": recipe.name,
+        "arch": recipe.arch,
+        "dataset": dataset.name,
+        "width": width,
+        "options": options.to_dict(),
+        "loss": options.ensemble_loss().to_dict(),
+        "config": config.to_dict(),
+        "effective_lr": config.lr * (options.members if options.lr_scale_by_members else 1),
+        "member_seeds": [member_seed(config.seed, m if options.random_init else 0) for m in range(options.members)],
+        "treenet": {**treenet.describe(), "parameters": treenet.parameter_counts(),
+                    "fused_parameters": ensemble_parameter_count(members_ir, trunk_ir)},
+        "bag_unique_fraction": result.bag_unique,
+        "n_train": len(train_set.x_train),
+        "n_val": len(x_val) if x_val is not None else 0,
+        "n_test": len(dataset.x_test),
+        "device": str(resolve_device(config.device)),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "val_loss": best.get("val_loss"),
+        "metrics": metrics,
+        "mean_member_accuracy": float(np.mean(metrics["member_accuracies"])),
+        "assignment": {"table": table.tolist(), "classes": list(dataset.class_names),
+                       "rule": "each test example to the member with the lowest cross-entropy (ties: lowest index)"},
+        "parity": parity,
+        "files": {"ensemble": str(ensemble_path), "checkpoint": str(out_dir / "ensemble.ckpt"),
+                  "report": str(out_dir / "report.json"), "assignment_png": plot_path, "members": member_files},
+        "times": {"train_seconds": result.train_seconds, "export_seconds": export_seconds,
+                  "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - started},
+        "history": result.history,
+    }
+    write_json_atomic(out_dir / "report.json", report)
+    return report
+
+
+__all__ = [
+    "LOSSES",
+    "MONITORS",
+    "VARIATIONS",
+    "CoupledResult",
+    "EnsembleOptions",
+    "TreeNet",
+    "bootstrap_weights",
+    "build_treenet",
+    "emit_treenet",
+    "ensemble_logits",
+    "member_seed",
+    "module_names",
+    "resolve_split",
+    "sequential_to_network",
+    "train_coupled",
+    "train_ensemble_recipe",
+    "treenet_networks",
+]
