@@ -25,6 +25,9 @@ COMMAND_MODULES = [
     "opt",
     "compile",
     "export",
+    "train_ensemble",
+    "bench",
+    "report",
 ]
 
 
