@@ -8,7 +8,8 @@ labels ``(B,)``, and returns a scalar to minimise with one backward pass over al
 - ``score_avg``: the cross-entropy of the mean of the members' logits (Lee et al.'s "score-averaged").
 - ``prob_avg``: the negative log of the mean of the members' softmax probabilities ("probability-averaged").
   Each member's gradient is about 1/M of what independent training gives it, which is why Lee et al.
-  multiply the learning rate by M for these two (`--lr-scale-by-members`).
+  multiply SGD's learning rate by M for these two (`--lr-scale-by-members`). Adam normalises gradient
+  scale away, so with Adam that option makes each step M times larger instead of compensating.
 - ``mcl``: Multiple Choice Learning's set loss with top-k assignment (Guzman-Rivera et al.; Lee et al.'s
   "stochastic MCL"): per example, the k members with the LOWEST cross-entropy on it get its gradient, the
   others none. Ties are broken at random (a seeded `torch.Generator`), so identical members (the same

@@ -21,8 +21,8 @@ a recipe. --split none (or 0) trains M independent networks, an integer n shares
 --split all shares everything (the M heads are one network: the single-model end of the TreeNet range).
 
 Losses (--loss): independent (sum of the members' cross-entropies), score_avg (cross-entropy of the mean
-logits), prob_avg (NLL of the mean probabilities; with score_avg, Lee et al. multiply the learning rate by
-M: --lr-scale-by-members), mcl (Multiple Choice Learning: each example trains only the --k members with the
+logits), prob_avg (NLL of the mean probabilities; for both, Lee et al. multiply SGD's learning rate by M:
+--lr-scale-by-members; Adam's steps do not shrink with the gradient, so there it makes them M times larger), mcl (Multiple Choice Learning: each example trains only the --k members with the
 lowest loss on it, ties broken at random; --alpha mixes in the independent loss, --pretrain-epochs trains
 with the independent loss first).
 
