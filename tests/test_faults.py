@@ -1,0 +1,567 @@
+"""Bad data, interrupted runs, killed writes, full disks and memory limits: codec answers with one line
+(exit 2) or resumes, and never leaves a truncated artifact behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import random
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codec.cli import main
+from codec.errors import CodecError, ConfigError, ShapeError
+from codec.io import WriteError, atomic_path, write_bytes_atomic, write_json_atomic
+from codec.ir import Activation, Dense, NetworkIR, lift, lower, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+RELU = Activation("relu")
+
+
+def _mlp(name: str, n_in: int = 784, hidden: int = 16, n_out: int = 10, seed: int = 0) -> NetworkIR:
+    rng = np.random.default_rng(seed)
+    return NetworkIR(
+        name, "input", "output", (n_in,),
+        [Dense("fc1", rng.standard_normal((hidden, n_in)).astype(np.float32) * 0.1, np.zeros(hidden, np.float32), RELU),
+         Dense("out", rng.standard_normal((n_out, hidden)).astype(np.float32), np.zeros(n_out, np.float32), Activation("softmax"))],
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, net in {"a": _mlp("a"), "b": _mlp("b", seed=1), "small": _mlp("small", n_in=20)}.items():
+        paths[name] = str(save_model(lower(net), folder / f"{name}.onnx"))
+    return paths
+
+
+def _npz(folder: Path, name: str = "data.npz", n: int = 40, dim: int = 784, **changes) -> str:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.random((n, dim), dtype=np.float32), "y_train": np.arange(n) % 10,
+        "x_test": rng.random((n, dim), dtype=np.float32), "y_test": np.arange(n) % 10,
+    }
+    arrays.update(changes)
+    path = folder / name
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def _nan(shape):
+    x = np.random.default_rng(1).random(shape, dtype=np.float32)
+    x[3, 5] = np.nan
+    return x
+
+
+def _inf(shape):
+    x = np.random.default_rng(1).random(shape, dtype=np.float32)
+    x[7, 0] = -np.inf
+    return x
+
+
+def _assert_one_line_error(code: int, err: str, command: str, fragment: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(f"codec {command}: error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data faults through the CLI
+# ---------------------------------------------------------------------------------------------------
+
+# (command, arguments, data changes, expected fragment); {a}, {b}, {small} are model paths, {data} the npz
+DATA_FAULTS = {
+    "profile-nan": ("profile", ["{a}", "--data", "{data}"], {"x_test": _nan((40, 784))}, "non-finite values (1 NaN)"),
+    "profile-inf": ("profile", ["{a}", "--data", "{data}"], {"x_test": _inf((40, 784))}, "non-finite values (1 inf)"),
+    "profile-empty": ("profile", ["{a}", "--data", "{data}"], {"x_test": np.zeros((0, 784), np.float32), "y_test": np.zeros(0, np.int64)}, "is empty"),
+    "profile-shape": ("profile", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 5), np.float32), "x_test": np.zeros((40, 5), np.float32)}, "expects [784]"),
+    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "batch size must be positive"),
+    "opt-nan": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": _nan((40, 784))}, "non-finite values"),
+    "opt-shape": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((40, 6), np.float32), "x_test": np.zeros((40, 6), np.float32)}, "expects [784]"),
+    "opt-members-differ": ("opt", ["{a}", "--peer", "{small}", "--data", "{data}"], {}, "take different inputs"),
+    "opt-empty": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((0, 784), np.float32), "y_train": np.zeros(0, np.int64)}, "is empty"),
+    "eval-nan": ("eval", ["{a}", "--data", "{data}"], {"x_test": _nan((40, 784))}, "non-finite values"),
+    "eval-label-range": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, 7), "class_names": np.array(["x", "y", "z"])}, "out of range for 3 classes"),
+    "eval-negative-label": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, -1)}, "labels must be >= 0"),
+    "eval-fractional-label": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, 0.5)}, "whole numbers"),
+    "eval-one-hot-labels": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.eye(10)[np.arange(40) % 10]}, "1-D array of class indices"),
+    "eval-length-mismatch": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.arange(30) % 10}, "40 examples but 30 labels"),
+    "eval-fewer-classes": ("eval", ["{a}", "--data", "{data}"], {"y_train": np.arange(40) % 3, "y_test": np.arange(40) % 3}, "neither one per class"),
+    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "takes inputs"),
+    "eval-shape": ("eval", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 9), np.float32), "x_test": np.zeros((40, 9), np.float32)}, "expects"),
+}
+
+
+def _args(args: list[str], models: dict, data: str) -> list[str]:
+    return [a.format(data=data, **models) for a in args]
+
+
+@pytest.mark.parametrize("case", DATA_FAULTS, ids=list(DATA_FAULTS))
+def test_bad_data_is_a_one_line_error(case, models, tmp_path, capsys):
+    command, args, changes, fragment = DATA_FAULTS[case]
+    data = _npz(tmp_path, **changes)
+    code = main([command, *_args(args, models, data), "--quiet"] if command in ("profile", "opt") else [command, *_args(args, models, data)])
+    captured = capsys.readouterr()
+    _assert_one_line_error(code, captured.err, command, fragment)
+    assert captured.out == ""
+
+
+def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, test_images=None, test_labels=None, cut: int = 0) -> None:
+    """MNIST's four IDX files (uncompressed) in torchvision's layout; `cut` bytes dropped from train images."""
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    test_images = images if test_images is None else test_images
+    test_labels = labels if test_labels is None else test_labels
+    for prefix, x, y in (("train", images, labels), ("t10k", test_images, test_labels)):
+        blob = struct.pack(">IIII", 2051, len(x), *x.shape[1:]) + x.astype(np.uint8).tobytes()
+        if prefix == "train" and cut:
+            blob = blob[:-cut]
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(blob)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes())
+
+
+IMAGES = np.random.default_rng(0).integers(0, 255, (30, 28, 28))
+LABELS = np.arange(30) % 10
+COMPILE_FAULTS = {
+    "label-out-of-range": (dict(images=IMAGES, labels=np.where(LABELS == 3, 12, LABELS)), "out of range for 10 classes"),
+    "truncated-images": (dict(images=IMAGES, labels=LABELS, cut=100), "truncated IDX file"),
+    "empty-test-set": (dict(images=IMAGES, labels=LABELS, test_images=np.zeros((0, 28, 28)), test_labels=np.zeros(0)), "is empty"),
+    "wrong-image-size": (dict(images=IMAGES[:, :20, :20], labels=LABELS), "expected 28x28"),
+}
+
+
+@pytest.mark.parametrize("case", COMPILE_FAULTS, ids=list(COMPILE_FAULTS))
+def test_compile_on_bad_data_is_a_one_line_error(case, tmp_path, capsys):
+    """The recipe's dataset (MNIST, classifier_m) read from crafted files: refused before any training."""
+    files, fragment = COMPILE_FAULTS[case]
+    _write_idx(tmp_path / "data", **files)
+    code = main(["compile", "--recipe", "classifier_m", "--members", "2", "--epochs", "1", "--quiet",
+                 "--data-dir", str(tmp_path / "data"), "-o", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    _assert_one_line_error(code, captured.err, "compile", fragment)
+    assert not list((tmp_path / "run").rglob("*.onnx"))
+
+
+def test_bad_data_through_python_m_codec(models, tmp_path):
+    """The same refusals from a real `python -m codec` process: exit status 2, one line, no traceback."""
+    nan_data = _npz(tmp_path, "nan.npz", x_train=_nan((40, 784)), x_test=_nan((40, 784)))
+    clean = _npz(tmp_path, "clean.npz")
+    bad_labels = _npz(tmp_path, "labels.npz", y_test=np.full(40, 7), class_names=np.array(["x", "y", "z"]))
+    _write_idx(tmp_path / "idx", images=IMAGES, labels=np.where(LABELS == 3, 12, LABELS))
+    runs = [
+        ("profile", [models["a"], "--data", nan_data, "--quiet"], "non-finite values"),
+        ("opt", [models["a"], "--peer", models["small"], "--data", clean, "--quiet"], "take different inputs"),
+        ("eval", [models["a"], "--data", bad_labels], "out of range for 3 classes"),
+        ("compile", ["--recipe", "classifier_m", "--data-dir", str(tmp_path / "idx"), "-o", str(tmp_path / "run"), "--quiet"],
+         "out of range for 10 classes"),
+    ]
+    for command, args, fragment in runs:
+        proc = subprocess.run([sys.executable, "-m", "codec", command, *args], capture_output=True, text=True, env=ENV, timeout=120)
+        _assert_one_line_error(proc.returncode, proc.stderr, command, fragment)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interruption
+# ---------------------------------------------------------------------------------------------------
+
+TRAIN = ["--recipe", "classifier_s", "--seed", "3", "--epochs", "25", "--patience", "100", "--n-train", "600",
+         "--n-test", "100", "--batch-size", "50", "--device", "cpu", "--threads", "1", "--quiet"]
+
+
+def _wait_for(predicate, proc, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended before it could be interrupted: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("timed out waiting for the process")
+
+
+def test_sigint_during_train_leaves_a_resumable_checkpoint(tmp_path, capsys):
+    from codec.runtime.train import load_checkpoint
+
+    out = tmp_path / "member.onnx"
+    ckpt = Path(f"{out}.ckpt")
+    cmd = [sys.executable, "-m", "codec", "train", *TRAIN, "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _wait_for(ckpt.exists, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert not out.exists(), "no model is written before training finishes"
+    assert not list(tmp_path.glob(".*.tmp")), "no half-written file left behind"
+    state = load_checkpoint(ckpt)
+    stopped_at = int(state["epoch"])
+    assert 1 <= stopped_at < 25 and not state["finished"]
+
+    capsys.readouterr()
+    assert main(["train", *TRAIN, "-o", str(out), "--resume", "--json"]) == 0  # in-process: torch is loaded
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs_run"] == 25
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 26))
+    assert out.is_file() and lift(out).input_shape
+    assert load_checkpoint(ckpt)["finished"]
+
+
+def test_sigint_during_compile_stops_cleanly_between_artifacts(tmp_path):
+    """compile's SIGTERM-and-resume path is tested in test_compile.py; Ctrl-C leaves the same state."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "codec", "compile", "--recipe", "classifier_s", "--members", "3", "--epochs", "2",
+           "--n-train", "600", "--n-test", "100", "--calibration", "200", "--threads", "1", "--quiet", "-o", str(run_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    state = run_dir / "state.json"
+
+    def main_trained():
+        try:
+            return "train:main" in json.loads(state.read_text())["steps"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    _wait_for(main_trained, proc, seconds=240)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    steps = json.loads(state.read_text())["steps"]
+    assert "train:main" in steps and "ensemble" not in steps
+    assert lift(run_dir / "members" / "main.onnx").input_shape  # the finished member is complete
+    assert not list(run_dir.rglob("*.tmp")), "no half-written artifact left behind"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Killed writes: atomic_path under SIGKILL
+# ---------------------------------------------------------------------------------------------------
+
+# A child that rewrites DEST forever, each version a 4 MiB record (header, payload, checksum) written in
+# slow chunks, so a SIGKILL lands mid-write, mid-fsync or mid-rename.
+WRITER = textwrap.dedent(
+    """
+    import hashlib, sys, time
+    from pathlib import Path
+    from codec.io import atomic_path
+    dest, mode = Path(sys.argv[1]), sys.argv[2]
+    chunk = 1 << 18
+    version = int(sys.argv[3])
+    Path(str(dest) + ".started").write_text("1")
+    while True:
+        version += 1
+        payload = bytes([version % 251]) * (16 * chunk)
+        record = b"v%08d" % version + payload + hashlib.sha256(payload).digest()
+        if mode == "atomic":
+            with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+                for i in range(0, len(record), chunk):
+                    f.write(record[i : i + chunk]); f.flush(); time.sleep(0.002)
+        else:  # the control: writing the destination in place
+            with open(dest, "wb") as f:
+                for i in range(0, len(record), chunk):
+                    f.write(record[i : i + chunk]); f.flush(); time.sleep(0.002)
+    """
+)
+
+
+def _complete(path: Path) -> bool:
+    import hashlib
+
+    data = path.read_bytes()
+    payload, digest = data[9:-32], data[-32:]
+    return data[:1] == b"v" and len(payload) == 16 << 18 and hashlib.sha256(payload).digest() == digest
+
+
+def _kill_writer(tmp_path: Path, mode: str, kills: int, rng: random.Random) -> dict:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    dest = tmp_path / "artifact.bin"
+    outcomes = {"absent": 0, "complete": 0, "truncated_or_corrupt": 0}
+    for k in range(kills):
+        if k % 2 == 0 and dest.exists():
+            dest.unlink()  # half the kills with no previous version, half with one
+        started = Path(str(dest) + ".started")
+        started.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(dest), mode, str(k * 1000)], env=ENV)
+        deadline = time.time() + 60
+        while not started.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if not dest.exists():
+            outcomes["absent"] += 1
+        elif _complete(dest):
+            outcomes["complete"] += 1
+        else:
+            outcomes["truncated_or_corrupt"] += 1
+    return outcomes
+
+
+KILLS = 16
+
+
+def test_sigkill_mid_write_never_leaves_a_truncated_artifact(tmp_path):
+    outcomes = _kill_writer(tmp_path, "atomic", KILLS, random.Random(7))
+    assert outcomes["truncated_or_corrupt"] == 0, outcomes
+    assert sum(outcomes.values()) == KILLS
+    # leftovers are hidden temporary files only, and a later write still succeeds
+    assert all(p.name.startswith(".artifact.bin.") for p in tmp_path.glob(".*.tmp"))
+    write_bytes_atomic(tmp_path / "artifact.bin", b"after")
+    assert (tmp_path / "artifact.bin").read_bytes() == b"after"
+    (tmp_path / "kills.json").write_text(json.dumps(outcomes))
+
+
+def test_the_kill_harness_detects_truncation_of_a_plain_write(tmp_path):
+    """Control: the same kills against in-place writes do leave truncated files, so the check above bites."""
+    outcomes = _kill_writer(tmp_path, "plain", 6, random.Random(7))
+    assert outcomes["truncated_or_corrupt"] > 0, outcomes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full disk
+# ---------------------------------------------------------------------------------------------------
+
+
+def _enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture
+def disk_full_after_half(monkeypatch):
+    """Path.write_bytes writes half of the data, then the disk is full."""
+    real = pathlib.Path.write_bytes
+
+    def write_half(self, data):
+        real(self, bytes(data)[: len(data) // 2])
+        _enospc()
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_half)
+
+
+@pytest.mark.parametrize("writer", ["bytes", "json"])
+def test_disk_full_keeps_the_previous_file(tmp_path, disk_full_after_half, writer):
+    path = tmp_path / "report.json"
+    path.write_text('{"old": true}')
+    with pytest.raises(WriteError) as err:
+        if writer == "bytes":
+            write_bytes_atomic(path, b'{"new": true, "padding": "' + b"x" * 1000 + b'"}')
+        else:
+            write_json_atomic(path, {"new": True, "padding": "x" * 1000})
+    assert isinstance(err.value, CodecError) and isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
+    assert "previous version is untouched" in str(err.value) and "\n" not in str(err.value)
+    assert path.read_text() == '{"old": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "the partial temporary file is removed"
+
+
+def test_disk_full_at_fsync_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Delayed allocation: the write 'succeeds' and the error surfaces at fsync."""
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with pytest.raises(WriteError, match="No space left on device"):
+        write_bytes_atomic(path, b"new")
+    assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_disk_full_while_saving_a_model_keeps_the_previous_model(tmp_path, monkeypatch):
+    import onnx_ir
+
+    path = tmp_path / "member.onnx"
+    save_model(lower(_mlp("old")), path)
+    before = path.read_bytes()
+    real = onnx_ir.save
+
+    def save_then_fail(model, target, **kwargs):
+        real(model, target, **kwargs)
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 3)
+        _enospc()
+
+    monkeypatch.setattr(onnx_ir, "save", save_then_fail)
+    with pytest.raises(WriteError):
+        save_model(lower(_mlp("new", seed=5)), path)
+    assert path.read_bytes() == before and lift(path).name == "member"
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from codec.runtime import train
+
+    ckpt = tmp_path / "member.ckpt"
+    train._save_checkpoint(ckpt, {"format": train.CHECKPOINT_FORMAT, "epoch": 3})
+    before = ckpt.read_bytes()
+    real = torch.save
+
+    def save_half(obj, target, *args, **kwargs):
+        real(obj, target, *args, **kwargs)
+        with open(target, "r+b") as f:
+            f.truncate(10)
+        _enospc()
+
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(WriteError):
+        train._save_checkpoint(ckpt, {"format": train.CHECKPOINT_FORMAT, "epoch": 4})
+    assert ckpt.read_bytes() == before
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+
+
+def test_disk_full_through_the_cli_is_a_one_line_error(models, tmp_path, disk_full_after_half, capsys):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    code = main(["profile", models["a"], "--data", _npz(tmp_path), "--quiet", "-o", str(report)])
+    _assert_one_line_error(code, capsys.readouterr().err, "profile", "No space left on device; the previous version is untouched")
+    assert report.read_text() == "{}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory limits
+# ---------------------------------------------------------------------------------------------------
+
+STREAMER = textwrap.dedent(
+    """
+    import json, os, resource, sys
+    import numpy as np
+    from codec.ir import Activation, Dense, NetworkIR
+    from codec.runtime.profile import profile
+
+    path, dim = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    # small integers and multiples of 1/8: every product and sum is exact in float32, so onnxruntime and
+    # numpy agree bit for bit on which neurons fire
+    w = rng.integers(-1, 2, (8, dim)).astype(np.float32)
+    b = np.full(8, -0.5, np.float32)
+    net = NetworkIR("stream", "input", "output", (dim,),
+                    [Dense("h", w, b, Activation("relu")), Dense("out", np.ones((2, 8), np.float32), np.zeros(2, np.float32))])
+    profile(net, np.zeros((64, dim), np.float32), batch_size=64)  # sessions, thread pools, kernels: warmed up
+
+    def vm_bytes():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+
+    size = os.path.getsize(path)
+    limit = vm_bytes() + size // 4  # the whole file cannot be loaded under this cap
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    expected = np.zeros(8, np.int64)
+
+    def batches():
+        with open(path, "rb") as f:
+            while True:
+                chunk = np.fromfile(f, dtype=np.float32, count=1024 * dim)
+                if chunk.size == 0:
+                    return
+                chunk = chunk.reshape(-1, dim)
+                expected[:] += ((chunk @ w.T + b) > 0).sum(axis=0)  # an independent count, streamed too
+                yield chunk
+
+    stats = profile(net, batches(), batch_size=1024)
+    try:
+        np.fromfile(path, dtype=np.float32)
+        whole = "loaded"
+    except MemoryError:
+        whole = "MemoryError"
+    print(json.dumps({"count": stats.count, "fire": stats.layers["h"].fire.tolist(), "expected": expected.tolist(),
+                      "whole": whole, "file_mib": size >> 20, "cap_headroom_mib": (size // 4) >> 20,
+                      "rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) >> 10}))
+    """
+)
+
+
+def test_profiling_streams_a_calibration_set_larger_than_the_memory_cap(tmp_path):
+    """512 MiB of calibration data profiled under an address-space cap of (what is mapped) + 128 MiB."""
+    dim = 1024
+    path = tmp_path / "calibration.f32"
+    size = 512 << 20
+    rng = np.random.default_rng(3)
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse, so the test costs no disk: zeros, with real data written in blocks
+        for offset in range(0, size, 32 << 20):
+            f.seek(offset)
+            f.write((rng.integers(-8, 8, 256 * dim) / 8).astype(np.float32).tobytes())
+    script = tmp_path / "streamer.py"
+    script.write_text(STREAMER)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(dim)], capture_output=True, text=True,
+                          env={**ENV, "MALLOC_ARENA_MAX": "2"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["count"] == size // (4 * dim)
+    assert result["fire"] == result["expected"] and 0 < sum(result["fire"])
+    assert result["whole"] == "MemoryError", "the cap must be too small for the whole set, or the test proves nothing"
+    (tmp_path / "stream.json").write_text(json.dumps(result))
+
+
+class _Layer:
+    def __init__(self, name: str, n: int):
+        self.name, self.num_neurons = name, n
+
+
+class _Wide:
+    """Stands in for a NetworkIR with huge layers (only what the budget check reads), so that nothing
+    of that size has to be allocated to test the refusal."""
+
+    name = "wide"
+
+    def __init__(self, *widths: int):
+        self.layers = [_Layer(f"fc{i}", n) for i, n in enumerate(widths)]
+
+    def hidden_layers(self):
+        return self.layers
+
+
+def test_statistics_past_the_memory_budget_are_refused_before_allocating(monkeypatch):
+    from codec.runtime import profile as prof
+
+    monkeypatch.delenv(prof.MAX_STATS_BYTES_ENV, raising=False)
+    wide = _Wide(20_000, 30_000, 10)  # co-firing 30k x 20k int64 = 4.5 GiB > the 4 GiB default
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShapeError, match=r"budget of 4,096.0 MiB.*layer wide/fc1 \(4,578") as err:
+            prof._check_stats_budget([wide], False, None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and "\n" not in str(err.value) and prof.MAX_STATS_BYTES_ENV in str(err.value)
+    monkeypatch.setenv(prof.MAX_STATS_BYTES_ENV, str(8 << 30))
+    prof._check_stats_budget([wide], False, None)  # raised: accepted
+    # main x peer cross statistics count too
+    sizes = prof.stats_bytes([_Wide(100, 50), _Wide(100, 50)], pair=True)
+    assert sizes["wide/fc0"] == 4 * 8 * 100 + 2 * 8 * 100 * 100  # per-neuron sums, main x peer cross
+    assert sizes["wide/fc1"] == 4 * 8 * 50 + 8 * 50 * 100 + 2 * 8 * 50 * 50  # ... and co-firing with fc0
+
+
+def test_memory_budget_through_profile_env_and_cli(models, tmp_path, monkeypatch, capsys):
+    from codec.runtime.profile import MAX_STATS_BYTES_ENV, profile, profile_pair
+
+    net = _mlp("net")
+    x = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    with pytest.raises(ShapeError, match="layer net/fc1"):
+        profile(net, x, max_stats_bytes=100)
+    with pytest.raises(ShapeError, match="budget"):
+        profile_pair(net, _mlp("peer", seed=1), x, max_stats_bytes=500)
+    assert profile(net, x, max_stats_bytes=10_000).count == 64
+    monkeypatch.setenv(MAX_STATS_BYTES_ENV, "lots")
+    with pytest.raises(ConfigError, match="not a whole number"):
+        profile(net, x)
+    monkeypatch.setenv(MAX_STATS_BYTES_ENV, "100")
+    code = main(["profile", models["a"], "--data", _npz(tmp_path), "--quiet"])
+    _assert_one_line_error(code, capsys.readouterr().err, "profile", MAX_STATS_BYTES_ENV)
+    code = main(["opt", models["a"], "--peer", models["b"], "--data", _npz(tmp_path), "--quiet"])
+    _assert_one_line_error(code, capsys.readouterr().err, "opt", MAX_STATS_BYTES_ENV)
