@@ -58,8 +58,9 @@ class AnalysisManager:
         return dropped
 
 
-def verify_outputs(before: EnsembleModule, after: EnsembleModule, atol: float) -> dict[str, float]:
-    """Max abs output difference per member between two modules, on the calibration inputs."""
+def verify_outputs(before: EnsembleModule, after: EnsembleModule, atol: float, limit: int | None = None) -> dict[str, float]:
+    """Max abs output difference per member between two modules, on the calibration inputs (the first
+    `limit` of them; None: all)."""
     from codec.ir.lower import lower, to_bytes
     from codec.runtime.session import create_session
 
@@ -70,7 +71,12 @@ def verify_outputs(before: EnsembleModule, after: EnsembleModule, atol: float) -
         a = create_session(to_bytes(lower(before.members[name])))
         b = create_session(to_bytes(lower(net)))
         worst = 0.0
+        seen = 0
         for batch in before.calibration.batches():
+            if limit is not None and seen >= limit:
+                break
+            batch = batch[: None if limit is None else limit - seen]
+            seen += len(batch)
             batch = np.ascontiguousarray(batch, dtype=np.float32)
             ya = a.run(None, {a.get_inputs()[0].name: batch})[0]
             yb = b.run(None, {b.get_inputs()[0].name: batch})[0]
@@ -84,6 +90,9 @@ class PassManager:
 
     Args:
         passes: pass instances (see `codec.passes.registry.parse_pipeline`).
+        verify_inputs: how many calibration inputs verification runs (None: all). Verification costs two
+            forward passes per member; 2,048 inputs by default keep it well below the profiling cost, and
+            a removed neuron that is not dead shows on almost every input.
         verify: check every transform that claims to preserve function (`verify_function`) on the
             calibration data; a failure raises PassError naming the pass and the max error.
         atol: the largest output difference verification accepts.
@@ -94,11 +103,13 @@ class PassManager:
         self,
         passes: list[Pass],
         verify: bool = True,
+        verify_inputs: int | None = 2048,
         atol: float = 1e-5,
         after_pass: Callable[[Pass, EnsembleModule, dict], None] | None = None,
     ) -> None:
         self.passes = passes
         self.verify = verify
+        self.verify_inputs = verify_inputs
         self.atol = atol
         self.after_pass = after_pass
         self.analyses = AnalysisManager()
@@ -153,7 +164,7 @@ class PassManager:
         if result.modified:
             record["invalidated"] = self.analyses.invalidate(p.preserves)
             if self.verify and p.verify_function:
-                errors = verify_outputs(module, result.module, self.atol)
+                errors = verify_outputs(module, result.module, self.atol, self.verify_inputs)
                 record["verified_max_abs_error"] = errors
                 worst_member = max(errors, key=errors.get) if errors else None
                 if worst_member is not None and errors[worst_member] > self.atol:

@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: print the report only)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs")
+    parser.add_argument("--verify-inputs", type=int, default=2048, help="calibration inputs verification runs on (default 2048; 0 = all)")
     parser.add_argument("--atol", type=float, default=1e-5, help="largest output change verification accepts (default 1e-5)")
     parser.add_argument("--print-ir-after-all", action="store_true", help="print every member's IR after each pass (stderr)")
     parser.add_argument("--list-passes", action="store_true", help="list every available pass with its options and exit")
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             for net in mod.members.values():
                 print(net.to_text(), file=sys.stderr)
 
-    manager = PassManager(passes, verify=args.verify, atol=args.atol, after_pass=after_pass)
+    manager = PassManager(passes, verify=args.verify, atol=args.atol, after_pass=after_pass,
+                          verify_inputs=args.verify_inputs or None)
     module, report = manager.run(module)
     report.update(
         members={name: str(path) for name, path in paths.items()},
