@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--passes", default="dna,dne,nda,csne")
     parser.add_argument("-o", "--output", default=None)
     parser.add_argument("--work", default="/tmp/codec-bench-passes")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the members and training times a previous run left in --work (the ratio then "
+                             "compares times from two runs: say so when reporting it)")
     args = parser.parse_args()
 
     import numpy as np
@@ -50,7 +53,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     hidden = (args.width,) * 4
     members, training = {}, {}
+    saved = work / "training.json"
+    if args.reuse and saved.exists():
+        training = json.loads(saved.read_text())
+        members = {name: lift(work / f"{name}.onnx", name=name) for name in ("main", "peer")}
     for name, seed in (("main", 0), ("peer", 1)):
+        if name in members:
+            continue
         config = TrainConfig(max_epochs=args.epochs, patience=5, batch_size=128, lr=1e-3, seed=seed, quiet=True,
                              num_threads=args.threads, device="cpu")
         module = build_model("classifier", dataset.input_shape, dataset.num_classes, seed=seed, hidden=hidden)
@@ -60,6 +69,7 @@ def main() -> None:
         print(name, json.dumps(training[name]), file=sys.stderr)
         members[name] = lift(export_onnx(result.module, work / f"{name}.onnx", dataset.input_shape), name=name)
 
+    saved.write_text(json.dumps(training))
     x_cal = train.x_train[: args.calibration]
     runs = []
     for _ in range(args.repeats):
@@ -77,6 +87,7 @@ def main() -> None:
         "network": f"MLP 784-{'-'.join(map(str, hidden))}-10",
         "calibration_inputs": len(x_cal),
         "training": training,
+        "training_reused_from_previous_run": bool(args.reuse and saved.exists()),
         "pass_runs": runs,
         "pass_seconds_median": pass_seconds,
         "ratio_passes_to_one_member_training": pass_seconds / one_member,
