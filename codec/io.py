@@ -18,7 +18,8 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class WriteError(CodecError, OSError):
-    """An artifact could not be written for lack of room (disk full, quota, read-only file system).
+    """An artifact could not be written: no room (disk full, quota, read-only file system), or its folder
+    cannot be created or written to.
 
     Also an OSError, so code that handles OSError keeps working; `errno` is the original one."""
 
@@ -30,8 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a folder that is a file, no permission, a full disk: nothing written yet
+        raise _write_error(path, exc, f"its folder {path.parent} cannot be created or written to") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,11 +47,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, CodecError) and exc.errno in _NO_ROOM:
-            kept = "the previous version is untouched" if path.exists() else "nothing was written"
-            error = WriteError(f"cannot write {path}: {exc.strerror or exc}; {kept}")
-            error.errno = exc.errno
-            raise error from exc
+            raise _write_error(path, exc) from exc
         raise
+
+
+def _write_error(path: Path, exc: OSError, why: str = "") -> WriteError:
+    kept = "the previous version is untouched" if path.exists() else "nothing was written"
+    reason = f"{why} ({exc.strerror or exc})" if why else (exc.strerror or str(exc))
+    error = WriteError(f"cannot write {path}: {reason}; {kept}")
+    error.errno = exc.errno
+    return error
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
