@@ -430,6 +430,13 @@ def test_disk_full_through_the_cli_is_a_one_line_error(models, tmp_path, disk_fu
     assert report.read_text() == "{}"
 
 
+def test_unwritable_output_folder_is_a_one_line_error(models, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    code = main(["profile", models["a"], "--data", _npz(tmp_path), "--quiet", "-o", str(tmp_path / "taken" / "report.json")])
+    _assert_one_line_error(code, capsys.readouterr().err, "profile", "cannot be created or written to")
+    assert (tmp_path / "taken").read_text() == "a file where a folder should be"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Memory limits
 # ---------------------------------------------------------------------------------------------------
