@@ -797,6 +797,7 @@ def train_ensemble_recipe(
     quiet: bool = False,
     export_members: bool = False,
     plot: bool = True,
+    trunk_exchange: str = "auto",
 ) -> dict:
     """Train a coupled ensemble of a named recipe, export it fused, score it, and write its report.
 
@@ -860,11 +861,27 @@ def train_ensemble_recipe(
     treenet = build_treenet(build, options.members, options.split, config.seed, random_init=options.random_init)
     treenet_networks(treenet, input_shape)  # refuse a network the fused export cannot express before training
 
-    result = train_coupled(
-        treenet, train_set.x_train, train_set.y_train, x_val, y_val, config, options,
-        checkpoint_path=out_dir / "ensemble.ckpt", resume=resume,
-        desc=f"{recipe.name} x{options.members} {options.loss}",
-    )
+    from codec import distributed
+
+    world = distributed.init(threads=config.num_threads)
+    if world.distributed:
+        # model-parallel over torchrun's ranks (codec.runtime.coupled_dist); it keeps no checkpoint
+        from codec.runtime.coupled_dist import train_coupled_distributed
+
+        if resume:
+            raise ConfigError("--resume is not supported for coupled training over several processes (--nproc > 1)")
+        result = train_coupled_distributed(
+            treenet, train_set.x_train, train_set.y_train, x_val, y_val, dataclasses.replace(config, quiet=quiet or not world.is_main),
+            options, desc=f"{recipe.name} x{options.members} {options.loss}", trunk=trunk_exchange,
+        )
+        if not world.is_main:
+            return {}
+    else:
+        result = train_coupled(
+            treenet, train_set.x_train, train_set.y_train, x_val, y_val, config, options,
+            checkpoint_path=out_dir / "ensemble.ckpt", resume=resume,
+            desc=f"{recipe.name} x{options.members} {options.loss}",
+        )
     treenet = result.module.to("cpu").eval()
 
     export_start = time.perf_counter()
@@ -938,6 +955,7 @@ def train_ensemble_recipe(
                   "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - started},
         "history": result.history,
     }
+    report["world_size"] = world.size
     write_json_atomic(out_dir / "report.json", report)
     return report
 

@@ -72,3 +72,18 @@ def test_failed_task_is_retried_or_reported(tmp_path, mode):
         assert "retrying on rank 0" in proc.stderr
     else:
         assert "ERROR member b failed twice" in proc.stdout
+
+
+TREENET = ["train-ensemble", "--recipe", "classifier_s", "--members", "3", "--split", "fc1", "--loss", "mcl", "--k", "1",
+           "--epochs", "2", "--n-train", "600", "--n-test", "200", "--threads", "1", "--no-plot", "--quiet", "--json"]
+
+
+def test_two_rank_treenet_matches_single_process(tmp_path):
+    one = _codec([*TREENET, "-o", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _codec([*TREENET, "-o", str(tmp_path / "two"), "--nproc", "2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    x = np.random.default_rng(1).random((64, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "two" / "ensemble.onnx", x), run_onnx(tmp_path / "one" / "ensemble.onnx", x), atol=1e-5)

@@ -94,6 +94,11 @@ def register(subparsers) -> None:
     train.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
     train.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
     parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
+    parser.add_argument("--trunk-exchange", choices=("broadcast", "replicate", "auto"), default="auto",
+                        help="with --nproc > 1: broadcast trunk activations (the paper's design) or replicate the "
+                             "trunk and all-reduce its gradients; auto moves less data (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists")
     parser.add_argument("--export-members", action="store_true", help="also write each member as OUTPUT/members/member_<i>.onnx")
     parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.png (no matplotlib needed)")
@@ -116,7 +121,13 @@ def run(args) -> int:
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
 
+    import os
+
+    from codec import distributed
     from codec.runtime.coupled import EnsembleOptions, train_ensemble_recipe
+
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
 
     options = EnsembleOptions(
         members=args.members,
@@ -155,7 +166,10 @@ def run(args) -> int:
         quiet=args.quiet or args.json,
         export_members=args.export_members,
         plot=not args.no_plot,
+        trunk_exchange=args.trunk_exchange,
     )
+    if not report:  # ranks other than 0 print nothing
+        return 0
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
