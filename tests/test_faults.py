@@ -572,3 +572,16 @@ def test_memory_budget_through_profile_env_and_cli(models, tmp_path, monkeypatch
     _assert_one_line_error(code, capsys.readouterr().err, "profile", MAX_STATS_BYTES_ENV)
     code = main(["opt", models["a"], "--peer", models["b"], "--data", _npz(tmp_path), "--quiet"])
     _assert_one_line_error(code, capsys.readouterr().err, "opt", MAX_STATS_BYTES_ENV)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """mkstemp creates 0600 files; artifacts must be readable like any other file the user writes."""
+    import os
+
+    from codec.io import write_json_atomic
+
+    path = tmp_path / "report.json"
+    write_json_atomic(path, {"ok": True})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
