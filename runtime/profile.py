@@ -404,9 +404,9 @@ def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm)
             if pair:
                 for c, (act_m, _, _), (act_p, _, _), bits_m, bits_p in zip(cross.values(), views[0], views[1], packed[0], packed[1]):
                     kernels.cofire_counts(bits_m, bits_p, out=c.cofire, n_threads=_threads_for(c.cofire, bits_m))
-                    # float32 GEMM per batch (twice the float64 rate), accumulated across batches in float64:
-                    # ~1e-7 relative error on a correlation, far below any threshold's resolution
-                    c.sum_products += act_m.astype(np.float32).T @ act_p.astype(np.float32)
+                    # float64: correlation = E[xy] - E[x]E[y] cancels badly for low-variance neurons (sigmoid
+                    # units near 0.5), where float32 products lose ~1e-4 relative accuracy
+                    c.sum_products += act_m.T @ act_p
             seen += len(batch)
             bar.update(len(batch))
     finally:
