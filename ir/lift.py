@@ -309,6 +309,15 @@ class _Lifter:
             )
         if tensor.size > MAX_TENSOR_ELEMENTS:
             raise LiftError(f"its {what} {value.name!r} has {tensor.size} elements, beyond codec's limit", node.name, node.op_type)
+        proto = getattr(tensor, "raw", None)
+        if hasattr(proto, "ByteSize") and _declared_nbytes(tensor) > 8 * proto.ByteSize() + 64:
+            # Well-formed inline data takes at least 1 byte per 8 bytes of tensor (int64 zeros as varints);
+            # a tiny tensor declaring huge dims would make onnx_ir allocate them (4-bit unpacking does).
+            raise LiftError(
+                f"its {what} {value.name!r} declares {tensor.size} elements but carries far less data (corrupt file?)",
+                node.name,
+                node.op_type,
+            )
         try:
             array = tensor.numpy()
         except Exception as exc:
