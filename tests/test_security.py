@@ -177,6 +177,26 @@ def test_inline_tensor_with_huge_declared_dims_fails_fast():
     assert time.perf_counter() - start < 30  # generous: a refusal, not a 13 TB allocation
 
 
+def test_tiny_tensor_declaring_many_elements_is_refused_before_reading():
+    """Found by the fuzzer (atheris): a 4-bit weight declaring 2**27 elements in a 600-byte file made onnx_ir
+    unpack (allocate) all of them, taking seconds per input, before the dtype was refused."""
+    proto = _gemm()
+    w = proto.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_type = TensorProto.UINT4
+    del w.dims[:]
+    w.dims.extend([2**27])
+    w.int32_data.extend([0x12] * 4)
+    data = proto.SerializeToString()
+    assert len(data) < 1000
+
+    def attempt():
+        with pytest.raises(LiftError, match="declares 134217728 elements but carries far less data"):
+            lift(data)
+
+    assert _peak_bytes(attempt) < 8 << 20
+
+
 def test_external_tensor_past_the_element_limit_is_refused_before_reading(tmp_path):
     """The data really is there (a sparse 8 GiB file): lift must refuse it by its size, not read it."""
     from codec.ir.lift import MAX_TENSOR_ELEMENTS
