@@ -356,6 +356,11 @@ def _brute_csn_facts(main, peer, x):
     return facts
 
 
+# Firing counts are exact integers on both sides; correlations come from streamed sums (main x peer products
+# in float32 GEMMs per batch, accumulated in float64), so they agree with a direct computation to ~1e-5.
+CORR_TOL = 1e-4
+
+
 @FUZZ
 @given(pair=pairs(), seed=st.integers(0, 1000), fire_k=st.integers(100, 199), corr=st.sampled_from([0.5, 0.8, 0.95, 0.99]),
        nda_fire=st.sampled_from([0.0, 0.3, 0.6, 0.9]), preds=st.booleans(), cofire=st.sampled_from(["agreement", "jaccard"]))
@@ -382,9 +387,9 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
         assert all(0 <= i < layer.num_neurons for i in m) and all(0 <= j < peer.layer(layer.name).num_neurons for j in p)
         # every pair meets its thresholds, recomputed from raw activations
         assert np.all(together[m, p] >= fire), (together[m, p], fire)
-        assert np.all(f["corr"][m, p] >= corr - 1e-6), (f["corr"][m, p], corr)
+        assert np.all(f["corr"][m, p] >= corr - CORR_TOL), (f["corr"][m, p], corr)
         np.testing.assert_allclose(spec_layer.agreement, together[m, p], atol=1e-12)
-        np.testing.assert_allclose(spec_layer.correlation, f["corr"][m, p], atol=1e-6)
+        np.testing.assert_allclose(spec_layer.correlation, f["corr"][m, p], atol=CORR_TOL)
         # the sub-network rule and the predecessor rule
         eligible_rows = np.ones(layer.num_neurons, bool)
         if below is not None:
@@ -403,7 +408,7 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
                 assert eligible_rows[m].all(), "every NDG predecessor of a CSN neuron is in the CSN"
                 CASES["csne_layers_where_the_predecessor_rule_excluded_neurons"] += int((~eligible_rows).any())
         # maximal: no clearly eligible pair is left with both neurons unmatched
-        clear = (together >= fire) & (f["corr"] >= corr + 1e-6) & eligible_rows[:, None]
+        clear = (together >= fire) & (f["corr"] >= corr + CORR_TOL) & eligible_rows[:, None]
         free_m = np.setdiff1d(np.arange(layer.num_neurons), m)
         free_p = np.setdiff1d(np.arange(together.shape[1]), p)
         if report["passes"][-1]["details"]["iterations"] < 20:
