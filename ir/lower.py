@@ -10,6 +10,7 @@ neurons with onnxruntime.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -176,23 +177,75 @@ def to_bytes(model: ir.Model) -> bytes:
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool = False) -> Path:
     """Save atomically: a crash or a full disk never leaves a truncated model at `path`.
 
-    With `external_data`, tensors go to `<name>.data` beside the model (needed past protobuf's 2 GB limit).
+    With `external_data`, tensors go to a data file beside the model (needed past protobuf's 2 GB limit):
+    `<name>.data`, or `<name>.<random>.data` when a file of that name already exists, so that a model
+    being replaced is never separated from its data: the new data file is written under its own name,
+    the model is renamed over the old one (atomic), and only then are the data files the old model
+    referred to removed. A crash at any point leaves either the old model with its data or the new one
+    with its data. `external_data_files(path)` tells which data file a saved model uses.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Tensors still backed by another file's external data are read in first, so the saved model is
     # self-contained (and never points at data that may move or be overwritten).
     model = ir.external_data.load_to_model(model)
+    previous = _own_data_files(path)
     if not external_data:
         with atomic_path(path) as tmp:
             ir.save(model, tmp)
+        _remove_data_files(path, previous)
         return path
     data_name = path.name + ".data"
+    if (path.parent / data_name).exists():
+        data_name = f"{path.name}.{secrets.token_hex(4)}.data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name)
+        for name in (data_name, path.name):
+            with open(tmp_dir / name, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_dir / path.name, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    _remove_data_files(path, [name for name in previous if name != data_name])
     return path
+
+
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The external data files (names relative to the model's folder) a saved model refers to."""
+    import onnx
+
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable or absent: it refers to nothing we can name
+        return []
+    names = []
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for node in proto.graph.node for a in node.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in names:
+                    names.append(entry.value)
+    return names
+
+
+def _own_data_files(path: Path) -> list[str]:
+    """Data files of the model now at `path` that codec may delete when replacing it: plain names
+    beside the model that start with the model's name and end in `.data` (what save_model writes)."""
+    if not path.is_file():
+        return []
+    return [
+        name
+        for name in external_data_files(path)
+        if os.path.basename(name) == name and name.startswith(path.name + ".") and name.endswith(".data")
+    ]
+
+
+def _remove_data_files(path: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (path.parent / name).unlink(missing_ok=True)
+        except OSError:  # a stale data file left behind is harmless; the model no longer refers to it
+            pass

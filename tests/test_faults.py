@@ -585,3 +585,64 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- replacing a model saved with external data --------------------------------------------------------
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_replacing_an_external_data_model_keeps_each_model_with_its_own_data(tmp_path):
+    from codec.ir.lower import external_data_files
+
+    x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
+    path = tmp_path / "model.onnx"
+    save_model(lower(_mlp("old", seed=0)), path, external_data=True)
+    old_out = _run(path, x)
+    assert external_data_files(path) == ["model.onnx.data"]
+    save_model(lower(_mlp("new", seed=1)), path, external_data=True)
+    new_out = _run(path, x)
+    assert not np.allclose(old_out, new_out)
+    names = external_data_files(path)
+    assert len(names) == 1 and names[0] != "model.onnx.data", "the old data file was not written over"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", names[0]]), "old data removed"
+    # a third save goes back to the plain name; a single-file save removes the data file it replaced
+    save_model(lower(_mlp("third", seed=2)), path, external_data=True)
+    assert external_data_files(path) == ["model.onnx.data"] and not (tmp_path / names[0]).exists()
+    save_model(lower(_mlp("single", seed=3)), path)
+    assert external_data_files(path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_crash_between_the_data_and_the_model_rename_leaves_the_old_model_whole(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
+    path = tmp_path / "model.onnx"
+    save_model(lower(_mlp("old", seed=0)), path, external_data=True)
+    old_out = _run(path, x)
+    real_replace = os.replace
+
+    def crash_on_model_rename(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_model_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(lower(_mlp("new", seed=1)), path, external_data=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(_run(path, x), old_out)
+
+
+@pytest.mark.parametrize("command", [["compile", "--recipe", "classifier_s", "--members", "3"], ["bench", "--profile", "quick"]])
+def test_an_os_error_outside_codecs_checks_is_one_line(command, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = main([*command, "-o", str(blocker / "run")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"codec {command[0]}: error: Not a directory")
+    assert str(blocker / "run") in err

@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     from codec.io import write_json_atomic
     from codec.ir.ensemble import ensemble_description
     from codec.ir.lift import load_model
-    from codec.ir.lower import save_model
+    from codec.ir.lower import external_data_files, save_model
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
         # would be written as references to a file the deployable model does not ship with
         ir.external_data.load_to_model(model)
     out = save_model(model, args.output, external_data=args.external_data)
-    data_file = out.parent / (out.name + ".data") if args.external_data else None
+    data_names = external_data_files(out) if args.external_data else []
+    data_file = out.parent / data_names[0] if data_names else None
     parity["written_max_abs_error"] = verify_written(out, x, fused, args.batch_size)
     if parity["written_max_abs_error"] > args.atol:
         for written in (out, data_file):
