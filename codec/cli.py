@@ -81,3 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # the file system said no (missing file, no permission, full disk) outside codec's own checks:
+        # one line naming the file, like every other user-facing error; --verbose keeps the traceback
+        if args.verbose:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"codec {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
