@@ -51,7 +51,8 @@ def main() -> None:
         "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_average_at_end": os.getloadavg()},
-        "workload": "codec compile --recipe classifier_s --members 4 (main, peer, 2 grown; bundled MNIST subset)",
+        # the compile command as run (options in --extra override the defaults before them)
+        "workload": " ".join(["codec compile --recipe classifier_s --members 4 --nproc N --threads T", *args.extra]),
         "runs": rows,
         "median_wall_seconds": med,
         "speedup_2_ranks_over_1": med[1] / med[2],
