@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import threading
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,9 +54,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
+
+    The portable way (set 0, restore) opens a window in which another thread's new file gets mode 0666;
+    it is only the fallback, under a lock.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

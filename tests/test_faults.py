@@ -587,6 +587,24 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
 
 
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
+    """Setting the umask to read it would let another thread create a world-writable file meanwhile."""
+    from codec.io import write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+        write_json_atomic(tmp_path / "report.json", {"ok": True})
+        monkeypatch.undo()
+        assert calls == []
+        assert os.stat(tmp_path / "report.json").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
 # --- replacing a model saved with external data --------------------------------------------------------
 
 
