@@ -70,12 +70,16 @@ from codec.runtime.train import (
     CHECKPOINT_FORMAT,
     DATA_SEED,
     EVAL_BATCH_SIZE,
+    EarlyStopping,
     TrainConfig,
     _check_fingerprint,
     _check_training_data,
     _fingerprint,
     _make_optimizer,
     _make_scheduler,
+    _optimizer_state,
+    _progress,
+    _restore_optimizer_state,
     _save_checkpoint,
     _state_copy,
     load_checkpoint,
@@ -609,10 +613,7 @@ def train_coupled(
         fingerprint["ensemble"] = json.dumps(options.trajectory(), sort_keys=True)
         _check_labels(treenet, x_t, y_t, device)
 
-        history: list[dict] = []
-        best_loss, best_epoch, bad_epochs, start_epoch = math.inf, 0, 0, 0
-        best_state = _state_copy(treenet)
-        prior_seconds, finished, stopped_early = 0.0, False, False
+        run = EarlyStopping(_state_copy(treenet), config.max_epochs, config.patience)
         seed_everything(config.seed)
         if resume and checkpoint_path is not None and checkpoint_path.exists():
             state = load_checkpoint(checkpoint_path)
@@ -624,34 +625,22 @@ def train_coupled(
                     f"checkpoint {checkpoint_path} was written with other ensemble options "
                     f"({state['fingerprint'].get('ensemble')}); delete it or do not resume"
                 )
-            treenet.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            best_state = state["best_model"]
-            best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
-            bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
-            history = json.loads(state["history"])
-            prior_seconds = float(state["train_seconds"])
-            stopped_early = bool(state["stopped_early"])
-            finished = bool(state["finished"]) and (stopped_early or start_epoch >= config.max_epochs)
+            _restore_optimizer_state(state, treenet, optimizer, scheduler, device)
+            run.restore(state)
             shuffle.set_state(state["generator"])
             ties.set_state(state["tie_generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, run.epoch)
 
         run_start = time.perf_counter()
-        progress = _progress(config, desc, start_epoch)
+        progress = _progress(config, desc, run.epoch)
         try:
-            epoch = start_epoch
-            while not finished and epoch < config.max_epochs:
+            epoch = run.epoch
+            while not run.finished and epoch < config.max_epochs:
                 epoch += 1
                 epoch_start = time.perf_counter()
                 phase, loss = _phase_loss(options, epoch)
                 if epoch == options.pretrain_epochs + 1 and options.pretrain_epochs:
-                    best_loss, bad_epochs = math.inf, 0  # a new objective: its values do not compare with the old
+                    run.new_objective()
                 lr = float(optimizer.param_groups[0]["lr"])
                 train_loss = _coupled_epoch(treenet, x_t, y_t, weights, loss, optimizer, config, options,
                                             shuffle, ties, device, epoch)
@@ -666,38 +655,18 @@ def train_coupled(
                     monitored = train_loss
                 if not math.isfinite(monitored):
                     raise DataError(f"{desc}: non-finite loss at epoch {epoch} (lr {lr:g}); check the data or lower the learning rate")
-                if monitored < best_loss:
-                    best_loss, best_epoch, bad_epochs = monitored, epoch, 0
-                    best_state = _state_copy(treenet)
-                else:
-                    bad_epochs += 1
                 entry.update(lr=lr, seconds=time.perf_counter() - epoch_start)
-                history.append(entry)
-                stopped_early = (phase != "pretrain" and config.patience is not None and bad_epochs >= config.patience)
-                finished = stopped_early or epoch >= config.max_epochs
+                run.observe(entry, monitored, treenet, patience_applies=phase != "pretrain")
                 if checkpoint_path is not None:
                     state = {
                         "format": CHECKPOINT_FORMAT,
                         "kind": CHECKPOINT_KIND,
                         "fingerprint": fingerprint,
-                        "model": _state_copy(treenet),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                        "best_model": best_state,
-                        "best_loss": best_loss,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                        "epoch": epoch,
-                        "history": json.dumps(history),
-                        "train_seconds": prior_seconds + time.perf_counter() - run_start,
-                        "stopped_early": stopped_early,
-                        "finished": finished,
+                        **_optimizer_state(treenet, optimizer, scheduler, device),
+                        **run.state(run.prior_seconds + time.perf_counter() - run_start),
                         "generator": shuffle.get_state(),
                         "tie_generator": ties.get_state(),
-                        "torch_rng": torch.get_rng_state(),
                     }
-                    if device.type == "cuda":
-                        state["cuda_rng"] = torch.cuda.get_rng_state(device)
                     _save_checkpoint(checkpoint_path, state)
                 if progress is not None:
                     postfix = {"loss": f"{train_loss:.4f}"}
@@ -714,26 +683,19 @@ def train_coupled(
         finally:
             if progress is not None:
                 progress.close()
-        treenet.load_state_dict(best_state)
+        treenet.load_state_dict(run.best_state)
         return CoupledResult(
             module=treenet,
-            history=history,
-            best_epoch=best_epoch,
-            epochs_run=len(history),
-            train_seconds=prior_seconds + time.perf_counter() - run_start,
-            stopped_early=stopped_early,
+            history=run.history,
+            best_epoch=run.best_epoch,
+            epochs_run=len(run.history),
+            train_seconds=run.prior_seconds + time.perf_counter() - run_start,
+            stopped_early=run.stopped_early,
             bag_unique=bag_unique,
         )
     finally:
         torch.set_num_threads(previous_threads)
 
-
-def _progress(config: TrainConfig, desc: str, start_epoch: int):
-    if config.quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -66,6 +66,7 @@ from codec.runtime.coupled import (
 from codec.runtime.losses import EnsembleLoss
 from codec.runtime.train import (
     _TRAJECTORY_FIELDS,
+    EarlyStopping,
     _check_training_data,
     _make_optimizer,
     _make_scheduler,
@@ -467,20 +468,17 @@ def train_coupled_distributed(
         if rank:
             torch.manual_seed(int(np.random.SeedSequence([config.seed, _RANK_STREAM, rank]).generate_state(1)[0]))
 
-        history: list[dict] = []
-        best_loss, best_epoch, bad_epochs = math.inf, 0, 0
-        best_state = _state_copy(treenet) if rank == 0 else None
-        stopped_early, finished = False, False
+        run = EarlyStopping(_state_copy(treenet) if rank == 0 else None, config.max_epochs, config.patience)
         run_start = time.perf_counter()
         progress = _progress(config, desc, 0) if rank == 0 else None
         try:
             epoch = 0
-            while not finished and epoch < config.max_epochs:
+            while not run.finished and epoch < config.max_epochs:
                 epoch += 1
                 epoch_start = time.perf_counter()
                 phase, loss = _phase_loss(options, epoch)
                 if epoch == options.pretrain_epochs + 1 and options.pretrain_epochs:
-                    best_loss, bad_epochs = math.inf, 0  # a new objective: its values do not compare with the old
+                    run.new_objective()
                 # Every optimizer follows the same schedule; a rank without one (it owns no weights) reads the
                 # schedule's closed form, for its error messages only (the history holds rank 0's value).
                 if optimizer is not None:
@@ -506,14 +504,10 @@ def train_coupled_distributed(
                         if not math.isfinite(monitored):
                             raise DataError(f"{desc}: non-finite loss at epoch {epoch} (lr {lr:g}); check the data or "
                                             "lower the learning rate")
-                        if monitored < best_loss:
-                            best_loss, best_epoch, bad_epochs = monitored, epoch, 0
-                            best_state = _state_copy(treenet)
-                        else:
-                            bad_epochs += 1
                         entry.update(lr=lr, seconds=time.perf_counter() - epoch_start)
-                        stop = phase != "pretrain" and config.patience is not None and bad_epochs >= config.patience
-                        decision = {"entry": entry, "best_epoch": best_epoch, "stopped_early": stop, "error": None}
+                        run.observe(entry, monitored, treenet, patience_applies=phase != "pretrain")
+                        decision = {"entry": entry, "best_epoch": run.best_epoch, "stopped_early": run.stopped_early,
+                                    "error": None}
                     except Exception as exc:  # noqa: BLE001 - the other ranks wait for a decision: send them any failure
                         failure = exc
                         decision = {"error": [isinstance(exc, DataError), f"{type(exc).__name__}: {exc}"]}
@@ -523,9 +517,8 @@ def train_coupled_distributed(
                 if decision["error"] is not None:
                     data_error, message = decision["error"]
                     raise (DataError if data_error else CodecError)(f"rank 0 failed at epoch {epoch}: {message}")
-                history.append(decision["entry"])
-                best_epoch, stopped_early = decision["best_epoch"], decision["stopped_early"]
-                finished = stopped_early or epoch >= config.max_epochs
+                if rank != 0:
+                    run.follow(decision["entry"], decision["best_epoch"], decision["stopped_early"])
                 if progress is not None:
                     entry = decision["entry"]
                     postfix = {"loss": f"{train_loss:.4f}"}
@@ -540,15 +533,15 @@ def train_coupled_distributed(
             if progress is not None:
                 progress.close()
         if rank == 0:
-            treenet.load_state_dict(best_state)
+            treenet.load_state_dict(run.best_state)
         broadcast_state(treenet, lambda key: 0)
         return CoupledResult(
             module=treenet,
-            history=history,
-            best_epoch=best_epoch,
-            epochs_run=len(history),
+            history=run.history,
+            best_epoch=run.best_epoch,
+            epochs_run=len(run.history),
             train_seconds=time.perf_counter() - run_start,
-            stopped_early=stopped_early,
+            stopped_early=run.stopped_early,
             bag_unique=bag_unique,
         )
     finally:

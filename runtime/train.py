@@ -386,6 +386,95 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+
+@dataclass
+class EarlyStopping:
+    """Where a training run stands between epochs, and what a checkpoint keeps of it.
+
+    Tracks the history, the best epoch's loss and weights, and the patience counter; an epoch is better
+    only if its monitored loss is strictly lower. `state` and `restore` are the checkpoint's fields for
+    this part of the run, so a resumed run continues exactly where the interrupted one stopped.
+    """
+
+    best_state: dict | None
+    max_epochs: int
+    patience: int | None
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    epoch: int = 0
+    prior_seconds: float = 0.0
+    stopped_early: bool = False
+    finished: bool = False
+
+    def new_objective(self) -> None:
+        """The monitored loss changes meaning (e.g. after pretraining): its old values do not compare."""
+        self.best_loss, self.bad_epochs = math.inf, 0
+
+    def observe(self, entry: dict, monitored: float, module: nn.Module, *, patience_applies: bool = True) -> None:
+        """Record the epoch `entry["epoch"]` whose monitored loss is `monitored` (weights in `module`)."""
+        if monitored < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = monitored, entry["epoch"], 0
+            self.best_state = _state_copy(module)
+        else:
+            self.bad_epochs += 1
+        stop = patience_applies and self.patience is not None and self.bad_epochs >= self.patience
+        self.follow(entry, self.best_epoch, stop)
+
+    def follow(self, entry: dict, best_epoch: int, stopped_early: bool) -> None:
+        """Record an epoch whose outcome was decided elsewhere (by rank 0, in a distributed run)."""
+        self.epoch, self.best_epoch, self.stopped_early = entry["epoch"], best_epoch, stopped_early
+        self.history.append(entry)
+        self.finished = stopped_early or self.epoch >= self.max_epochs
+
+    def state(self, train_seconds: float) -> dict:
+        return {
+            "best_model": self.best_state,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "epoch": self.epoch,
+            "history": json.dumps(self.history),
+            "train_seconds": train_seconds,
+            "stopped_early": self.stopped_early,
+            "finished": self.finished,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.best_state = state["best_model"]
+        self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        self.bad_epochs, self.epoch = int(state["bad_epochs"]), int(state["epoch"])
+        self.history = json.loads(state["history"])
+        self.prior_seconds = float(state["train_seconds"])
+        self.stopped_early = bool(state["stopped_early"])
+        # a run that finished under fewer max_epochs continues when resumed with more
+        self.finished = bool(state["finished"]) and (self.stopped_early or self.epoch >= self.max_epochs)
+
+
+def _optimizer_state(module: nn.Module, optimizer, scheduler, device: torch.device) -> dict:
+    """The checkpoint's weights, optimizer, scheduler and global RNG states."""
+    state = {
+        "model": _state_copy(module),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "torch_rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_optimizer_state(state: dict, module: nn.Module, optimizer, scheduler, device: torch.device) -> None:
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def train_member(
     module: nn.Module,
     x_train,
@@ -448,15 +537,7 @@ def train_member(
         generator.manual_seed(config.seed)
         fingerprint = _fingerprint(config, module, n)
 
-        history: list[dict] = []
-        best_loss = math.inf
-        best_epoch = 0
-        best_state = _state_copy(module)
-        bad_epochs = 0
-        start_epoch = 0
-        prior_seconds = 0.0
-        finished = False
-        stopped_early = False
+        run = EarlyStopping(_state_copy(module), config.max_epochs, config.patience)
 
         _check_outputs(module, x_t, y_t, config.loss, device)
         # Seeding first also on resume: it sets the deterministic-algorithm flags, and the RNG states it
@@ -465,30 +546,16 @@ def train_member(
         if resume and checkpoint_path is not None and checkpoint_path.exists():
             state = load_checkpoint(checkpoint_path)
             _check_fingerprint(state["fingerprint"], fingerprint, checkpoint_path)
-            module.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            best_state = state["best_model"]
-            best_loss = float(state["best_loss"])
-            best_epoch = int(state["best_epoch"])
-            bad_epochs = int(state["bad_epochs"])
-            start_epoch = int(state["epoch"])
-            history = json.loads(state["history"])
-            prior_seconds = float(state["train_seconds"])
-            stopped_early = bool(state["stopped_early"])
-            finished = bool(state["finished"]) and (stopped_early or start_epoch >= config.max_epochs)
+            _restore_optimizer_state(state, module, optimizer, scheduler, device)
+            run.restore(state)
             generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, run.epoch)
 
         run_start = time.perf_counter()
-        progress = _progress(config, desc, start_epoch)
+        progress = _progress(config, desc, run.epoch)
         try:
-            epoch = start_epoch
-            while not finished and epoch < config.max_epochs:
+            epoch = run.epoch
+            while not run.finished and epoch < config.max_epochs:
                 epoch += 1
                 epoch_start = time.perf_counter()
                 lr = float(optimizer.param_groups[0]["lr"])
@@ -509,11 +576,6 @@ def train_member(
                         f"{desc}: non-finite {which} loss at epoch {epoch} (lr {lr:g});"
                         " check the data or lower the learning rate"
                     )
-                if monitored < best_loss:
-                    best_loss, best_epoch, bad_epochs = monitored, epoch, 0
-                    best_state = _state_copy(module)
-                else:
-                    bad_epochs += 1
                 entry = {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -522,30 +584,15 @@ def train_member(
                     "lr": lr,
                     "seconds": time.perf_counter() - epoch_start,
                 }
-                history.append(entry)
-                stopped_early = config.patience is not None and bad_epochs >= config.patience
-                finished = stopped_early or epoch >= config.max_epochs
+                run.observe(entry, monitored, module)
                 if checkpoint_path is not None:
                     state = {
                         "format": CHECKPOINT_FORMAT,
                         "fingerprint": fingerprint,
-                        "model": _state_copy(module),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                        "best_model": best_state,
-                        "best_loss": best_loss,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                        "epoch": epoch,
-                        "history": json.dumps(history),
-                        "train_seconds": prior_seconds + time.perf_counter() - run_start,
-                        "stopped_early": stopped_early,
-                        "finished": finished,
+                        **_optimizer_state(module, optimizer, scheduler, device),
+                        **run.state(run.prior_seconds + time.perf_counter() - run_start),
                         "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
                     }
-                    if device.type == "cuda":
-                        state["cuda_rng"] = torch.cuda.get_rng_state(device)
                     _save_checkpoint(checkpoint_path, state)
                 _report(progress, config, desc, entry)
                 if on_epoch_end is not None:
@@ -553,14 +600,14 @@ def train_member(
         finally:
             if progress is not None:
                 progress.close()
-        module.load_state_dict(best_state)
+        module.load_state_dict(run.best_state)
         return TrainResult(
             module=module,
-            history=history,
-            best_epoch=best_epoch,
-            epochs_run=len(history),
-            train_seconds=prior_seconds + time.perf_counter() - run_start,
-            stopped_early=stopped_early,
+            history=run.history,
+            best_epoch=run.best_epoch,
+            epochs_run=len(run.history),
+            train_seconds=run.prior_seconds + time.perf_counter() - run_start,
+            stopped_early=run.stopped_early,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -885,6 +932,7 @@ def train_recipe(
 
 __all__ = [
     "DATA_SEED",
+    "EarlyStopping",
     "TrainConfig",
     "TrainResult",
     "export_onnx",
