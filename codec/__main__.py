@@ -1,8 +1,6 @@
-"""`python -m codec` runs the command-line interface."""
+"""`python -m codec` runs the command-line interface (also as each torchrun worker of `--nproc`)."""
 
-import sys
-
-from codec.cli import main
+from codec.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -89,3 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"codec {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+
+
+def run() -> None:
+    """The `codec` console script and `python -m codec`: `main`, then exit with its status. A torchrun
+    worker (`--nproc`) exits through `codec.distributed.exit_process`, whatever happened (see there)."""
+    from codec.distributed import current, exit_process
+
+    if not current().distributed:
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: --help, usage errors
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - a bug: show it, then still leave the process group cleanly
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

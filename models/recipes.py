@@ -34,8 +34,8 @@ convergence here, so their published optimisers were replaced only where they di
   throughout; Adam 1e-4 reached 2.03 and Adam 3e-4 1.89. `vgg16_c` uses Adam 3e-4. One full-width
   CIFAR-10 epoch costs ~0.3 GMAC x 3 x 50,000 images: hours on 2 CPU cores, minutes on a GPU.
 - The small recipes (`classifier_s`, `autoenc_s`) run in seconds on the bundled `mnist_small` data and
-  are what the tests and the README's worked example use; `classifier_cj` and `cifar10_quick_j` are the
-  CIFAR-10 benchmarks that fit this machine (8,000 training images).
+  are what the tests and the README's worked example use; `classifier_cj`, `autoenc_cj` and
+  `cifar10_quick_j` are the CIFAR-10 benchmarks that fit this machine (8,000 training images).
 
 `train` keys: optimizer ("adam" | "sgd"), lr, momentum (SGD only), weight_decay (L2, coupled),
 batch_size, max_epochs, patience (epochs without validation improvement before stopping), lr_decay
@@ -342,6 +342,16 @@ _ALL = (
         train=_train(loss="mse"),
         description="CODE's denoising autoencoder (input dropout 0.2; 1024-512-128-512-1024; sigmoid output; "
         "MSE) on CIFAR-10.",
+    ),
+    Recipe(
+        name="autoenc_cj",
+        arch="autoencoder",
+        dataset="cifar10_jpeg",
+        task="reconstruction",
+        arch_kwargs=_AUTOENC_32,
+        train=_train(loss="mse"),
+        description="autoenc_c on the local CIFAR-10 (JPEG q75 copy: 8,000 training images, the 10,000 test "
+        "images); for benchmarks on this machine.",
     ),
     Recipe(
         name="alexnet_m",

@@ -118,6 +118,7 @@ SCRIPT = textwrap.dedent(
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
     (out / f"errors_rank{world.rank}.json").write_text(json.dumps(errors))
+    distributed.exit_process(0)
     """
 )
 

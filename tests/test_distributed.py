@@ -52,6 +52,7 @@ SCRIPT = textwrap.dedent(
     except Exception as exc:
         if world.is_main:
             print("ERROR " + str(exc))
+    distributed.exit_process(0)
     """
 )
 
@@ -87,3 +88,21 @@ def test_two_rank_treenet_matches_single_process(tmp_path):
     assert (a["world_size"], b["world_size"]) == (1, 2)
     x = np.random.default_rng(1).random((64, 1, 28, 28), dtype=np.float32)
     np.testing.assert_allclose(run_onnx(tmp_path / "two" / "ensemble.onnx", x), run_onnx(tmp_path / "one" / "ensemble.onnx", x), atol=1e-5)
+
+
+def test_torchrun_workers_keep_their_output_and_exit_status(tmp_path):
+    """Workers end through exit_process (os._exit after leaving the group, to dodge an abort in torch's
+    teardown): what they printed still comes out, and a failing command still fails the job."""
+    from test_faults import _mlp
+
+    from codec.ir import lower, save_model
+
+    model = save_model(lower(_mlp("m", n_in=20)), tmp_path / "m.onnx")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "codec"]
+    ok = subprocess.run([*torchrun, "inspect", str(model), "--json"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.count('"lifted": true') == 2, ok.stdout[-2000:]  # both ranks' reports, flushed
+    bad = subprocess.run([*torchrun, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.count("codec inspect: error:") == 2

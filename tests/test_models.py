@@ -235,7 +235,7 @@ def test_every_recipe_resolves_validates_and_builds():
     required = {
         "classifier_m", "classifier_c", "classifier_f", "autoenc_m", "autoenc_c", "autoenc_f", "alexnet_m",
         "alexnet_c", "vgg16_c", "cifar10_quick", "nin_c", "classifier_s", "autoenc_s", "cifar10_quick_j",
-        "classifier_cj",
+        "classifier_cj", "autoenc_cj",
     }  # fmt: skip
     assert required <= set(RECIPES)
     for recipe in list_recipes():
