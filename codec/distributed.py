@@ -101,7 +101,7 @@ def exit_process(code: int = 0) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001 - a closed or broken stream must not change the exit status
+            except Exception:  # noqa: BLE001, S110 - a closed or broken stream must not change the exit status
                 pass
         os._exit(code)
 

@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import run_onnx
 
 ARGS = ["compile", "--recipe", "classifier_s", "--members", "4", "--epochs", "2", "--n-train", "1000", "--n-test", "300",
