@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -76,6 +77,12 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact(a, a) == 1.0
     # 3 vs 1 discordant: p = 2 * (1 + 4) / 16
     assert mcnemar_exact(np.array([1, 1, 1, 0]), np.array([0, 0, 0, 1])) == pytest.approx(10 / 16)
+    # thousands of discordant pairs (a 10,000-image test set): no float overflow, the normal limit holds
+    many_a = np.r_[np.ones(1500, bool), np.zeros(1500, bool)]
+    assert mcnemar_exact(many_a, ~many_a) == 1.0
+    skewed = np.r_[np.ones(1600, bool), np.zeros(1400, bool)]
+    z = (1600 - 1400 - 1) / np.sqrt(3000)  # with continuity correction
+    assert mcnemar_exact(skewed, ~skewed) == pytest.approx(math.erfc(z / np.sqrt(2)), rel=0.05)
 
 
 def test_paired_comparison_verdicts():
