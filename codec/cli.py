@@ -14,7 +14,7 @@ import signal
 import sys
 
 from codec import __version__
-from codec.errors import CodecError
+from codec.errors import CodecError, clear_interrupt, interrupt_requested, request_interrupt
 
 # Order is the order `codec --help` lists them in. A module missing here is a command not built yet.
 COMMAND_MODULES = [
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupt(signum, frame):
+    request_interrupt()
     raise KeyboardInterrupt
 
 
@@ -68,27 +69,39 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: checkpoints stay resumable.
+    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: checkpoints stay resumable. Both record
+    # the request too (codec.errors: an interrupt inside an import can surface as another exception).
+    clear_interrupt()
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
     except CodecError as exc:
+        if interrupt_requested():
+            return _interrupted(args)
         print(f"codec {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        hint = "; run the same command with --resume to continue" if args.command in ("compile", "train") else ""
-        print(f"codec {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return _interrupted(args)
     except BrokenPipeError:
         return 0
     except OSError as exc:
         # the file system said no (missing file, no permission, full disk) outside codec's own checks:
         # one line naming the file, like every other user-facing error; --verbose keeps the traceback
+        if interrupt_requested():
+            return _interrupted(args)
         if args.verbose:
             raise
         where = f": {exc.filename}" if exc.filename else ""
         print(f"codec {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+
+
+def _interrupted(args) -> int:
+    hint = "; run the same command with --resume to continue" if args.command in ("compile", "train") else ""
+    print(f"codec {args.command}: interrupted{hint}", file=sys.stderr)
+    return 130
 
 
 def run() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from codec import __version__
-from codec.errors import ConfigError
+from codec.errors import ConfigError, check_interrupt
 from codec.io import write_json_atomic
 from codec.runtime.grow import GrowOptions
 
@@ -106,6 +106,7 @@ class Run:
     def finish(self, step: str, facts: dict) -> None:
         self.state["steps"][step] = facts
         write_json_atomic(self.state_path, self.state)
+        check_interrupt()  # between artifacts: honour a stop that an import turned into another exception
 
 
 @dataclass

@@ -38,3 +38,33 @@ class ConfigError(CodecError):
 
 class ShapeError(CodecError):
     """Shapes that do not fit together: data vs model input, or members that differ."""
+
+
+# --- interruption ---------------------------------------------------------------------------------------
+# The CLI turns SIGINT/SIGTERM into KeyboardInterrupt wherever the main thread is. Raised inside a module's
+# import (a C extension's initialisation) Python turns it into "ImportError: initialization failed", which
+# error handling may then report or swallow as an ordinary failure. So the handler also records that a
+# stop was asked for: the CLI then reports an interruption whatever the exception became, and
+# long-running pipelines call `check_interrupt()` between artifacts.
+_interrupt_requested = False
+
+
+def request_interrupt() -> None:
+    global _interrupt_requested
+    _interrupt_requested = True
+
+
+def clear_interrupt() -> None:
+    global _interrupt_requested
+    _interrupt_requested = False
+
+
+def interrupt_requested() -> bool:
+    return _interrupt_requested
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a stop was asked for and not yet honoured (a safe point)."""
+    if _interrupt_requested:
+        raise KeyboardInterrupt
+
