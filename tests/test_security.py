@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import pickle
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -172,9 +171,7 @@ def test_inline_tensor_with_huge_declared_dims_fails_fast():
             lift(data)
         _one_line(err.value)
 
-    start = time.perf_counter()
-    assert _peak_bytes(attempt) < 32 << 20
-    assert time.perf_counter() - start < 30  # generous: a refusal, not a 13 TB allocation
+    assert _peak_bytes(attempt) < 32 << 20  # a refusal, not a 13 TB allocation
 
 
 def test_tiny_tensor_declaring_many_elements_is_refused_before_reading():
