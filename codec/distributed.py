@@ -85,9 +85,10 @@ def exit_process(code: int = 0) -> None:
     After a worker has finished and left the process group, the C++ teardown of torch.distributed at
     interpreter exit can still abort it ("terminate called without an active exception", SIGABRT on
     both ranks), and torchrun then reports the whole job failed although every artifact was written.
-    Seen here with torch 2.13 and gloo in 3 of 30 2-rank runs of the coupled-training test job under load
-    (3 of 30 again with a barrier before leaving the group), and in 0 of 30 ending this way. So a worker flushes its streams and logs, leaves the process group, and
-    exits with `os._exit`: codec's artifacts are already on disk (written atomically, fsynced).
+    Seen here with torch 2.13 and gloo in 3 of 30 2-rank runs of the coupled-training test job under
+    load (3 of 30 again with a barrier before leaving the group), and in 0 of 30 ending this way. So a
+    worker leaves the process group, flushes its streams and logs, and exits with `os._exit`: codec's
+    artifacts are already on disk (written atomically, fsynced).
     Outside torchrun this is `sys.exit(code)`.
     """
     if not current().distributed:

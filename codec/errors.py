@@ -67,4 +67,3 @@ def check_interrupt() -> None:
     """Raise KeyboardInterrupt if a stop was asked for and not yet honoured (a safe point)."""
     if _interrupt_requested:
         raise KeyboardInterrupt
-
