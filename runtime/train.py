@@ -386,7 +386,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-
 @dataclass
 class EarlyStopping:
     """Where a training run stands between epochs, and what a checkpoint keeps of it.
