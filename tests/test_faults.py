@@ -183,6 +183,12 @@ TRAIN = ["--recipe", "classifier_s", "--seed", "3", "--epochs", "25", "--patienc
          "--n-test", "100", "--batch-size", "50", "--device", "cpu", "--threads", "1", "--quiet"]
 
 
+def _default_sigint() -> None:
+    """A job started in the background by a non-interactive shell inherits SIGINT ignored (as `nohup` or
+    `cmd &` users expect, and codec respects that); these tests press Ctrl-C, so their child must not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(predicate, proc, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -201,7 +207,8 @@ def test_sigint_during_train_leaves_a_resumable_checkpoint(tmp_path, capsys):
     out = tmp_path / "member.onnx"
     ckpt = Path(f"{out}.ckpt")
     cmd = [sys.executable, "-m", "codec", "train", *TRAIN, "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
     _wait_for(ckpt.exists, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -227,7 +234,8 @@ def test_sigint_during_compile_stops_cleanly_between_artifacts(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "codec", "compile", "--recipe", "classifier_s", "--members", "3", "--epochs", "2",
            "--n-train", "600", "--n-test", "100", "--calibration", "200", "--threads", "1", "--quiet", "-o", str(run_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
     state = run_dir / "state.json"
 
     def main_trained():
