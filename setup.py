@@ -19,12 +19,12 @@ def _compile_args():
 
 
 _CARGS, _LARGS = _compile_args()
-_KERNELS = ["_kernels"]  # module names under passes/, e.g. "_cofire" -> passes/_cofire.pyx
+_KERNELS = ["_kernels"]  # module names under codec/kernels/, e.g. "_cofire" -> codec/kernels/_cofire.pyx
 
 extensions = [
     Extension(
-        f"codec.passes.{name}",
-        [f"passes/{name}.pyx"],
+        f"codec.kernels.{name}",
+        [f"codec/kernels/{name}.pyx"],
         include_dirs=[numpy.get_include()],
         extra_compile_args=_CARGS,
         extra_link_args=_LARGS,

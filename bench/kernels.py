@@ -24,7 +24,8 @@ import sys
 import time
 
 import numpy as np
-from codec.passes import kernels as K
+
+from codec import kernels as K
 
 
 class BlasThreads:

@@ -43,7 +43,7 @@ def main() -> None:
     from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
     from codec.runtime.data import load_dataset
-    from codec.runtime.train import TrainConfig, export_onnx, train_member
+    from codec.runtime.training.train import TrainConfig, export_onnx, train_member
 
     dataset = load_dataset(args.data, data_dir=args.data_dir)
     if args.n_train:

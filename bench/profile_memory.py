@@ -21,7 +21,7 @@ def child(n: int, width: int, batch: int) -> dict:
     import numpy as np
 
     from codec.ir import Activation, Dense, NetworkIR
-    from codec.runtime.profile import profile
+    from codec.runtime.execution.profile import profile
 
     rng = np.random.default_rng(0)
     dims = [784, width, width, width, width, 10]

@@ -1,3 +1,5 @@
 """codec, the Compiler Of Deep Ensembles."""
 
-__version__ = "0.1.0"
+from codec.version import __version__
+
+__all__ = ["__version__"]

@@ -13,8 +13,8 @@ import logging
 import signal
 import sys
 
-from codec import __version__
 from codec.errors import CodecError, clear_interrupt, interrupt_requested, request_interrupt
+from codec.version import __version__
 
 # Order is the order `codec --help` lists them in. A module missing here is a command not built yet.
 COMMAND_MODULES = [
@@ -106,8 +106,8 @@ def _interrupted(args) -> int:
 
 def run() -> None:
     """The `codec` console script and `python -m codec`: `main`, then exit with its status. A torchrun
-    worker (`--nproc`) exits through `codec.distributed.exit_process`, whatever happened (see there)."""
-    from codec.distributed import current, exit_process
+    worker (`--nproc`) exits through `codec.runtime.training.distributed.exit_process`, whatever happened (see there)."""
+    from codec.runtime.training.distributed import current, exit_process
 
     if not current().distributed:
         sys.exit(main())

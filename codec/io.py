@@ -6,8 +6,8 @@ import contextlib
 import errno
 import json
 import os
-import threading
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -9,7 +9,7 @@ The fused graph has four stages:
    are computed, from the member's full previous layer h_{l-1}, and h_l = Concat(csn_l, own_l) on the
    neuron axis; the member's structural layers (Pool, Flatten) then run on h_l as usual. Concat commutes
    with both (Pool is per channel, Flatten is channel-major), so this is exactly the member's function;
-4. **collect**: the members' outputs combined per criterion, matching `codec.runtime.metrics.combine`:
+4. **collect**: the members' outputs combined per criterion, matching `codec.runtime.evaluation.metrics.combine`:
    - ``prod``: Sum of Log(Max(p_i, eps)), minus the row maximum, Exp, divided by the row sum;
    - ``mean``: Mean of the p_i;
    - ``vote``: Mean of OneHot(ArgMax(p_i)) (ArgMax with select_last_index=0: a member's own ties go to
@@ -43,12 +43,11 @@ import numpy as np
 import onnx_ir as ir
 
 from codec.errors import ConfigError, ShapeError
+from codec.ir.criteria import CRITERIA, PROD_EPS, TASKS, default_criterion
 from codec.ir.lower import OPSET, GraphBuilder, input_value, make_model
 from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute, replace
-from codec.runtime.metrics import CRITERIA, PROD_EPS
 
 __all__ = ["CRITERIA", "check_shares_csn", "emit_ensemble", "ensemble_description", "ensemble_parameter_count"]
-TASKS = ("classification", "reconstruction")
 ENSEMBLE_KEY = "codec.ensemble"  # model metadata: JSON describing the fused ensemble
 # Model metadata a pipeline may set (through `metadata=`): a JSON list of the member model files, relative to
 # the ensemble file's folder, in member order. `codec export` checks parity against them.
@@ -254,7 +253,7 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if criterion is None:
-        criterion = "prod" if task == "classification" else "mean"
+        criterion = default_criterion(task)
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown ensemble criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if task == "reconstruction" and criterion != "mean":

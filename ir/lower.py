@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from codec import __version__
 from codec.io import atomic_path
 from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool
+from codec.version import __version__
 
 OPSET = 18
 IR_VERSION = 9

@@ -52,11 +52,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from codec.errors import ConfigError
+from codec.ir.criteria import TASKS
 from codec.models.zoo import ARCHITECTURES, architecture_options, build_model
 
-from codec.errors import ConfigError
-
-TASKS = ("classification", "reconstruction")
 TRAIN_KEYS = (
     "optimizer",
     "lr",

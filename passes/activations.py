@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from codec.passes.base import Analysis, EnsembleModule
 from codec.passes.registry import register_pass
-from codec.runtime.profile import ActivationStats, PairStats, profile, profile_pair
+from codec.runtime.execution.profile import ActivationStats, PairStats, profile, profile_pair
 
 
 @dataclass

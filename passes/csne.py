@@ -30,7 +30,7 @@ from codec.passes.registry import register_pass
 
 def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """One-to-one matching: take eligible pairs by decreasing score (ties: lowest row, then column)."""
-    from codec.passes import kernels
+    from codec import kernels
 
     return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
 

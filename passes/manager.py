@@ -62,7 +62,7 @@ def verify_outputs(before: EnsembleModule, after: EnsembleModule, atol: float, l
     """Max abs output difference per member between two modules, on the calibration inputs (the first
     `limit` of them; None: all)."""
     from codec.ir.lower import lower, to_bytes
-    from codec.runtime.session import create_session
+    from codec.runtime.execution.session import create_session
 
     errors = {}
     for name, net in after.members.items():

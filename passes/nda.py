@@ -22,7 +22,7 @@ from codec.ir.network import Conv, NetworkIR
 from codec.passes.activations import ActivationAnalysis
 from codec.passes.base import Analysis, EnsembleModule, check_fraction
 from codec.passes.registry import register_pass
-from codec.runtime.profile import ActivationStats
+from codec.runtime.execution.profile import ActivationStats
 
 
 @dataclass
@@ -118,7 +118,7 @@ class NeuronDependenceAnalysis(Analysis):
                     continue
                 connected = connectivity(net, layer.name)
                 if self.mode == "conditional":
-                    from codec.passes import kernels
+                    from codec import kernels
 
                     rows, cols, weights = kernels.ndg_edges(
                         s.cofire, stats.layers[s.previous].fire, s.count, self.fire, connected

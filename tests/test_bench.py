@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from codec.bench import (
+from codec.errors import ConfigError
+from codec.pipelines.bench import (
     PROFILES,
     Arm,
     SweepPoint,
@@ -24,7 +25,6 @@ from codec.bench import (
     summarise,
     training_work,
 )
-from codec.errors import ConfigError
 
 CLS = Task("classification", "prod")
 REC = Task("reconstruction", "mean")
@@ -110,7 +110,7 @@ def test_summarise_leaves_out_missing_values():
 
 
 def test_task_curves_match_metrics():
-    from codec.runtime.metrics import cumulative_accuracy, cumulative_mse
+    from codec.runtime.evaluation.metrics import cumulative_accuracy, cumulative_mse
 
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(5), size=(4, 300)).astype(np.float32)
@@ -241,7 +241,7 @@ def test_bench_end_to_end(tmp_path):
     config = command.config_from_args(args)
     assert config.sweep_members == 3 and dict(config.train_overrides)["max_epochs"] == 1
     # keep the test fast: two sweep points (the default and one that changes the passes)
-    import codec.bench as bench_module
+    import codec.pipelines.bench as bench_module
 
     quick = bench_module.PROFILES["quick"]
     bench_module.PROFILES["quick"] = bench_module.dataclasses.replace(
@@ -290,7 +290,7 @@ def test_bench_end_to_end(tmp_path):
     assert r["summary"]["seeds"] == 1 and r["summary"]["n_baseline"]["values"] == [base["n_baseline"]]
 
     # the report renders this fresh output, and the compile run the benchmark kept in --work-dir
-    from codec.report import render
+    from codec.pipelines.report import render
 
     page = render([out, tmp_path / "work" / "classifier_s" / "code_0"])
     assert page.count("<svg") >= 8 and page.count("<table") >= 8

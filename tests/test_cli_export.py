@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_onnx
 
 from codec import cli
 from codec.ir import Activation, Dense, NetworkIR, Role, lower, save_model
 from codec.ir.ensemble import MEMBERS_KEY, emit_ensemble
-from codec.runtime.metrics import combine
-from conftest import run_onnx
+from codec.runtime.evaluation.metrics import combine
 
 RELU = Activation("relu")
 
@@ -96,7 +96,7 @@ def test_export_checks_parity_and_writes_model_and_card(ensemble, tmp_path, caps
     params = card["parameters"]
     assert params["total_stored"] == params["initializer_elements"] - 5  # prod's collect-stage constants aside
     assert params["total_stored"] < params["unshared"]
-    from codec import __version__
+    from codec.version import __version__
 
     assert card["codec_version"] == __version__
     # the deployable model computes the ensemble, and records the parity it passed

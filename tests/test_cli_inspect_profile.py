@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import export_torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from codec.cli import main
-from conftest import export_torch
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import json
 import networkx as nx
 import numpy as np
 import pytest
-
-from codec.cli import main
-from codec.ir import Role, lift, lower, save_model, to_bytes
-from codec.runtime.profile import activations
 from conftest import run_onnx
 from test_passes import planted_pair
+
+from codec.cli import main
+from codec.ir import Role, lift, lower, save_model
+from codec.runtime.execution.profile import activations
 
 
 @pytest.fixture

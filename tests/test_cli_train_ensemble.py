@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from codec.runtime.data import load_dataset
-from codec.runtime.metrics import assignment_table, combine, oracle_accuracy
-from codec.runtime.session import predict
 
 from codec import cli
 from codec.errors import ConfigError, ShapeError
-from codec.plots import assignment_heatmap
+from codec.pipelines.plots import assignment_heatmap
+from codec.runtime.data import load_dataset
+from codec.runtime.evaluation.metrics import assignment_table, combine, oracle_accuracy
+from codec.runtime.execution.session import predict
 
 # fmt: off
 TINY = ["--recipe", "classifier_s", "--width", "0.25", "--members", "3", "--n-train", "600", "--n-test", "200",

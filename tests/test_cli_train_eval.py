@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from codec.runtime.data import load_dataset
-from codec.runtime.metrics import accuracy
-from codec.runtime.session import predict
 from onnx import TensorProto, helper, numpy_helper
 
 from codec.cli import main
+from codec.runtime.data import load_dataset
+from codec.runtime.evaluation.metrics import accuracy
+from codec.runtime.execution.session import predict
 
 # Tiny runs: 900 training examples, 3 epochs.
 # fmt: off

@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import run_onnx
 from onnx import numpy_helper
 
 from codec.cli import main
 from codec.runtime.data import load_dataset
-from codec.runtime.metrics import combine
-from conftest import run_onnx
+from codec.runtime.evaluation.metrics import combine
 
 SMALL = ["--recipe", "classifier_s", "--epochs", "3", "--n-train", "1500", "--n-test", "400", "--threads", "1",
          "--calibration", "1000", "--quiet"]

@@ -6,10 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
+from codec.errors import ConfigError, ModelLoadError
 from codec.ir import Role, to_bytes
 from codec.ir.ensemble import check_shares_csn
 from codec.models import build_model
-from codec.runtime.coupled import (
+from codec.runtime.evaluation.metrics import combine
+from codec.runtime.training.coupled import (
     EnsembleOptions,
     TreeNet,
     bootstrap_weights,
@@ -23,12 +27,8 @@ from codec.runtime.coupled import (
     train_coupled,
     treenet_networks,
 )
-from codec.runtime.losses import independent_ce, member_losses
-from codec.runtime.metrics import combine
-from codec.runtime.train import TrainConfig, load_checkpoint
-from torch import nn
-
-from codec.errors import ConfigError, ModelLoadError
+from codec.runtime.training.losses import independent_ce, member_losses
+from codec.runtime.training.train import TrainConfig, load_checkpoint
 
 QUICK_SHAPE = (3, 16, 16)
 

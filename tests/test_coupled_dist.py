@@ -18,15 +18,15 @@ import torch
 
 from codec.errors import ConfigError
 from codec.models import build_model
-from codec.runtime.coupled import EnsembleOptions, build_treenet, train_coupled
-from codec.runtime.coupled_dist import (
+from codec.runtime.training.coupled import EnsembleOptions, build_treenet, train_coupled
+from codec.runtime.training.coupled_dist import (
     CoupledPlan,
     communication_per_step,
     plan_coupled,
     train_coupled_distributed,
 )
-from codec.runtime.losses import EnsembleLoss
-from codec.runtime.train import TrainConfig
+from codec.runtime.training.losses import EnsembleLoss
+from codec.runtime.training.train import TrainConfig
 
 # Floating-point sums in another order (the trunk's gradient is summed over ranks, not over branches in
 # one autograd pass) may move weights by a few ulps per step; nothing else may differ.
@@ -57,12 +57,12 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     import torch
-    from codec import distributed
+    from codec.runtime.training import distributed
     from codec.models import build_model
-    from codec.runtime.coupled import EnsembleOptions, build_treenet
-    from codec.runtime.coupled_dist import coupled_backward, plan_coupled, train_coupled_distributed
-    from codec.runtime.losses import EnsembleLoss
-    from codec.runtime.train import TrainConfig
+    from codec.runtime.training.coupled import EnsembleOptions, build_treenet
+    from codec.runtime.training.coupled_dist import coupled_backward, plan_coupled, train_coupled_distributed
+    from codec.runtime.training.losses import EnsembleLoss
+    from codec.runtime.training.train import TrainConfig
 
     world = distributed.init(threads=1)
     out = Path(sys.argv[1])

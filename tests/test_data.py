@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from codec.runtime import data
-from codec.runtime.data import Dataset, iter_batches, load_dataset, read_idx, validate_arrays
 
 from codec.errors import ConfigError, DataError
+from codec.runtime import data
+from codec.runtime.data import Dataset, iter_batches, load_dataset, read_idx, validate_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "codec" / "data" / "mnist_small.npz"

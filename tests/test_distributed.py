@@ -36,7 +36,7 @@ def test_two_rank_compile_matches_single_process(tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import os, sys, json
-    from codec import distributed
+    from codec.runtime.training import distributed
     world = distributed.init(threads=1)
     mode = sys.argv[1]
     marker = sys.argv[2]

@@ -20,7 +20,7 @@ from codec.ir.ensemble import (
     ensemble_description,
     ensemble_parameter_count,
 )
-from codec.runtime.metrics import combine
+from codec.runtime.evaluation.metrics import combine
 
 RELU = Activation("relu")
 SOFTMAX = Activation("softmax")
@@ -173,10 +173,11 @@ def _regrow(rewritten: NetworkIR, rng, name: str) -> NetworkIR:
 
 @pytest.fixture(scope="module")
 def csne_members():
+    from test_passes import planted_pair
+
     from codec.passes.base import Calibration, EnsembleModule
     from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
-    from test_passes import planted_pair
 
     main, peer, *_ = planted_pair(np.random.default_rng(0))
     calibration = Calibration(np.random.default_rng(7).standard_normal((3000, 20)).astype(np.float32), batch_size=512)

@@ -22,7 +22,7 @@ import pytest
 
 from codec.cli import main
 from codec.errors import CodecError, ConfigError, ShapeError
-from codec.io import WriteError, atomic_path, write_bytes_atomic, write_json_atomic
+from codec.io import WriteError, write_bytes_atomic, write_json_atomic
 from codec.ir import Activation, Dense, NetworkIR, lift, lower, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def _wait_for(predicate, proc, seconds: float = 120) -> None:
 
 
 def test_sigint_during_train_leaves_a_resumable_checkpoint(tmp_path, capsys):
-    from codec.runtime.train import load_checkpoint
+    from codec.runtime.training.train import load_checkpoint
 
     out = tmp_path / "member.onnx"
     ckpt = Path(f"{out}.ckpt")
@@ -410,7 +410,7 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_model(tmp_path, monke
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from codec.runtime import train
+    from codec.runtime.training import train
 
     ckpt = tmp_path / "member.ckpt"
     train._save_checkpoint(ckpt, {"format": train.CHECKPOINT_FORMAT, "epoch": 3})
@@ -454,7 +454,7 @@ STREAMER = textwrap.dedent(
     import json, os, resource, sys
     import numpy as np
     from codec.ir import Activation, Dense, NetworkIR
-    from codec.runtime.profile import profile
+    from codec.runtime.execution.profile import profile
 
     path, dim = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)
@@ -542,7 +542,7 @@ class _Wide:
 
 
 def test_statistics_past_the_memory_budget_are_refused_before_allocating(monkeypatch):
-    from codec.runtime import profile as prof
+    from codec.runtime.execution import profile as prof
 
     monkeypatch.delenv(prof.MAX_STATS_BYTES_ENV, raising=False)
     wide = _Wide(20_000, 30_000, 10)  # co-firing 30k x 20k int64 = 4.5 GiB > the 4 GiB default
@@ -563,7 +563,7 @@ def test_statistics_past_the_memory_budget_are_refused_before_allocating(monkeyp
 
 
 def test_memory_budget_through_profile_env_and_cli(models, tmp_path, monkeypatch, capsys):
-    from codec.runtime.profile import MAX_STATS_BYTES_ENV, profile, profile_pair
+    from codec.runtime.execution.profile import MAX_STATS_BYTES_ENV, profile, profile_pair
 
     net = _mlp("net")
     x = np.random.default_rng(0).random((64, 784), dtype=np.float32)

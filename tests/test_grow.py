@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_onnx
+from test_passes import planted_pair
 
 from codec.ir import Role, lower, to_bytes
 from codec.passes.base import Calibration, EnsembleModule
 from codec.passes.manager import PassManager
 from codec.passes.registry import parse_pipeline
-from codec.runtime.grow import GrowOptions, train_grown
-from codec.runtime.profile import activations
-from codec.runtime.train import TrainConfig
-from conftest import run_onnx
-from test_passes import planted_pair
+from codec.runtime.execution.profile import activations
+from codec.runtime.training.grow import GrowOptions, train_grown
+from codec.runtime.training.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -123,9 +123,8 @@ def test_grouped_conv_refused():
 
 
 def test_external_data_outside_model_dir_refused(tmp_path):
-    from onnx import external_data_helper
-
     import onnx
+    from onnx import external_data_helper
 
     proto = onnx.load_from_string(_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}))
     secret = tmp_path / "secret.bin"

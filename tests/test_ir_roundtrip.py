@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import export_torch, run_onnx
 from torch import nn
 
 from codec.ir import Conv, Dense, Flatten, Pool, lift, lower, save_model, to_bytes
-from conftest import export_torch, run_onnx
 
 
 def mlp_classifier():

@@ -1,4 +1,4 @@
-"""codec.passes.kernels against plain numpy / Python references: every kernel must be exact.
+"""codec.kernels against plain numpy / Python references: every kernel must be exact.
 
 Shapes are chosen to cross the kernels' internal boundaries: inputs not a multiple of 64 (padding bits),
 more than 64 neurons with odd remainders (2 x 2 register blocks, 64-neuron pack blocks, 16-row and 64-column
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from codec.passes import kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from codec import kernels as K
 
 SIMD_CHOICES = [False, None]  # forced scalar, and the default (AVX-512 where the CPU has it)
 

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from codec.runtime.losses import (
+
+from codec.errors import ConfigError, ShapeError
+from codec.runtime.training.losses import (
     EnsembleLoss,
     independent_ce,
     mcl_assignment,
@@ -17,8 +19,6 @@ from codec.runtime.losses import (
     probability_averaged_nll,
     score_averaged_ce,
 )
-
-from codec.errors import ConfigError, ShapeError
 
 
 def _ce(logits_row: np.ndarray, label: int) -> float:

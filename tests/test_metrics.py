@@ -1,4 +1,4 @@
-"""Tests of codec.runtime.metrics against small examples computed by hand (the arithmetic is in the
+"""Tests of codec.runtime.evaluation.metrics against small examples computed by hand (the arithmetic is in the
 comments), plus the error cases."""
 
 import json
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec.errors import CodecError, ConfigError, DataError, ShapeError
-from codec.runtime import metrics
+from codec.runtime.evaluation import metrics
 
 # The shared example: 3 members x 4 examples x 3 classes (each member lists examples ex0..ex3).
 MEMBER0 = [[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]]  # argmax 0 1 2 0

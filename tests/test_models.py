@@ -14,6 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from codec.errors import ConfigError, ShapeError
 from codec.models import (
     ARCHITECTURES,
     RECIPES,
@@ -25,9 +28,6 @@ from codec.models import (
     get_recipe,
     list_recipes,
 )
-from torch import nn
-
-from codec.errors import ConfigError, ShapeError
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)

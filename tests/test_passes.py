@@ -5,13 +5,13 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 import pytest
+from conftest import run_onnx
 
 from codec.errors import CodecError, ConfigError
 from codec.ir import Activation, Conv, Dense, Flatten, NetworkIR, Pool, Role, lower, to_bytes
 from codec.passes.base import Calibration, EnsembleModule
-from codec.passes.manager import PassManager, verify_outputs
+from codec.passes.manager import PassManager
 from codec.passes.registry import parse_pipeline
-from conftest import run_onnx
 
 RELU = Activation("relu")
 
@@ -101,7 +101,7 @@ def test_csn_rewrite_is_a_reordering_when_csn_inputs_are_closed(calibration):
     # the CSN network computes exactly the CSN neurons of the rewritten main
     net = out.csn.network
     assert [l.num_neurons for l in net.compute_layers()] == [10, 9]
-    from codec.runtime.profile import activations
+    from codec.runtime.execution.profile import activations
 
     full = activations(rewritten, x)
     csn_out = run_onnx(to_bytes(lower(net)), x)
@@ -175,7 +175,7 @@ def test_ndg_is_a_networkx_digraph_of_connected_cofiring_neurons(calibration):
     # main's fc2 neurons 0..8 have zero weights from fc1 neurons 10..15: never an edge
     for i in range(9):
         assert not any(u[1] >= 10 for u in graph.predecessors(("fc2", i)))
-    from codec.runtime.profile import activations
+    from codec.runtime.execution.profile import activations
 
     acts = activations(main, calibration.x)
     f1, f2 = acts["fc1"] > 0, acts["fc2"] > 0

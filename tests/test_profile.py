@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import export_torch
 from torch import nn
 
 from codec.errors import DataError, ShapeError
 from codec.ir import lift
-from codec.runtime.profile import activations, merge, profile, profile_pair
-from conftest import export_torch
+from codec.runtime.execution.profile import activations, merge, profile, profile_pair
 
 
 def _mlp(seed: int) -> nn.Sequential:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from codec.errors import CodecError, DataError
-from codec.report import Series, bar_chart, heatmap, line_plot, nice_ticks, render, write_report
+from codec.pipelines.report import Series, bar_chart, heatmap, line_plot, nice_ticks, render, write_report
 
 TINY = {"max_epochs": 1, "n_train": 400, "n_test": 150}
 
@@ -84,7 +84,7 @@ def bench_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def compile_dir(tmp_path_factory) -> Path:
-    from codec.compile import CompileOptions, compile_ensemble
+    from codec.pipelines.compile import CompileOptions, compile_ensemble
 
     run = tmp_path_factory.mktemp("compile") / "run"
     compile_ensemble(CompileOptions("classifier_s", members=3, train_overrides={**TINY, "num_threads": 1}), run, quiet=True)
@@ -148,7 +148,7 @@ def test_compile_run_directory(compile_dir, tmp_path):
 
 
 def test_coupled_ensemble_heatmap(tmp_path):
-    coupled = pytest.importorskip("codec.runtime.coupled")
+    coupled = pytest.importorskip("codec.runtime.training.coupled")
     report = coupled.train_ensemble_recipe("classifier_s", coupled.EnsembleOptions(members=2, loss="mcl"), tmp_path / "mcl",
                                            overrides={**TINY, "num_threads": 1}, quiet=True, plot=False)
     page = render([tmp_path / "mcl"])

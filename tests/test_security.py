@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from codec.errors import DataError, LiftError, ModelLoadError
 from codec.ir import lift, lower, to_bytes
-from conftest import run_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("codec", "ir", "passes", "runtime", "models")
@@ -478,7 +478,7 @@ def test_no_module_of_codec_can_unpickle():
     problems = [p for f in files for p in unsafe_loads(f.read_text(), str(f.relative_to(REPO)))]
     assert problems == []
     # and the two readers of user files do what the scan says they do
-    loaders = (REPO / "runtime" / "train.py").read_text() + (REPO / "runtime" / "data.py").read_text()
+    loaders = (REPO / "runtime" / "training" / "train.py").read_text() + (REPO / "runtime" / "data" / "formats.py").read_text()
     assert "weights_only=True" in loaders and "allow_pickle=False" in loaders
 
 
@@ -495,7 +495,7 @@ class _Boom:
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     import torch
 
-    from codec.runtime.train import load_checkpoint
+    from codec.runtime.training.train import load_checkpoint
 
     marker = tmp_path / "marker"
     ckpt = tmp_path / "evil.ckpt"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from codec.ir import Role, lift, lower, to_bytes
-from codec.runtime.torch_ir import IRModule, reinitialise_trainable
 from conftest import export_torch, run_onnx
 from test_ir_roundtrip import MODELS
+
+from codec.ir import Role, lift, lower, to_bytes
+from codec.runtime.training.torch_ir import IRModule, reinitialise_trainable
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -8,11 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+from codec.errors import ConfigError, DataError, ModelLoadError
 from codec.models import build_model, get_recipe
 from codec.runtime.data import load_dataset
-from codec.runtime.metrics import accuracy
-from codec.runtime.session import create_session, predict
-from codec.runtime.train import (
+from codec.runtime.evaluation.metrics import accuracy
+from codec.runtime.execution.session import create_session, predict
+from codec.runtime.training.train import (
     TrainConfig,
     export_onnx,
     load_checkpoint,
@@ -21,8 +23,6 @@ from codec.runtime.train import (
     train_member,
     train_recipe,
 )
-
-from codec.errors import ConfigError, DataError, ModelLoadError
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from codec.runtime.data import MNIST_CLASSES, stratified_indices
 
 from codec.io import atomic_path
+from codec.runtime.data import MNIST_CLASSES, stratified_indices
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "codec" / "data" / "mnist_small.npz"

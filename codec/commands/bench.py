@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The BenchConfig the command-line arguments describe (the profile's, with the options given)."""
-    from codec.bench import PROFILES, profile_config
+    from codec.pipelines.bench import PROFILES, profile_config
 
     base = PROFILES[args.profile]
     overrides = dict(base.train_overrides)
@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from codec.bench import command_line, run_bench
+    from codec.pipelines.bench import command_line, run_bench
 
     config = config_from_args(args)
     started = time.perf_counter()

@@ -55,9 +55,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from codec import distributed
-    from codec.compile import CompileOptions, compile_ensemble
-    from codec.runtime.grow import GrowOptions
+    from codec.pipelines.compile import CompileOptions, compile_ensemble
+    from codec.runtime.training import distributed
+    from codec.runtime.training.grow import GrowOptions
 
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Evaluate the members; print the report. Returns the exit code."""
-    from codec.runtime.metrics import CRITERIA
+    from codec.runtime.evaluation.metrics import CRITERIA
 
     if args.criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {args.criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -117,9 +117,9 @@ def evaluate_members(
     """
     import numpy as np
 
-    from codec.runtime import metrics
     from codec.runtime.data import load_dataset
-    from codec.runtime.session import create_session, predict
+    from codec.runtime.evaluation import metrics
+    from codec.runtime.execution.session import create_session, predict
 
     sessions = [create_session(path) for path in members]
     first_in = _static_dims(sessions[0].get_inputs()[0].shape)

@@ -3,7 +3,7 @@
 The deployment step of the pipeline. It loads the model safely (`codec.ir.load_model`: external data must
 stay beside it), runs the full ONNX checker and strict shape inference, then checks *parity*: the fused
 model on a batch of inputs against its members run one by one with onnxruntime and combined by
-`codec.runtime.metrics.combine` (the one definition of every criterion). Only when the largest absolute
+`codec.runtime.evaluation.metrics.combine` (the one definition of every criterion). Only when the largest absolute
 difference is within --atol does it write the deployable model (atomically; tensors inline, or in
 `<name>.data` beside it with --external-data) and a model card (JSON) describing it.
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from codec.commands._common import emit, fit_to_model
 from codec.errors import CodecError, ConfigError, ModelLoadError, ShapeError
-from codec.runtime.metrics import CRITERIA
+from codec.runtime.evaluation.metrics import CRITERIA
 
 DEFAULT_ATOL = 1e-5
 DEFAULT_SAMPLES = 256
@@ -160,7 +160,7 @@ def member_paths(args, model) -> tuple[list[Path], str]:
 
 
 def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
-    from codec.runtime.session import run_batches
+    from codec.runtime.execution.session import run_batches
 
     parts = list(run_batches(session, x, batch_size, outputs))
     return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(outputs))]
@@ -168,7 +168,7 @@ def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np
 
 def _run_member(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
     from codec.ir.lift import load_model
-    from codec.runtime.session import create_session
+    from codec.runtime.execution.session import create_session
 
     load_model(path)  # refuses missing files and external data outside the member's folder
     session = create_session(path)
@@ -179,7 +179,7 @@ def _run_member(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _reference(stack: np.ndarray, criterion: str, task: str) -> np.ndarray:
-    from codec.runtime.metrics import combine
+    from codec.runtime.evaluation.metrics import combine
 
     if task == "reconstruction":
         return stack.astype(np.float64).mean(axis=0)  # outputs need not be probabilities
@@ -193,7 +193,7 @@ def check_parity(args, model, description: dict, x: np.ndarray) -> tuple[dict, n
         ParityError: the largest absolute difference exceeds --atol.
     """
     from codec.ir.ensemble import OUTPUT_NAME
-    from codec.runtime.session import create_session
+    from codec.runtime.execution.session import create_session
 
     task = description.get("task", "classification")
     criterion = args.criterion or description.get("criterion")
@@ -246,7 +246,7 @@ def verify_written(path: Path, x: np.ndarray, fused: np.ndarray, batch_size: int
     """The written model's largest difference from the checked one on the parity inputs (0 when the
     tensors survived serialisation intact)."""
     from codec.ir.ensemble import OUTPUT_NAME
-    from codec.runtime.session import create_session
+    from codec.runtime.execution.session import create_session
 
     session = create_session(path)
     names = [o.name for o in session.get_outputs()]
@@ -268,11 +268,11 @@ def _sha256(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from codec import __version__
     from codec.io import write_json_atomic
     from codec.ir.ensemble import ensemble_description
     from codec.ir.lift import load_model
     from codec.ir.lower import external_data_files, save_model
+    from codec.version import __version__
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be positive, got {args.limit}")

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from codec.io import write_json_atomic
     from codec.ir import lift
-    from codec.runtime.profile import profile
+    from codec.runtime.execution.profile import profile
 
     net = lift(args.model)
     x, _, dataset = load_split(args)

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from codec.report import write_report
+    from codec.pipelines.report import write_report
 
     out = write_report(args.inputs, args.output, args.title)
     size = out.stat().st_size

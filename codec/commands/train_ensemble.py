@@ -123,8 +123,8 @@ def run(args) -> int:
 
     import os
 
-    from codec import distributed
-    from codec.runtime.coupled import EnsembleOptions, train_ensemble_recipe
+    from codec.runtime.training import distributed
+    from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
 
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
@@ -187,7 +187,7 @@ def _template(recipe, args):
 
 
 def _check_split(recipe, args) -> None:
-    from codec.runtime.coupled import resolve_split
+    from codec.runtime.training.coupled import resolve_split
 
     template = _template(recipe, args)
     if template is not None:
@@ -195,7 +195,7 @@ def _check_split(recipe, args) -> None:
 
 
 def _list_splits(recipe, args) -> int:
-    from codec.runtime.coupled import module_names
+    from codec.runtime.training.coupled import module_names
 
     template = _template(recipe, args)
     if template is None:

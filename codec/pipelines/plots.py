@@ -38,7 +38,7 @@ def assignment_heatmap(
     title: str | None = None,
     dpi: int = 120,
 ) -> Path:
-    """Draw an MCL assignment table (members x classes, `codec.runtime.metrics.assignment_table`) as a
+    """Draw an MCL assignment table (members x classes, `codec.runtime.evaluation.metrics.assignment_table`) as a
     heatmap PNG, written atomically; each cell shows its count.
 
     Args:

@@ -65,8 +65,8 @@ from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError
 from codec.ir.network import Activation, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
-from codec.runtime.losses import LOSSES, EnsembleLoss, member_losses
-from codec.runtime.train import (
+from codec.runtime.training.losses import LOSSES, EnsembleLoss, member_losses
+from codec.runtime.training.train import (
     CHECKPOINT_FORMAT,
     DATA_SEED,
     EVAL_BATCH_SIZE,
@@ -124,7 +124,7 @@ class EnsembleOptions:
 
     Attributes:
         members: M, >= 1.
-        loss: one of `codec.runtime.losses.LOSSES`.
+        loss: one of `codec.runtime.training.losses.LOSSES`.
         k: MCL's members per example (1..M).
         alpha: MCL's weight of the independent cross-entropy, in [0, 1] (0 = pure MCL).
         pretrain_epochs: epochs of independent cross-entropy before `loss` takes over (>= 0).
@@ -137,7 +137,7 @@ class EnsembleOptions:
             validation set, deterministically: for MCL the sum of the k lowest member losses mixed with
             alpha; during pretraining the independent cross-entropy), "ensemble_nll" (NLL of the members'
             mean probability) or "member_ce" (the members' mean cross-entropy).
-        criterion: how the fused ONNX ensemble combines members (`codec.runtime.metrics.CRITERIA`);
+        criterion: how the fused ONNX ensemble combines members (`codec.runtime.evaluation.metrics.CRITERIA`);
             "mean" is Lee et al.'s ensemble-mean. Does not affect training.
     """
 
@@ -154,7 +154,7 @@ class EnsembleOptions:
     criterion: str = "mean"
 
     def __post_init__(self) -> None:
-        from codec.runtime.metrics import CRITERIA
+        from codec.runtime.evaluation.metrics import CRITERIA
 
         self.ensemble_loss()  # validates members, loss, k and alpha
         if self.variation not in VARIATIONS:
@@ -791,8 +791,8 @@ def train_ensemble_recipe(
     from codec.ir.lower import lower, save_model, to_bytes
     from codec.models import get_recipe
     from codec.runtime.data import load_dataset
-    from codec.runtime.metrics import assignment_table, combine, evaluate_classifier
-    from codec.runtime.session import create_session, run_batches
+    from codec.runtime.evaluation.metrics import assignment_table, combine, evaluate_classifier
+    from codec.runtime.execution.session import create_session, run_batches
 
     started = time.perf_counter()
     recipe = get_recipe(recipe_name)
@@ -802,7 +802,7 @@ def train_ensemble_recipe(
     overrides["quiet"] = quiet or overrides.get("quiet", False)
     config = TrainConfig.from_recipe(recipe, **overrides)
     if plot:
-        from codec.plots import require_matplotlib
+        from codec.pipelines.plots import require_matplotlib
 
         require_matplotlib()  # before training, not after it
     out_dir = Path(out_dir)
@@ -823,12 +823,12 @@ def train_ensemble_recipe(
     treenet = build_treenet(build, options.members, options.split, config.seed, random_init=options.random_init)
     treenet_networks(treenet, input_shape)  # refuse a network the fused export cannot express before training
 
-    from codec import distributed
+    from codec.runtime.training import distributed
 
     world = distributed.init(threads=config.num_threads)
     if world.distributed:
-        # model-parallel over torchrun's ranks (codec.runtime.coupled_dist); it keeps no checkpoint
-        from codec.runtime.coupled_dist import train_coupled_distributed
+        # model-parallel over torchrun's ranks (codec.runtime.training.coupled_dist); it keeps no checkpoint
+        from codec.runtime.training.coupled_dist import train_coupled_distributed
 
         if resume:
             raise ConfigError("--resume is not supported for coupled training over several processes (--nproc > 1)")
@@ -879,7 +879,7 @@ def train_ensemble_recipe(
 
     plot_path = None
     if plot:
-        from codec.plots import assignment_heatmap
+        from codec.pipelines.plots import assignment_heatmap
 
         title = f"{recipe.name}: {options.members} members, {options.loss}" + (f" k={options.k}" if options.loss == "mcl" else "")
         plot_path = str(assignment_heatmap(table, out_dir / "assignment.png", class_names=dataset.class_names, title=title))

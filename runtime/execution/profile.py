@@ -193,7 +193,7 @@ class _Tapped:
     """A network lowered with taps, running in onnxruntime, reducing each batch to per-input neuron views."""
 
     def __init__(self, net: NetworkIR, intra_op_threads: int | None = None):
-        from codec.runtime.session import create_session
+        from codec.runtime.execution.session import create_session
 
         self.net = net
         self.hidden = net.hidden_layers()
@@ -238,7 +238,7 @@ class _Tapped:
 
 def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None:
     """Add one batch. `packed[i]` is layer i's fire matrix bit-packed by `kernels.pack_fires`."""
-    from codec.passes import kernels
+    from codec import kernels
 
     for i, (s, (act, fires, nonzero)) in enumerate(zip(stats.layers.values(), views)):
         s.count += act.shape[0]
@@ -376,7 +376,7 @@ def _run(nets, data, batch_size, progress, intra_op_threads, pair=False, max_sta
 
 
 def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm):
-    from codec.passes import kernels
+    from codec import kernels
 
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")

@@ -22,7 +22,7 @@ from torch import nn
 
 from codec.errors import ConfigError
 from codec.ir.network import NetworkIR
-from codec.runtime.torch_ir import IRLayer, IRModule, activation, reinitialise_trainable
+from codec.runtime.training.torch_ir import IRLayer, IRModule, activation, reinitialise_trainable
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def train_grown(
     desc: str = "grown",
 ) -> tuple[NetworkIR, object, dict]:
     """Train one grown member; returns (its NetworkIR, the TrainResult, facts for the report)."""
-    from codec.runtime.train import train_member
+    from codec.runtime.training.train import train_member
 
     module = build_grown(template, seed, options)
     trainable = module.trainable_parameters()

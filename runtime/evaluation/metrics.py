@@ -24,16 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from codec.errors import ConfigError, DataError, ShapeError
-
-CRITERIA = ("prod", "mean", "vote", "max")
-
-# The floor that `combine(..., "prod")` clips probabilities to before taking logs. The smallest positive
-# normal float64 (~2.2e-308) rather than something like 1e-12, so that a member's exact zero keeps its
-# meaning as a veto: a class some member gives probability 0 loses to any class no member rules out,
-# however small that class's product (with 1e-12 three members agreeing on 1e-5 would lose to a veto).
-# When every class is vetoed the floor still gives a finite, well-defined ranking by the other factors.
-PROD_EPS = float(np.finfo(np.float64).tiny)
-
+from codec.ir.criteria import CRITERIA, PROD_EPS
 
 # ----------------------------------------------------------------------------------------------------
 # Validation helpers: turn whatever the caller passed into float64/int64 arrays or raise one-line errors.

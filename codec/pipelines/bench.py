@@ -8,7 +8,7 @@ Per recipe and replicate seed s (member i of replicate s is trained with seed ``
    it gains at least `min_gain` (accuracy, absolute; autoencoders: relative MSE decrease); growing stops
    after `size_patience` members in a row that do not, or at `max_members`. Those extra members are trained
    (that is how one finds out) but neither kept nor charged to the baseline's time.
-2. **CODE**: `codec.compile.compile_ensemble` with `max_members` members. Its main and peer *are* the
+2. **CODE**: `codec.pipelines.compile.compile_ensemble` with `max_members` members. Its main and peer *are* the
    baseline's first two members (same seeds, identical training); the compile run directory is seeded with
    them and resumed, so they are not trained twice and both methods pay exactly the same for them. CODE's
    extra cost is the passes and the grown members.
@@ -23,13 +23,13 @@ Per recipe and replicate seed s (member i of replicate s is trained with seed ``
    threshold, grown members' initialisation and learning rate, keep_main), each point a compile seeded with
    the same main and peer, compared at `sweep_members` members with the baseline of the same size.
 6. **Side by side**: torchensemble's VotingClassifier (same architecture, same initial weights as the
-   baseline's members, its own training loop) and a TreeNet (Lee et al.; `codec.runtime.coupled`).
+   baseline's members, its own training loop) and a TreeNet (Lee et al.; `codec.runtime.training.coupled`).
 7. **Fused inference**: onnxruntime throughput of the fused CODE graph, of the same members as separate
    sessions, and of a torch loop over them, against a bound: the graph's FLOPs at the machine's measured
    float32 GEMM rate (numpy and torch, measured in the same run).
 
 Statistics: every test quality has a percentile bootstrap CI over test examples
-(`codec.runtime.metrics.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test examples
+(`codec.runtime.evaluation.metrics.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test examples
 (bootstrap CI of the difference, and McNemar's exact test for classifiers) and marked not significant when
 the CI contains 0. Across seeds: medians with min/max and a bootstrap CI of the mean over seeds (with three
 seeds that interval is crude; the raw per-seed numbers are always recorded).
@@ -57,9 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
-from codec import __version__
 from codec.errors import ConfigError
 from codec.io import write_bytes_atomic, write_json_atomic
+from codec.version import __version__
 
 BENCH_FORMAT = 1
 RECIPE_KIND = "codec-bench-recipe"
@@ -156,7 +156,7 @@ class BenchConfig:
         sweep_members: ensemble size at which sweep points are compared.
         compare: run torchensemble's VotingClassifier and a TreeNet (classifiers only).
         compare_seeds: how many seeds the comparisons run on.
-        treenet_split: where the TreeNet's shared trunk ends (a module name, see codec.runtime.coupled).
+        treenet_split: where the TreeNet's shared trunk ends (a module name, see codec.runtime.training.coupled).
         inference: measure fused-ensemble inference throughput (first seed).
         inference_batches: batch sizes of the throughput measurement.
         threads: torch / onnxruntime / BLAS threads (1: small MLPs on a busy machine are fastest single-threaded).
@@ -189,7 +189,7 @@ class BenchConfig:
     def validate(self) -> None:
         """Raise ConfigError (one line) for a configuration the benchmark cannot run."""
         from codec.models import get_recipe
-        from codec.runtime.train import TrainConfig
+        from codec.runtime.training.train import TrainConfig
 
         if not self.recipes:
             raise ConfigError("no recipes to benchmark")
@@ -297,7 +297,7 @@ class Task:
     def per_example(self, outputs: np.ndarray, target: np.ndarray) -> np.ndarray:
         """Per-example score of the ensemble of all members in `outputs` (M, N, ...): 1/0 correct, or the
         example's squared reconstruction error averaged over features."""
-        from codec.runtime.metrics import combine
+        from codec.runtime.evaluation.metrics import combine
 
         if self.kind == "classification":
             return (combine(outputs, self.criterion).argmax(axis=1) == target).astype(np.float64)
@@ -357,7 +357,7 @@ def select_members(val_curve: Sequence[float], task: Task, min_gain: float, max_
 
 def quality_ci(per_example: np.ndarray, n_boot: int, seed: int = 0) -> dict:
     """Mean of a per-example score with its 95 % bootstrap CI over examples."""
-    from codec.runtime.metrics import bootstrap_ci
+    from codec.runtime.evaluation.metrics import bootstrap_ci
 
     point, low, high = bootstrap_ci(np.mean, np.asarray(per_example, dtype=np.float64), n_boot=n_boot, seed=seed)
     return {"value": point, "ci95": [low, high], "n": len(per_example)}
@@ -382,7 +382,7 @@ def paired_comparison(task: Task, a: np.ndarray, b: np.ndarray, n_boot: int, see
     """A - B on the same test examples: the difference of mean per-example scores, its bootstrap CI
     (examples resampled jointly), McNemar's exact p for classifiers, and whether A is better, worse or not
     significantly different (the CI contains 0)."""
-    from codec.runtime.metrics import bootstrap_ci
+    from codec.runtime.evaluation.metrics import bootstrap_ci
 
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -404,7 +404,7 @@ def paired_comparison(task: Task, a: np.ndarray, b: np.ndarray, n_boot: int, see
 def summarise(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0) -> dict:
     """Across seeds: the raw values, median, min, max, mean and a bootstrap CI of the mean (None values,
     e.g. 'never reached', are counted but left out of the statistics)."""
-    from codec.runtime.metrics import bootstrap_ci
+    from codec.runtime.evaluation.metrics import bootstrap_ci
 
     raw = [None if v is None else float(v) for v in values]
     present = np.array([v for v in raw if v is not None], dtype=np.float64)
@@ -512,7 +512,7 @@ class BenchData:
 def load_bench_data(recipe, config, data_dir) -> BenchData:
     """The recipe's data with compile's subset and validation split (DATA_SEED), so every arm sees the same."""
     from codec.runtime.data import load_dataset
-    from codec.runtime.train import DATA_SEED
+    from codec.runtime.training.train import DATA_SEED
 
     dataset = load_dataset(recipe.dataset, data_dir=data_dir)
     if config.n_train is not None or config.n_test is not None:
@@ -539,7 +539,7 @@ class _Context:
 
 def _onnx_outputs(model, x: np.ndarray, threads: int | None) -> np.ndarray:
     """A single-output ONNX model's outputs on x, reshaped to its input (float32)."""
-    from codec.runtime.session import create_session, predict
+    from codec.runtime.execution.session import create_session, predict
 
     session = create_session(model, intra_op_threads=threads)
     dims = session.get_inputs()[0].shape[1:]
@@ -551,7 +551,7 @@ def _onnx_outputs(model, x: np.ndarray, threads: int | None) -> np.ndarray:
 def _train_independent(ctx: _Context, name: str, seed: int) -> tuple[dict, object]:
     """Train one member exactly as `codec compile` trains main and peer; returns (facts, module)."""
     from codec.models import build_model
-    from codec.runtime.train import train_member
+    from codec.runtime.training.train import train_member
 
     d = ctx.data
     config = dataclasses.replace(ctx.config, seed=seed, quiet=True)
@@ -576,7 +576,7 @@ def _train_independent(ctx: _Context, name: str, seed: int) -> tuple[dict, objec
 def _torch_outputs(ctx: _Context, module, x: np.ndarray) -> np.ndarray:
     import torch
 
-    from codec.runtime.train import predict_torch
+    from codec.runtime.training.train import predict_torch
 
     out = predict_torch(module, x, batch_size=1024)
     if ctx.data.classify:
@@ -597,7 +597,7 @@ def run_baseline(ctx: _Context, replicate: int, need: int) -> BaselineRun:
     """Independent members added one at a time until the validation gain is too small (or max members);
     at least `need` members are trained (the sweep compares at that size)."""
     from codec.ir import lift
-    from codec.runtime.train import export_onnx
+    from codec.runtime.training.train import export_onnx
 
     d, task, bench = ctx.data, ctx.task, ctx.bench
     min_gain = bench.min_gain if task.higher_is_better else bench.min_gain_relative_mse
@@ -658,9 +658,9 @@ class CodeRun:
 
 def run_code(ctx: _Context, replicate: int, baseline: BaselineRun, point: SweepPoint, members: int, run_dir: Path) -> CodeRun:
     """One CODE compile seeded with the baseline's main and peer; its members' outputs and prefix costs."""
-    from codec.compile import CompileOptions, compile_ensemble
     from codec.ir import lift
-    from codec.runtime.grow import GrowOptions
+    from codec.pipelines.compile import CompileOptions, compile_ensemble
+    from codec.runtime.training.grow import GrowOptions
 
     d, bench = ctx.data, ctx.bench
     options = CompileOptions(
@@ -719,7 +719,7 @@ def _curve_points(task: Task, arm: Arm, val_target, test_target, start: int = 1)
 def analyse_seed(task: Task, baseline: Arm, n_baseline: int, code: Arm, val_target, test_target, *,
                  tp_dnn: int, csn_parameters: int, tp_codedn: int, n_boot: int, seed: int = 0) -> dict:
     """Table 1 and Table 2 analogues for one replicate (see the module docstring)."""
-    from codec.runtime.metrics import memory_footprint
+    from codec.runtime.evaluation.metrics import memory_footprint
 
     base_val = task.curve(baseline.val, val_target)
     code_val = task.curve(code.val, val_target)
@@ -853,11 +853,11 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
 
 def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
     """A TreeNet (Lee et al.): n branches over a shared trunk ending at `treenet_split`, trained jointly with
-    independent cross-entropy (codec.runtime.coupled)."""
+    independent cross-entropy (codec.runtime.training.coupled)."""
     try:
-        from codec.runtime.coupled import EnsembleOptions, train_ensemble_recipe
+        from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
     except ImportError as exc:
-        return {"available": False, "why": f"codec.runtime.coupled is not available ({exc})"}
+        return {"available": False, "why": f"codec.runtime.training.coupled is not available ({exc})"}
     d = ctx.data
     out_dir = ctx.work / f"treenet_{replicate}"
     options = EnsembleOptions(members=n, split=ctx.bench.treenet_split, criterion=ctx.task.criterion)
@@ -935,9 +935,9 @@ def measure_inference(ensemble: Path, member_files: Sequence[Path], x: np.ndarra
 
     from codec.ir import lift
     from codec.ir.ensemble import ensemble_description
-    from codec.runtime.metrics import combine
-    from codec.runtime.session import create_session
-    from codec.runtime.torch_ir import IRModule
+    from codec.runtime.evaluation.metrics import combine
+    from codec.runtime.execution.session import create_session
+    from codec.runtime.training.torch_ir import IRModule
 
     fused = create_session(ensemble, intra_op_threads=threads)
     sessions = [create_session(f, intra_op_threads=threads) for f in member_files]
@@ -1071,7 +1071,7 @@ def bench_recipe(recipe_name: str, bench: BenchConfig, work: Path, *, log: Calla
     import torch
 
     from codec.models import get_recipe
-    from codec.runtime.train import TrainConfig
+    from codec.runtime.training.train import TrainConfig
 
     started = time.perf_counter()
     recipe = get_recipe(recipe_name)

@@ -377,7 +377,7 @@ def _read_json(path: Path) -> dict:
 
 def load_source(path: str | os.PathLike) -> Source:
     """Recognise what `path` is (bench folder or file, compile run, train-ensemble run) and read it."""
-    from codec.bench import INDEX_FILE, INDEX_KIND, RECIPE_KIND
+    from codec.pipelines.bench import INDEX_FILE, INDEX_KIND, RECIPE_KIND
 
     path = Path(path)
     if not path.exists():
@@ -710,7 +710,7 @@ def _comparison_section(r: dict) -> str:
     return ("<h3>Side by side: torchensemble and a TreeNet</h3>" + table(header, rows)
             + '<p class="meta">Same data splits and architecture. torchensemble\'s members start from the baseline members\' initial '
               "weights and train in its own loop (every epoch up to the cap, keeping the epoch best on validation, no checkpoints); "
-              "the TreeNet shares its trunk and trains all branches jointly in one batched pass (codec.runtime.coupled). "
+              "the TreeNet shares its trunk and trains all branches jointly in one batched pass (codec.runtime.training.coupled). "
               "Training seconds come from different training loops on a shared machine: compare them with care.</p>")
 
 

@@ -851,8 +851,8 @@ def train_recipe(
     """
     from codec.models import build_model, get_recipe
     from codec.runtime.data import load_dataset
-    from codec.runtime.metrics import accuracy, mse
-    from codec.runtime.session import predict
+    from codec.runtime.evaluation.metrics import accuracy, mse
+    from codec.runtime.execution.session import predict
 
     recipe = get_recipe(recipe_name)
     overrides = dict(overrides or {})

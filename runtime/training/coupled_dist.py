@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from codec import distributed
 from codec.errors import CodecError, ConfigError, DataError
-from codec.runtime.coupled import (
+from codec.runtime.training import distributed
+from codec.runtime.training.coupled import (
     _TIE_STREAM,
     CoupledResult,
     EnsembleOptions,
@@ -63,8 +63,8 @@ from codec.runtime.coupled import (
     ensemble_logits,
     train_coupled,
 )
-from codec.runtime.losses import EnsembleLoss
-from codec.runtime.train import (
+from codec.runtime.training.losses import EnsembleLoss
+from codec.runtime.training.train import (
     _TRAJECTORY_FIELDS,
     EarlyStopping,
     _check_training_data,
@@ -398,7 +398,7 @@ def train_coupled_distributed(
 ) -> CoupledResult:
     """Train a TreeNet's members together, spread over the ranks of a torchrun job (module docstring).
 
-    Call it on every rank, after `codec.distributed.init()`, with the same arguments. Without a process
+    Call it on every rank, after `codec.runtime.training.distributed.init()`, with the same arguments. Without a process
     group, or with one process, it is `train_coupled` (no checkpoint). Rank 0's initial weights are sent to
     every rank first, so the ranks need not have built the TreeNet from the same seed.
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from codec import __version__
 from codec.errors import ConfigError, check_interrupt
 from codec.io import write_json_atomic
-from codec.runtime.grow import GrowOptions
+from codec.runtime.training.grow import GrowOptions
+from codec.version import __version__
 
-log = logging.getLogger("codec.compile")
+log = logging.getLogger("codec.pipelines.compile")
 
 
 @dataclass
@@ -124,7 +124,7 @@ class _Data:
 
 def _load_data(recipe, config, data_dir) -> _Data:
     from codec.runtime.data import load_dataset
-    from codec.runtime.train import DATA_SEED
+    from codec.runtime.training.train import DATA_SEED
 
     dataset = load_dataset(recipe.dataset, data_dir=data_dir)
     if config.n_train is not None or config.n_test is not None:
@@ -151,7 +151,7 @@ def _load_data(recipe, config, data_dir) -> _Data:
 def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
     """Train one member the ordinary way (random init); returns its facts and its ONNX bytes."""
     from codec.models import build_model
-    from codec.runtime.train import export_onnx, train_member
+    from codec.runtime.training.train import export_onnx, train_member
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet)
     module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
@@ -183,7 +183,7 @@ def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
 
 def _train_all(run: Run, world, names: list[str], task) -> None:
     """Train the members not finished yet, spread over ranks; rank 0 stores them."""
-    from codec import distributed
+    from codec.runtime.training import distributed
 
     todo = [n for n in names if run.done(f"train:{n}") is None]
     results = distributed.run_tasks(todo, task)
@@ -237,7 +237,7 @@ def _load_csn(run: Run, rewritten):
 def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
     """Train one grown member around the CSN; returns its facts and its ONNX bytes."""
     from codec.ir import lower, to_bytes
-    from codec.runtime.grow import train_grown
+    from codec.runtime.training.grow import train_grown
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
     net, result, extra = train_grown(
@@ -261,9 +261,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     from codec.ir import lift, save_model
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.models import get_recipe
-    from codec.runtime.train import TrainConfig
-
-    from codec import distributed
+    from codec.runtime.training import distributed
+    from codec.runtime.training.train import TrainConfig
 
     options.validate()
     world = distributed.init(threads=options.train_overrides.get("num_threads"))
@@ -322,8 +321,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
 def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
     """Every member's and the growing ensemble's quality on the test set (onnxruntime)."""
     from codec.ir import lower, to_bytes
-    from codec.runtime import metrics
-    from codec.runtime.session import predict
+    from codec.runtime.evaluation import metrics
+    from codec.runtime.execution.session import predict
 
     x = data.x_test
     outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
@@ -341,7 +340,7 @@ def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
 
 def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
             criterion, emit_seconds, wall) -> dict:
-    from codec.runtime.metrics import memory_footprint
+    from codec.runtime.evaluation.metrics import memory_footprint
 
     n = options.members
     tp_dnn = main_facts["parameters"]

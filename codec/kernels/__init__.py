@@ -1,7 +1,7 @@
 """Exact, OpenMP-parallel kernels for the neuron passes: bit-packed firing, co-firing, matching, NDG edges.
 
 This is the module the passes and the profiler import. Each function checks its inputs and then calls a
-nogil kernel of the compiled extension `codec.passes._kernels`.
+nogil kernel of the compiled extension `codec.kernels._kernels`.
 
 Input policy (the same for every function):
     * dtypes are never converted silently: a wrong dtype raises ValueError naming the argument and the
@@ -24,7 +24,8 @@ padding bits of the last word are zero, so popcounts of ANDed rows count inputs 
 from __future__ import annotations
 
 import numpy as np
-from codec.passes import _kernels
+
+from codec.kernels import _kernels
 
 __all__ = [
     "cofire_counts",

@@ -1,0 +1,375 @@
+"""Readers: `load_dataset` and the file formats behind each spec (npz, IDX, CIFAR binary, JPEG copy)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import logging
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from codec.errors import ConfigError, DataError
+from codec.runtime.data.catalog import (
+    _CIFAR_ARCHIVE,
+    _CIFAR_DIR,
+    _CIFAR_RECORD,
+    _CIFAR_TEST_BATCH,
+    _CIFAR_TRAIN_BATCHES,
+    _IDX_FILES,
+    _IDX_IMAGES_MAGIC,
+    _IDX_LABELS_MAGIC,
+    _JPEG_TEST,
+    _JPEG_TRAIN,
+    CHECKSUMS,
+    CIFAR10_CLASSES,
+    DATA_DIR_ENV,
+    DATASETS,
+    DEFAULT_DATA_DIR,
+    MNIST_CLASSES,
+)
+from codec.runtime.data.dataset import Dataset, validate_arrays
+from codec.runtime.data.fetch import _file_digest, _one_line, extract_tar_safely, fetch_file
+
+log = logging.getLogger(__name__)
+
+
+def default_data_dir() -> Path:
+    """`$CODEC_DATA_DIR`, else `~/.cache/codec/data`."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def known_specs() -> str:
+    """The dataset specs, comma-separated, for messages."""
+    return ", ".join(info.spec for info in DATASETS.values())
+
+
+def load_dataset(
+    spec: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    mirrors: Mapping[str, Sequence[str] | str] | None = None,
+) -> Dataset:
+    """Load a dataset by spec (see the module docstring for the specs and file layouts).
+
+    Args:
+        spec: `mnist`, `fashion_mnist`, `cifar10`, `cifar10_jpeg`, `mnist_small` or `npz:PATH`.
+        data_dir: Where the standard datasets live; default `$CODEC_DATA_DIR` or `~/.cache/codec/data`.
+        download: Fetch missing files from the canonical sources (checksum-verified).
+        mirrors: Dataset name -> base URLs that replace the canonical ones (files are fetched from
+            `<base>/<file name>`). Without it, `$CODEC_DATA_MIRROR` (a base URL) replaces them with
+            `<base>/<dataset name>/<file name>`.
+
+    Returns:
+        The `Dataset`.
+
+    Raises:
+        ConfigError: An unknown spec.
+        DataError: Missing, unreadable or malformed files, a failed download or a checksum mismatch.
+    """
+    spec = str(spec).strip()
+    if spec.startswith("npz:"):
+        path = spec[len("npz:") :]
+        if not path:
+            raise ConfigError("npz: needs a path, e.g. npz:data/my_set.npz")
+        return _load_user_npz(Path(path).expanduser(), name=spec)
+    name = spec.lower().replace("-", "_")
+    if name not in DATASETS or name == "npz":
+        raise ConfigError(f"unknown dataset {spec!r}; known: {known_specs()}")
+    if name == "mnist_small":
+        return _load_bundled_mnist_small()
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name in ("mnist", "fashion_mnist"):
+        return _load_idx_dataset(name, root, download, mirrors)
+    if name == "cifar10":
+        return _load_cifar10(root, download, mirrors)
+    return _load_cifar10_jpeg(root)
+
+
+def _load_user_npz(path: Path, name: str) -> Dataset:
+    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"), optional=("class_names",))
+    return _dataset_from_arrays(name, arrays, class_names=None, source=path)
+
+
+def _dataset_from_arrays(
+    name: str, arrays: Mapping[str, np.ndarray], class_names: Sequence[str] | None, source: Path | str
+) -> Dataset:
+    """Build a `Dataset` from raw arrays: scale uint8, make images NCHW, infer the classes."""
+    x_train = _to_float_nchw(arrays["x_train"], f"{source}: x_train")
+    x_test = _to_float_nchw(arrays["x_test"], f"{source}: x_test")
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
+    # Validate the labels before taking their maximum, so bad labels get the precise message.
+    validate_arrays(x_train, y_train, name=f"{source}: train")
+    validate_arrays(x_test, y_test, name=f"{source}: test")
+    if class_names is None and "class_names" in arrays:
+        stored = arrays["class_names"]
+        if stored.ndim != 1 or stored.dtype.kind not in "US":
+            raise DataError(
+                f"{source}: class_names must be a 1-D array of strings, got {stored.dtype} {stored.shape}"
+            )
+        class_names = [str(c) for c in stored]
+    if class_names is None:
+        num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
+        class_names = [str(c) for c in range(num_classes)]
+    return Dataset(
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+    )
+
+
+def _to_float_nchw(x: np.ndarray, what: str) -> np.ndarray:
+    """uint8 pixels -> [0, 1]; `(N, H, W)` -> `(N, 1, H, W)`; `(N, H, W, C)` with C in {1, 3} -> NCHW."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{what}: must be numeric, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if x.dtype == np.uint8:
+        out = x.astype(np.float32)
+        out /= 255.0
+        return out
+    return x.astype(np.float32, copy=False)
+
+
+def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Read named arrays from an .npz without ever unpickling; every failure is a one-line DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
+        with loaded as npz:
+            missing = [k for k in required if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing array(s) {', '.join(missing)}; it has {', '.join(npz.files) or 'none'} "
+                    f"(expected {', '.join(required)})"
+                )
+            return {k: npz[k] for k in (*required, *optional) if k in npz.files}
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read as .npz: {_one_line(exc)}") from exc
+
+
+def _load_bundled_mnist_small() -> Dataset:
+    resource = importlib.resources.files("codec") / "data" / "mnist_small.npz"
+    with importlib.resources.as_file(resource) as path:
+        if not Path(path).is_file():
+            raise DataError(
+                "the bundled mnist_small.npz is missing from this codec installation; reinstall codec"
+            )
+        arrays = _read_npz(Path(path), ("x_train", "y_train", "x_test", "y_test"))
+    return _dataset_from_arrays("mnist_small", arrays, class_names=MNIST_CLASSES, source="mnist_small.npz")
+
+
+# --- MNIST and Fashion-MNIST (IDX) -----------------------------------------------------------------
+
+
+def _idx_search_dirs(name: str, root: Path) -> list[Path]:
+    if name == "mnist":
+        return [root / "MNIST" / "raw", root / "mnist", root]
+    # The data directory itself is MNIST's; accepting it for Fashion-MNIST too would load one as the other.
+    return [root / "FashionMNIST" / "raw", root / "fashion_mnist", root / "fashion-mnist"]
+
+
+def _find_idx_set(directory: Path) -> dict[str, Path] | None:
+    """The four IDX files in `directory` (gzipped or not), or None unless all four are there."""
+    found = {}
+    for role, base in _IDX_FILES.items():
+        for candidate in (directory / f"{base}.gz", directory / base):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file (gzipped or not), checking its header strictly.
+
+    Args:
+        path: The file.
+        expect_magic: 2051 for images (3 dimensions), 2049 for labels (1 dimension); None accepts any
+            unsigned-byte IDX file.
+
+    Returns:
+        A read-only uint8 array shaped by the header's dimensions.
+
+    Raises:
+        DataError: Naming the file, when it is not IDX, has the wrong magic, or is truncated or too long.
+    """
+    path = Path(path)
+    raw = _read_maybe_gzip(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, shorter than the 4-byte magic")
+    magic = int.from_bytes(raw[:4], "big")
+    if raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] == 0:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {magic:#010x})")
+    if expect_magic is not None and magic != expect_magic:
+        raise DataError(f"{path}: IDX magic is {magic}, expected {expect_magic}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(
+            f"{path}: truncated IDX file: {len(raw)} bytes, shorter than its {header}-byte header"
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims, dtype=np.int64))
+    found = len(raw) - header
+    if found != expected:
+        problem = "truncated IDX file" if found < expected else "IDX file has trailing bytes"
+        raise DataError(f"{path}: {problem}: header says {dims} = {expected} bytes of data, found {found}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {_one_line(exc)}") from exc
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip file: {_one_line(exc)}") from exc
+
+
+def _load_idx_dataset(
+    name: str, root: Path, download: bool, mirrors: Mapping[str, Sequence[str] | str] | None
+) -> Dataset:
+    info = DATASETS[name]
+    search = _idx_search_dirs(name, root)
+    files = next((found for d in search if (found := _find_idx_set(d)) is not None), None)
+    if files is None and name == "mnist" and (root / "mnist.npz").is_file():
+        arrays = _read_npz(root / "mnist.npz", ("x_train", "y_train", "x_test", "y_test"))
+        return _dataset_from_arrays(name, arrays, class_names=info.class_names, source=root / "mnist.npz")
+    if files is None:
+        target = root / info.download_subdir
+        if not download:
+            looked = ", ".join(str(d) for d in search) + (
+                f", {root / 'mnist.npz'}" if name == "mnist" else ""
+            )
+            raise DataError(
+                f"{name} not found (looked in {looked}); put {', '.join(info.files)} in {target} "
+                "or allow downloading"
+            )
+        for fname in info.files:
+            if not (target / fname).is_file():
+                fetch_file(name, fname, target, mirrors)
+        files = _find_idx_set(target)
+        assert files is not None  # all four were just written
+    for path in files.values():
+        _refuse_other_dataset(name, path)
+
+    arrays = {}
+    for split in ("train", "test"):
+        images = read_idx(files[f"{split}_images"], expect_magic=_IDX_IMAGES_MAGIC)
+        labels = read_idx(files[f"{split}_labels"], expect_magic=_IDX_LABELS_MAGIC)
+        if images.shape[1:] != (28, 28):
+            raise DataError(f"{files[f'{split}_images']}: images are {images.shape[1:]}, expected 28x28")
+        if len(images) != len(labels):
+            raise DataError(
+                f"{files[f'{split}_images']}: {len(images)} images but {files[f'{split}_labels'].name} "
+                f"has {len(labels)} labels"
+            )
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
+    return _dataset_from_arrays(
+        name, arrays, class_names=info.class_names, source=files["train_images"].parent
+    )
+
+
+def _refuse_other_dataset(name: str, path: Path) -> None:
+    """Refuse a canonical file of the *other* IDX dataset (MNIST and Fashion-MNIST share file names)."""
+    if path.suffix != ".gz":
+        return
+    digest = f"md5:{_file_digest(path, 'md5')}"
+    for other, table in CHECKSUMS.items():
+        if other != name and digest in table.values():
+            raise DataError(
+                f"{path}: this is the canonical {other} file, not {name}; move it to its own folder"
+            )
+
+
+# --- CIFAR-10 (binary release) ---------------------------------------------------------------------
+
+
+def _load_cifar10(root: Path, download: bool, mirrors: Mapping[str, Sequence[str] | str] | None) -> Dataset:
+    batch_dir = root / _CIFAR_DIR
+    needed = (*_CIFAR_TRAIN_BATCHES, _CIFAR_TEST_BATCH)
+    if not all((batch_dir / f).is_file() for f in needed):
+        archive = root / _CIFAR_ARCHIVE
+        if not archive.is_file():
+            if not download:
+                raise DataError(
+                    f"cifar10 not found: no {batch_dir} and no {archive}; put {_CIFAR_ARCHIVE} (the binary "
+                    "version) in that folder or allow downloading"
+                )
+            fetch_file("cifar10", _CIFAR_ARCHIVE, root, mirrors)
+        extract_tar_safely(archive, root, only=_CIFAR_DIR)
+        missing = [f for f in needed if not (batch_dir / f).is_file()]
+        if missing:
+            raise DataError(
+                f"{archive}: has no {', '.join(missing)} under {_CIFAR_DIR}/; is it the binary version?"
+            )
+    train = [_read_cifar_batch(batch_dir / f) for f in _CIFAR_TRAIN_BATCHES]
+    x_test, y_test = _read_cifar_batch(batch_dir / _CIFAR_TEST_BATCH)
+    arrays = {
+        "x_train": np.concatenate([x for x, _ in train]),
+        "y_train": np.concatenate([y for _, y in train]),
+        "x_test": x_test,
+        "y_test": y_test,
+    }
+    return _dataset_from_arrays("cifar10", arrays, class_names=CIFAR10_CLASSES, source=batch_dir)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes, row-major)."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {_one_line(exc)}") from exc
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise DataError(
+            f"{path}: not a CIFAR-10 binary batch: {raw.size} bytes is not a whole number of "
+            f"{_CIFAR_RECORD}-byte records (truncated?)"
+        )
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0]
+    if labels.max() >= 10:
+        raise DataError(f"{path}: label {int(labels.max())} in record {int(labels.argmax())}, expected 0..9")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar10_jpeg(root: Path) -> Dataset:
+    for directory in (root, root / "cifar10_jpeg"):
+        if (directory / _JPEG_TRAIN).is_file() and (directory / _JPEG_TEST).is_file():
+            train = _read_npz(directory / _JPEG_TRAIN, ("x", "y"))
+            test = _read_npz(directory / _JPEG_TEST, ("x", "y"))
+            arrays = {"x_train": train["x"], "y_train": train["y"], "x_test": test["x"], "y_test": test["y"]}
+            return _dataset_from_arrays("cifar10_jpeg", arrays, class_names=CIFAR10_CLASSES, source=directory)
+    raise DataError(
+        f"cifar10_jpeg needs {_JPEG_TRAIN} and {_JPEG_TEST} in {root}; it is a local copy and is never "
+        "downloaded (use cifar10 for the original)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downloading and extracting
+# ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of members and ensembles (accuracy, NLL, ECE, oracle, redundancy, M)."""

@@ -1,0 +1,1 @@
+"""Executing ONNX with onnxruntime: sessions, batched inference, streamed activation profiling."""

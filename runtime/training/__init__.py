@@ -1,0 +1,1 @@
+"""Training with the torch backend: members, grown members, coupled ensembles, losses, torch <-> IR, torchrun."""
