@@ -5,26 +5,76 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 import numpy as np
 
 from codec.errors import ShapeError
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "mnist_small", split: bool = True) -> None:
+# The data options, defined once: every command that reads a dataset shows them in these words (a test checks
+# that `--help` agrees across commands); only the defaults differ, and each is printed after the words.
+DATA_HELP = (
+    "dataset: mnist_small (bundled, no download), mnist, fashion_mnist, cifar10, cifar10_jpeg, or npz:PATH "
+    "with arrays x_train, y_train, x_test, y_test"
+)
+DATA_DIR_HELP = "where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+SPLIT_HELP = "which split of the dataset to use"
+LIMIT_HELP = "use only the first N examples of the split"
+N_TRAIN_HELP = "train on a subset of this many training examples"
+N_TEST_HELP = "score on a subset of this many test examples"
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    default: str | None = "mnist_small",
+    split: str = "test",
+    limit: int | None = None,
+    default_text: str | None = None,
+) -> None:
+    """Add --data, --data-dir, --split and --limit, in the words every data-reading command shares.
+
+    Args:
+        parser: the subcommand's parser.
+        default: the dataset used without --data.
+        split: the split used without --split.
+        limit: how many examples are used without --limit (None: all).
+        default_text: how to describe a --data default that is not a dataset (e.g. export's noise).
+    """
+    parser.add_argument("--data", default=default, help=f"{DATA_HELP} (default {default_text or default})")
+    add_data_dir_argument(parser)
+    parser.add_argument("--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})")
     parser.add_argument(
-        "--data",
-        default=default,
-        required=default is None,
-        help="dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download) or "
-        f"npz:PATH (arrays x_train, y_train, x_test, y_test){f'; default {default}' if default else ''}",
+        "--limit", type=int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit if limit else 'all'})"
     )
-    parser.add_argument(
-        "--data-dir", default=None, help="where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
-    )
-    if split:
-        parser.add_argument("--split", choices=("train", "test"), default="test", help="which split to use (default test)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
+
+
+def add_data_dir_argument(parser) -> None:
+    """Add --data-dir (commands whose dataset comes from a recipe take only this one)."""
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+
+
+def add_subset_arguments(parser) -> None:
+    """Add --n-train and --n-test (commands that train on a recipe's dataset)."""
+    parser.add_argument("--n-train", type=int, default=None, metavar="N", help=N_TRAIN_HELP)
+    parser.add_argument("--n-test", type=int, default=None, metavar="N", help=N_TEST_HELP)
+
+
+def data_options_epilog() -> str:
+    """The data options as `codec --help` lists them: the same words as each subcommand's help."""
+    rows = [
+        ("--data", DATA_HELP),
+        ("--data-dir", DATA_DIR_HELP),
+        ("--split", SPLIT_HELP + " (train or test)"),
+        ("--limit N", LIMIT_HELP),
+        ("--n-train N", N_TRAIN_HELP),
+        ("--n-test N", N_TEST_HELP),
+    ]
+    lines = ["data options (profile, eval, opt and export read --data; train, compile, train-ensemble and bench",
+             "read their recipe's dataset):"]
+    for flag, text in rows:
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {flag:<13}", subsequent_indent=" " * 15)
+    return "\n".join(lines)
 
 
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import emit, table
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, table
 
 
 def register(subparsers) -> None:
@@ -40,11 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the recipe's)")
-    parser.add_argument("--n-train", type=int, default=None, help="train on a subset of this many examples")
-    parser.add_argument("--n-test", type=int, default=None, help="evaluate on a subset of this many test examples")
+    add_subset_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
+    add_data_dir_argument(parser)
     parser.add_argument("--nproc", type=int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,9 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import add_data_arguments
 from codec.errors import ConfigError, ShapeError
-
-SPLITS = ("test", "train")
 
 DESCRIPTION = """\
 Run every member (ONNX) on a dataset split with onnxruntime and report the ensemble.
@@ -38,17 +37,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("members", nargs="+", metavar="MEMBER.onnx", help="the ensemble's members")
-    parser.add_argument("--data", required=True, help="dataset spec, e.g. mnist_small")
-    parser.add_argument(
-        "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
-    )
+    add_data_arguments(parser)
     parser.add_argument(
         "--criterion",
         default="prod",
         help="how member probabilities combine: prod, mean, vote or max (default prod)",
-    )
-    parser.add_argument(
-        "--split", default="test", help=f"which split to score: {', '.join(SPLITS)} (default test)"
     )
     parser.add_argument(
         "--batch-size", type=int, default=512, help="examples per onnxruntime call (default 512)"
@@ -63,8 +56,8 @@ def run(args) -> int:
 
     if args.criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {args.criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if args.split not in SPLITS:
-        raise ConfigError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     report = evaluate_members(
@@ -74,6 +67,7 @@ def run(args) -> int:
         criterion=args.criterion,
         split=args.split,
         batch_size=args.batch_size,
+        limit=args.limit,
     )
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -104,6 +98,7 @@ def evaluate_members(
     criterion: str = "prod",
     split: str = "test",
     batch_size: int = 512,
+    limit: int | None = None,
 ) -> dict:
     """Run each member on a dataset split and compute the ensemble's metrics.
 
@@ -140,6 +135,8 @@ def evaluate_members(
     dataset = load_dataset(data, data_dir=data_dir)
     x = dataset.x_test if split == "test" else dataset.x_train
     y = dataset.y_test if split == "test" else dataset.y_train
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
 
     outputs = []
     for path, session in zip(members, sessions):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codec.commands._common import emit, fit_to_model
+from codec.commands._common import add_data_arguments, emit, fit_to_model
 from codec.errors import CodecError, ConfigError, ModelLoadError, ShapeError
 from codec.runtime.evaluation.metrics import CRITERIA
 
@@ -56,12 +56,8 @@ def register(subparsers) -> None:
                         help="the member models, in the ensemble's member order (default: its codec.members metadata)")
     parser.add_argument("--criterion", choices=CRITERIA, default=None,
                         help="how members are combined (default: the ensemble's codec.ensemble metadata)")
-    parser.add_argument("--data", default=None,
-                        help="parity inputs: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small or npz:PATH "
-                        "(default: seeded uniform noise)")
-    parser.add_argument("--data-dir", default=None, help="where dataset files live (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
-    parser.add_argument("--split", choices=("train", "test"), default="test", help="which split of --data (default test)")
-    parser.add_argument("--limit", type=int, default=512, metavar="N", help="parity examples from --data (default 512)")
+    # parity inputs: a dataset split, or without --data seeded noise
+    add_data_arguments(parser, default=None, limit=512, default_text="seeded uniform noise, see --samples")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
                         help=f"random parity inputs when no --data is given (default {DEFAULT_SAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs (default 0)")

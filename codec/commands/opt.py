@@ -34,8 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--peer", type=Path, default=None, help="the peer member (needed by csne)")
     parser.add_argument("--member", type=Path, action="append", default=[], help="a further member (repeatable)")
     parser.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"the pass pipeline (default {DEFAULT_PIPELINE})")
-    add_data_arguments(parser, split=False)
-    parser.add_argument("--split", choices=("train", "test"), default="train", help="calibration split (default train)")
+    add_data_arguments(parser, split="train")  # calibration data: the members' training split
     parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: print the report only)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import add_data_dir_argument, add_subset_arguments
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -35,16 +36,13 @@ def register(subparsers) -> None:
         "--seed", type=int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
-    parser.add_argument(
-        "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
-    )
+    add_data_dir_argument(parser)
     group = parser.add_argument_group("training options (default: the recipe's)")
     group.add_argument("--epochs", type=int, help="maximum number of epochs")
     group.add_argument("--lr", type=float, help="learning rate")
     group.add_argument("--batch-size", type=int, help="training batch size")
     group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    group.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    group.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
+    add_subset_arguments(group)
     group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
     group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")

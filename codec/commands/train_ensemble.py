@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from codec.commands._common import add_data_dir_argument, add_subset_arguments
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -88,12 +89,11 @@ def register(subparsers) -> None:
     train.add_argument("--lr", type=float, help="learning rate (before --lr-scale-by-members)")
     train.add_argument("--batch-size", type=int, help="training batch size")
     train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    train.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    train.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
+    add_subset_arguments(train)
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
     train.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
     train.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
-    parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
+    add_data_dir_argument(parser)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
     parser.add_argument("--trunk-exchange", choices=("broadcast", "replicate", "auto"), default="auto",
