@@ -11,7 +11,6 @@ import numpy as np
 
 from codec.errors import ShapeError
 
-
 # The data options, defined once: every command that reads a dataset shows them in these words (a test checks
 # that `--help` agrees across commands); only the defaults differ, and each is printed after the words.
 DATA_HELP = (
