@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 
@@ -74,6 +75,32 @@ def data_options_epilog() -> str:
     for flag, text in rows:
         lines += textwrap.wrap(text, 100, initial_indent=f"  {flag:<13}", subsequent_indent=" " * 15)
     return "\n".join(lines)
+
+
+# CODEC_SMALL=1 makes the training commands (train, compile, train-ensemble) cap their work, so that the README's
+# commands run exactly as printed in seconds (tests/test_readme.py, CI). A capped run says so on stderr, and the
+# caps are in its recorded options like any --epochs/--n-train, so its numbers cannot pass for a real run's.
+SMALL_ENV = "CODEC_SMALL"
+SMALL_CAPS = {"max_epochs": 1, "n_train": 600, "n_test": 300}
+
+
+def small_overrides(overrides: dict, command: str) -> dict:
+    """`overrides` (TrainConfig fields) capped by `SMALL_CAPS` when $CODEC_SMALL is set, else unchanged.
+
+    A value the user gave that is already smaller is kept.
+    """
+    if os.environ.get(SMALL_ENV, "").strip() in ("", "0"):
+        return overrides
+    capped = dict(overrides)
+    for key, cap in SMALL_CAPS.items():
+        given = capped.get(key)
+        capped[key] = cap if given is None else min(given, cap)
+    print(
+        f"codec {command}: {SMALL_ENV} is set: at most {capped['max_epochs']} epoch(s), {capped['n_train']} training "
+        f"and {capped['n_test']} test examples (unset it for real results)",
+        file=sys.stderr,
+    )
+    return capped
 
 
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, table
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, small_overrides, table
 
 
 def register(subparsers) -> None:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         grow=GrowOptions(init=args.grow_init, lr_scale=args.grow_lr_scale, cache=args.cache),
         keep_main=args.keep_main,
         criterion=args.criterion,
-        train_overrides={k: v for k, v in overrides.items() if v is not None},
+        train_overrides={k: v for k, v in small_overrides(overrides, "compile").items() if v is not None},
         data_dir=args.data_dir,
     )
     out = args.output

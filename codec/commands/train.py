@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, small_overrides
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -91,7 +91,7 @@ def run(args) -> int:
         args.seed,
         out_path=output,
         data_dir=args.data_dir,
-        overrides=overrides,
+        overrides=small_overrides(overrides, "train"),
         checkpoint_path=checkpoint,
         resume=args.resume,
         quiet=args.quiet or args.json,

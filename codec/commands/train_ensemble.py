@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, small_overrides
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -159,7 +159,7 @@ def run(args) -> int:
         recipe.name,
         options,
         args.output,
-        overrides=overrides,
+        overrides=small_overrides(overrides, "train-ensemble"),
         width=args.width,
         data_dir=args.data_dir,
         resume=args.resume,
