@@ -123,8 +123,9 @@ def run(args) -> int:
 
     import os
 
+    from codec.pipelines.train_ensemble import train_ensemble_recipe
     from codec.runtime.training import distributed
-    from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+    from codec.runtime.training.coupled import EnsembleOptions
 
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))

@@ -855,7 +855,8 @@ def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
     """A TreeNet (Lee et al.): n branches over a shared trunk ending at `treenet_split`, trained jointly with
     independent cross-entropy (codec.runtime.training.coupled)."""
     try:
-        from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+        from codec.pipelines.train_ensemble import train_ensemble_recipe
+        from codec.runtime.training.coupled import EnsembleOptions
     except ImportError as exc:
         return {"available": False, "why": f"codec.runtime.training.coupled is not available ({exc})"}
     d = ctx.data

@@ -197,11 +197,11 @@ def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
     facts = run.done("passes")
     if facts is not None:
         return facts
-    from codec.commands.opt import write_outputs
     from codec.ir import lift
     from codec.passes.base import Calibration, EnsembleModule
     from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import write_outputs
 
     members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
     x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
