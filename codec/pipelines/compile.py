@@ -259,7 +259,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                      ensemble_path: str | Path | None = None) -> dict:
     """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
     from codec.ir import lift, save_model
-    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
+    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count, members_metadata
     from codec.models import get_recipe
     from codec.runtime.training import distributed
     from codec.runtime.training.train import TrainConfig
@@ -296,16 +296,17 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     grown_facts = [run.done(f"train:{n}") for n in grown]
     csn = _load_csn(run, rewritten)
 
-    members = {"main": rewritten if options.keep_main == "rewritten" else lift(run.members / "main.onnx", name="main"),
-               "peer": lift(run.opt / "peer.onnx", name="peer")}
-    for i in range(1, options.members - 1):
-        members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
+    # the files of exactly the members the fused graph computes: export checks parity against them
+    files = {"main": run.opt / "main.onnx" if options.keep_main == "rewritten" else run.members / "main.onnx",
+             "peer": run.opt / "peer.onnx",
+             **{name: run.members / f"{name}.onnx" for name in grown}}
+    members = {name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name) for name, path in files.items()}
     criterion = options.criterion or ("prod" if recipe.task == "classification" else "mean")
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
-    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
-                          metadata={"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})})
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
+    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
+                          metadata=members_metadata(list(files.values()), out))
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
     quality = _evaluate(members, criterion, recipe.task, data)

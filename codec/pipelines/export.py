@@ -132,21 +132,14 @@ def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
 
 def member_paths(options: ExportOptions, model) -> tuple[list[Path], str]:
     """The member files to check against (may be empty), and where they came from."""
-    from codec.ir.ensemble import MEMBERS_KEY
+    from codec.ir.ensemble import MEMBERS_KEY, member_files
 
     if options.members:
         return list(options.members), "--members"
-    text = (model.metadata_props or {}).get(MEMBERS_KEY)
-    if not text:
+    listed = member_files(model, options.ensemble)
+    if listed is None:
         return [], "none"
-    try:
-        listed = json.loads(text)
-        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-            raise ValueError("not a list of paths")
-    except ValueError as exc:
-        raise ModelLoadError(f"{options.ensemble.name}: its {MEMBERS_KEY} metadata is malformed: {exc}") from None
-    base = options.ensemble.resolve().parent
-    return [base / p for p in listed], f"{MEMBERS_KEY} metadata"
+    return listed, f"{MEMBERS_KEY} metadata"
 
 
 def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
