@@ -143,7 +143,7 @@ def test_eval_softmaxes_score_outputs(tmp_path, capsys):
             lambda m, t: [m, str(_onnx_model(t / "five.onnx", [1, 28, 28], 5)), "--data", "mnist_small"],
             "outputs (5)",
         ),
-        (lambda m, t: [str(_onnx_model(t / "flat.onnx", [784], 10)), "--data", "mnist_small"], "expects 784"),
+        (lambda m, t: [str(_onnx_model(t / "flat.onnx", [780], 10)), "--data", "mnist_small"], "flat.onnx expects [780]"),
         (lambda m, t: [str(t / "missing.onnx"), "--data", "mnist_small"], "missing.onnx"),
         (lambda m, t: [m, "--data", "mnist_small", "--limit", "0"], "--limit must be positive"),
     ],

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         paths[f"member{i}"] = path
     members = lift_members(paths)
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
+    x = fit_to_model(x, members["main"].input_shape, model=args.main.name)
 
     def after_pass(p, mod, record):
         if not args.quiet:

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     net = lift(args.model)
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, net.input_shape, what=f"{dataset.name} {getattr(args, 'split', 'test')}")
+    x = fit_to_model(x, net.input_shape, model=args.model.name)
     stats = profile(net, x, batch_size=args.batch_size, progress=not args.quiet)
     payload = {"model": str(args.model), "data": dataset.name, "split": args.split, **stats.to_dict()}
     if args.output:

@@ -326,7 +326,7 @@ def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
     from codec.runtime.execution.session import predict
 
     x = data.x_test
-    outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
+    outputs = np.stack([predict(to_bytes(lower(net)), x) for net in members.values()])  # reshaped by predict's rule
     if task == "classification":
         result = metrics.evaluate_classifier(outputs, data.y_test, criterion)
         result["members"] = dict(zip(members, result.pop("member_accuracies")))

@@ -39,8 +39,7 @@ def evaluate_members(
 
     sessions = [create_session(path) for path in members]  # unloadable members fail before the data is read
     x, y, dataset = load_split(data, data_dir=data_dir, split=split, limit=limit)
-    # no reshaping: `codec eval` scores the members on the data exactly as given
-    stack = member_outputs(sessions, x, names=members, batch_size=batch_size, reshape=False)
+    stack = member_outputs(sessions, x, names=members, batch_size=batch_size)
 
     report = {"dataset": dataset.name, "split": split, "n_examples": len(x), "members": list(members)}
     flat_inputs = int(np.prod(x.shape[1:]))
