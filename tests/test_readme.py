@@ -107,3 +107,10 @@ def test_torch_is_not_capped_below_a_newer_release():
     # (a regex, not tomllib: Python 3.10 is supported and has none)
     torch = re.search(r'^\s*"(torch[^"]*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert "<" not in torch and "==" not in torch, torch
+
+
+def test_ci_runs_the_readme_install_and_test_lines():
+    setup = next(body for language, body in readme_blocks(README.read_text()) if language == "bash").splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for line in (setup[0], setup[-1]):
+        assert line in ci, f"CI does not run the README's {line!r}"
