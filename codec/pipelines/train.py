@@ -118,4 +118,24 @@ def train_recipe(
     }
 
 
-__all__ = ["train_recipe"]
+def member_facts(result, seed: int, *, parameters: bool = False) -> dict:
+    """What a pipeline records about a trained member: its seed, epochs, best epoch and training time.
+
+    Args:
+        result: the member's `TrainResult`.
+        seed: the seed it was trained with.
+        parameters: also count its parameters, all and trainable (a grown member reports its own).
+    """
+    facts = {
+        "seed": seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds,
+    }
+    if parameters:
+        facts["parameters"] = int(sum(p.numel() for p in result.module.parameters()))
+        facts["trainable_parameters"] = int(sum(p.numel() for p in result.module.parameters() if p.requires_grad))
+    return facts
+
+
+__all__ = ["member_facts", "train_recipe"]
