@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from codec.errors import ConfigError, DataError, ShapeError
+from codec.errors import positive_int as _positive_int
 from codec.ir.criteria import CRITERIA, PROD_EPS
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,13 +114,6 @@ def _criterion(criterion: str) -> str:
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown ensemble criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     return criterion
-
-
-def _positive_int(value, name: str) -> int:
-    """An int >= 1 (numpy integers accepted, bools and floats refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------
