@@ -41,6 +41,20 @@ class ShapeError(CodecError):
     """Shapes that do not fit together: data vs model input, or members that differ."""
 
 
+def positive_int(value: object, name: str, *, error: type[Exception] = ConfigError) -> int:
+    """`value` as an int when it is an integer >= 1 (numpy integers accepted; bools and floats refused).
+
+    Raises:
+        error: anything else (ConfigError by default; the kernels' input policy raises ValueError).
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__") or type(value).__name__ == "bool_":
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    number = value.__index__()
+    if number < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(number)
+
+
 def first_line(exc: object) -> str:
     """The first line of an exception's message (its type name when the message is empty).
 

@@ -103,6 +103,38 @@ def small_overrides(overrides: dict, command: str) -> dict:
     return capped
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "learning rate",
+                           seed_help: str | None = None):
+    """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
+    values are the defaults); `seed_help` adds --seed to the group. `training_overrides` reads them back."""
+    group = parser.add_argument_group("training options (default: the recipe's)")
+    group.add_argument("--epochs", type=int, help="maximum number of epochs")
+    group.add_argument("--lr", type=float, help=lr_help)
+    group.add_argument("--batch-size", type=int, help="training batch size")
+    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    add_subset_arguments(group)
+    if seed_help is not None:
+        group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
+    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    return group
+
+
+def training_overrides(args) -> dict:
+    """The TrainConfig fields the training options set (None: keep the recipe's)."""
+    return {
+        "max_epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "device": args.device,
+        "num_threads": args.threads,
+        "verbose": bool(getattr(args, "verbose", False)),
+    }
+
+
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, dataset) for the split the command-line arguments name."""
     from codec.pipelines.data import load_split as load

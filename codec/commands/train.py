@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments, small_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -37,14 +42,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
     add_data_dir_argument(parser)
-    group = parser.add_argument_group("training options (default: the recipe's)")
-    group.add_argument("--epochs", type=int, help="maximum number of epochs")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--batch-size", type=int, help="training batch size")
-    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    add_subset_arguments(group)
-    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser)
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint when it exists")
@@ -75,23 +73,13 @@ def run(args) -> int:
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
-    overrides = {
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = small_overrides(training_overrides(args), "train")
     summary = train_recipe(
         args.recipe,
         args.seed,
         out_path=output,
         data_dir=args.data_dir,
-        overrides=small_overrides(overrides, "train"),
+        overrides=overrides,
         checkpoint_path=checkpoint,
         resume=args.resume,
         quiet=args.quiet or args.json,

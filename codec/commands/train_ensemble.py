@@ -7,7 +7,12 @@ import argparse
 import json
 import sys
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments, small_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -33,7 +38,7 @@ the same command with --resume to continue after an interruption.
 
 Writes OUTPUT/ensemble.onnx (fused), OUTPUT/report.json (metrics: ensemble, oracle and member accuracy;
 the assignment of test examples to the member with the lowest loss, per class; options; times),
-OUTPUT/assignment.png (that table as a heatmap; needs matplotlib: pip install 'codec[plot]'),
+OUTPUT/assignment.svg (that table as a heatmap),
 OUTPUT/ensemble.ckpt, and with --export-members OUTPUT/members/member_<i>.onnx.
 
 examples:
@@ -84,15 +89,8 @@ def register(subparsers) -> None:
     group.add_argument("--criterion", default="mean",
                        help="how the fused ONNX combines members: mean (default), prod, vote or max")
     group.add_argument("--width", type=float, default=1.0, help="width multiplier of the network (default 1.0)")
-    train = parser.add_argument_group("training options (default: the recipe's)")
-    train.add_argument("--epochs", type=int, help="maximum number of epochs")
-    train.add_argument("--lr", type=float, help="learning rate (before --lr-scale-by-members)")
-    train.add_argument("--batch-size", type=int, help="training batch size")
-    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    add_subset_arguments(train)
-    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
-    train.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    train.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
+                           seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
     add_data_dir_argument(parser)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
@@ -101,7 +99,7 @@ def register(subparsers) -> None:
                              "trunk and all-reduce its gradients; auto moves less data (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists")
     parser.add_argument("--export-members", action="store_true", help="also write each member as OUTPUT/members/member_<i>.onnx")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.png (no matplotlib needed)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.svg")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
@@ -144,23 +142,12 @@ def run(args) -> int:
         criterion=args.criterion,
     )
     _check_split(recipe, args)  # a bad --split fails before any data is read
-    overrides = {
-        "seed": args.seed,
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = small_overrides({"seed": args.seed, **training_overrides(args)}, "train-ensemble")
     report = train_ensemble_recipe(
         recipe.name,
         options,
         args.output,
-        overrides=small_overrides(overrides, "train-ensemble"),
+        overrides=overrides,
         width=args.width,
         data_dir=args.data_dir,
         resume=args.resume,
@@ -247,8 +234,8 @@ def format_report(report: dict) -> str:
         lines.append(f"    m{m:<3} " + " ".join(f"{v:>{width}}" for v in row))
     files = report["files"]
     written = f"  wrote {files['ensemble']}, {files['report']}"
-    if files["assignment_png"]:
-        written += f", {files['assignment_png']}"
+    if files["assignment_svg"]:
+        written += f", {files['assignment_svg']}"
     if files["members"]:
         written += f" and {len(files['members'])} member models"
     lines.append(written)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from codec.errors import ConfigError
-from codec.runtime.training.train import DATA_SEED, TrainConfig, export_onnx, resolve_device, train_member
+from codec.runtime.training.train import TrainConfig, export_onnx, resolve_device, train_member
 
 
 def train_recipe(
@@ -30,7 +28,7 @@ def train_recipe(
     """Train one member of a named recipe and export it to ONNX.
 
     Loads the recipe's dataset, takes its n_train/n_test subsets and validation split (with `DATA_SEED`,
-    so all members of an ensemble share the data), builds the network with `seed`, trains it, exports it
+    so all members of an ensemble share the data: `codec.pipelines.data.load_recipe_data`), builds the network with `seed`, trains it, exports it
     to `out_path`, and scores the exported ONNX model with onnxruntime on the test set.
 
     Args:
@@ -49,10 +47,9 @@ def train_recipe(
         n_train/n_val/n_test, epochs_run, best_epoch, stopped_early, train_seconds, val_loss, val_metric,
         metric ("accuracy" or "mse"), test_metric, config and history.
     """
-    from codec.models import build_model, get_recipe
-    from codec.runtime.data import load_dataset
-    from codec.runtime.evaluation.metrics import accuracy, mse
-    from codec.runtime.execution.session import predict
+    from codec.models import get_recipe
+    from codec.pipelines.data import load_recipe_data
+    from codec.runtime.evaluation.scoring import model_outputs, score_members
 
     recipe = get_recipe(recipe_name)
     overrides = dict(overrides or {})
@@ -68,27 +65,19 @@ def train_recipe(
             f"recipe {recipe.name!r} is a classifier, so its loss must be 'ce', not {config.loss!r}"
         )
 
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
-        train_set, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train_set, x_val, y_val = dataset, None, None
-
-    input_shape = tuple(dataset.input_shape)
-    num_outputs = dataset.num_classes if task == "classification" else int(np.prod(input_shape))
-    module = build_model(recipe.arch, input_shape, num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+    data = load_recipe_data(recipe, config, data_dir)
+    input_shape = data.input_shape
+    module = recipe.build(input_shape, data.num_outputs, seed=seed)
 
     out_path = Path(out_path)
     if checkpoint_path is None and checkpoint_dir is not None:
         checkpoint_path = Path(checkpoint_dir) / f"{out_path.name}.ckpt"
     result = train_member(
         module,
-        train_set.x_train,
-        train_set.y_train if task == "classification" else None,
-        x_val,
-        y_val if task == "classification" else None,
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
         config,
         checkpoint_path=checkpoint_path,
         resume=resume,
@@ -97,25 +86,25 @@ def train_recipe(
     export_onnx(result.module, out_path, input_shape, task=task)
 
     # Score the exported file, not the torch module: the ONNX model is what gets deployed and ensembled.
-    outputs = predict(out_path, dataset.x_test)
+    outputs = model_outputs(out_path, data.x_test, reshape=False)
+    scores = score_members(outputs[None], task, data.target("test"), "mean")
     if task == "classification":
-        metric_name, test_metric = "accuracy", accuracy(outputs, dataset.y_test)
+        metric_name, test_metric = "accuracy", scores["member_accuracies"][0]
     else:
-        metric_name = "mse"
-        test_metric = mse(outputs, dataset.x_test.reshape(len(dataset.x_test), -1))
+        metric_name, test_metric = "mse", scores["member_mse"][0]
     best = result.best or {}
     return {
         "recipe": recipe.name,
         "arch": recipe.arch,
-        "dataset": dataset.name,
+        "dataset": data.name,
         "task": task,
         "seed": seed,
         "output": str(out_path),
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
         "device": str(resolve_device(config.device)),
-        "n_train": len(train_set.x_train),
-        "n_val": len(x_val) if x_val is not None else 0,
-        "n_test": len(dataset.x_test),
+        "n_train": len(data.x_train),
+        "n_val": data.n_val,
+        "n_test": len(data.x_test),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
@@ -129,4 +118,24 @@ def train_recipe(
     }
 
 
-__all__ = ["train_recipe"]
+def member_facts(result, seed: int, *, parameters: bool = False) -> dict:
+    """What a pipeline records about a trained member: its seed, epochs, best epoch and training time.
+
+    Args:
+        result: the member's `TrainResult`.
+        seed: the seed it was trained with.
+        parameters: also count its parameters, all and trainable (a grown member reports its own).
+    """
+    facts = {
+        "seed": seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds,
+    }
+    if parameters:
+        facts["parameters"] = int(sum(p.numel() for p in result.module.parameters()))
+        facts["trainable_parameters"] = int(sum(p.numel() for p in result.module.parameters() if p.requires_grad))
+    return facts
+
+
+__all__ = ["member_facts", "train_recipe"]

@@ -26,7 +26,7 @@ from codec.runtime.training.coupled import (
     treenet_networks,
 )
 from codec.runtime.training.losses import member_losses
-from codec.runtime.training.train import DATA_SEED, EVAL_BATCH_SIZE, TrainConfig, resolve_device
+from codec.runtime.training.train import EVAL_BATCH_SIZE, TrainConfig, resolve_device
 
 
 def train_ensemble_recipe(
@@ -46,7 +46,7 @@ def train_ensemble_recipe(
     """Train a coupled ensemble of a named recipe, export it fused, score it, and write its report.
 
     Writes into `out_dir`: ``ensemble.onnx`` (fused: trunk once, branches, collect per
-    ``options.criterion``), ``ensemble.ckpt`` (the checkpoint), ``report.json``, ``assignment.png``
+    ``options.criterion``), ``ensemble.ckpt`` (the checkpoint), ``report.json``, ``assignment.svg``
     (with `plot`) and ``members/member_<i>.onnx`` (with `export_members`).
 
     Args:
@@ -59,7 +59,7 @@ def train_ensemble_recipe(
         resume: continue from ``ensemble.ckpt`` when it exists.
         quiet: no progress bar.
         export_members: also write each member as its own ONNX model.
-        plot: write the assignment heatmap (needs matplotlib: ``pip install 'codec[plot]'``).
+        plot: write the assignment heatmap (SVG).
 
     Returns:
         The report (also written as report.json): recipe, dataset, options, config, treenet (trunk/branch
@@ -72,8 +72,9 @@ def train_ensemble_recipe(
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.ir.lower import lower, save_model, to_bytes
     from codec.models import get_recipe
-    from codec.runtime.data import load_dataset
-    from codec.runtime.evaluation.metrics import assignment_table, combine, evaluate_classifier
+    from codec.pipelines.data import load_recipe_data
+    from codec.runtime.evaluation.metrics import assignment_table, combine
+    from codec.runtime.evaluation.scoring import score_members
     from codec.runtime.execution.session import create_session, run_batches
 
     started = time.perf_counter()
@@ -83,21 +84,11 @@ def train_ensemble_recipe(
     overrides = dict(overrides or {})
     overrides["quiet"] = quiet or overrides.get("quiet", False)
     config = TrainConfig.from_recipe(recipe, **overrides)
-    if plot:
-        from codec.pipelines.plots import require_matplotlib
-
-        require_matplotlib()  # before training, not after it
     out_dir = Path(out_dir)
 
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
-        train_set, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train_set, x_val, y_val = dataset, None, None
-    input_shape = tuple(dataset.input_shape)
-    num_classes = dataset.num_classes
+    data = load_recipe_data(recipe, config, data_dir)
+    input_shape = data.input_shape
+    num_classes = data.num_outputs
 
     def build(seed: int) -> nn.Sequential:
         return recipe.build(input_shape, num_classes, width=width, seed=seed)
@@ -115,14 +106,14 @@ def train_ensemble_recipe(
         if resume:
             raise ConfigError("--resume is not supported for coupled training over several processes (--nproc > 1)")
         result = train_coupled_distributed(
-            treenet, train_set.x_train, train_set.y_train, x_val, y_val, dataclasses.replace(config, quiet=quiet or not world.is_main),
+            treenet, data.x_train, data.y_train, data.x_val, data.y_val, dataclasses.replace(config, quiet=quiet or not world.is_main),
             options, desc=f"{recipe.name} x{options.members} {options.loss}", trunk=trunk_exchange,
         )
         if not world.is_main:
             return {}
     else:
         result = train_coupled(
-            treenet, train_set.x_train, train_set.y_train, x_val, y_val, config, options,
+            treenet, data.x_train, data.y_train, data.x_val, data.y_val, config, options,
             checkpoint_path=out_dir / "ensemble.ckpt", resume=resume,
             desc=f"{recipe.name} x{options.members} {options.loss}",
         )
@@ -141,18 +132,18 @@ def train_ensemble_recipe(
     # Score the fused graph: it is what is deployed. Its member outputs give the oracle and member metrics.
     scoring = emit_ensemble(members_ir, trunk_ir, criterion=options.criterion, member_outputs=True)
     session = create_session(to_bytes(scoring))
-    batches = list(run_batches(session, dataset.x_test, batch_size=EVAL_BATCH_SIZE))
+    batches = list(run_batches(session, data.x_test, batch_size=EVAL_BATCH_SIZE))
     fused = np.concatenate([b[0] for b in batches])
     onnx_members = np.stack([np.concatenate([b[1 + i] for b in batches]) for i in range(len(members_ir))])
-    logits = ensemble_logits(treenet, dataset.x_test)
+    logits = ensemble_logits(treenet, data.x_test)
     torch_probs = torch.softmax(logits.double(), dim=2).numpy()
-    metrics = evaluate_classifier(onnx_members, dataset.y_test, options.criterion)
-    metrics["fused_accuracy"] = float(np.mean(fused.argmax(axis=1) == dataset.y_test))
+    metrics = score_members(onnx_members, "classification", data.y_test, options.criterion)
+    metrics["fused_accuracy"] = float(np.mean(fused.argmax(axis=1) == data.y_test))
     # The score-averaged loss trains the mean of the logits; the ONNX criteria combine probabilities, so
     # the accuracy of the mean logits (torch) is reported beside them.
-    metrics["logit_mean_accuracy"] = float(np.mean(logits.mean(dim=0).argmax(dim=1).numpy() == dataset.y_test))
-    losses = member_losses(logits, torch.from_numpy(dataset.y_test)).numpy()
-    table = assignment_table(losses, dataset.y_test, num_classes)
+    metrics["logit_mean_accuracy"] = float(np.mean(logits.mean(dim=0).argmax(dim=1).numpy() == data.y_test))
+    losses = member_losses(logits, torch.from_numpy(data.y_test)).numpy()
+    table = assignment_table(losses, data.y_test, num_classes)
     parity = {
         "members_max_abs_diff": float(np.abs(onnx_members - torch_probs).max()),
         "ensemble_max_abs_diff": float(np.abs(fused - combine(torch_probs, options.criterion)).max()),
@@ -161,16 +152,16 @@ def train_ensemble_recipe(
 
     plot_path = None
     if plot:
-        from codec.pipelines.plots import assignment_heatmap
+        from codec.pipelines.report import assignment_svg
 
         title = f"{recipe.name}: {options.members} members, {options.loss}" + (f" k={options.k}" if options.loss == "mcl" else "")
-        plot_path = str(assignment_heatmap(table, out_dir / "assignment.png", class_names=dataset.class_names, title=title))
+        plot_path = str(assignment_svg(table, out_dir / "assignment.svg", class_names=data.class_names, title=title))
 
     best = next((e for e in result.history if e["epoch"] == result.best_epoch), {})
     report = {
         "recipe": recipe.name,
         "arch": recipe.arch,
-        "dataset": dataset.name,
+        "dataset": data.name,
         "width": width,
         "options": options.to_dict(),
         "loss": options.ensemble_loss().to_dict(),
@@ -180,9 +171,9 @@ def train_ensemble_recipe(
         "treenet": {**treenet.describe(), "parameters": treenet.parameter_counts(),
                     "fused_parameters": ensemble_parameter_count(members_ir, trunk_ir)},
         "bag_unique_fraction": result.bag_unique,
-        "n_train": len(train_set.x_train),
-        "n_val": len(x_val) if x_val is not None else 0,
-        "n_test": len(dataset.x_test),
+        "n_train": len(data.x_train),
+        "n_val": data.n_val,
+        "n_test": len(data.x_test),
         "device": str(resolve_device(config.device)),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -190,11 +181,11 @@ def train_ensemble_recipe(
         "val_loss": best.get("val_loss"),
         "metrics": metrics,
         "mean_member_accuracy": float(np.mean(metrics["member_accuracies"])),
-        "assignment": {"table": table.tolist(), "classes": list(dataset.class_names),
+        "assignment": {"table": table.tolist(), "classes": list(data.class_names),
                        "rule": "each test example to the member with the lowest cross-entropy (ties: lowest index)"},
         "parity": parity,
         "files": {"ensemble": str(ensemble_path), "checkpoint": str(out_dir / "ensemble.ckpt"),
-                  "report": str(out_dir / "report.json"), "assignment_png": plot_path, "members": member_files},
+                  "report": str(out_dir / "report.json"), "assignment_svg": plot_path, "members": member_files},
         "times": {"train_seconds": result.train_seconds, "export_seconds": export_seconds,
                   "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - started},
         "history": result.history,
