@@ -114,3 +114,15 @@ def test_ci_runs_the_readme_install_and_test_lines():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for line in (setup[0], setup[-1]):
         assert line in ci, f"CI does not run the README's {line!r}"
+
+
+def test_codec_small_caps_training_and_says_so(monkeypatch, capsys):
+    from codec.commands._common import SMALL_CAPS, small_overrides
+
+    given = {"max_epochs": None, "n_train": 100, "n_test": None, "lr": 0.1}
+    monkeypatch.delenv("CODEC_SMALL", raising=False)
+    assert small_overrides(given, "train") == given and capsys.readouterr().err == ""
+    monkeypatch.setenv("CODEC_SMALL", "1")
+    capped = small_overrides(given, "train")
+    assert capped == {"max_epochs": SMALL_CAPS["max_epochs"], "n_train": 100, "n_test": SMALL_CAPS["n_test"], "lr": 0.1}
+    assert "CODEC_SMALL is set" in capsys.readouterr().err
