@@ -439,7 +439,7 @@ def emit_ensemble(
         member_outputs: also output each member's own output as ``member_{i}`` (for oracle metrics).
         names: member names for the metadata (default each network's name).
         task: "classification" (members output probabilities) or "reconstruction" (autoencoders).
-        metadata: extra model metadata (e.g. `MEMBERS_KEY`); `ENSEMBLE_KEY` is always codec's own.
+        metadata: extra model metadata (e.g. `members_metadata(...)`); `ENSEMBLE_KEY` is always codec's own.
         precision: "float32" (default: every runtime runs it) or "float64": the prod collect stage in
             double precision with combine's own clipping constant, for bit-level agreement with `combine`
             when many members disagree strongly (float32 sums of large logs lose ~1e-6 there).

@@ -3,7 +3,7 @@ and its ```python blocks run as written.
 
 Sizes: every command runs with CODEC_SMALL=1, which the training commands read (train, compile, train-ensemble;
 `codec/commands/_common.py` `small_overrides`: one epoch, 600 training and 300 test examples), so the
-commands are exactly the README's and the whole file runs in about a minute.
+commands are exactly the README's and the whole file takes about 40 s of CPU time.
 
 Skipped, on purpose: the set-up block's `pip install ...` commands (this test runs in the environment they
 install; installing packages is not what it checks) and its `python -m pytest -q` (the suite this test is a
