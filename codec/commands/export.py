@@ -26,7 +26,7 @@ def register(subparsers) -> None:
             "Members: --members, else the ensemble's codec.members metadata (paths relative to it), else the\n"
             "member_i outputs of the fused graph (checks only the collect stage). The members of a `codec compile`\n"
             "run are the files its graph computes: opt/main.onnx and opt/peer.onnx (as the passes left them)\n"
-            "and members/grown_<i>.onnx; its ensemble.onnx names them in its metadata.\n"
+            "and members/grown_<i>.onnx (members/main.onnx with --keep-main whole); its ensemble.onnx names them.\n"
             "Parity fails (exit status 2, nothing written) when the largest absolute error exceeds --atol.\n\n"
             "Example:\n"
             "  codec export out/ensemble.onnx -o deploy/model.onnx --data mnist_small --limit 512"
