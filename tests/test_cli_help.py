@@ -19,7 +19,7 @@ def _subparsers() -> dict:
 
 
 def _option_help(parser, flag: str) -> str | None:
-    """The help text of `flag`, with its trailing "(default ...)" removed: defaults may differ, words may not."""
+    """The help text of `flag` without its trailing "(default ...)": defaults may differ, words may not."""
     for action in parser._actions:
         if flag in action.option_strings:
             return re.sub(r"\s*\(default [^)]*\)$", "", action.help or "")
@@ -42,7 +42,9 @@ def test_commands_that_read_data_have_the_same_data_options_in_the_same_words(co
 
 def test_recipe_commands_describe_data_dir_and_subsets_alike(commands):
     for flag in RECIPE_DATA_OPTIONS:
-        texts = {name: _option_help(p, flag) for name, p in commands.items() if _option_help(p, flag) is not None}
+        texts = {
+            name: _option_help(p, flag) for name, p in commands.items() if _option_help(p, flag) is not None
+        }
         assert {"train", "compile", "train-ensemble", "bench"} <= set(texts), (flag, sorted(texts))
         assert len(set(texts.values())) == 1, f"{flag} is described differently: {texts}"
 

@@ -1,6 +1,7 @@
 """One input-adaptation rule for every command (runtime/execution/inputs.py): a fixed batch dimension, float16
 and double inputs, flat models with image data and image models with flat data all run, with the same
-results as the plain float32 dynamic-batch model; anything else is one line naming the model and both shapes."""
+results as the plain float32 dynamic-batch model; anything else is one line naming the model and both
+shapes."""
 
 from __future__ import annotations
 
@@ -102,17 +103,31 @@ def _torch_fixed_batch(path, batch: int):
     import torch
 
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.ReLU(),
-                                 torch.nn.Linear(16, 10), torch.nn.Softmax(dim=1)).eval()
+    module = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(784, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 10),
+        torch.nn.Softmax(dim=1),
+    ).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(batch, 1, 28, 28),), str(path), dynamo=False,
-                          input_names=["input"], output_names=["output"])
+        torch.onnx.export(
+            module,
+            (torch.zeros(batch, 1, 28, 28),),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+        )
     return path
 
 
 def test_every_command_runs_a_torch_model_exported_with_a_fixed_batch(tmp_path, capsys):
-    main_path, peer_path = _torch_fixed_batch(tmp_path / "main.onnx", 3), _torch_fixed_batch(tmp_path / "peer.onnx", 3)
+    main_path, peer_path = (
+        _torch_fixed_batch(tmp_path / "main.onnx", 3),
+        _torch_fixed_batch(tmp_path / "peer.onnx", 3),
+    )
     assert onnx.load(str(main_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     assert main(["eval", str(main_path), str(peer_path), "--data", "mnist_small", "--limit", "100"]) == 0
     assert main(["profile", str(main_path), "--data", "mnist_small", "--limit", "100", "--quiet"]) == 0
@@ -123,10 +138,25 @@ def test_every_command_runs_a_torch_model_exported_with_a_fixed_batch(tmp_path, 
 
     fused = emit_ensemble([lift(main_path, name="main"), lift(peer_path, name="peer")], criterion="mean")
     save_model(fused, tmp_path / "ensemble.onnx")
-    assert main(["export", str(tmp_path / "ensemble.onnx"), "-o", str(tmp_path / "deploy.onnx"), "--members",
-                 str(main_path), str(peer_path), "--data", "mnist_small", "--limit", "100", "--json"]) == 0, (
-        capsys.readouterr().err
-    )
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ensemble.onnx"),
+                "-o",
+                str(tmp_path / "deploy.onnx"),
+                "--members",
+                str(main_path),
+                str(peer_path),
+                "--data",
+                "mnist_small",
+                "--limit",
+                "100",
+                "--json",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["parity"]["max_abs_error"] <= 1e-5
 
 
@@ -138,7 +168,9 @@ def test_fit_shape_reshapes_only_when_the_sizes_match():
     assert fit_shape(x, (12,)).shape == (2, 12)
     assert fit_shape(x.reshape(2, 12), (3, 4)).base is not None  # a view: nothing copied
     assert fit_shape(x, (3, None)) is x  # symbolic dims accept any size
-    with pytest.raises(ShapeError, match=r"m.onnx expects \[5\] per example, but the data's examples are \[3, 4\]"):
+    with pytest.raises(
+        ShapeError, match=r"m.onnx expects \[5\] per example, but the data's examples are \[3, 4\]"
+    ):
         fit_shape(x, (5,), "m.onnx")
 
 

@@ -1,9 +1,9 @@
 """The README works as written: its ```bash blocks run in order, command by command, in one temporary folder,
 and its ```python blocks run as written.
 
-Sizes: every command runs with CODEC_SMALL=1, which the training commands read (train, compile, train-ensemble;
-`codec/commands/_common.py` `small_overrides`: one epoch, 600 training and 300 test examples), so the
-commands are exactly the README's and the whole file takes about 40 s of CPU time.
+Sizes: every command runs with CODEC_SMALL=1, which the training commands read (train, compile,
+train-ensemble; `codec/commands/_common.py` `small_overrides`: one epoch, 600 training and 300 test
+examples), so the commands are exactly the README's and the whole file takes about 40 s of CPU time.
 
 Skipped, on purpose: the set-up block's `pip install ...` commands (this test runs in the environment they
 install; installing packages is not what it checks) and its `python -m pytest -q` (the suite this test is a
@@ -65,7 +65,9 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def env() -> dict:
     bin_dir = Path(sys.executable).parent
-    assert (bin_dir / "codec").exists(), f"no codec script beside {sys.executable}: install codec (pip install -e .)"
+    assert (bin_dir / "codec").exists(), (
+        f"no codec script beside {sys.executable}: install codec (pip install -e .)"
+    )
     return dict(
         os.environ,
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -110,7 +112,9 @@ def test_torch_is_not_capped_below_a_newer_release():
 
 
 def test_ci_runs_the_readme_install_and_test_lines():
-    setup = next(body for language, body in readme_blocks(README.read_text()) if language == "bash").splitlines()
+    setup = next(
+        body for language, body in readme_blocks(README.read_text()) if language == "bash"
+    ).splitlines()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for line in (setup[0], setup[-1]):
         assert line in ci, f"CI does not run the README's {line!r}"
@@ -124,5 +128,10 @@ def test_codec_small_caps_training_and_says_so(monkeypatch, capsys):
     assert small_overrides(given, "train") == given and capsys.readouterr().err == ""
     monkeypatch.setenv("CODEC_SMALL", "1")
     capped = small_overrides(given, "train")
-    assert capped == {"max_epochs": SMALL_CAPS["max_epochs"], "n_train": 100, "n_test": SMALL_CAPS["n_test"], "lr": 0.1}
+    assert capped == {
+        "max_epochs": SMALL_CAPS["max_epochs"],
+        "n_train": 100,
+        "n_test": SMALL_CAPS["n_test"],
+        "lr": 0.1,
+    }
     assert "CODEC_SMALL is set" in capsys.readouterr().err

@@ -18,7 +18,9 @@ DATA_HELP = (
     "dataset: mnist_small (bundled, no download), mnist, fashion_mnist, cifar10, cifar10_jpeg, or npz:PATH "
     "with arrays x_train, y_train, x_test, y_test"
 )
-DATA_DIR_HELP = "where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+DATA_DIR_HELP = (
+    "where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+)
 SPLIT_HELP = "which split of the dataset to use"
 LIMIT_HELP = "use only the first N examples of the split"
 N_TRAIN_HELP = "train on a subset of this many training examples"
@@ -43,9 +45,11 @@ def add_data_arguments(
     """
     parser.add_argument("--data", default=default, help=f"{DATA_HELP} (default {default_text or default})")
     add_data_dir_argument(parser)
-    parser.add_argument("--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})")
     parser.add_argument(
-        "--limit", type=int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit if limit else 'all'})"
+        "--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit or 'all'})"
     )
 
 
@@ -70,16 +74,19 @@ def data_options_epilog() -> str:
         ("--n-train N", N_TRAIN_HELP),
         ("--n-test N", N_TEST_HELP),
     ]
-    lines = ["data options (profile, eval, opt and export read --data; train, compile, train-ensemble and bench",
-             "read their recipe's dataset):"]
+    lines = [
+        "data options (profile, eval, opt and export read --data; train, compile, train-ensemble and",
+        "bench read their recipe's dataset):",
+    ]
     for flag, text in rows:
         lines += textwrap.wrap(text, 100, initial_indent=f"  {flag:<13}", subsequent_indent=" " * 15)
     return "\n".join(lines)
 
 
-# CODEC_SMALL=1 makes the training commands (train, compile, train-ensemble) cap their work, so that the README's
-# commands run exactly as printed in seconds (tests/test_readme.py, CI). A capped run says so on stderr, and the
-# caps are in its recorded options like any --epochs/--n-train, so its numbers cannot pass for a real run's.
+# CODEC_SMALL=1 makes the training commands (train, compile, train-ensemble) cap their work, so that the
+# README's commands run exactly as printed in seconds (tests/test_readme.py, CI). A capped run says so on
+# stderr, and the caps are in its recorded options like any --epochs/--n-train: its numbers cannot pass for a
+# real run's.
 SMALL_ENV = "CODEC_SMALL"
 SMALL_CAPS = {"max_epochs": 1, "n_train": 600, "n_test": 300}
 
@@ -96,8 +103,8 @@ def small_overrides(overrides: dict, command: str) -> dict:
         given = capped.get(key)
         capped[key] = cap if given is None else min(given, cap)
     print(
-        f"codec {command}: {SMALL_ENV} is set: at most {capped['max_epochs']} epoch(s), {capped['n_train']} training "
-        f"and {capped['n_test']} test examples (unset it for real results)",
+        f"codec {command}: {SMALL_ENV} is set: at most {capped['max_epochs']} epoch(s), "
+        f"{capped['n_train']} training and {capped['n_test']} test examples (unset it for real results)",
         file=sys.stderr,
     )
     return capped

@@ -59,7 +59,9 @@ class InputSpec:
         inp = session.get_inputs()[0]
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
-            raise ShapeError(f"{model}: input {inp.name!r} has type {inp.type}; codec feeds float32, float16 or double")
+            raise ShapeError(
+                f"{model}: input {inp.name!r} has type {inp.type}; codec feeds float32, float16 or double"
+            )
         dims = list(inp.shape)
         if not dims:
             raise ShapeError(f"{model}: input {inp.name!r} is a scalar; codec feeds batches of examples")
@@ -84,12 +86,14 @@ def fit_shape(x: np.ndarray, shape: tuple[int | None, ...], model: str = "the mo
     if all(s is not None for s in shape) and int(np.prod(given)) == int(np.prod(shape, dtype=np.int64)):
         return x.reshape((len(x), *shape))
     raise ShapeError(
-        f"{model} expects {_describe(shape)} per example, but the data's examples are {_describe(given)} (and cannot "
-        "be reshaped: the sizes differ)"
+        f"{model} expects {_describe(shape)} per example, but the data's examples are {_describe(given)} "
+        "(and cannot be reshaped: the sizes differ)"
     )
 
 
-def fit_examples(x: np.ndarray, shape: tuple[int | None, ...], dtype=np.float32, model: str = "the model") -> np.ndarray:
+def fit_examples(
+    x: np.ndarray, shape: tuple[int | None, ...], dtype=np.float32, model: str = "the model"
+) -> np.ndarray:
     """`x` reshaped (rule 1) and cast (rule 2) for a model input of per-example `shape` and type `dtype`.
 
     Use `batches` instead for data that should not be copied whole.
@@ -97,7 +101,9 @@ def fit_examples(x: np.ndarray, shape: tuple[int | None, ...], dtype=np.float32,
     return np.ascontiguousarray(fit_shape(x, shape, model), dtype=dtype)
 
 
-def batches(x: np.ndarray, spec: InputSpec, batch_size: int, model: str = "the model") -> Iterator[tuple[np.ndarray, int]]:
+def batches(
+    x: np.ndarray, spec: InputSpec, batch_size: int, model: str = "the model"
+) -> Iterator[tuple[np.ndarray, int]]:
     """The batches to run `x` in under `spec`: (batch, how many of its examples are real), rules 1-3.
 
     A fixed-batch input gets exactly `spec.batch` examples per batch, the last one padded with zeros; the

@@ -48,7 +48,12 @@ def model_name(session) -> str:
 
 
 def run_batches(
-    session, x: np.ndarray, batch_size: int = 256, outputs: list[str] | None = None, *, model: str | None = None
+    session,
+    x: np.ndarray,
+    batch_size: int = 256,
+    outputs: list[str] | None = None,
+    *,
+    model: str | None = None,
 ) -> Iterator[list]:
     """Run `session` over `x` in batches, yielding each batch's list of outputs.
 
