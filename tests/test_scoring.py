@@ -77,7 +77,7 @@ def test_member_outputs_stacks_and_refuses_members_that_disagree(tmp_path):
     with pytest.raises(ShapeError, match=r"outputs \(3\) but .* outputs \(2\)"):
         member_outputs([a, three], x, names=["a", "three"])
     wide = _linear(tmp_path / "wide.onnx", [13], 2)
-    with pytest.raises(ShapeError, match=r"wide.onnx expects \[13\] per example, but the data's examples are \[12\]"):
+    with pytest.raises(ShapeError, match=r"wide.onnx expects \[13\] per example, but the data's .* \[12\]"):
         member_outputs([a, wide], x)
 
 
