@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -64,16 +66,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    bin_dir = Path(sys.executable).parent
-    assert (bin_dir / "codec").exists(), (
-        f"no codec script beside {sys.executable}: install codec (pip install -e .)"
-    )
-    return dict(
-        os.environ,
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        CODEC_SMALL="1",
-        OMP_NUM_THREADS="1",
-    )
+    # this interpreter's `python` and the `codec` script pip installed for it come first (a system python's
+    # scripts folder need not be beside the interpreter: sysconfig knows where it is)
+    dirs = [str(Path(sys.executable).parent), sysconfig.get_path("scripts")]
+    path = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
+    assert shutil.which("codec", path=path), f"no codec script for {sys.executable}: pip install -e ."
+    return dict(os.environ, PATH=path, CODEC_SMALL="1", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize("language, source", _cases())
