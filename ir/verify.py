@@ -37,7 +37,9 @@ def problems(net: NetworkIR) -> list[str]:
     found: list[str] = []
     shape = tuple(net.input_shape)
     if len(shape) not in (1, 3) or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        found.append(f"input shape {list(shape)} is not (features,) or (channels, height, width) of positive sizes")
+        found.append(
+            f"input shape {list(shape)} is not (features,) or (channels, height, width) of positive sizes"
+        )
         return found
     seen: set[str] = set()
     for index, layer in enumerate(net.layers):

@@ -42,7 +42,8 @@ class ActivationAnalysis(Analysis):
         for name, net in module.members.items():
             if name not in stats:
                 stats[name] = profile(net, module.calibration.x, batches, self.progress)
-        return MemberActivations({name: stats[name] for name in module.members}, pair, len(module.calibration))
+        ordered = {name: stats[name] for name in module.members}
+        return MemberActivations(ordered, pair, len(module.calibration))
 
     def summarize(self, result: MemberActivations) -> dict:
         return {

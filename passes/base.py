@@ -106,7 +106,8 @@ class EnsembleModule:
                 )
         if tuple(self.calibration.x.shape[1:]) != tuple(first.input_shape):
             raise ShapeError(
-                f"calibration examples have shape {list(self.calibration.x.shape[1:])} but the members expect "
+                f"calibration examples have shape {list(self.calibration.x.shape[1:])} "
+                "but the members expect "
                 f"{list(first.input_shape)}"
             )
 
@@ -192,7 +193,8 @@ class Pass(abc.ABC):
             value = getattr(self, option)
             if not check_value(kind, value):
                 raise ConfigError(
-                    f"{self.name or type(self).__name__}: option {option}={value!r} is not a valid {type_name(kind)}"
+                    f"{self.name or type(self).__name__}: option {option}={value!r} "
+                    f"is not a valid {type_name(kind)}"
                 )
 
     def check_options(self) -> None:

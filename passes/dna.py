@@ -20,6 +20,9 @@ from codec.passes.base import Analysis, AnalysisManagerProtocol, EnsembleModule,
 from codec.passes.registry import register_pass
 
 
+DeadNeurons = dict[str, dict[str, np.ndarray]]  # member -> hidden layer -> dead neuron indices
+
+
 def removable(dead: dict[str, dict[str, np.ndarray]], scope: str) -> dict[str, dict[str, np.ndarray]]:
     """Per member and hidden layer (in order), the dead-neuron mask DNA reports under `scope`: each
     member's own (`member`), or the positions dead in every member (`intersect`; members of one
@@ -54,7 +57,7 @@ class DeadNeuronAnalysis(Analysis):
                         "use dna{scope=member}"
                     )
 
-    def compute(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> dict[str, dict[str, np.ndarray]]:
+    def compute(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> DeadNeurons:
         self.requires_module(module)
         acts = am.get(ActivationAnalysis, module)
         dead: dict[str, dict[str, np.ndarray]] = {}

@@ -74,7 +74,9 @@ class AnalysisManager:
         self._cache: dict[type[Analysis], tuple[Analysis, Any]] = {}
         self._reads: dict[type[Analysis], set[type[Analysis]]] = {}  # analysis -> analyses it read
         self._computing: list[type[Analysis]] = []
-        self._dropped: list[str] = []  # dropped since the last `invalidate` (by `update` or a re-configuration)
+        self._dropped: list[
+            str
+        ] = []  # dropped since the last `invalidate` (by `update` or a re-configuration)
         self.instrumentations = list(instrumentations or [])
 
     def configure(self, analysis: Analysis) -> None:
@@ -151,7 +153,9 @@ class AnalysisManager:
                 self._dropped.append(cls.name)
 
 
-def verify_outputs(before: EnsembleModule, after: EnsembleModule, atol: float, limit: int | None = None) -> dict[str, float]:
+def verify_outputs(
+    before: EnsembleModule, after: EnsembleModule, atol: float, limit: int | None = None
+) -> dict[str, float]:
     """Max abs output difference per member between two modules, on the calibration inputs (the first
     `limit` of them; None: all)."""
     from codec.ir.lower import lower, to_bytes
@@ -244,7 +248,9 @@ class PassManager:
                     raise
                 raise PassError(f"pass {p.name!r} ({self._ran(index)}): {exc}") from exc
             except Exception as exc:  # a bug in a pass: still say which one, and what ran before it
-                raise PassError(f"pass {p.name!r} failed ({self._ran(index)}): {type(exc).__name__}: {exc}") from exc
+                raise PassError(
+                    f"pass {p.name!r} failed ({self._ran(index)}): {type(exc).__name__}: {exc}"
+                ) from exc
             module = record.pop("module")
             record["seconds"] = time.perf_counter() - start
             record["analyses_computed"] = self.timings.records[done:]
@@ -276,7 +282,11 @@ class PassManager:
         return f"after {', '.join(ran)}" if ran else "first pass"
 
     def _run_one(self, p: Pass, module: EnsembleModule) -> dict:
-        record: dict = {"pass": p.name, "spec": p.spec(), "kind": "analysis" if isinstance(p, Analysis) else "transform"}
+        record: dict = {
+            "pass": p.name,
+            "spec": p.spec(),
+            "kind": "analysis" if isinstance(p, Analysis) else "transform",
+        }
         p.requires_module(module)
         before = member_fingerprints(module)
         if isinstance(p, Analysis):
@@ -300,7 +310,10 @@ class PassManager:
             raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
         if not p.in_place:
             self._check_untouched(
-                p, module, before, "it declares in_place = False (work on net.copy(), or declare in_place = True)"
+                p,
+                module,
+                before,
+                "it declares in_place = False (work on net.copy(), or declare in_place = True)",
             )
         if not result.modified:
             self._check_unmodified(p, module, before, result.module)
@@ -315,7 +328,8 @@ class PassManager:
                 worst_member = max(errors, key=errors.get) if errors else None
                 if worst_member is not None and errors[worst_member] > self.atol:
                     raise PassError(
-                        f"verification failed after pass {p.name!r}: member {worst_member!r} outputs changed by "
+                        f"verification failed after pass {p.name!r}: member {worst_member!r} "
+                        "outputs changed by "
                         f"up to {errors[worst_member]:.3g} (> {self.atol:g}) on the calibration inputs"
                     )
         return record
@@ -329,9 +343,13 @@ class PassManager:
             raise PassError(f"pass {p.name!r} changed its input member(s) {which}, but {why}")
 
     @staticmethod
-    def _check_unmodified(p: Pass, module: EnsembleModule, before: dict[str, str], out: EnsembleModule) -> None:
+    def _check_unmodified(
+        p: Pass, module: EnsembleModule, before: dict[str, str], out: EnsembleModule
+    ) -> None:
         after = member_fingerprints(out)
-        changed = sorted(set(before) ^ set(after)) + [n for n in before if n in after and after[n] != before[n]]
+        changed = sorted(set(before) ^ set(after)) + [
+            n for n in before if n in after and after[n] != before[n]
+        ]
         if out.csn is not module.csn:
             changed.append("the CSN")
         if changed:

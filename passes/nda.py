@@ -106,7 +106,9 @@ class NeuronDependenceAnalysis(Analysis):
     def check_options(self) -> None:
         check_fraction(self.name, "fire", self.fire)
 
-    def compute(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> dict[str, NeuronDependenceGraph]:
+    def compute(
+        self, module: EnsembleModule, am: AnalysisManagerProtocol
+    ) -> dict[str, NeuronDependenceGraph]:
         acts = am.get(ActivationAnalysis, module)
         graphs = {}
         for member, net in module.members.items():

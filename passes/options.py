@@ -208,5 +208,7 @@ def option_types(cls: type) -> dict[str, Any]:
     try:
         hints = typing.get_type_hints(cls)
     except Exception as exc:  # an annotation naming something its module does not define
-        raise ConfigError(f"pass {getattr(cls, 'name', cls.__name__)!r}: cannot read its option types: {exc}") from exc
+        raise ConfigError(
+            f"pass {getattr(cls, 'name', cls.__name__)!r}: cannot read its option types: {exc}"
+        ) from exc
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}

@@ -35,7 +35,13 @@ from codec.passes.options import option_types, parse_value, split_top_level, sup
 ENTRY_POINT_GROUP = "codec.passes"
 _BUILTIN: dict[str, type[Pass]] = {}
 _USER: dict[str, type[Pass]] = {}  # registered by plugin files, user scripts and module:Class references
-_BUILTIN_MODULES = ("codec.passes.activations", "codec.passes.dna", "codec.passes.dne", "codec.passes.nda", "codec.passes.csne")
+_BUILTIN_MODULES = (
+    "codec.passes.activations",
+    "codec.passes.dna",
+    "codec.passes.dne",
+    "codec.passes.nda",
+    "codec.passes.csne",
+)
 _loaded_builtins = False
 _plugin_files: dict[Path, list[str]] = {}  # resolved path -> the pass names it registered
 
@@ -53,7 +59,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     if cls.__module__ in _BUILTIN_MODULES:
         if cls.name in _BUILTIN and _BUILTIN[cls.name] is not cls:
             raise ConfigError(
-                f"two built-in passes are named {cls.name!r}: {_BUILTIN[cls.name].__name__} and {cls.__name__}"
+                f"two built-in passes are named {cls.name!r}: "
+                f"{_BUILTIN[cls.name].__name__} and {cls.__name__}"
             )
         _BUILTIN[cls.name] = cls
         return cls
@@ -66,11 +73,14 @@ def _where(cls: type) -> str:
 
 def _register_user(cls: type[Pass]) -> type[Pass]:
     if cls.name in _builtins():
-        raise ConfigError(f"pass {_where(cls)} is named {cls.name!r}, which is a built-in pass name; rename it")
+        raise ConfigError(
+            f"pass {_where(cls)} is named {cls.name!r}, which is a built-in pass name; rename it"
+        )
     plugins = _entry_points()
     if cls.name in plugins and plugins[cls.name].value != _where(cls):
         raise ConfigError(
-            f"pass {_where(cls)} is named {cls.name!r}, which installed plugin {plugins[cls.name].value} provides"
+            f"pass {_where(cls)} is named {cls.name!r}, "
+            f"which installed plugin {plugins[cls.name].value} provides"
         )
     known = _USER.get(cls.name)
     if known is not None and known is not cls and _where(known) != _where(cls):
@@ -93,7 +103,8 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found and found[ep.name].value != ep.value:
             raise ConfigError(
-                f"two installed plugins provide a pass named {ep.name!r}: {found[ep.name].value} and {ep.value}"
+                f"two installed plugins provide a pass named {ep.name!r}: "
+                f"{found[ep.name].value} and {ep.value}"
             )
         found[ep.name] = ep
     return found
@@ -106,25 +117,34 @@ def _check_pass_class(cls: object, where: str) -> type[Pass]:
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise ConfigError(f"{where} is abstract: it does not define {missing}")
     if not cls.name:
-        raise ConfigError(f"{where} has no `name` (set `name = \"mypass\"` in the class)")
+        raise ConfigError(f'{where} has no `name` (set `name = "mypass"` in the class)')
     return cls
 
 
 def load_reference(reference: str) -> type[Pass]:
-    """The pass class `module.path:ClassName` names (the module is imported now), registered under its name."""
+    """The pass class `module.path:ClassName` names (importing the module now), registered under its name."""
     module_name, _, attr = reference.partition(":")
-    if not module_name or not attr or not re.fullmatch(r"[\w.]+", module_name) or not re.fullmatch(r"[\w.]+", attr):
+    if (
+        not module_name
+        or not attr
+        or not re.fullmatch(r"[\w.]+", module_name)
+        or not re.fullmatch(r"[\w.]+", attr)
+    ):
         raise ConfigError(f"pass reference {reference!r} must be written module.path:ClassName")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"pass {reference!r}: cannot import module {module_name!r} ({exc})") from exc
     except Exception as exc:  # the user's module failed while importing: say where
-        raise ConfigError(f"pass {reference!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"pass {reference!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     target: object = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            passes = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Pass) and v.name)
+            passes = sorted(
+                n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Pass) and v.name
+            )
             hint = f"; its passes: {', '.join(passes)}" if passes else ""
             raise ConfigError(f"pass {reference!r}: module {module_name!r} has no {attr!r}{hint}")
         target = getattr(target, part)
@@ -164,13 +184,16 @@ def load_plugin_file(path: str | Path) -> list[str]:
         sys.modules.pop(module_name, None)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == resolved]
+        frames = [
+            f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == resolved
+        ]
         line = f", line {frames[-1].lineno}" if frames else ""
         raise ConfigError(f"plugin file {str(path)!r}{line}: {type(exc).__name__}: {exc}") from exc
     names = [name for name, cls in _USER.items() if before.get(name) is not cls]
     if not names:
         unregistered = sorted(
-            v.__name__ for v in vars(module).values()
+            v.__name__
+            for v in vars(module).values()
             if isinstance(v, type) and issubclass(v, Pass) and v.__module__ == module_name
         )
         hint = f" ({', '.join(unregistered)} not decorated)" if unregistered else ""
@@ -190,7 +213,9 @@ def get_pass(name: str) -> type[Pass]:
     builtins = _builtins()
     plugins = _entry_points()
     if name in builtins and name in plugins:
-        raise ConfigError(f"plugin {plugins[name].value} registers pass {name!r}, which is a built-in pass name")
+        raise ConfigError(
+            f"plugin {plugins[name].value} registers pass {name!r}, which is a built-in pass name"
+        )
     if name in builtins:
         return builtins[name]
     if name in _USER:
@@ -201,9 +226,13 @@ def get_pass(name: str) -> type[Pass]:
         except Exception as exc:
             raise ConfigError(f"cannot load plugin pass {name!r} from {plugins[name].value}: {exc}") from exc
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
-            raise ConfigError(f"plugin entry point {name!r} ({plugins[name].value}) is not a codec Pass subclass")
+            raise ConfigError(
+                f"plugin entry point {name!r} ({plugins[name].value}) is not a codec Pass subclass"
+            )
         if cls.name != name:
-            raise ConfigError(f"plugin entry point {name!r} loads a pass named {cls.name!r}; the names must agree")
+            raise ConfigError(
+                f"plugin entry point {name!r} loads a pass named {cls.name!r}; the names must agree"
+            )
         return cls
     known = ", ".join(sorted(set(builtins) | set(_USER) | set(plugins)))
     raise ConfigError(f"unknown pass {name!r}; known passes: {known}")
@@ -223,12 +252,16 @@ def available_passes() -> dict[str, str]:
 def _convert(cls: type[Pass], field: dataclasses.Field, raw: str):
     kind = option_types(cls)[field.name]
     if not supported(kind):
-        raise ConfigError(f"{cls.name}: option {field.name} has type {type_name(kind)}, which pipeline text cannot spell")
+        raise ConfigError(
+            f"{cls.name}: option {field.name} has type {type_name(kind)}, which pipeline text cannot spell"
+        )
     try:
         return parse_value(kind, raw)
     except ValueError as exc:
         reason = str(exc)
-        raise ConfigError(f"{cls.name}: option {field.name}={raw!r}{'' if reason.startswith(';') else ' '}{reason}") from None
+        raise ConfigError(
+            f"{cls.name}: option {field.name}={raw!r}{'' if reason.startswith(';') else ' '}{reason}"
+        ) from None
 
 
 def parse_pipeline(text: str) -> list[Pass]:
@@ -244,11 +277,16 @@ def parse_pipeline(text: str) -> list[Pass]:
                 raise ConfigError(f"pass {cls.name!r} has no option {key!r}; its options: {known}")
             kwargs[key] = _convert(cls, fields[key], raw)
         missing = [
-            f.name for f in fields.values()
-            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            f.name
+            for f in fields.values()
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise ConfigError(f"pass {cls.name!r} needs option(s) {', '.join(missing)}: {cls.name}{{{missing[0]}=...}}")
+            raise ConfigError(
+                f"pass {cls.name!r} needs option(s) {', '.join(missing)}: {cls.name}{{{missing[0]}=...}}"
+            )
         passes.append(cls(**kwargs))  # __post_init__ checks the values (Pass.check_options)
     if not passes:
         raise ConfigError("the pass pipeline is empty")

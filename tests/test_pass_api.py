@@ -97,7 +97,10 @@ def test_main_and_peer_are_named_not_ordered(pair, calibration):
     [
         (lambda: CommonSubNetworkExtraction(fire=2), "csne: option fire=2 is impossible"),
         (lambda: CommonSubNetworkExtraction(max_iter=0), "at least 1"),
-        (lambda: DeadNeuronAnalysis(scope="everything"), "scope='everything' is not a valid intersect|member"),
+        (
+            lambda: DeadNeuronAnalysis(scope="everything"),
+            "scope='everything' is not a valid intersect|member",
+        ),
         (lambda: NeuronDependenceAnalysis(fire="0.5"), "is not a valid float"),
         (lambda: CommonSubNetworkExtraction(preds=1), "is not a valid bool"),
     ],
@@ -248,13 +251,15 @@ def test_csne_with_an_empty_csn_reports_a_modification(calibration):
 def test_csne_without_a_peer_refuses_before_profiling(pair, calibration, monkeypatch):
     profiled = []
     real = ActivationAnalysis.compute
-    monkeypatch.setattr(ActivationAnalysis, "compute", lambda self, m, am: profiled.append(1) or real(self, m, am))
+    monkeypatch.setattr(
+        ActivationAnalysis, "compute", lambda self, m, am: profiled.append(1) or real(self, m, am)
+    )
     with pytest.raises(PassError, match="^csne needs two members"):
         PassManager(parse_pipeline("dna,dne,nda,csne")).run(EnsembleModule({"main": pair[0]}, calibration))
     assert profiled == []
 
 
-# --- 4. the IR verifier ---------------------------------------------------------------------------------------
+# --- 4. the IR verifier -------------------------------------------------------------------------------------
 
 
 def test_verify_network_names_each_broken_invariant(pair):
@@ -300,7 +305,7 @@ def test_fingerprint_sees_weights_and_roles(pair):
     assert fingerprint(copy) != fingerprint(main)
 
 
-# --- 5. transitive invalidation, instrumentation ----------------------------------------------------------------
+# --- 5. transitive invalidation, instrumentation ------------------------------------------------------------
 
 computed: list[str] = []
 
@@ -370,12 +375,19 @@ def test_instrumentation_hooks_see_passes_and_analyses(pair, calibration):
     computed.clear()
     module = EnsembleModule({"main": pair[0]}, calibration)
     _, report = PassManager([Derived()], instrumentations=[Recorder()]).run(module)
-    assert events == [("before", "derived_count"), ("computed", "base_count"), ("computed", "derived_count"),
-                      ("after", "derived_count")]
-    assert [t["analysis"] for t in report["passes"][0]["analyses_computed"]] == ["base_count", "derived_count"]
+    assert events == [
+        ("before", "derived_count"),
+        ("computed", "base_count"),
+        ("computed", "derived_count"),
+        ("after", "derived_count"),
+    ]
+    assert [t["analysis"] for t in report["passes"][0]["analyses_computed"]] == [
+        "base_count",
+        "derived_count",
+    ]
 
 
-# --- 7. passes from a file and from a module reference -----------------------------------------------------------
+# --- 7. passes from a file and from a module reference ------------------------------------------------------
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -452,26 +464,41 @@ def test_module_reference_in_a_pipeline(tmp_path, monkeypatch):
 def test_codec_opt_plugin_flag(tmp_path):
     path = tmp_path / "my_plugin.py"
     path.write_text(PLUGIN)
-    listed = subprocess.run([sys.executable, "-m", "codec", "opt", "--plugin", str(path), "--list-passes", "--json"],
-                            check=False, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "codec", "opt", "--plugin", str(path), "--list-passes", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr
     entry = next(p for p in json.loads(listed.stdout)["passes"] if p["name"] == "count_layers")
-    assert entry["kind"] == "analysis" and entry["options"] == [{"name": "scale", "default": 1, "type": "int"}]
-    bad = subprocess.run([sys.executable, "-m", "codec", "opt", "--plugin", str(tmp_path / "nope.py"), "x.onnx"],
-                         check=False, capture_output=True, text=True, timeout=120)
+    assert entry["kind"] == "analysis" and entry["options"] == [
+        {"name": "scale", "default": 1, "type": "int"}
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "codec", "opt", "--plugin", str(tmp_path / "nope.py"), "x.onnx"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
-# --- 8. the Python API -------------------------------------------------------------------------------------------
+# --- 8. the Python API --------------------------------------------------------------------------------------
 
 
 def test_import_codec_is_light_and_exposes_the_api():
     probe = (
-        "import sys, codec, codec.errors; heavy = [m for m in ('numpy', 'onnx', 'onnxruntime', 'torch') if m in sys.modules];"
-        "print(heavy); from codec import lift, lower, save_model, PassManager, parse_pipeline, optimize, emit_ensemble;"
+        "import sys, codec, codec.errors;"
+        "heavy = [m for m in ('numpy', 'onnx', 'onnxruntime', 'torch') if m in sys.modules]; print(heavy);"
+        "from codec import lift, lower, save_model, PassManager, parse_pipeline, optimize, emit_ensemble;"
         "print(sorted(set(codec.__all__) - set(dir(codec))))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "[]"]
 
@@ -480,7 +507,9 @@ def test_optimize_runs_a_pipeline_on_members(pair, calibration):
     import codec
 
     main, peer = pair
-    module, report = codec.optimize(main, peer, passes="nda{fire=0.0},csne{fire=0.99,corr=0.99}", data=calibration.x)
+    module, report = codec.optimize(
+        main, peer, passes="nda{fire=0.0},csne{fire=0.99,corr=0.99}", data=calibration.x
+    )
     assert module.csn.sizes == {"fc1": 10, "fc2": 8}
     assert report["calibration"] == {"data": "array", "split": None, "inputs": 600}
     with pytest.raises(CodecError, match="csne needs two members"):

@@ -15,10 +15,21 @@ def _member(seed: int, dead: list[int]) -> NetworkIR:
     rng = np.random.default_rng(seed)
     b1 = rng.normal(0.2, 0.05, 16).astype(np.float32)
     b1[dead] = -1e3  # dead on every input
-    return NetworkIR(f"m{seed}", "input", "output", (784,), [
-        Dense("fc1", rng.standard_normal((16, 784)).astype(np.float32) * 0.05, b1, Activation("relu")),
-        Dense("out", rng.standard_normal((10, 16)).astype(np.float32), np.zeros(10, np.float32), Activation("softmax")),
-    ])
+    return NetworkIR(
+        f"m{seed}",
+        "input",
+        "output",
+        (784,),
+        [
+            Dense("fc1", rng.standard_normal((16, 784)).astype(np.float32) * 0.05, b1, Activation("relu")),
+            Dense(
+                "out",
+                rng.standard_normal((10, 16)).astype(np.float32),
+                np.zeros(10, np.float32),
+                Activation("softmax"),
+            ),
+        ],
+    )
 
 
 @pytest.fixture
@@ -44,11 +55,26 @@ def test_profile_alone_and_with_peer_matches_default_opt(pair, tmp_path, capsys)
     assert beside["opt_default"]["removes_per_layer"] == {"fc1": 2}  # positions 2 and 3 only
     assert "removes 2 of this model's 4 dead neurons" in beside["opt_default"]["note"]
 
-    args = ["opt", "--passes", "dna,dne", str(main_path), "--peer", str(peer_path), "--data", "mnist_small",
-            "--limit", "200", "--quiet", "--json"]
+    args = [
+        "opt",
+        "--passes",
+        "dna,dne",
+        str(main_path),
+        "--peer",
+        str(peer_path),
+        "--data",
+        "mnist_small",
+        "--limit",
+        "200",
+        "--quiet",
+        "--json",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["passes"][1]["details"]["removed_per_layer"]["main"] == beside["opt_default"]["removes_per_layer"]
+    assert (
+        report["passes"][1]["details"]["removed_per_layer"]["main"]
+        == beside["opt_default"]["removes_per_layer"]
+    )
 
 
 def test_profile_human_output_says_what_opt_does(pair, capsys):

@@ -40,16 +40,38 @@ def _run_block(block: str, module_name: str) -> dict:
     """Run a README block as the module `module_name` (what a user's file or notebook cell is)."""
     module = types.ModuleType(module_name)
     sys.modules[module_name] = module
-    exec(compile(block, "README.md", "exec", dont_inherit=True), module.__dict__)  # noqa: S102 - the README's own code
+    code = compile(block, "README.md", "exec", dont_inherit=True)  # not this file's __future__ flags
+    exec(code, module.__dict__)  # noqa: S102 - the README's own code
     return module.__dict__
 
 
 def _member(rng, name: str) -> NetworkIR:
-    return NetworkIR(name, "input", "output", (784,), [
-        Dense("fc1", rng.standard_normal((12, 784)).astype(np.float32) * 0.05, rng.normal(0, 0.1, 12), Activation("relu")),
-        Dense("fc2", rng.standard_normal((8, 12)).astype(np.float32), rng.normal(0, 0.1, 8), Activation("relu")),
-        Dense("out", rng.standard_normal((10, 8)).astype(np.float32), np.zeros(10, np.float32), Activation("softmax")),
-    ])
+    return NetworkIR(
+        name,
+        "input",
+        "output",
+        (784,),
+        [
+            Dense(
+                "fc1",
+                rng.standard_normal((12, 784)).astype(np.float32) * 0.05,
+                rng.normal(0, 0.1, 12),
+                Activation("relu"),
+            ),
+            Dense(
+                "fc2",
+                rng.standard_normal((8, 12)).astype(np.float32),
+                rng.normal(0, 0.1, 8),
+                Activation("relu"),
+            ),
+            Dense(
+                "out",
+                rng.standard_normal((10, 8)).astype(np.float32),
+                np.zeros(10, np.float32),
+                Activation("softmax"),
+            ),
+        ],
+    )
 
 
 @pytest.fixture
@@ -76,12 +98,22 @@ def test_readme_pass_block_defines_a_registered_pass():
 
 
 def test_readme_plugin_command_runs(workdir):
-    (command,) = [line for block in _section_blocks("## Writing a pass", "bash") for line in block.splitlines()
-                  if line.startswith("codec opt --plugin")]
+    (command,) = [
+        line
+        for block in _section_blocks("## Writing a pass", "bash")
+        for line in block.splitlines()
+        if line.startswith("codec opt --plugin")
+    ]
     args = command.split()[1:]
     args = [a.strip('"') for a in args] + ["--limit", "400", "--json", "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "codec", *args], check=False, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "codec", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     sort = next(r for r in report["passes"] if r["pass"] == "sort_by_firing")

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
-        help="a Python file defining passes with @register_pass, loaded before the pipeline is read (repeatable)",
+        help="a Python file defining passes with @register_pass, loaded before the pipeline (repeatable)",
     )
     add_data_arguments(parser, split=False)
     parser.add_argument("--split", choices=("train", "test"), default="train", help="calibration split (default train)")

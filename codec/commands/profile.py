@@ -20,13 +20,15 @@ def register(subparsers) -> None:
             "zero on every input (dead: removable without changing any output). Memory does not grow with "
             "the number of calibration inputs. Firing: ReLU/leaky ReLU/tanh > 0, sigmoid > 0.5; a conv "
             "channel fires on an input when it fires at any position. The default `codec opt` pipeline "
-            f"removes a dead neuron only where it is dead at the same position in every member ({OPT_DEFAULT_DNA}): "
-            "with --peer, the report counts those too."
+            "removes a dead neuron only where it is dead at the same position in every member "
+            f"({OPT_DEFAULT_DNA}): with --peer, the report counts those too."
         ),
     )
     parser.add_argument("model", type=Path, help="an ONNX model file")
     parser.add_argument(
-        "--peer", type=Path, default=None,
+        "--peer",
+        type=Path,
+        default=None,
         help="the peer member: also count the dead neurons the default codec opt removes from the pair",
     )
     add_data_arguments(parser)
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     x, _, dataset = load_split(args)
     x = fit_to_model(x, net.input_shape, what=f"{dataset.name} {getattr(args, 'split', 'test')}")
     stats = profile(net, x, batch_size=args.batch_size, progress=not args.quiet)
-    peer_stats = profile(peer, x, batch_size=args.batch_size, progress=not args.quiet) if peer is not None else None
+    peer_stats = None
+    if peer is not None:
+        peer_stats = profile(peer, x, batch_size=args.batch_size, progress=not args.quiet)
     payload = {"model": str(args.model), "data": dataset.name, "split": args.split, **stats.to_dict()}
     removed, note = opt_removes(net, stats, peer, peer_stats)
     payload["opt_default"] = {"dna": OPT_DEFAULT_DNA, "removes_per_layer": removed, "note": note}
@@ -56,15 +60,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         write_json_atomic(args.output, payload)
     rows = [
-        [l["name"], l["activation"], l["neurons"], f"{l['mean_fire_rate']:.3f}", l["never_fire"], l["always_zero"],
-         removed[l["name"]]]
+        [l["name"], l["activation"], l["neurons"], f"{l['mean_fire_rate']:.3f}"]
+        + [l["never_fire"], l["always_zero"], removed[l["name"]]]
         for l in payload["layers"]
     ]
-    human = (
-        f"{args.model} on {stats.count} {dataset.name} {args.split} inputs\n\n"
-        + table(rows, ["layer", "activation", "neurons", "fire rate", "never fire", "dead (always 0)", "opt removes"])
-        + f"\n\n{note}"
-    )
+    header = ["layer", "activation", "neurons", "fire rate", "never fire", "dead (always 0)", "opt removes"]
+    title = f"{args.model} on {stats.count} {dataset.name} {args.split} inputs"
+    human = f"{title}\n\n{table(rows, header)}\n\n{note}"
     emit(args, payload, human)
     return 0
 
@@ -94,13 +96,13 @@ def opt_removes(net, stats, peer=None, peer_stats=None) -> tuple[dict[str, int],
         )
     elif scope == "member":
         note = (
-            f"the peer has another architecture ({difference}): codec opt's default {OPT_DEFAULT_DNA} refuses "
-            f"the pair; dna{{scope=member}} removes this model's own {total} dead neurons"
+            f"the peer has another architecture ({difference}): codec opt's default {OPT_DEFAULT_DNA} "
+            f"refuses the pair; dna{{scope=member}} removes this model's own {total} dead neurons"
         )
     else:
         own = sum(min(int(s.always_zero.sum()), s.num_neurons - 1) for s in stats.layers.values())
         note = (
-            f"codec opt's default {OPT_DEFAULT_DNA} removes {total} of this model's {total_dead} dead neurons "
-            f"(those dead at the same position in the peer); dna{{scope=member}} removes {own}"
+            f"codec opt's default {OPT_DEFAULT_DNA} removes {total} of this model's {total_dead} dead "
+            f"neurons (those dead at the same position in the peer); dna{{scope=member}} removes {own}"
         )
     return removed, note

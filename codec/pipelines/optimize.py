@@ -81,7 +81,11 @@ def optimize(
     )
     manager = PassManager(pipeline, verify=verify, verify_inputs=verify_inputs, atol=atol)
     module, report = manager.run(module)
-    report["calibration"] = {"data": source, "split": split if isinstance(data, str) else None, "inputs": len(x)}
+    report["calibration"] = {
+        "data": source,
+        "split": split if isinstance(data, str) else None,
+        "inputs": len(x),
+    }
     return module, report
 
 
@@ -92,7 +96,9 @@ def _as_network(member: Member, name: str) -> NetworkIR:
         from codec.ir.lift import lift
 
         return lift(Path(member), name=name)
-    raise ConfigError(f"member {name!r} must be a NetworkIR or an ONNX file path, not {type(member).__name__}")
+    raise ConfigError(
+        f"member {name!r} must be a NetworkIR or an ONNX file path, not {type(member).__name__}"
+    )
 
 
 def _calibration_inputs(data, split: str, limit: int | None, data_dir) -> tuple[np.ndarray, str]:
@@ -120,4 +126,6 @@ def _fit(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.ndarray:
         return x
     if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
         return x.reshape((len(x), *input_shape))
-    raise ShapeError(f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}")
+    raise ShapeError(
+        f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}"
+    )
