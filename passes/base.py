@@ -60,6 +60,9 @@ class Calibration:
             yield self.x[start : start + self.batch_size]
 
 
+DEFAULT_ROLE = "<default>"  # EnsembleModule's main_name / peer_name when the caller names none
+
+
 @dataclass
 class EnsembleModule:
     """What passes operate on: the members being optimised, which of them is main and which is peer, the
@@ -71,8 +74,9 @@ class EnsembleModule:
         csn: the common sub-network once CSNE has run, else None.
         main_name: the member CSNE rewrites (its neurons are matched to peer's). Default: the member
             called "main", else the first.
-        peer_name: the member main is compared with, or None when there is none. Default: the member
-            called "peer", else the second member if there are two or more.
+        peer_name: the member main is compared with, or None for none. Default: the member called
+            "peer", else the second member if there are two or more (what callers relied on before the
+            roles were named).
 
     `EnsembleModule.of(main, calibration, peer=...)` builds one from the networks themselves.
     """
@@ -80,16 +84,16 @@ class EnsembleModule:
     members: dict[str, NetworkIR]
     calibration: Calibration
     csn: CSN | None = None
-    main_name: str | None = None
-    peer_name: str | None = None
+    main_name: str = DEFAULT_ROLE
+    peer_name: str | None = DEFAULT_ROLE
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ConfigError("no members to optimise")
         names = list(self.members)
-        if self.main_name is None:
+        if self.main_name == DEFAULT_ROLE:
             self.main_name = "main" if "main" in self.members else names[0]
-        if self.peer_name is None:
+        if self.peer_name == DEFAULT_ROLE:
             others = [n for n in names if n != self.main_name]
             self.peer_name = "peer" if "peer" in others else (others[0] if others else None)
         for role, name in (("main", self.main_name), ("peer", self.peer_name)):

@@ -88,6 +88,8 @@ def test_main_and_peer_are_named_not_ordered(pair, calibration):
     assert explicit.main is main and explicit.replace(csn=None).peer_name == "a"
     of = EnsembleModule.of(main, calibration.x, peer=peer)
     assert (of.main_name, of.peer_name) == ("main", "peer")
+    alone = EnsembleModule.of(main, calibration.x, others={"extra": peer})
+    assert alone.peer_name is None and not alone.has_peer  # an extra member is not a peer
     with pytest.raises(ConfigError, match="not among the members"):
         EnsembleModule({"main": main}, calibration, peer_name="peer")
 

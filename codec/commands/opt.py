@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     members = {name: lift(path, name=name) for name, path in paths.items()}
     x, _, dataset = load_split(args)
     x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
-    module = EnsembleModule(members, Calibration(x, args.batch_size))
+    module = EnsembleModule(
+        members, Calibration(x, args.batch_size), main_name="main", peer_name="peer" if args.peer else None
+    )
 
     def after_pass(p, mod, record):
         if not args.quiet:
