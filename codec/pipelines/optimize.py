@@ -1,4 +1,7 @@
-"""`codec.optimize`: run a pass pipeline over members from Python, as `codec opt` does from the shell."""
+"""`codec.optimize`: run a pass pipeline over members from Python, as `codec opt` does from the shell.
+
+It takes what a Python user has (networks or ONNX paths, a dataset name or an array, plugin files) and
+hands them to `codec.pipelines.opt.optimize`, the library call behind `codec opt`."""
 
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ import numpy as np
 
 from codec.errors import ConfigError, ShapeError
 from codec.ir.network import NetworkIR
-from codec.passes.base import Calibration, EnsembleModule, Pass
-from codec.passes.manager import PassManager
+from codec.passes.base import EnsembleModule, Pass
 
 DEFAULT_PIPELINE = "dna,dne,nda,csne"
 Member = NetworkIR | str | os.PathLike
@@ -60,6 +62,8 @@ def optimize(
         CodecError: a bad pipeline, model, data set or pass failure, as one readable line.
     """
     from codec.passes.registry import load_plugin_file, parse_pipeline
+    from codec.pipelines.data import fit_to_model, load_split
+    from codec.pipelines.opt import optimize as run_passes
 
     for path in plugins:
         load_plugin_file(path)
@@ -74,13 +78,23 @@ def optimize(
             raise ConfigError(f"member name {name!r} is taken by main or peer")
         named[name] = member
     networks = {name: _as_network(member, name) for name, member in named.items()}
-    x, source = _calibration_inputs(data, split, limit, data_dir)
-    x = _fit(x, networks["main"].input_shape, source)
-    module = EnsembleModule(
-        networks, Calibration(x, batch_size), main_name="main", peer_name="peer" if peer is not None else None
+    if isinstance(data, str):
+        if split not in ("train", "test"):
+            raise ConfigError(f"split={split!r}; choose train or test")
+        x, _, dataset = load_split(data, data_dir=data_dir, split=split, limit=limit)
+        source = dataset.name
+    else:
+        x, source = np.asarray(data, dtype=np.float32), "array"
+        if x.ndim < 2:
+            raise ShapeError(f"calibration inputs need a batch axis, got shape {list(x.shape)}")
+        if limit is not None:
+            if limit < 1:
+                raise ShapeError(f"limit must be positive, got {limit}")
+            x = x[:limit]
+    x = fit_to_model(x, networks["main"].input_shape, what=source)
+    module, _, report = run_passes(
+        networks, pipeline, x, batch_size=batch_size, verify=verify, atol=atol, verify_inputs=verify_inputs
     )
-    manager = PassManager(pipeline, verify=verify, verify_inputs=verify_inputs, atol=atol)
-    module, report = manager.run(module)
     report["calibration"] = {
         "data": source,
         "split": split if isinstance(data, str) else None,
@@ -98,34 +112,4 @@ def _as_network(member: Member, name: str) -> NetworkIR:
         return lift(Path(member), name=name)
     raise ConfigError(
         f"member {name!r} must be a NetworkIR or an ONNX file path, not {type(member).__name__}"
-    )
-
-
-def _calibration_inputs(data, split: str, limit: int | None, data_dir) -> tuple[np.ndarray, str]:
-    if isinstance(data, str):
-        from codec.runtime.data import load_dataset
-
-        if split not in ("train", "test"):
-            raise ConfigError(f"split={split!r}; choose train or test")
-        dataset = load_dataset(data, data_dir=data_dir)
-        x, source = (dataset.x_train if split == "train" else dataset.x_test), dataset.name
-    else:
-        x, source = np.asarray(data, dtype=np.float32), "array"
-    if limit is not None:
-        if limit < 1:
-            raise ShapeError(f"limit must be positive, got {limit}")
-        x = x[:limit]
-    return x, source
-
-
-def _fit(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Reshape examples to the members' input when only the layout differs (`codec opt`'s rule)."""
-    if x.ndim < 2:
-        raise ShapeError(f"{what}: calibration inputs need a batch axis, got shape {list(x.shape)}")
-    if tuple(x.shape[1:]) == tuple(input_shape):
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
-        return x.reshape((len(x), *input_shape))
-    raise ShapeError(
-        f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}"
     )
