@@ -5,9 +5,10 @@ it happened, not later when onnxruntime refuses the lowered model. `verify_netwo
 
 - the input shape: positive sizes, one dimension (features) or three (C, H, W);
 - names: every layer has one, and no two layers share it;
-- shapes chain: each layer accepts what the one before produces (a Dense layer's inputs are the
-  flattened size, a Conv's input channels the channel count, Conv/Pool see a (C, H, W) map, no spatial
-  size shrinks to zero);
+- shapes chain: each layer accepts what the one before (or, in a graph, its sources) produces (a Dense
+  layer's inputs are the flattened size, a Conv's input channels the channel count, Conv/Pool see a
+  (C, H, W) map, no spatial size shrinks to zero, an Add's sources agree, a Concat's agree but for the
+  neuron axis);
 - compute layers: weight and bias agree on the neuron count, one role per neuron, every role a `Role`,
   weights and biases finite;
 - at least one compute layer (the output layer).
@@ -42,6 +43,8 @@ def problems(net: NetworkIR) -> list[str]:
         )
         return found
     seen: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    chain_ok = True  # once a link is broken, the shapes after it say nothing more
     for index, layer in enumerate(net.layers):
         label = f"layer {index} ({getattr(layer, 'name', '?')!r})"
         name = getattr(layer, "name", "")
@@ -52,10 +55,16 @@ def problems(net: NetworkIR) -> list[str]:
         seen.add(name)
         if is_compute(layer):
             found.extend(f"{label}: {p}" for p in _compute_problems(layer))
-        shape, problem = _next_shape(layer, shape)
+        if not chain_ok:
+            continue
+        ins, problem = _input_shapes(net, index, shapes, shape)
+        if problem is None:
+            out, problem = _next_shape(layer, ins)
         if problem is not None:
             found.append(f"{label}: {problem}")
-            break  # the shapes after a broken link say nothing more
+            chain_ok = False
+        else:
+            shapes[name] = out
     if not net.compute_layers():
         found.append("no compute layer: a network needs at least its output layer")
     return found
@@ -89,8 +98,41 @@ def _compute_problems(layer: Dense | Conv) -> list[str]:
     return found
 
 
-def _next_shape(layer: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], str | None]:
-    """The shape `layer` produces from `shape`, or the reason it cannot take `shape`."""
+def _input_shapes(
+    net: NetworkIR, index: int, shapes: dict[str, tuple[int, ...]], input_shape: tuple[int, ...]
+) -> tuple[list[tuple[int, ...]], str | None]:
+    """The shapes layer `index` reads: the layer before it in a chain, its sources in a graph (a
+    NetworkIR with `inputs_of`; a source that is no earlier layer is the network input)."""
+    layer = net.layers[index]
+    if not hasattr(net, "inputs_of"):
+        return [shapes[net.layers[index - 1].name] if index else input_shape], None
+    ins = []
+    for source in net.inputs_of(layer.name):
+        if source in shapes:
+            ins.append(shapes[source])
+        elif any(other.name == source for other in net.layers):
+            return [], f"reads {source!r}, which comes after it"
+        else:
+            ins.append(input_shape)
+    if not ins:
+        return [], "reads nothing"
+    return ins, None
+
+
+def _next_shape(layer: Any, ins: list[tuple[int, ...]]) -> tuple[tuple[int, ...], str | None]:
+    """The shape `layer` produces from its input shapes `ins`, or the reason it cannot take them."""
+    shape = ins[0]
+    kind = type(layer).__name__
+    if kind == "Add":  # a residual sum (graph IR): sources of one shape, `num_neurons` wide
+        if any(s != shape for s in ins):
+            return shape, f"adds sources of different shapes {[list(s) for s in ins]}"
+        if int(getattr(layer, "num_neurons", shape[0])) != shape[0]:
+            return shape, f"is {layer.num_neurons} neurons wide, its sources {shape[0]}"
+        return shape, None
+    if kind == "Concat":  # sources joined on the neuron axis (graph IR)
+        if any(len(s) != len(shape) or s[1:] != shape[1:] for s in ins):
+            return shape, f"concatenates sources of shapes {[list(s) for s in ins]}"
+        return (sum(int(s[0]) for s in ins), *shape[1:]), None
     if isinstance(layer, Dense):
         features = int(np.prod(shape))
         if len(shape) != 1:
@@ -109,7 +151,7 @@ def _next_shape(layer: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], st
         return tuple(int(d) for d in out), None
     if isinstance(layer, Flatten):
         return (int(np.prod(shape)),), None
-    return shape, f"unknown layer type {type(layer).__name__}"
+    return shape, f"unknown layer type {kind}"
 
 
 def fingerprint(net: NetworkIR) -> str:
