@@ -518,3 +518,19 @@ def test_optimize_runs_a_pipeline_on_members(pair, calibration):
         codec.optimize(main, passes="csne", data=calibration.x)
     with pytest.raises(CodecError, match="must be a NetworkIR or an ONNX file path"):
         codec.optimize(3, data=calibration.x)
+
+
+def test_codec_compile_loads_plugins_before_anything_runs(tmp_path, capsys):
+    from codec.cli import main
+
+    path = tmp_path / "my_plugin.py"
+    path.write_text(PLUGIN)
+    out = tmp_path / "run"
+    args = ["compile", "--recipe", "classifier_s", "--members", "3", "-o", str(out), "--quiet"]
+    assert main([*args, "--plugin", str(tmp_path / "missing.py")]) == 2
+    assert "plugin file" in capsys.readouterr().err
+    # the plugin's pass is known to the pipeline check; the misspelt one fails it, before any training
+    assert main([*args, "--plugin", str(path), "--passes", "dna,count_layers,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown pass 'nope'" in err and "count_layers" in err
+    assert not (out / "members").exists()
