@@ -81,6 +81,7 @@ def workdir(tmp_path, monkeypatch):
     save_model(lower(_member(rng, "main")), tmp_path / "main.onnx")
     save_model(lower(_member(rng, "peer")), tmp_path / "peer.onnx")
     (block,) = _section_blocks("## Writing a pass", "python")
+    assert block.startswith("# my_passes.py\n")  # the file the commands and the API block name
     (tmp_path / "my_passes.py").write_text(block)
     monkeypatch.chdir(tmp_path)
     return tmp_path
