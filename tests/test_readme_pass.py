@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import types
@@ -20,11 +19,22 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _section_blocks(heading: str, language: str) -> list[str]:
     """The fenced `language` blocks between `heading` and the next heading (of any level)."""
-    text = README.read_text()
-    start = text.index(f"\n{heading}\n")
-    following = re.search(r"\n#+ ", text[start + len(heading) + 2 :])  # the section ends at the next heading
-    end = start + len(heading) + 2 + following.start() if following else len(text)
-    return re.findall(rf"```{language}\n(.*?)```", text[start:end], flags=re.DOTALL)
+    blocks, inside, fence, body = [], False, None, []
+    for line in README.read_text().splitlines():
+        if fence is None and line.startswith("#"):  # a heading (a `#` inside a block is code)
+            if inside:
+                break
+            inside = line == heading
+        elif line.startswith("```"):
+            if fence is None:
+                fence, body = line[3:].strip(), []
+            else:
+                if inside and fence == language:
+                    blocks.append("\n".join(body) + "\n")
+                fence = None
+        elif fence is not None:
+            body.append(line)
+    return blocks
 
 
 @pytest.fixture(autouse=True)
