@@ -205,6 +205,13 @@ def load_plugin_file(path: str | Path) -> list[str]:
     return names
 
 
+def _plugin_file_of(name: str) -> str | None:
+    for path, names in _plugin_files.items():
+        if name in names:
+            return str(path)
+    return None
+
+
 def get_pass(name: str) -> type[Pass]:
     """The pass class called `name`: built-in, registered, a `module:Class` reference, else an installed
     plugin (imported now, not before)."""
@@ -239,11 +246,11 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def available_passes() -> dict[str, str]:
-    """Every pass name with where it comes from ("built-in", the registered class, or the plugin's entry
-    point), without importing plugins."""
+    """Every pass name with where it comes from ("built-in", the plugin file, the registered class, or the
+    plugin's entry point), without importing plugins."""
     names = {name: "built-in" for name in _builtins()}
     for name, cls in _USER.items():
-        names.setdefault(name, _where(cls))
+        names.setdefault(name, _plugin_file_of(name) or _where(cls))
     for name, ep in _entry_points().items():
         names.setdefault(name, ep.value)
     return dict(sorted(names.items()))

@@ -478,6 +478,7 @@ def test_codec_opt_plugin_flag(tmp_path):
     assert entry["kind"] == "analysis" and entry["options"] == [
         {"name": "scale", "default": 1, "type": "int"}
     ]
+    assert entry["origin"] == str(path.resolve())
     bad = subprocess.run(
         [sys.executable, "-m", "codec", "opt", "--plugin", str(tmp_path / "nope.py"), "x.onnx"],
         check=False,
