@@ -16,6 +16,25 @@ The fused graph has four stages:
      the lowest class index, numpy's rule);
    - ``max``: Max of the p_i divided by its row sum (an all-zero row becomes uniform, as in combine).
 
+Packed inference (`packed=True`, the default): members with the same architecture, activations and sharing
+(`_pack_signature`) form a pack of K members computed together, so a layer costs a few nodes for all K
+instead of a few per member (at batch 1 a graph's cost is mostly per-node overhead):
+- a layer reading a value every member has (the input, or a whole CSN layer) is ONE Gemm (Conv) over the
+  members' rows (filters) concatenated, [K*out, in]: every member reads the same input;
+- a layer reading the members' own values is ONE batched MatMul over weights stacked [K, in, out] on inputs
+  stacked [K, batch, in] (Dense), or ONE Conv with group=K on the members' channels side by side (Conv);
+  Pool and Flatten run once on the packed value (per channel and channel-major, so per member);
+- a sharing member's layer reads [CSN part, own part] of the layer below: its own rows are the sum of both
+  terms above, with the weights' columns split between the parts; the CSN part is the CSN's value,
+  computed once, and [CSN, own] is never concatenated;
+- the pack's output [K, batch, ...] is split into the K member outputs for the collect stage.
+Every weight is stored once either way (the split columns add up to the per-member rows), so
+`ensemble_parameter_count` is the same. The packed graph agrees with the per-member one to float32
+rounding (the same dot products, another blocking order; tests/test_ensemble.py records the
+differences). Not packed: members of a unique architecture (e.g. of different widths: the first layers of
+members of different widths are not concatenated), and a Conv with a softmax (it normalises over channels,
+which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
+
 Precision: the graph computes in float32, `combine` in float64. For prod this matters twice:
 - the clipping constant: combine clips to the smallest normal float64 (PROD_EPS ~2.2e-308), so an exact
   0 costs log(PROD_EPS) ~ -708 while a non-zero float32 probability costs at least log(1.4e-45) ~ -103:
@@ -332,6 +351,208 @@ def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, c
     return value
 
 
+# ----------------------------------------------------------------------------------------------------
+# Packed emission: members of the same architecture computed together
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PackValue:
+    """A pack's running value between two layers of its K members.
+
+    `common` is the part every member has (the input, or a CSN layer), `own` the members' own parts
+    stored together, in one of two layouts:
+    - ``channels``: [batch, K*f, ...], member i's f features (channels) the i-th block (Conv and its
+      Pool/Flatten: a grouped Conv keeps the members apart);
+    - ``stacked``: [K, batch, f] (Dense: a batched MatMul over [K, f, out] weights).
+    Either part may be None (no CSN part after the shared layers; no own part in a whole-layer trunk).
+    """
+
+    common: ir.Value | None
+    common_from_csn: bool
+    own: ir.Value | None
+    layout: str | None
+
+
+def _shared_counts(plan: _Plan) -> list[int]:
+    """k_l per compute layer: the FROZEN_SHARED neurons the member takes from the CSN (0 past its depth)."""
+    return [int((layer.roles == Role.FROZEN_SHARED).sum()) if l < plan.depth else 0
+            for l, layer in enumerate(plan.net.compute_layers())]
+
+
+def _common_columns(plan: _Plan, layer, l: int, shared: list[int]) -> int | None:
+    """How many leading input columns (features, or channels for a Conv) of compute layer `l` the CSN
+    supplies: all for the first layer, those of the CSN neurons below for a layer above a shared one,
+    none otherwise; None when the CSN's columns are not the leading ones (not packable)."""
+    if l == 0:
+        return int(layer.weight.shape[1])
+    if not shared[l - 1]:
+        return 0
+    columns = plan.net.input_neuron_map(layer.name) < shared[l - 1]
+    n = int(columns.sum())
+    return n if columns[:n].all() else None
+
+
+def _pack_signature(plan: _Plan) -> tuple | None:
+    """What members must have in common to be packed (layer kinds, settings, weight shapes, sharing), or
+    None when the member cannot be packed (a softmax Conv: its softmax runs over the channel axis, which
+    a packed Conv shares between members)."""
+    shared = _shared_counts(plan)
+    signature, l = [plan.depth], 0
+    for layer in plan.net.layers:
+        if not is_compute(layer):
+            signature.append(_structure(layer))
+            continue
+        if isinstance(layer, Conv) and layer.activation.kind == "softmax":
+            return None
+        common = _common_columns(plan, layer, l, shared)
+        if common is None:
+            return None
+        signature.append((_structure(layer), layer.activation.alpha, layer.weight.shape, shared[l], common))
+        l += 1
+    return tuple(signature)
+
+
+def _packs(plans: list[_Plan]) -> list[list[int]]:
+    """Member indices grouped into packs of the same signature (first-seen order); unpackable members and
+    members of a unique architecture form packs of one."""
+    groups: dict[tuple, list[int]] = {}
+    singles = []
+    for i, plan in enumerate(plans):
+        signature = _pack_signature(plan)
+        if signature is None:
+            singles.append([i])
+        else:
+            groups.setdefault(signature, []).append(i)
+    return [*groups.values(), *singles]
+
+
+def _split(builder: _FusedBuilder, x: ir.Value, parts: int, axis: int, name: str) -> list[ir.Value]:
+    """Split `x` into `parts` equal pieces on `axis` (one node, several outputs)."""
+    node = ir.node("Split", [x], {"axis": axis, "num_outputs": parts}, num_outputs=parts, name=builder.unique(name))
+    for i, out in enumerate(node.outputs):
+        out.name = builder.unique(f"{name}.{i}")
+    builder.nodes.append(node)
+    return list(node.outputs)
+
+
+def _to_stacked(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
+    """A channels-layout [batch, K*f] value as [K, batch, f]; a stacked one as it is."""
+    if layout == "stacked":
+        return value
+    shape = builder.const(f"{name}.shape", np.array([0, k, features], np.int64))  # 0: keep the batch size
+    grouped = builder.node("Reshape", [value, shape], f"{name}.grouped")
+    return builder.node("Transpose", [grouped], f"{name}.stacked", {"perm": [1, 0, 2]})
+
+
+def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_features: int, name: str) -> ir.Value:
+    """K members' Dense rows `rows` (slice of each weight) as one Gemm on the common part (weights
+    concatenated: [K*out, n]) plus one batched MatMul on the own part ([K, in, out]); returns [K, batch, out]."""
+    k = len(layers)
+    out = rows.stop - rows.start
+    terms = []
+    if value.common is not None and common_n:
+        w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
+        b = np.concatenate([layer.bias[rows] for layer in layers])
+        z = builder.node("Gemm", [value.common, builder.initializer(f"{name}.common.weight", w),
+                                  builder.initializer(f"{name}.bias", b)], f"{name}.common", {"transB": 1})
+        terms.append(_to_stacked(builder, z, "channels", k, out, f"{name}.common"))
+    if value.own is not None:
+        own = _to_stacked(builder, value.own, value.layout, k, own_features, f"{name}.in")
+        w = np.stack([layer.weight[rows, common_n:].T for layer in layers])
+        terms.append(builder.node("MatMul", [own, builder.initializer(f"{name}.own.weight", w)], f"{name}.own"))
+        if len(terms) == 1:
+            b = np.stack([layer.bias[rows] for layer in layers])[:, None, :]
+            terms[0] = builder.node("Add", [terms[0], builder.initializer(f"{name}.bias", b)], f"{name}.biased")
+    return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
+
+
+def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: str) -> ir.Value:
+    """K members' Conv filters `rows` as one Conv on the common part (filters concatenated) plus one
+    grouped Conv (group=K) on the own part; returns [batch, K*out, H, W]."""
+    first = layers[0]
+    attrs = {"kernel_shape": list(first.kernel_shape), "strides": list(first.strides), "pads": list(first.pads),
+             "dilations": list(first.dilations)}
+    b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
+    terms = []
+    if value.common is not None and common_n:
+        w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
+        terms.append(builder.node("Conv", [value.common, builder.initializer(f"{name}.common.weight", w), b],
+                                  f"{name}.common", attrs))
+    if value.own is not None:
+        w = np.concatenate([layer.weight[rows, common_n:] for layer in layers])
+        inputs = [value.own, builder.initializer(f"{name}.own.weight", w)] + ([] if terms else [b])
+        terms.append(builder.node("Conv", inputs, f"{name}.own", {**attrs, "group": len(layers)}))
+    return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
+
+
+def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]) -> list[ir.Value]:
+    """Members `plans` (same `_pack_signature`) computed together; returns each member's output value.
+
+    Layer by layer, a member's layer reads [CSN part, own part] of the layer below; its own rows are
+    computed from both parts at once for all K members (`_emit_packed_dense`, `_emit_packed_conv`) and its
+    CSN rows are the CSN's value, which is computed once. Structural layers run on the common part once
+    (shared with every member and the CSN) and on the packed own part as one node.
+    """
+    k = len(plans)
+    prefix = f"pack{first}/"
+    builder.prefix = prefix
+    nets = [plan.net for plan in plans]
+    shared = _shared_counts(plans[0])
+    value = _PackValue(common=x, common_from_csn=True, own=None, layout=None)
+    l = 0
+    for index, layer in enumerate(nets[0].layers):
+        if not is_compute(layer):
+            common = own = None
+            if value.common is not None:
+                common = builder.structural(layer, value.common, shared_prefix="csn/" if value.common_from_csn else None)
+            if value.own is not None and not (isinstance(layer, Flatten) and value.layout == "stacked"):
+                own = builder.layer(layer, value.own)  # per channel (Pool) or channel-major (Flatten): per member
+            elif value.own is not None:
+                own = value.own  # a Flatten of a [batch, f] member value changes nothing
+            value = _PackValue(common, value.common_from_csn, own, value.layout)
+            continue
+        layers = [net.layers[index] for net in nets]
+        common_n = _common_columns(plans[0], layer, l, shared)
+        own_in = layer.weight.shape[1] - common_n
+        k_l = shared[l]
+        rows = slice(k_l, layer.num_neurons)
+        name = f"{prefix}{layer.name}"
+        own = None
+        if rows.stop > rows.start:
+            if isinstance(layer, Dense):
+                z = _emit_packed_dense(builder, layers, rows, common_n, value, own_in, name)
+                layout = "stacked"
+            else:
+                z = _emit_packed_conv(builder, layers, rows, common_n, value, name)
+                layout = "channels"
+            own = builder.activation(layer, z)
+        else:
+            layout = None
+        if k_l:
+            value = _PackValue(csn_values[l], True, own, layout)
+        else:
+            value = _PackValue(None, False, own, layout)
+        l += 1
+    if value.layout == "stacked":
+        parts = _split(builder, value.own, k, 0, f"{prefix}members")
+        axes = builder.const(f"{prefix}squeeze_axes", np.array([0], np.int64))
+        return [builder.node("Squeeze", [p, axes], f"{prefix}member{i}") for i, p in enumerate(parts)]
+    return _split(builder, value.own, k, 1, f"{prefix}members")
+
+
+def _emit_members_packed(builder: _FusedBuilder, plans: list[_Plan], x: ir.Value, csn_values: list[ir.Value]) -> list[ir.Value]:
+    """Every member's output value, members of the same architecture computed as one pack."""
+    outputs: list[ir.Value | None] = [None] * len(plans)
+    for pack in _packs(plans):
+        if len(pack) == 1:
+            outputs[pack[0]] = _emit_member(builder, plans[pack[0]], pack[0], x, csn_values)
+            continue
+        for i, value in zip(pack, _emit_pack(builder, [plans[i] for i in pack], pack[0], x, csn_values)):
+            outputs[i] = value
+    return outputs
+
+
 def _prod_log_scores(builder: _FusedBuilder, outputs: list[ir.Value]) -> ir.Value:
     """float32 prod scores equal to combine's sum of log(max(p, PROD_EPS)) up to a per-row constant.
 
@@ -416,6 +637,7 @@ def emit_ensemble(
     task: str = "classification",
     metadata: dict[str, str] | None = None,
     precision: str = "float32",
+    packed: bool = True,
 ) -> ir.Model:
     """Build the fused ensemble: dispatch, CSN once, members, collect (see the module docstring).
 
@@ -432,6 +654,8 @@ def emit_ensemble(
         precision: "float32" (default: every runtime runs it) or "float64": the prod collect stage in
             double precision with combine's own clipping constant, for bit-level agreement with `combine`
             when many members disagree strongly (float32 sums of large logs lose ~1e-6 there).
+        packed: compute members of the same architecture together (one Gemm/Conv per layer for all of
+            them, see "Packed inference" in the module docstring); False emits each member's own nodes.
 
     Returns:
         An onnx_ir Model (opset 18) with one input (members[0]'s input name) and the output "output".
@@ -453,7 +677,9 @@ def emit_ensemble(
     x = input_value(members[0], "input" if members[0].input_name in reserved else None)
     builder.unique(x.name)
     csn_values = _emit_csn(builder, csn, csn_depth, x) if csn_depth else []
-    outputs = [_emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
+    packs = [pack for pack in _packs(plans) if len(pack) > 1] if packed else []
+    outputs = _emit_members_packed(builder, plans, x, csn_values) if packed else [
+        _emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
     out_shape = tuple(members[0].output_shape)
     graph_outputs = [_collect(builder, outputs, criterion, int(out_shape[0]) if task == "classification" else 0, precision)]
     if member_outputs:
@@ -476,6 +702,7 @@ def emit_ensemble(
         "shared_layers": params["shared_layers"],
         "parameters": {k: v for k, v in params.items() if k != "shared_layers"},
         "precision": precision,
+        "packed": packs,
         "prod_eps": PROD_EPS if criterion == "prod" else None,
     }
     props = dict(metadata or {})

@@ -44,21 +44,42 @@ def member_probs(members, x) -> np.ndarray:
     return np.stack([run_all(lower(m), x)["output"] for m in members])
 
 
+# Packed vs per-member graph: a packed layer computes each output element as the same dot product over
+# the same inputs (a concatenated Gemm is per row, a batched MatMul per member), so the results differ by
+# float32 rounding of another blocking order at most, and a layer reading [CSN part, own part] sums the
+# two parts' dot products separately (one more rounding). Measured on these tests: independent MLPs
+# exact (0.0), CSN-sharing members up to 5.1e-7 on member probabilities, so 1e-6. prod's collect sums
+# logs of probabilities down to ~1e-22, whose logits carry float32 errors of ~4e-6 (the ulp at |z| ~ 50),
+# so the same rounding moves its output by up to 2.7e-6 (measured): 1e-5 there, as for prod vs combine.
+PACKED_ATOL = 1e-6
+PACKED_PROD_ATOL = 1e-5
+
+
 def assert_fused_matches(members, csn, x, criteria=CRITERIA, atol=1e-5, **kw) -> dict:
-    """For every criterion: the fused graph passes the full ONNX check, its member outputs equal the
-    members run alone, and its output equals combine() of those. Returns the models by criterion."""
+    """For every criterion, packed and per-member: the fused graph passes the full ONNX check, its member
+    outputs equal the members run alone, its output equals combine() of those, and the packed graph's
+    outputs equal the per-member graph's within PACKED_ATOL. Returns the per-member models by criterion."""
     reference = member_probs(members, x)
     models = {}
     for criterion in criteria:
-        model = emit_ensemble(members, csn, criterion=criterion, member_outputs=True, **kw)
-        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
-        outs = run_all(model, x)
-        assert list(outs) == ["output"] + [f"member_{i}" for i in range(len(members))]
-        for i in range(len(members)):
-            np.testing.assert_allclose(outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}")
-        np.testing.assert_allclose(outs["output"], combine(outs_stack(outs, len(members)), criterion), atol=atol, err_msg=criterion)
-        np.testing.assert_allclose(outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion)
-        models[criterion] = model
+        arms = {}
+        for packed in (False, True):
+            model = emit_ensemble(members, csn, criterion=criterion, member_outputs=True, packed=packed, **kw)
+            onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+            outs = run_all(model, x)
+            assert list(outs) == ["output"] + [f"member_{i}" for i in range(len(members))]
+            for i in range(len(members)):
+                np.testing.assert_allclose(outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}")
+            np.testing.assert_allclose(outs["output"], combine(outs_stack(outs, len(members)), criterion), atol=atol,
+                                       err_msg=criterion)
+            np.testing.assert_allclose(outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion)
+            assert stored_parameters(model) == ensemble_parameter_count(members, csn)["total_stored"]
+            arms[packed] = (model, outs)
+        for name in arms[False][1]:
+            tolerance = PACKED_PROD_ATOL if criterion == "prod" and name == "output" else PACKED_ATOL
+            np.testing.assert_allclose(arms[True][1][name], arms[False][1][name], rtol=0, atol=tolerance,
+                                       err_msg=f"{criterion} {name}: packed vs per-member")
+        models[criterion] = arms[False][0]
     return models
 
 
@@ -76,7 +97,9 @@ def _digest(array: np.ndarray) -> str:
 
 
 def stored_parameters(model) -> int:
-    return sum(v.const_value.numpy().size for v in model.graph.initializers.values() if not v.name.startswith("collect/"))
+    """Float weights stored, without the collect stage's constants (integer tensors are shapes and axes)."""
+    return sum(v.const_value.numpy().size for v in model.graph.initializers.values()
+               if not v.name.startswith("collect/") and v.const_value.numpy().dtype.kind == "f")
 
 
 def op_count(model, op_type: str) -> int:
@@ -389,6 +412,88 @@ def test_treenet_trunk_of_two_whole_dense_layers():
 
 
 # ----------------------------------------------------------------------------------------------------
+# (e) packed inference: members of one architecture computed together
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_batched_matmul():
+    rng = np.random.default_rng(14)
+    members = [_mlp(rng, f"m{i}") for i in range(10)]
+    x = _normal(rng, 50, 20)
+    assert_fused_matches(members, None, x)
+    model = emit_ensemble(members)  # packed is the default
+    assert ensemble_description(model)["packed"] == [list(range(10))]
+    assert op_count(model, "Gemm") == 1  # fc1 of all ten members: weights [10*16, 20]
+    assert model.graph.initializers["pack0/fc1.common.weight"].const_value.numpy().shape == (10 * 16, 20)
+    assert op_count(model, "MatMul") == 2  # fc2 and out: [10, 16, 12] and [10, 12, 5]
+    assert model.graph.initializers["pack0/out.own.weight"].const_value.numpy().shape == (10, 12, 5)
+    assert op_count(model, "Softmax") == 1 and op_count(model, "Relu") == 2
+    unpacked = emit_ensemble(members, packed=False)
+    assert op_count(unpacked, "Gemm") == 30 and ensemble_description(unpacked)["packed"] == []
+    assert stored_parameters(model) == stored_parameters(unpacked) == ensemble_parameter_count(members)["total_stored"]
+
+
+def test_packs_keep_member_order_and_leave_unique_architectures_alone():
+    rng = np.random.default_rng(15)
+    wide, narrow = (20, 16, 12, 5), (20, 9, 5)
+    members = [_mlp(rng, "a0", wide), _mlp(rng, "b0", narrow), _mlp(rng, "single", (20, 7, 7, 5)), _mlp(rng, "a1", wide),
+               _mlp(rng, "b1", narrow), _mlp(rng, "a2", wide, out=SIGMOID)]  # another output activation: its own
+    x = _normal(rng, 40, 20)
+    assert_fused_matches(members, None, x)
+    model = emit_ensemble(members)
+    assert ensemble_description(model)["packed"] == [[0, 3], [1, 4]]
+    assert op_count(model, "Gemm") == 2 + 3 + 3  # one per pack (first layers) + the two single members' layers
+
+
+def test_packed_cnn_members_with_partly_shared_channels():
+    rng = np.random.default_rng(16)
+    parts = (_normal(rng, 3, 2, 3, 3, scale=0.5), _normal(rng, 3, scale=0.2), _normal(rng, 2, 3, 3, 3, scale=0.3),
+             _normal(rng, 2, scale=0.2), _normal(rng, 4, 32, scale=0.2), _normal(rng, 4, scale=0.2))
+    csn = NetworkIR("csn", "input", "csn", (2, 8, 8), [
+        Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
+        Pool("p1", "max", (2, 2), (2, 2)),
+        Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
+        Flatten("flat"),
+        Dense("fc", parts[4], parts[5], RELU),
+    ])
+    members = [_cnn_member(rng, f"{kind}{i}", parts, share=share) for i in range(2) for kind, share in (("a", 3), ("c", 2), ("d", 0))]
+    assert [check_shares_csn(m, csn) for m in members] == [3, 2, 0] * 2
+    x = rng.random((48, 2, 8, 8), dtype=np.float32)
+    assert_fused_matches(members, csn, x)
+    model = emit_ensemble(members, csn, criterion="mean")
+    assert ensemble_description(model)["packed"] == [[0, 3], [1, 4], [2, 5]]
+    assert_csn_stored_once(model, csn)
+    grouped = [node for node in model.graph if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2]
+    # c2 of the three packs reads the members' own c1 channels (grouped), c1 of the independent pack reads none
+    assert len(grouped) == 3
+    # c1 reads the input only: one Conv over concatenated filters per pack (and the CSN's), no per-member Conv
+    assert op_count(model, "Conv") == 2 + 3 * 1 + 3 + 2  # CSN c1, c2; each pack's c1; grouped c2s; common c2 of 2 packs
+    assert op_count(model, "Concat") == 0  # [CSN part, own part] never materialised
+
+
+def test_conv_output_members_packed_and_a_softmax_conv_left_unpacked():
+    rng = np.random.default_rng(17)
+
+    def conv_net(name, activation):  # outputs the conv's (3, 2, 2) map: the pack's output is split on channels
+        return NetworkIR(name, "input", "output", (1, 4, 4), [
+            Conv("c1", _normal(rng, 4, 1, 2, 2), _normal(rng, 4), RELU),
+            Conv("c2", _normal(rng, 3, 4, 2, 2), _normal(rng, 3), activation, pads=(0, 0, 1, 1))])
+
+    x = rng.random((16, 1, 4, 4), dtype=np.float32)
+    # a softmax over channels cannot run on the channels of several members
+    for activation, packs in ((SIGMOID, [[0, 1, 2]]), (SOFTMAX, [])):
+        members = [conv_net(f"m{i}", activation) for i in range(3)]
+        reference = member_probs(members, x)
+        model = emit_ensemble(members, task="reconstruction", member_outputs=True)
+        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+        assert ensemble_description(model)["packed"] == packs
+        outs = run_all(model, x)
+        for i in range(3):
+            np.testing.assert_allclose(outs[f"member_{i}"], reference[i], rtol=0, atol=PACKED_ATOL)
+        np.testing.assert_allclose(outs["output"], reference.mean(axis=0), rtol=0, atol=PACKED_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------
 # collect-stage edge cases, reconstruction, errors
 # ----------------------------------------------------------------------------------------------------
 
@@ -419,10 +524,11 @@ def test_reconstruction_ensemble_is_the_mean():
     rng = np.random.default_rng(11)
     members = [_mlp(rng, f"ae{i}", widths=(12, 6, 12), out=SIGMOID) for i in range(3)]
     x = rng.random((20, 12), dtype=np.float32)
-    model = emit_ensemble(members, task="reconstruction", member_outputs=True)
-    onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
-    outs = run_all(model, x)
-    np.testing.assert_allclose(outs["output"], member_probs(members, x).mean(axis=0), atol=1e-6)
+    for packed in (False, True):
+        model = emit_ensemble(members, task="reconstruction", member_outputs=True, packed=packed)
+        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+        outs = run_all(model, x)
+        np.testing.assert_allclose(outs["output"], member_probs(members, x).mean(axis=0), atol=1e-6)
     assert ensemble_description(model)["criterion"] == "mean" and ensemble_description(model)["task"] == "reconstruction"
     with pytest.raises(ConfigError, match="criterion must be mean"):
         emit_ensemble(members, task="reconstruction", criterion="prod")
