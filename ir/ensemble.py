@@ -255,6 +255,10 @@ class _FusedBuilder(GraphBuilder):
                 self.prefix = prefix
         return self._structural[key]
 
+    def shape_const(self, name: str, array: np.ndarray) -> ir.Value:
+        """An int64 shape or axes constant as a Constant node, so that initializers stay the parameters."""
+        return self.node("Constant", [], name, {"value": ir.tensor(np.asarray(array, np.int64), name=name)})
+
     def const(self, name: str, array) -> ir.Value:
         # at least 1-D: GraphBuilder.initializer's np.ascontiguousarray turns a 0-d array into shape (1,)
         return self.initializer(name, np.atleast_1d(np.asarray(array)))
@@ -440,7 +444,7 @@ def _to_stacked(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, fe
     """A channels-layout [batch, K*f] value as [K, batch, f]; a stacked one as it is."""
     if layout == "stacked":
         return value
-    shape = builder.const(f"{name}.shape", np.array([0, k, features], np.int64))  # 0: keep the batch size
+    shape = builder.shape_const(f"{name}.shape", np.array([0, k, features]))  # 0: keep the batch size
     grouped = builder.node("Reshape", [value, shape], f"{name}.grouped")
     return builder.node("Transpose", [grouped], f"{name}.stacked", {"perm": [1, 0, 2]})
 
@@ -486,8 +490,8 @@ def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: 
     return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
 
 
-def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]) -> list[ir.Value]:
-    """Members `plans` (same `_pack_signature`) computed together; returns each member's output value.
+def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+    """Members `plans` (same `_pack_signature`) computed together; returns their outputs [K, batch, ...].
 
     Layer by layer, a member's layer reads [CSN part, own part] of the layer below; its own rows are
     computed from both parts at once for all K members (`_emit_packed_dense`, `_emit_packed_conv`) and its
@@ -535,22 +539,99 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
             value = _PackValue(None, False, own, layout)
         l += 1
     if value.layout == "stacked":
-        parts = _split(builder, value.own, k, 0, f"{prefix}members")
-        axes = builder.const(f"{prefix}squeeze_axes", np.array([0], np.int64))
-        return [builder.node("Squeeze", [p, axes], f"{prefix}member{i}") for i, p in enumerate(parts)]
-    return _split(builder, value.own, k, 1, f"{prefix}members")
+        return value.own
+    # a Conv output [batch, K*c, h, w]: member i's channels are the i-th block
+    c, *spatial = plans[0].net.output_shape
+    shape = builder.shape_const(f"{prefix}output.shape", np.array([0, k, c, *spatial]))
+    grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
+    return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [1, 0, *range(2, 3 + len(spatial))]})
 
 
-def _emit_members_packed(builder: _FusedBuilder, plans: list[_Plan], x: ir.Value, csn_values: list[ir.Value]) -> list[ir.Value]:
-    """Every member's output value, members of the same architecture computed as one pack."""
-    outputs: list[ir.Value | None] = [None] * len(plans)
-    for pack in _packs(plans):
+def _emit_members_stacked(builder: _FusedBuilder, plans: list[_Plan], packs: list[list[int]], x: ir.Value,
+                          csn_values: list[ir.Value]) -> tuple[ir.Value, list[int]]:
+    """Every member's output stacked [M, batch, ...]: each pack's as one value, the other members'
+    unsqueezed; returns it and the member index of each row (pack by pack, not member order)."""
+    parts, order = [], []
+    for pack in packs:
         if len(pack) == 1:
-            outputs[pack[0]] = _emit_member(builder, plans[pack[0]], pack[0], x, csn_values)
-            continue
-        for i, value in zip(pack, _emit_pack(builder, [plans[i] for i in pack], pack[0], x, csn_values)):
-            outputs[i] = value
+            axes = builder.shape_const(f"m{pack[0]}/stack_axes", np.array([0]))
+            own = _emit_member(builder, plans[pack[0]], pack[0], x, csn_values)
+            parts.append(builder.node("Unsqueeze", [own, axes], f"m{pack[0]}/stacked"))
+        else:
+            parts.append(_emit_pack(builder, [plans[i] for i in pack], pack[0], x, csn_values))
+        order += pack
+    stacked = parts[0] if len(parts) == 1 else builder.node("Concat", parts, "collect/members", {"axis": 0})
+    return stacked, order
+
+
+def _unstack(builder: _FusedBuilder, stacked: ir.Value, order: list[int]) -> list[ir.Value]:
+    """The member outputs of a stacked [M, batch, ...] value, in member order."""
+    builder.prefix = ""
+    axes = builder.const("collect/unstack_axes", np.array([0], np.int64))
+    if len(order) == 1:
+        parts = [stacked]
+    else:
+        node = ir.node("Split", [stacked], {"axis": 0, "num_outputs": len(order)}, num_outputs=len(order),
+                       name=builder.unique("collect/unstack"))
+        for i, out in enumerate(node.outputs):
+            out.name = builder.unique(f"collect/unstack.{i}")
+        builder.nodes.append(node)
+        parts = list(node.outputs)
+    outputs = [None] * len(order)
+    for member, part in zip(order, parts):
+        outputs[member] = builder.node("Squeeze", [part, axes], member_output_name(member))
     return outputs
+
+
+def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, num_classes: int, precision: str) -> ir.Value:
+    """`_collect` on members stacked [M, batch, classes]: each step one node for all members, reducing
+    over axis 0 where `_collect` sums a list (the same arithmetic in another summation order)."""
+    builder.prefix = "collect/"
+    members = builder.const("collect/member_axis", np.array([0], np.int64))
+    if criterion == "mean":
+        return builder.node("ReduceMean", [stacked, members], OUTPUT_NAME, {"keepdims": 0})
+    if criterion == "vote":
+        depth = builder.const("collect/classes", np.array([num_classes], np.int64))
+        on_off = builder.const("collect/one_hot_values", np.array([0.0, 1.0], np.float32))
+        choice = builder.node("ArgMax", [stacked], "collect/argmax", {"axis": -1, "keepdims": 0, "select_last_index": 0})
+        votes = builder.node("OneHot", [choice, depth, on_off], "collect/votes", {"axis": -1})
+        return builder.node("ReduceMean", [votes, members], OUTPUT_NAME, {"keepdims": 0})
+    axes = builder.const("collect/axes", np.array([1], np.int64))
+    if criterion == "prod":
+        if precision == "float64":
+            eps = builder.const("collect/prod_eps", np.array([PROD_EPS], np.float64))
+            p64 = builder.node("Cast", [stacked], "collect/float64", {"to": ir.DataType.DOUBLE})
+            logs = builder.node("Log", [builder.node("Max", [p64, eps], "collect/clip")], "collect/logs")
+            log_scores = builder.node("ReduceSum", [logs, members], "collect/log_scores", {"keepdims": 0})
+        else:  # as `_prod_log_scores`: count the zeros instead of clipping them
+            one = builder.const("collect/one", np.array([1.0], np.float32))
+            zero = builder.const("collect/zero", np.array([0.0], np.float32))
+            is_zero = builder.node("Equal", [stacked, zero], "collect/is_zero")
+            logs = builder.node("Log", [builder.node("Where", [is_zero, one, stacked], "collect/nonzero")], "collect/logs")
+            zeros = builder.node("Cast", [is_zero], "collect/zeros", {"to": ir.DataType.FLOAT})
+            log_sum = builder.node("ReduceSum", [logs, members], "collect/log_sum", {"keepdims": 0})
+            zero_count = builder.node("ReduceSum", [zeros, members], "collect/zero_count", {"keepdims": 0})
+            fewest = builder.node("ReduceMin", [zero_count, axes], "collect/fewest_zeros", {"keepdims": 1})
+            extra = builder.node("Sub", [zero_count, fewest], "collect/extra_zeros")
+            log_eps = builder.const("collect/log_prod_eps", np.array([np.log(PROD_EPS)], np.float32))
+            penalty = builder.node("Mul", [extra, log_eps], "collect/veto_penalty")
+            log_scores = builder.node("Add", [log_sum, penalty], "collect/log_scores")
+        log_max = builder.node("ReduceMax", [log_scores, axes], "collect/log_max", {"keepdims": 1})
+        scores = builder.node("Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores")
+        total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
+        if precision == "float32":
+            return builder.node("Div", [scores, total], OUTPUT_NAME)
+        probs = builder.node("Div", [scores, total], "collect/probs")
+        return builder.node("Cast", [probs], OUTPUT_NAME, {"to": ir.DataType.FLOAT})
+    scores = builder.node("ReduceMax", [stacked, members], "collect/max", {"keepdims": 0})
+    total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
+    zero = builder.const("collect/zero", np.array([0.0], np.float32))
+    one = builder.const("collect/one", np.array([1.0], np.float32))
+    classes = builder.const("collect/classes_float", np.array([float(num_classes)], np.float32))
+    empty = builder.node("Equal", [total, zero], "collect/empty_row")
+    scores = builder.node("Where", [empty, one, scores], "collect/max_safe")
+    total = builder.node("Where", [empty, classes, total], "collect/total_safe")
+    return builder.node("Div", [scores, total], OUTPUT_NAME)
 
 
 def _prod_log_scores(builder: _FusedBuilder, outputs: list[ir.Value]) -> ir.Value:
@@ -678,13 +759,19 @@ def emit_ensemble(
     builder.unique(x.name)
     csn_values = _emit_csn(builder, csn, csn_depth, x) if csn_depth else []
     packs = [pack for pack in _packs(plans) if len(pack) > 1] if packed else []
-    outputs = _emit_members_packed(builder, plans, x, csn_values) if packed else [
-        _emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
     out_shape = tuple(members[0].output_shape)
-    graph_outputs = [_collect(builder, outputs, criterion, int(out_shape[0]) if task == "classification" else 0, precision)]
-    if member_outputs:
-        builder.prefix = ""
-        graph_outputs += [builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)]
+    num_classes = int(out_shape[0]) if task == "classification" else 0
+    if packs:
+        stacked, order = _emit_members_stacked(builder, plans, _packs(plans), x, csn_values)
+        graph_outputs = [_collect_stacked(builder, stacked, criterion, num_classes, precision)]
+        if member_outputs:
+            graph_outputs += _unstack(builder, stacked, order)
+    else:
+        outputs = [_emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
+        graph_outputs = [_collect(builder, outputs, criterion, num_classes, precision)]
+        if member_outputs:
+            builder.prefix = ""
+            graph_outputs += [builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)]
     for value in graph_outputs:
         value.shape = ir.Shape(["batch", *out_shape])
         value.type = ir.TensorType(ir.DataType.FLOAT)
