@@ -208,7 +208,8 @@ def run(config: dict, threads: int, criterion: str, seed: int, profile: bool) ->
               f"{row['fused_unpacked']['examples_per_second']:.0f}/s, separate {row['separate']['examples_per_second']:.0f}/s; "
               f"packed/separate {row['packed_speedup_vs_separate']:.2f}x, packed time / FLOP bound "
               f"{row['packed_over_bound']:.2f}", file=sys.stderr)
-    result = {"description": ensemble_description(emit_ensemble(members, criterion=criterion)), "weight_bytes": weight_bytes,
+    result = {"description": ensemble_description(emit_ensemble(members, criterion=criterion)),
+              "providers": fused["fused_packed"].get_providers(), "weight_bytes": weight_bytes,
               "stream_read_gb_per_second": stream_bandwidth(config["block_seconds"]), "batches": rows}
     first, last = config["batches"][0], config["batches"][-1]
     result["targets"] = {

@@ -569,3 +569,41 @@ def test_metadata_is_json_and_user_metadata_is_kept():
     assert description["parameters"]["total_stored"] == sum(m.num_parameters for m in members)
     assert description["parameters"]["members"] == [m.num_parameters for m in members]
     assert description["prod_eps"] is None and description["member_outputs"] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# onnxruntime's CUDA provider
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_sessions_put_cuda_first_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime as ort
+
+    from codec.runtime.execution.session import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers() == ["CPUExecutionProvider"]
+
+
+def test_packed_ensemble_runs_on_cuda_like_on_cpu():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    from codec.runtime.execution.session import create_session
+
+    rng = np.random.default_rng(18)
+    members = [_mlp(rng, f"m{i}") for i in range(4)]
+    x = _normal(rng, 64, 20)
+    model = to_bytes(emit_ensemble(members, member_outputs=True))
+    session = create_session(model)
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        pytest.skip("onnxruntime has a CUDA provider but no usable GPU")
+    on_gpu = session.run(None, {"input": x})
+    on_cpu = run_all(emit_ensemble(members, member_outputs=True), x)
+    # GPU GEMMs sum in another order (and may use TF32 on recent GPUs): agreement to 1e-3, not bit level
+    for gpu, (name, cpu) in zip(on_gpu, on_cpu.items()):
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3, err_msg=name)
+
