@@ -1,16 +1,20 @@
 """Inference throughput of the fused ensemble: packed graph vs per-member graph vs N separate sessions.
 
-N members of one MLP architecture (default: `classifier_m`'s 784-512-256-128-64-10 on a (1, 28, 28) input,
-N = 10; random weights: inference cost does not depend on training), four arms, each onnxruntime on the CPU
-provider with the same intra-op threads:
+N = 10 members of one MLP architecture (by default, one after the other, `classifier_m`'s 784-512-256-128-64-10
+and `classifier_s`'s 784-128-96-64-32-10 on a (1, 28, 28) input; random weights: inference cost does not
+depend on training), three arms and a bound, each arm onnxruntime with the same intra-op threads (the
+providers `codec.runtime.execution.session` picks, recorded):
   * ``fused_packed``: `emit_ensemble(..., packed=True)`: the first layer of all members one Gemm over
     concatenated rows, deeper layers one batched MatMul each (see ir/ensemble.py);
   * ``fused_unpacked``: `emit_ensemble(..., packed=False)`: each member's own nodes in one graph;
   * ``separate``: N sessions of the members lowered alone, their outputs combined with
     `codec.runtime.evaluation.metrics.combine` (what a user without codec would run);
-  * the FLOP bound: the ensemble's FLOPs (2 x `codec.pipelines.bench.layer_macs`) at the GEMM rate this
-    machine sustains for the same shapes (`codec.pipelines.bench.gemm_rates`, the better of numpy's BLAS and
-    torch per shape: the first layer as [batch, in] x [in, N*out], deeper ones as N GEMMs [batch, in] x [in, out]).
+  * the FLOP bound: per layer, the ensemble's FLOPs (2 x `codec.pipelines.bench.layer_macs`) at the best GEMM
+    rate this machine sustains for that layer's shapes: numpy's BLAS and torch on one member's GEMM
+    (`codec.pipelines.bench.gemm_rates`) and onnxruntime alone on the packed graph's GEMM (the first layer as one
+    Gemm [batch, in] x [in, N*out], a deeper one as one batched MatMul [N, batch, in] x [N, in, out]).
+Also recorded: the weights' bytes (every weight is read once per batch: at batch 1 that, not the FLOPs,
+bounds the time once the weights outgrow the caches) and numpy's streaming read rate.
 
 Arms are interleaved: each repeat times every arm once (a block of calls lasting at least `--block-seconds`,
 per-call time = block time / calls) in an order rotated per repeat, so load from other processes spreads over
@@ -19,8 +23,8 @@ Targets (issue 14): packed >= 2x the throughput of the separate sessions at batc
 FLOP bound at batch 256. `--profile` adds onnxruntime's per-node profile of both fused graphs at batch 1
 (kernel time vs the run's wall time: what is per-node overhead).
 
-    python bench/inference.py -o bench/inference.json                     # the full config
-    python bench/inference.py --smoke -o bench/inference.json             # small config, labelled smoke
+    python bench/inference.py --profile -o bench/inference.json           # the full config
+    python bench/inference.py --smoke --profile -o bench/inference.json   # small config, labelled smoke
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-FULL = {"members": 10, "hidden": [512, 256, 128, 64], "input_shape": [1, 28, 28], "classes": 10,
+# the recipes' MLP widths (models/recipes.py): classifier_m's weights (23 MB for 10 members) outgrow the
+# caches, classifier_s's (4.8 MB) do not, so batch 1 is bound by memory for one and by overheads for the other
+ARCHS = {"classifier_m": [512, 256, 128, 64], "classifier_s": [128, 96, 64, 32]}
+FULL = {"members": 10, "archs": ["classifier_m", "classifier_s"], "input_shape": [1, 28, 28], "classes": 10,
         "batches": [1, 256], "repeats": 7, "block_seconds": 0.5}
-SMOKE = {"members": 4, "hidden": [128, 96, 64, 32], "input_shape": [1, 28, 28], "classes": 10,
+SMOKE = {"members": 4, "archs": ["classifier_s"], "input_shape": [1, 28, 28], "classes": 10,
          "batches": [1, 64], "repeats": 5, "block_seconds": 0.1}
 
 
@@ -164,13 +171,14 @@ def node_profile(model_bytes: bytes, x: np.ndarray, threads: int, runs: int = 20
             "kernel_seconds_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
-def run(config: dict, threads: int, criterion: str, seed: int, profile: bool) -> dict:
+def run(config: dict, hidden: list[int], threads: int, criterion: str, seed: int, profile: bool) -> dict:
+    """One architecture: every arm at every batch size, the FLOP bound, the targets, the optional profile."""
     from codec.ir import lower, to_bytes
     from codec.ir.ensemble import emit_ensemble, ensemble_description
     from codec.runtime.evaluation.metrics import combine
     from codec.runtime.execution.session import create_session
 
-    members = make_members(config["members"], config["input_shape"], config["hidden"], config["classes"], seed)
+    members = make_members(config["members"], config["input_shape"], hidden, config["classes"], seed)
     packed = to_bytes(emit_ensemble(members, criterion=criterion, packed=True))
     unpacked = to_bytes(emit_ensemble(members, criterion=criterion, packed=False))
     fused = {"fused_packed": create_session(packed, threads), "fused_unpacked": create_session(unpacked, threads)}
@@ -233,7 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help=f"the small config {SMOKE} (to validate the script on a busy machine); the result is labelled smoke")
     parser.add_argument("--members", type=int, help=f"members N (default {FULL['members']})")
-    parser.add_argument("--hidden", type=int, nargs="+", help=f"hidden widths (default {FULL['hidden']})")
+    parser.add_argument("--archs", nargs="+", choices=sorted(ARCHS), help=f"recipe MLPs to run (default {FULL['archs']}: "
+                        + ", ".join(f"{name} {widths}" for name, widths in ARCHS.items()) + ")")
+    parser.add_argument("--hidden", type=int, nargs="+", help="hidden widths of one other MLP, instead of --archs")
     parser.add_argument("--batches", type=int, nargs="+", help=f"batch sizes; the first is the latency target's, the last the FLOP "
                         f"bound's (default {FULL['batches']})")
     parser.add_argument("--repeats", type=int, help=f"interleaved repeats, median reported, at least 5 (default {FULL['repeats']})")
@@ -244,7 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="add onnxruntime's per-node profile at the first batch size")
     args = parser.parse_args(argv)
     config = dict(SMOKE if args.smoke else FULL)
-    for key in ("members", "hidden", "batches", "repeats", "block_seconds"):
+    for key in ("members", "archs", "batches", "repeats", "block_seconds"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if config["repeats"] < 5:
@@ -258,11 +268,16 @@ def main(argv=None) -> int:
     load_before = list(os.getloadavg())
     result = {"label": "smoke" if args.smoke else "full", "command": "python " + command_line(), "config": config,
               "threads": args.threads, "criterion": args.criterion, "seed": args.seed, "load_average_before": load_before}
-    result.update(run(config, args.threads, args.criterion, args.seed, args.profile))
+    archs = {"custom": args.hidden} if args.hidden else {name: ARCHS[name] for name in config["archs"]}
+    result["runs"] = []
+    for name, hidden in archs.items():
+        print(f"{name}: {config['members']} members, hidden {hidden}", file=sys.stderr)
+        result["runs"].append({"arch": name, "hidden": hidden, **run(config, hidden, args.threads, args.criterion, args.seed,
+                                                                    args.profile)})
     result["load_average_after"] = list(os.getloadavg())
     result["machine"] = machine_facts(args.threads)
     write_json_atomic(args.output, result)
-    print(json.dumps({"label": result["label"], "targets": result["targets"]}))
+    print(json.dumps({"label": result["label"], "targets": {r["arch"]: r["targets"] for r in result["runs"]}}))
     return 0
 
 
