@@ -212,8 +212,10 @@ def run(config: dict, hidden: list[int], threads: int, criterion: str, seed: int
         row["packed_over_bound"] = row["fused_packed"]["seconds_per_batch"] / row["flop_bound"]["bound_seconds_per_batch"]
         row["load_average_after"] = list(os.getloadavg())
         rows.append(row)
-        print(f"batch {batch}: packed {row['fused_packed']['examples_per_second']:.0f}/s, unpacked "
-              f"{row['fused_unpacked']['examples_per_second']:.0f}/s, separate {row['separate']['examples_per_second']:.0f}/s; "
+        fastest = {label: batch / row[label]["seconds_per_batch_min"] for label in arms}
+        print(f"batch {batch}: median (fastest repeat) examples/s: packed {row['fused_packed']['examples_per_second']:.0f} "
+              f"({fastest['fused_packed']:.0f}), unpacked {row['fused_unpacked']['examples_per_second']:.0f} "
+              f"({fastest['fused_unpacked']:.0f}), separate {row['separate']['examples_per_second']:.0f} ({fastest['separate']:.0f}); "
               f"packed/separate {row['packed_speedup_vs_separate']:.2f}x, packed time / FLOP bound "
               f"{row['packed_over_bound']:.2f}", file=sys.stderr)
     result = {"description": ensemble_description(emit_ensemble(members, criterion=criterion)),
