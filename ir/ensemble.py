@@ -27,13 +27,22 @@ instead of a few per member (at batch 1 a graph's cost is mostly per-node overhe
 - a sharing member's layer reads [CSN part, own part] of the layer below: its own rows are the sum of both
   terms above, with the weights' columns split between the parts; the CSN part is the CSN's value,
   computed once, and [CSN, own] is never concatenated;
-- the pack's output [K, batch, ...] is split into the K member outputs for the collect stage.
+- the packs' outputs [K, batch, ...] and the other members' outputs are stacked [M, batch, ...] and the
+  collect stage reduces over the member axis (`_collect_stacked`: one node per step, not one per member;
+  the same arithmetic summed in another order); the ``member_i`` outputs are split from it only when asked.
 Every weight is stored once either way (the split columns add up to the per-member rows), so
 `ensemble_parameter_count` is the same. The packed graph agrees with the per-member one to float32
 rounding (the same dot products, another blocking order; tests/test_ensemble.py records the
 differences). Not packed: members of a unique architecture (e.g. of different widths: the first layers of
 members of different widths are not concatenated), and a Conv with a softmax (it normalises over channels,
 which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
+Why packed is the default, and when it is not the faster graph (`python bench/inference.py`, bench/README.md):
+at batch 1 it saves per-node overhead (4 members of `classifier_s`'s widths: 32 nodes instead of 52, 1.36x the
+per-member graph's throughput in the committed smoke run); at large batches the per-member graph can be
+faster (0.89x at batch 64 there), because onnxruntime prepacks only 2-D constant weights (its
+GemmPackBFp32), so a batched MatMul over [K, in, out] runs unpacked with its bias and activation as separate
+nodes, where each member's Gemm gets a prepacked FusedGemm. For throughput at large batches use
+`packed=False`.
 
 Precision: the graph computes in float32, `combine` in float64. For prod this matters twice:
 - the clipping constant: combine clips to the smallest normal float64 (PROD_EPS ~2.2e-308), so an exact
