@@ -576,7 +576,7 @@ def _emit_members_stacked(builder: _FusedBuilder, plans: list[_Plan], packs: lis
 def _unstack(builder: _FusedBuilder, stacked: ir.Value, order: list[int]) -> list[ir.Value]:
     """The member outputs of a stacked [M, batch, ...] value, in member order."""
     builder.prefix = ""
-    axes = builder.const("collect/unstack_axes", np.array([0], np.int64))
+    axes = builder.shape_const("collect/unstack_axes", np.array([0]))
     if len(order) == 1:
         parts = [stacked]
     else:
