@@ -149,11 +149,12 @@ def test_prod_with_vetoes_between_confident_members_in_both_precisions():
     probs = member_probs(members, x)
     assert (probs == 0).mean() > 0.3
     reference = combine(probs, "prod")
-    out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64"), x)["output"]
-    out32 = run_all(emit_ensemble(members, criterion="prod"), x)["output"]
-    np.testing.assert_allclose(out64, reference, atol=1e-7)
-    np.testing.assert_allclose(out32, reference, atol=1e-5)
-    np.testing.assert_array_equal(out32.argmax(axis=1), reference.argmax(axis=1))
+    for packed in (True, False):  # the stacked collect stage (one pack) and the per-member one
+        out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64", packed=packed), x)["output"]
+        out32 = run_all(emit_ensemble(members, criterion="prod", packed=packed), x)["output"]
+        np.testing.assert_allclose(out64, reference, atol=1e-7)
+        np.testing.assert_allclose(out32, reference, atol=1e-5)
+        np.testing.assert_array_equal(out32.argmax(axis=1), reference.argmax(axis=1))
     assert ensemble_description(emit_ensemble(members, precision="float64"))["precision"] == "float64"
 
 
@@ -514,9 +515,10 @@ def test_collect_edge_cases_ties_vetoes_and_all_zero_rows():
     assert member_probs([veto], x)[0, 0, 0] == 0.0 and not member_probs([zeros], x).any()
     assert_fused_matches([veto, zeros, varying], None, x)
     assert_fused_matches([zeros, zeros], None, x)  # max and prod: an all-zero row is uniform
-    outs = run_all(emit_ensemble([zeros, uniform], criterion="vote"), x)
-    np.testing.assert_array_equal(outs["output"], np.tile([1.0, 0.0, 0.0], (8, 1)))  # ties: lowest index
-    np.testing.assert_allclose(run_all(emit_ensemble([zeros, zeros], criterion="max"), x)["output"], 1 / 3)
+    for packed in (True, False):
+        outs = run_all(emit_ensemble([zeros, uniform], criterion="vote", packed=packed), x)
+        np.testing.assert_array_equal(outs["output"], np.tile([1.0, 0.0, 0.0], (8, 1)))  # ties: lowest index
+        np.testing.assert_allclose(run_all(emit_ensemble([zeros, zeros], criterion="max", packed=packed), x)["output"], 1 / 3)
 
 
 def test_reconstruction_ensemble_is_the_mean():
