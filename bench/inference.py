@@ -5,20 +5,21 @@ and `classifier_s`'s 784-128-96-64-32-10 on a (1, 28, 28) input; random weights:
 depend on training), three arms and a bound, each arm onnxruntime with the same intra-op threads (the
 providers `codec.runtime.execution.session` picks, recorded):
   * ``fused_packed``: `emit_ensemble(..., packed=True)`: the first layer of all members one Gemm over
-    concatenated rows, deeper layers one batched MatMul each (see ir/ensemble.py);
+    concatenated rows, deeper layers one grouped 1x1 Conv each (see ir/ensemble.py);
   * ``fused_unpacked``: `emit_ensemble(..., packed=False)`: each member's own nodes in one graph;
   * ``separate``: N sessions of the members lowered alone, their outputs combined with
     `codec.runtime.evaluation.metrics.combine` (what a user without codec would run);
   * the FLOP bound: per layer, the ensemble's FLOPs (2 x `codec.pipelines.bench.layer_macs`) at the best GEMM
     rate this machine sustains for that layer's shapes: numpy's BLAS and torch on one member's GEMM
-    (`codec.pipelines.bench.gemm_rates`) and onnxruntime alone on the packed graph's GEMM (the first layer as one
-    Gemm [batch, in] x [in, N*out], a deeper one as one batched MatMul [N, batch, in] x [N, in, out]).
+    (`codec.pipelines.bench.gemm_rates`) and onnxruntime alone on one GEMM of the same size (the first layer
+    as one Gemm [batch, in] x [in, N*out], a deeper one as one batched MatMul [N, batch, in] x [N, in, out]).
 Also recorded: the weights' bytes (every weight is read once per batch: at batch 1 that, not the FLOPs,
 bounds the time once the weights outgrow the caches) and numpy's streaming read rate.
 
 Arms are interleaved: each repeat times every arm once (a block of calls lasting at least `--block-seconds`,
 per-call time = block time / calls) in an order rotated per repeat, so load from other processes spreads over
-all arms; the result is the median over `--repeats` (>= 5). The load average is recorded before and after.
+all arms; the result is the median over `--repeats` (>= 5), in wall time and in the process's CPU time (which
+moves less with other processes' load). The load average is recorded before and after.
 Targets (issue 14): packed >= 2x the throughput of the separate sessions at batch 1, and within 1.5x of the
 FLOP bound at batch 256. `--profile` adds onnxruntime's per-node profile of both fused graphs at batch 1
 (kernel time vs the run's wall time: what is per-node overhead).
@@ -97,7 +98,7 @@ def _ort_gemm_seconds(batch: int, n_in: int, n_out: int, stack: int, threads: in
 
 def flop_bound(members, batch: int, threads: int, min_seconds: float) -> dict:
     """Seconds per batch if every layer ran at the best GEMM rate measured for its shape (the FLOP bound):
-    numpy's BLAS and torch per member GEMM (`gemm_rates`), and onnxruntime on the packed graph's own shapes
+    numpy's BLAS and torch per member GEMM (`gemm_rates`), and onnxruntime alone on GEMMs of the same sizes
     (the first layer of all members as one Gemm, deeper ones as one batched MatMul)."""
     from codec.pipelines.bench import gemm_rates, layer_macs
 
@@ -127,14 +128,17 @@ def stream_bandwidth(min_seconds: float) -> float:
     return a.nbytes / statistics.median(_block(a.sum, min_seconds) for _ in range(5)) / 1e9
 
 
-def _block(fn, min_seconds: float) -> float:
-    """Seconds per call of `fn`, over a block of calls lasting at least `min_seconds`."""
-    calls, started = 0, time.perf_counter()
+def _block(fn, min_seconds: float, cpu: list | None = None) -> float:
+    """Seconds per call of `fn`, over a block of calls lasting at least `min_seconds`; appends the process's
+    CPU seconds per call to `cpu` (with one thread, the time a call took while it was on a core)."""
+    calls, started, cpu_started = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         calls += 1
         elapsed = time.perf_counter() - started
         if elapsed >= min_seconds:
+            if cpu is not None:
+                cpu.append((time.process_time() - cpu_started) / calls)
             return elapsed / calls
 
 
@@ -192,20 +196,27 @@ def run(config: dict, hidden: list[int], threads: int, criterion: str, seed: int
         arms["separate"] = lambda x=x: combine(np.stack([s.run(None, {"input": x})[0] for s in separate]), criterion)
         outputs = {label: fn() for label, fn in arms.items()}
         times = {label: [] for label in arms}
+        cpu_times = {label: [] for label in arms}
         labels = list(arms)
         for repeat in range(config["repeats"]):
             for label in labels[repeat % len(labels):] + labels[: repeat % len(labels)]:
-                times[label].append(_block(arms[label], config["block_seconds"]))
+                times[label].append(_block(arms[label], config["block_seconds"], cpu_times[label]))
         row = {"batch": batch,
                "max_abs_diff_packed_vs_unpacked": float(np.abs(outputs["fused_packed"] - outputs["fused_unpacked"]).max()),
                "max_abs_diff_packed_vs_separate": float(np.abs(outputs["fused_packed"] - outputs["separate"]).max())}
         for label, values in times.items():
             median = statistics.median(values)
             row[label] = {"seconds_per_batch": median, "examples_per_second": batch / median,
-                          "seconds_per_batch_min": min(values), "repeats": values}
+                          "seconds_per_batch_min": min(values), "repeats": values,
+                          "cpu_seconds_per_batch": statistics.median(cpu_times[label]), "cpu_repeats": cpu_times[label]}
         row["packed_speedup_vs_separate"] = row["separate"]["seconds_per_batch"] / row["fused_packed"]["seconds_per_batch"]
         row["packed_speedup_vs_unpacked"] = (row["fused_unpacked"]["seconds_per_batch"]
                                              / row["fused_packed"]["seconds_per_batch"])
+        # CPU time moves less with other processes' load than wall time (the same ratios, measured so)
+        row["cpu_packed_speedup_vs_separate"] = (row["separate"]["cpu_seconds_per_batch"]
+                                                 / row["fused_packed"]["cpu_seconds_per_batch"])
+        row["cpu_packed_speedup_vs_unpacked"] = (row["fused_unpacked"]["cpu_seconds_per_batch"]
+                                                 / row["fused_packed"]["cpu_seconds_per_batch"])
         row["flop_bound"] = flop_bound(members, batch, threads, config["block_seconds"])
         # every weight is read once per batch: at batch 1 that, not the FLOPs, bounds the time
         row["weights_gb_per_second_packed"] = weight_bytes / row["fused_packed"]["seconds_per_batch"] / 1e9
@@ -216,8 +227,9 @@ def run(config: dict, hidden: list[int], threads: int, criterion: str, seed: int
         print(f"batch {batch}: median (fastest repeat) examples/s: packed {row['fused_packed']['examples_per_second']:.0f} "
               f"({fastest['fused_packed']:.0f}), unpacked {row['fused_unpacked']['examples_per_second']:.0f} "
               f"({fastest['fused_unpacked']:.0f}), separate {row['separate']['examples_per_second']:.0f} ({fastest['separate']:.0f}); "
-              f"packed/separate {row['packed_speedup_vs_separate']:.2f}x, packed time / FLOP bound "
-              f"{row['packed_over_bound']:.2f}", file=sys.stderr)
+              f"packed/separate {row['packed_speedup_vs_separate']:.2f}x (CPU time {row['cpu_packed_speedup_vs_separate']:.2f}x), "
+              f"packed/unpacked {row['packed_speedup_vs_unpacked']:.2f}x (CPU time {row['cpu_packed_speedup_vs_unpacked']:.2f}x), "
+              f"packed time / FLOP bound {row['packed_over_bound']:.2f}", file=sys.stderr)
     result = {"description": ensemble_description(emit_ensemble(members, criterion=criterion)),
               "providers": fused["fused_packed"].get_providers(), "weight_bytes": weight_bytes,
               "stream_read_gb_per_second": stream_bandwidth(config["block_seconds"]), "batches": rows}

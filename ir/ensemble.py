@@ -21,8 +21,9 @@ Packed inference (`packed=True`, the default): members with the same architectur
 instead of a few per member (at batch 1 a graph's cost is mostly per-node overhead):
 - a layer reading a value every member has (the input, or a whole CSN layer) is ONE Gemm (Conv) over the
   members' rows (filters) concatenated, [K*out, in]: every member reads the same input;
-- a layer reading the members' own values is ONE batched MatMul over weights stacked [K, in, out] on inputs
-  stacked [K, batch, in] (Dense), or ONE Conv with group=K on the members' channels side by side (Conv);
+- a layer reading the members' own values is ONE Conv with group=K on the members' features side by side:
+  for Dense a 1x1 Conv on [1, K*in, batch, 1] (the batch on a spatial axis: W_i @ h_i for every member,
+  bias and activation in the same kernel), for Conv the members' channels [batch, K*c, h, w];
   Pool and Flatten run once on the packed value (per channel and channel-major, so per member);
 - a sharing member's layer reads [CSN part, own part] of the layer below: its own rows are the sum of both
   terms above, with the weights' columns split between the parts; the CSN part is the CSN's value,
@@ -37,11 +38,10 @@ differences). Not packed: members of a unique architecture (e.g. of different wi
 members of different widths are not concatenated), and a Conv with a softmax (it normalises over channels,
 which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
 Why packed is the default, and when it is not the faster graph (`python bench/inference.py`, bench/README.md):
-at batch 1 it saves per-node overhead (4 members of `classifier_s`'s widths: 32 nodes instead of 52, 1.36x the
-per-member graph's throughput in the committed smoke run); at large batches the per-member graph can be
-faster (0.89x at batch 64 there), because onnxruntime prepacks only 2-D constant weights (its
-GemmPackBFp32), so a batched MatMul over [K, in, out] runs unpacked with its bias and activation as separate
-nodes, where each member's Gemm gets a prepacked FusedGemm. For throughput at large batches use
+at batch 1 it saves per-node overhead (one node per layer for all members instead of a few per member); at
+large batches the per-member graph can be faster (a few per cent in CPU time, see bench/README.md), because
+onnxruntime prepacks the constant weights of a Gemm (its GemmPackBFp32, 2-D weights only) into a FusedGemm
+with bias and activation, which a grouped Conv does not get. For throughput at large batches use
 `packed=False`.
 
 Precision: the graph computes in float32, `combine` in float64. For prod this matters twice:
@@ -377,7 +377,7 @@ class _PackValue:
     stored together, in one of two layouts:
     - ``channels``: [batch, K*f, ...], member i's f features (channels) the i-th block (Conv and its
       Pool/Flatten: a grouped Conv keeps the members apart);
-    - ``stacked``: [K, batch, f] (Dense: a batched MatMul over [K, f, out] weights).
+    - ``rows``: [1, K*f, batch, 1] (Dense: the batch on a spatial axis, see `_emit_packed_dense`).
     Either part may be None (no CSN part after the shared layers; no own part in a whole-layer trunk).
     """
 
@@ -449,35 +449,49 @@ def _split(builder: _FusedBuilder, x: ir.Value, parts: int, axis: int, name: str
     return list(node.outputs)
 
 
-def _to_stacked(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
-    """A channels-layout [batch, K*f] value as [K, batch, f]; a stacked one as it is."""
-    if layout == "stacked":
+def _to_rows(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
+    """A channels-layout [batch, K*f] value in the rows layout [1, K*f, batch, 1]; a rows one as it is."""
+    if layout == "rows":
         return value
-    shape = builder.shape_const(f"{name}.shape", np.array([0, k, features]))  # 0: keep the batch size
-    grouped = builder.node("Reshape", [value, shape], f"{name}.grouped")
-    return builder.node("Transpose", [grouped], f"{name}.stacked", {"perm": [1, 0, 2]})
+    columns = builder.node("Transpose", [value], f"{name}.transposed", {"perm": [1, 0]})
+    shape = builder.shape_const(f"{name}.shape", np.array([1, k * features, -1, 1]))  # -1: the batch size
+    return builder.node("Reshape", [columns, shape], f"{name}.rows")
 
 
 def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_features: int, name: str) -> ir.Value:
-    """K members' Dense rows `rows` (slice of each weight) as one Gemm on the common part (weights
-    concatenated: [K*out, n]) plus one batched MatMul on the own part ([K, in, out]); returns [K, batch, out]."""
+    """K members' Dense rows `rows` (slice of each weight): one Gemm on the common part (weights concatenated,
+    [K*out, n]) plus one grouped 1x1 Conv (group=K, filters [K*out, in, 1, 1]) on the own part; returns the
+    rows layout [1, K*out, batch, 1].
+
+    Why a Conv: the rows layout keeps the batch on a spatial axis, so a grouped 1x1 Conv is member i's
+    W_i @ h_i for all K members in one node, with the bias and (fused by onnxruntime) the activation in
+    the same kernel, and the activations are never transposed between two packed layers. A batched MatMul
+    over [K, in, out] weights was slower (measured with onnxruntime 1.2x at batch 256: onnxruntime prepacks
+    only 2-D constant weights, and bias and activation are then separate passes).
+    """
     k = len(layers)
     out = rows.stop - rows.start
     terms = []
+    b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
     if value.common is not None and common_n:
         w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
-        b = np.concatenate([layer.bias[rows] for layer in layers])
-        z = builder.node("Gemm", [value.common, builder.initializer(f"{name}.common.weight", w),
-                                  builder.initializer(f"{name}.bias", b)], f"{name}.common", {"transB": 1})
-        terms.append(_to_stacked(builder, z, "channels", k, out, f"{name}.common"))
+        z = builder.node("Gemm", [value.common, builder.initializer(f"{name}.common.weight", w), b], f"{name}.common",
+                         {"transB": 1})
+        terms.append(_to_rows(builder, z, "channels", k, out, f"{name}.common"))
     if value.own is not None:
-        own = _to_stacked(builder, value.own, value.layout, k, own_features, f"{name}.in")
-        w = np.stack([layer.weight[rows, common_n:].T for layer in layers])
-        terms.append(builder.node("MatMul", [own, builder.initializer(f"{name}.own.weight", w)], f"{name}.own"))
-        if len(terms) == 1:
-            b = np.stack([layer.bias[rows] for layer in layers])[:, None, :]
-            terms[0] = builder.node("Add", [terms[0], builder.initializer(f"{name}.bias", b)], f"{name}.biased")
+        own = _to_rows(builder, value.own, value.layout, k, own_features, f"{name}.in")
+        w = np.concatenate([layer.weight[rows, common_n:] for layer in layers])[:, :, None, None]
+        inputs = [own, builder.initializer(f"{name}.own.weight", w)] + ([] if terms else [b])
+        terms.append(builder.node("Conv", inputs, f"{name}.own", {"kernel_shape": [1, 1], "group": k}))
     return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
+
+
+def _rows_softmax(builder: _FusedBuilder, z: ir.Value, k: int, out: int, name: str) -> ir.Value:
+    """Softmax over each member's neurons of a rows-layout value [1, K*out, batch, 1]."""
+    grouped = builder.node("Reshape", [z, builder.shape_const(f"{name}.softmax_in", np.array([k, out, -1]))], f"{name}.grouped")
+    p = builder.node("Softmax", [grouped], f"{name}.softmax", {"axis": 1})
+    return builder.node("Reshape", [p, builder.shape_const(f"{name}.softmax_out", np.array([1, k * out, -1, 1]))],
+                        f"{name}.softmax_rows")
 
 
 def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: str) -> ir.Value:
@@ -519,7 +533,7 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
             common = own = None
             if value.common is not None:
                 common = builder.structural(layer, value.common, shared_prefix="csn/" if value.common_from_csn else None)
-            if value.own is not None and not (isinstance(layer, Flatten) and value.layout == "stacked"):
+            if value.own is not None and not (isinstance(layer, Flatten) and value.layout == "rows"):
                 own = builder.layer(layer, value.own)  # per channel (Pool) or channel-major (Flatten): per member
             elif value.own is not None:
                 own = value.own  # a Flatten of a [batch, f] member value changes nothing
@@ -535,11 +549,14 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
         if rows.stop > rows.start:
             if isinstance(layer, Dense):
                 z = _emit_packed_dense(builder, layers, rows, common_n, value, own_in, name)
-                layout = "stacked"
+                layout = "rows"
             else:
                 z = _emit_packed_conv(builder, layers, rows, common_n, value, name)
                 layout = "channels"
-            own = builder.activation(layer, z)
+            if layout == "rows" and layer.activation.kind == "softmax":
+                own = _rows_softmax(builder, z, len(layers), rows.stop - rows.start, name)
+            else:
+                own = builder.activation(layer, z)
         else:
             layout = None
         if k_l:
@@ -547,8 +564,10 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
         else:
             value = _PackValue(None, False, own, layout)
         l += 1
-    if value.layout == "stacked":
-        return value.own
+    if value.layout == "rows":
+        shape = builder.shape_const(f"{prefix}output.shape", np.array([k, plans[0].net.output_shape[0], -1]))
+        grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
+        return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [0, 2, 1]})  # [K, batch, out]
     # a Conv output [batch, K*c, h, w]: member i's channels are the i-th block
     c, *spatial = plans[0].net.output_shape
     shape = builder.shape_const(f"{prefix}output.shape", np.array([0, k, c, *spatial]))

@@ -415,7 +415,7 @@ def test_treenet_trunk_of_two_whole_dense_layers():
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_batched_matmul():
+def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_grouped_conv():
     rng = np.random.default_rng(14)
     members = [_mlp(rng, f"m{i}") for i in range(10)]
     x = _normal(rng, 50, 20)
@@ -424,8 +424,10 @@ def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_batched_matmu
     assert ensemble_description(model)["packed"] == [list(range(10))]
     assert op_count(model, "Gemm") == 1  # fc1 of all ten members: weights [10*16, 20]
     assert model.graph.initializers["pack0/fc1.common.weight"].const_value.numpy().shape == (10 * 16, 20)
-    assert op_count(model, "MatMul") == 2  # fc2 and out: [10, 16, 12] and [10, 12, 5]
-    assert model.graph.initializers["pack0/out.own.weight"].const_value.numpy().shape == (10, 12, 5)
+    # fc2 and out: one 1x1 Conv each over the ten members' rows side by side, group=10
+    convs = [node for node in model.graph if node.op_type == "Conv"]
+    assert [node.attributes.get_int("group") for node in convs] == [10, 10]
+    assert model.graph.initializers["pack0/out.own.weight"].const_value.numpy().shape == (10 * 5, 12, 1, 1)
     assert op_count(model, "Softmax") == 1 and op_count(model, "Relu") == 2
     unpacked = emit_ensemble(members, packed=False)
     assert op_count(unpacked, "Gemm") == 30 and ensemble_description(unpacked)["packed"] == []
@@ -462,11 +464,14 @@ def test_packed_cnn_members_with_partly_shared_channels():
     model = emit_ensemble(members, csn, criterion="mean")
     assert ensemble_description(model)["packed"] == [[0, 3], [1, 4], [2, 5]]
     assert_csn_stored_once(model, csn)
-    grouped = [node for node in model.graph if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2]
-    # c2 of the three packs reads the members' own c1 channels (grouped), c1 of the independent pack reads none
-    assert len(grouped) == 3
+    grouped = [node.name for node in model.graph if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2]
+    # each pack's c2 reads its members' own c1 channels (grouped), as do its Dense layers past the Flatten
+    # (1x1 Conv): fc (not in the CSN for pack 2) and out
+    assert sorted(grouped) == sorted([*(f"pack{i}/{name}.own" for i in range(3) for name in ("c2", "out")), "pack2/fc.own",
+                                      "pack0/fc.own", "pack1/fc.own"])
     # c1 reads the input only: one Conv over concatenated filters per pack (and the CSN's), no per-member Conv
-    assert op_count(model, "Conv") == 2 + 3 * 1 + 3 + 2  # CSN c1, c2; each pack's c1; grouped c2s; common c2 of 2 packs
+    convs = 2 + 3 + 3 + 2  # CSN c1, c2; each pack's c1; grouped c2s; the common part of c2 in the two sharing packs
+    assert op_count(model, "Conv") == convs + 3 + 3  # + grouped 1x1 fc and out
     # [CSN part, own part] is never materialised: the one Concat stacks the three packs for the collect stage
     assert [node.name for node in model.graph if node.op_type == "Concat"] == ["collect/members"]
 
