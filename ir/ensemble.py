@@ -38,11 +38,12 @@ differences). Not packed: members of a unique architecture (e.g. of different wi
 members of different widths are not concatenated), and a Conv with a softmax (it normalises over channels,
 which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
 Why packed is the default, and when it is not the faster graph (`python bench/inference.py`, bench/README.md):
-at batch 1 it saves per-node overhead (one node per layer for all members instead of a few per member); at
-large batches the per-member graph can be faster (a few per cent in CPU time, see bench/README.md), because
-onnxruntime prepacks the constant weights of a Gemm (its GemmPackBFp32, 2-D weights only) into a FusedGemm
-with bias and activation, which a grouped Conv does not get. For throughput at large batches use
-`packed=False`.
+at batch 1 it saves per-node overhead (10 members: 31 nodes instead of 112; 1.18x the per-member graph's
+throughput with `classifier_m`'s widths, 1.60x with `classifier_s`'s, in bench/inference_full_busy.json); at
+batch 256 the per-member graph can be faster (there 0.80x wall, 0.90x CPU time for `classifier_m`, even for
+`classifier_s`), because onnxruntime prepacks a Gemm's 2-D constant weights (GemmPackBFp32) into a FusedGemm
+with bias and activation, which a grouped Conv does not get. For throughput with wide members at large
+batches use `packed=False`.
 
 Precision: the graph computes in float32, `combine` in float64. For prod this matters twice:
 - the clipping constant: combine clips to the smallest normal float64 (PROD_EPS ~2.2e-308), so an exact
