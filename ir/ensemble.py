@@ -441,15 +441,6 @@ def _packs(plans: list[_Plan]) -> list[list[int]]:
     return [*groups.values(), *singles]
 
 
-def _split(builder: _FusedBuilder, x: ir.Value, parts: int, axis: int, name: str) -> list[ir.Value]:
-    """Split `x` into `parts` equal pieces on `axis` (one node, several outputs)."""
-    node = ir.node("Split", [x], {"axis": axis, "num_outputs": parts}, num_outputs=parts, name=builder.unique(name))
-    for i, out in enumerate(node.outputs):
-        out.name = builder.unique(f"{name}.{i}")
-    builder.nodes.append(node)
-    return list(node.outputs)
-
-
 def _to_rows(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
     """A channels-layout [batch, K*f] value in the rows layout [1, K*f, batch, 1]; a rows one as it is."""
     if layout == "rows":
@@ -466,9 +457,10 @@ def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_f
 
     Why a Conv: the rows layout keeps the batch on a spatial axis, so a grouped 1x1 Conv is member i's
     W_i @ h_i for all K members in one node, with the bias and (fused by onnxruntime) the activation in
-    the same kernel, and the activations are never transposed between two packed layers. A batched MatMul
-    over [K, in, out] weights was slower (measured with onnxruntime 1.2x at batch 256: onnxruntime prepacks
-    only 2-D constant weights, and bias and activation are then separate passes).
+    the same kernel, and the activations are never transposed between two packed layers. The first version,
+    a batched MatMul over [K, in, out] weights on [K, batch, in], used more CPU time at batch 1 and 256 (in
+    comparisons during development, not committed): onnxruntime prepacks only 2-D constant weights, and its
+    bias, activation and the transposes between layers were separate passes.
     """
     k = len(layers)
     out = rows.stop - rows.start
