@@ -45,7 +45,7 @@ def member_probs(members, x) -> np.ndarray:
 
 
 # Packed vs per-member graph: a packed layer computes each output element as the same dot product over
-# the same inputs (a concatenated Gemm is per row, a batched MatMul per member), so the results differ by
+# the same inputs (a concatenated Gemm is per row, a grouped Conv per member), so the results differ by
 # float32 rounding of another blocking order at most, and a layer reading [CSN part, own part] sums the
 # two parts' dot products separately (one more rounding). Measured on these tests: independent MLPs
 # exact (0.0), CSN-sharing members up to 5.1e-7 on member probabilities, so 1e-6. prod's collect sums
