@@ -30,12 +30,19 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
     parser.add_argument("--seed", type=int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
     parser.add_argument("--passes", default="dna,dne,nda,csne", help="pass pipeline (see codec opt --list-passes)")
+    parser.add_argument(
+        "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
+        help="a Python file defining passes with @register_pass, for --passes (repeatable; also on --resume)",
+    )
     parser.add_argument("--calibration", type=int, default=10_000, help="training inputs profiled by the passes (default 10000)")
     parser.add_argument("--grow-init", choices=("random", "main"), default="random", help="grown members' fresh neurons: random init or main's weights (default random)")
     parser.add_argument("--grow-lr-scale", type=float, default=1.0, help="learning-rate multiplier for grown members (default 1)")
     parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
     parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
     parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
+    parser.add_argument("--member-outputs", action="store_true",
+                        help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
+                        "of report.json's outputs), e.g. to report member disagreement")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
@@ -56,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     from codec.pipelines.compile import CompileOptions, compile_ensemble
     from codec.runtime.training import distributed
+    from codec.passes.registry import load_plugin_file
     from codec.runtime.training.grow import GrowOptions
 
+    for path in args.plugin:  # before launching workers: a bad plugin fails here, once (workers reload it)
+        load_plugin_file(path)
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
 
@@ -82,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir, ensemble = out.with_suffix(".run"), out
     else:
         run_dir, ensemble = out, None
-    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble)
+    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble,
+                              member_outputs=args.member_outputs)
     if report:  # ranks other than 0 have nothing to print
         emit(args, report, summary(report, run_dir))
     return 0
