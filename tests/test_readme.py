@@ -1,5 +1,6 @@
 """The README works as written: its ```bash blocks run in order, command by command, in one temporary folder,
-and its ```python blocks run as written.
+and its ```python blocks run as written (one whose first line is `# name.py` is saved as that file first:
+the README has the reader create it, and later blocks use it).
 
 Sizes: every command runs with CODEC_SMALL=1, which the training commands read (train, compile,
 train-ensemble; `codec/commands/_common.py` `small_overrides`: one epoch, 600 training and 300 test
@@ -79,7 +80,10 @@ def test_readme_runs_as_written(workdir, env, language, source):
     if language == "bash":
         argv = ["bash", "-e", "-o", "pipefail", "-c", source]
     else:
-        script = workdir / "readme_block.py"
+        # a block that starts with "# name.py" is a file the README has the reader create (later blocks use
+        # it): it is written under that name, and run like every other block
+        named = re.match(r"# (\w+\.py)\n", source)
+        script = workdir / (named.group(1) if named else "readme_block.py")
         script.write_text(source)
         argv = [sys.executable, str(script)]
     done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
