@@ -33,7 +33,21 @@ def activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(z)
     if kind == "tanh":
         return torch.tanh(z)
-    return F.softmax(z, dim=1)
+    if kind == "gelu":
+        return F.gelu(z)
+    if kind == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if kind == "silu":
+        return F.silu(z)
+    if kind == "elu":
+        return F.elu(z, alpha)
+    if kind == "softplus":
+        return F.softplus(z)
+    if kind == "hardswish":
+        return F.hardswish(z)
+    if kind == "softmax":
+        return F.softmax(z, dim=1)
+    raise ValueError(f"unknown activation {kind!r}")
 
 
 def frozen_count(layer: Dense | Conv) -> int:
