@@ -56,8 +56,11 @@ _ELEMENTWISE_OPS = frozenset(
 _MAX_PATTERN_NODES = 12
 SUPPORTED_OPS = frozenset(
     {"Gemm", "MatMul", "Add", "Conv", "BatchNormalization", "Flatten", "Reshape", "MaxPool", "AveragePool",
-     "GlobalAveragePool", "ReduceMean", "Concat", "Cast", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS, *_ELEMENTWISE_OPS}
+     "GlobalAveragePool", "ReduceMean", "Concat", "Cast", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS}
 )
+# Ops lifted only as part of an activation written out node by node (Erf in GELU's Div/Erf/Add/Mul, ...):
+# not in SUPPORTED_OPS, which lists what lifts on its own (`codec inspect` reports it per op).
+PATTERN_OPS = _ELEMENTWISE_OPS - SUPPORTED_OPS
 # A tensor larger than this is refused before it is read: no MLP/CNN codec targets comes near it, and a
 # hostile file could otherwise make codec allocate arbitrary memory.
 MAX_TENSOR_ELEMENTS = 1 << 31
