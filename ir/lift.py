@@ -193,12 +193,48 @@ def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) 
         ModelLoadError: the file cannot be read.
         LiftError: the graph is not a network codec can lift; names the node, op and reason.
     """
-    model = load_model(source)
+    notes: list[str] = []
+    try:
+        model = load_model(source)
+    except ModelLoadError as exc:
+        model = _load_without_zipmap(source, exc, notes)
     if name is None:
         name = Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
-    net = _Lifter(model.graph, name).run()
+    lifter = _Lifter(model.graph, name)
+    lifter.notes.extend(notes)
+    net = lifter.run()
     _restore_roles(net, model)
     return net
+
+
+def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.Model:
+    """skl2onnx's classifiers end in a ZipMap, whose output is a sequence of maps, a type onnx_ir cannot
+    read. Such a model is read with onnx instead, the ZipMap removed and the probabilities tensor it reads
+    made a graph output (and noted), then loaded as usual. Any other load error is raised as it was."""
+    cause = error.__cause__
+    while cause is not None and "Map types are not supported" not in str(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(source, ir.Model):
+        raise error
+    import onnx
+    from onnx import helper
+
+    try:
+        proto = onnx.load_model_from_string(bytes(source)) if isinstance(source, (bytes, bytearray)) else onnx.load(
+            os.fspath(source), load_external_data=False
+        )
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+        raise error from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise error
+    graph = proto.graph
+    outputs = {o.name: o for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "ZipMap" and n.output[0] in outputs]:
+        graph.node.remove(node)
+        graph.output.remove(outputs[node.output[0]])
+        graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+        notes.append(f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor {node.input[0]!r} it reads")
+    return load_model(proto.SerializeToString())
 
 
 def _restore_roles(net: NetworkIR, model: ir.Model) -> None:
@@ -288,16 +324,14 @@ class _Lifter:
 
         One output is lifted as is. A classifier exported by skl2onnx has two, a label and the class
         probabilities (a float tensor, or a ZipMap of it): the probabilities are lifted and the label's
-        tail (ArgMax, ArrayFeatureExtractor, Cast, ...) is dropped, with a note saying so."""
+        tail (ArgMax, ArrayFeatureExtractor, Cast, ...) is dropped, with a note saying so (a ZipMap was
+        already taken off by `_load_without_zipmap`)."""
         outputs = list(self.graph.outputs)
         kept = outputs[0] if len(outputs) == 1 else None
         if kept is None:
             candidates = []
             for value in outputs:
-                producer = value.producer()
-                if producer is not None and producer.op_type == "ZipMap" and producer.domain == "ai.onnx.ml":
-                    candidates.append(producer.inputs[0])
-                elif isinstance(value.type, ir.TensorType) and value.dtype == ir.DataType.FLOAT:
+                if isinstance(value.type, ir.TensorType) and value.dtype == ir.DataType.FLOAT:
                     candidates.append(value)
             if len({id(c) for c in candidates}) != 1:
                 names = ", ".join(repr(v.name) for v in outputs)
@@ -316,13 +350,8 @@ class _Lifter:
             stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
         if len(outputs) > 1:
             for value in outputs:
-                if value is kept or (value.producer() is not None and value.producer().inputs[:1] == [kept]):
-                    continue
-                tail = self._tail(value)
-                self.notes.append(f"dropped output {value.name!r} ({' -> '.join(tail)})")
-            zipmap = [v for v in outputs if v is not kept and v.producer() is not None and v.producer().op_type == "ZipMap"]
-            if zipmap:
-                self.notes.append(f"lifted {kept.name!r}, the tensor the ZipMap output {zipmap[0].name!r} is made of")
+                if value is not kept:
+                    self.notes.append(f"dropped output {value.name!r} ({' -> '.join(self._tail(value)) or 'no node'})")
         return kept
 
     def _tail(self, value: ir.Value) -> list[str]:

@@ -57,8 +57,9 @@ class Activation:
 
     A neuron *fires* on an input when its post-activation value exceeds `fire_threshold`, the activation's
     value at a pre-activation of 0 (except softmax, which has no element-wise zero and fires above the
-    uniform value 1/K). For every kind here, value > threshold holds exactly when the pre-activation is
-    positive, so "fires" means "its pre-activation was positive" whatever the activation:
+    uniform value 1/K). For every kind here (leaky ReLU and ELU with alpha >= 0), value > threshold holds
+    exactly when the pre-activation is positive, so "fires" means "its pre-activation was positive"
+    whatever the activation:
 
     ==========  ===============================  ==============  ========================================
     kind        f(z)                             f(0), threshold monotone (may cross a max pool)?
