@@ -301,7 +301,7 @@ class _Lifter:
         for layer in self.layers[:-1]:
             if not any(layer.name in srcs for srcs in self._all_sources().values()):
                 raise LiftError(f"layer {layer.name!r} does not lead to the output {output.name!r}")
-        metadata = {"codec.lift.dropped": "; ".join(self.notes)} if self.notes else {}
+        metadata = {"codec.lift.dropped": "\n".join(self.notes)} if self.notes else {}
         return NetworkIR(
             name=self.name,
             input_name=x.name,

@@ -332,7 +332,7 @@ def test_zoo_resnet_lifts_as_a_dag_with_folded_batchnorm(tmp_path):
 
 
 @pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "no-zipmap"])
-def test_skl2onnx_mlp_classifier_lifts_its_probabilities(zipmap):
+def test_skl2onnx_mlp_classifier_lifts_its_probabilities(zipmap, tmp_path, capsys):
     pytest.importorskip("skl2onnx")
     import warnings
 
@@ -353,3 +353,13 @@ def test_skl2onnx_mlp_classifier_lifts_its_probabilities(zipmap):
     assert "ArgMax" in dropped and "label" in dropped
     probabilities = run_onnx(to_bytes(lower(net)), x)
     assert np.abs(probabilities - clf.predict_proba(x)).max() < 1e-5
+    import json
+
+    from codec.cli import main
+
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(onx.SerializeToString())
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any("label" in line and "ArgMax" in line for line in report["dropped"])
+    assert any("ZipMap" in line for line in report["dropped"]) == zipmap
