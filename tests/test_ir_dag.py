@@ -363,3 +363,24 @@ def test_skl2onnx_mlp_classifier_lifts_its_probabilities(zipmap, tmp_path, capsy
     report = json.loads(capsys.readouterr().out)
     assert any("label" in line and "ArgMax" in line for line in report["dropped"])
     assert any("ZipMap" in line for line in report["dropped"]) == zipmap
+
+
+def test_compile_residual_recipe_end_to_end(tmp_path):
+    """`codec compile` on the tiny residual recipe: members train, lift as DAGs, pass, grow, fuse; the fused
+    graph equals the members combined outside it."""
+    import json
+
+    from codec.cli import main
+    from codec.runtime.data import load_dataset
+    from codec.runtime.evaluation.metrics import combine
+
+    run_dir = tmp_path / "run"
+    args = ["compile", "--recipe", "resnet_s", "--members", "3", "--epochs", "1", "--n-train", "300", "--n-test", "100",
+            "--calibration", "200", "--threads", "1", "--quiet", "-o", str(run_dir)]
+    assert main(args) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["csn"]["total"] == 0  # CSNE leaves a ResNet's tied layers alone (docs/decisions.md)
+    x = load_dataset("mnist_small").subset(None, 100, seed=0).x_test[:50]
+    probs = np.stack([run_onnx(run_dir / m, x) for m in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx")])
+    assert not lift(run_dir / "members" / "grown_1.onnx").is_chain
+    np.testing.assert_allclose(run_onnx(run_dir / "ensemble.onnx", x), combine(probs, "prod"), atol=1e-5)
