@@ -45,7 +45,19 @@ import onnx_ir as ir
 from codec.errors import ConfigError, ShapeError
 from codec.ir.criteria import CRITERIA, PROD_EPS, TASKS, default_criterion
 from codec.ir.lower import OPSET, GraphBuilder, input_value, make_model
-from codec.ir.network import INPUT, Add, Concat, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute, replace
+from codec.ir.network import (
+    INPUT,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    NetworkIR,
+    Pool,
+    Role,
+    is_compute,
+    replace,
+)
 
 __all__ = ["CRITERIA", "check_shares_csn", "emit_ensemble", "ensemble_description", "ensemble_parameter_count"]
 ENSEMBLE_KEY = "codec.ensemble"  # model metadata: JSON describing the fused ensemble

@@ -114,8 +114,9 @@ class GraphBuilder:
         the layers whose ids are in `taps`, their values in layer order."""
         values = {INPUT: x}
         tapped = []
-        for i, layer in enumerate(net.layers):
-            ins = [values[source] for source in net.inputs_of(layer.name)] if not net.is_chain else [values[INPUT] if i == 0 else value]
+        value = x
+        for layer in net.layers:
+            ins = [values[source] for source in net.inputs_of(layer.name)] if not net.is_chain else [value]
             value = self.merge(layer, ins) if isinstance(layer, (Add, Concat)) else self.layer(layer, ins[0])
             values[layer.name] = value
             if taps is not None and id(layer) in taps:

@@ -96,7 +96,7 @@ def _gelu_graph(mul_form: bool, scale_after: float | None = None) -> bytes:
     """A Gemm and GELU written out as nodes: Div by sqrt(2) (the legacy exporter) or Mul by 1/sqrt(2)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)
     first = helper.make_node("Mul", ["h", "k"], ["s"], name="scale") if mul_form else helper.make_node("Div", ["h", "k"], ["s"], name="scale")
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),

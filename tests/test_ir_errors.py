@@ -154,3 +154,34 @@ def test_cyclic_graph_refused():
     with pytest.raises(LiftError) as err:
         lift(_model(nodes, {"w": W, "b": B}))
     assert err.value.node in ("add_loop", "back")
+
+
+def test_residual_add_of_the_network_input_refused():
+    # x + fc(x): the input's features cannot be tied to (or removed with) a layer's neurons
+    w = np.ones((4, 4), np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Add", ["x", "h"], ["y"], name="skip")]
+    with pytest.raises(LiftError, match="the network input") as err:
+        lift(_model(nodes, {"w": w, "b": np.zeros(4, np.float32)}, out_shape=("n", 4)))
+    assert (err.value.node, err.value.op_type) == ("skip", "Add")
+
+
+def test_concat_off_the_neuron_axis_refused():
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc2", transB=1),
+        helper.make_node("Concat", ["h", "g"], ["y"], name="join", axis=0),
+    ]
+    with pytest.raises(LiftError, match="neuron axis") as err:
+        lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node == "join"
+
+
+def test_dead_branch_refused():
+    # fc2 reads the input but nothing reads fc2: refused, naming the node
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1),
+        helper.make_node("Gemm", ["x", "w", "b"], ["unused"], name="fc2", transB=1),
+    ]
+    with pytest.raises(LiftError, match="not on the path") as err:
+        lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node == "fc2"
