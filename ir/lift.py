@@ -284,6 +284,8 @@ class _Lifter:
         x = graph_inputs[0]
         self.input_shape = self._input_shape(x)
         self.refs[id(x)] = (INPUT, self.input_shape)
+        if not self._consumers(x):
+            raise LiftError(f"value {x.name!r} is consumed by no node but is not the graph output")
         for node in self.graph:
             if id(node) in self.visited or node.op_type == "Constant":
                 continue
@@ -399,21 +401,8 @@ class _Lifter:
             raise LiftError(f"custom-domain op ({node.domain}) is not supported", node.name, node.op_type)
         if not node.outputs or node.outputs[0] is None:
             raise LiftError("node has no output", node.name, node.op_type)
-        data = self._data_inputs(node)
-        if not data:
-            raise LiftError("node reads no value computed from the network input", node.name, node.op_type)
-        for value in data:
-            if id(value) not in self.refs:
-                raise LiftError(
-                    f"it reads {value.name!r}, which is not computed from the network input by a node before it",
-                    node.name,
-                    node.op_type,
-                )
-        self.source, self.shape = self.refs[id(data[0])]
-        count = len(self.layers)
-        handler = self._handler(node, data)
         try:
-            out = handler(node)
+            out, count = self._dispatch(node)
         except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as exc:
             # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
             # inputs, inconsistent shapes; onnx_ir asserts on tensor data stored in the wrong field): whatever
@@ -431,6 +420,22 @@ class _Lifter:
         self.current[owner] = out
         if not self._consumers(out) and out not in self.graph.outputs:
             raise LiftError(f"its output {out.name!r} is used by no node and is not the graph output", node.name, node.op_type)
+
+    def _dispatch(self, node: ir.Node) -> tuple[ir.Value, int]:
+        """Run the node's handler on its data inputs; returns its output and the layer count before it."""
+        data = self._data_inputs(node)
+        if not data:
+            raise LiftError("node reads no value computed from the network input", node.name, node.op_type)
+        for value in data:
+            if id(value) not in self.refs:
+                raise LiftError(
+                    f"it reads {value.name!r}, which is not computed from the network input by a node before it",
+                    node.name,
+                    node.op_type,
+                )
+        self.source, self.shape = self.refs[id(data[0])]
+        count = len(self.layers)
+        return self._handler(node, data)(node), count
 
     def _handler(self, node: ir.Node, data: list[ir.Value]):
         if node.op_type in _ELEMENTWISE_OPS and len({id(v) for v in data}) == 1:

@@ -236,6 +236,14 @@ class _Tapped:
         return views
 
 
+def _is_chain(net) -> bool:
+    return getattr(net, "is_chain", True)  # the budget check also takes stand-ins with hidden_layers() only
+
+
+def _profiled(net) -> list:
+    return net.hidden_layers() if _is_chain(net) else net.profiled_layers()
+
+
 def _previous(net: NetworkIR, layer):
     """The profiled layer whose neurons are all of `layer`'s inputs (its co-firing partner), or None: the
     first hidden layer (its inputs are the network's), an Add (it has no weights), or a layer reading a
@@ -274,12 +282,16 @@ def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
     "network/layer": fire, nonzero, sum, sumsq per neuron, co-firing with the layer below, cross products."""
     sizes: dict[str, int] = {}
     for net in nets:
-        for layer in net.profiled_layers():
+        previous = None
+        for layer in _profiled(net):
             n = layer.num_neurons
-            previous = _previous(net, layer)
+            if not _is_chain(net):
+                previous = _previous(net, layer)
             sizes[f"{net.name}/{layer.name}"] = 4 * 8 * n + (8 * n * previous.num_neurons if previous is not None else 0)
+            if _is_chain(net):
+                previous = layer  # a chain's hidden layer co-fires with the one before it
     if pair:
-        for a, b in zip(nets[0].profiled_layers(), nets[1].profiled_layers()):
+        for a, b in zip(_profiled(nets[0]), _profiled(nets[1])):
             sizes[f"{nets[0].name}/{a.name}"] += 2 * 8 * a.num_neurons * b.num_neurons
     return sizes
 
