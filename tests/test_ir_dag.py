@@ -384,3 +384,35 @@ def test_compile_residual_recipe_end_to_end(tmp_path):
     probs = np.stack([run_onnx(run_dir / m, x) for m in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx")])
     assert not lift(run_dir / "members" / "grown_1.onnx").is_chain
     np.testing.assert_allclose(run_onnx(run_dir / "ensemble.onnx", x), combine(probs, "prod"), atol=1e-5)
+
+
+def test_gelu_dropout_mlp_from_dynamo_through_the_passes_and_ensemble(tmp_path):
+    """An MLP with GELU and Dropout, exported by the dynamo exporter: opt (dna,dne,nda,csne) and the fused
+    ensemble, with a planted shared neuron so that CSNE has something to share."""
+    from codec.ir.ensemble import emit_ensemble
+
+    nets = {}
+    for name, seed in (("main", 0), ("peer", 1)):
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Dropout(0.2), nn.Linear(10, 8), nn.GELU(), nn.Linear(8, 3), nn.Softmax(-1))
+        if name == "peer":  # peer's first 4 hidden neurons are main's
+            with torch.no_grad():
+                module[0].weight[:4] = reference[0].weight[:4]
+                module[0].bias[:4] = reference[0].bias[:4]
+        else:
+            reference = module
+        path = export_torch(module, torch.randn(2, 6), tmp_path / f"{name}.onnx", True)
+        nets[name] = lift(path, name=name)
+    assert [layer.activation.kind for layer in nets["main"].layers] == ["gelu", "gelu", "softmax"]
+    cal = Calibration(np.random.default_rng(0).standard_normal((500, 6)).astype(np.float32))
+    out, report = PassManager(parse_pipeline("dna,dne,nda,csne{fire=0.95,corr=0.99}")).run(EnsembleModule(nets, cal))
+    assert out.csn.sizes[nets["main"].layers[0].name] >= 4
+    members = [out.members["main"], out.members["peer"]]
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((32, 6)).astype(np.float32)
+    session = ort.InferenceSession(to_bytes(emit_ensemble(members, out.csn.network, criterion="mean", member_outputs=True)),
+                                   providers=["CPUExecutionProvider"])
+    fused, m0, m1 = session.run(None, {session.get_inputs()[0].name: x})
+    assert np.abs(m1 - run_onnx(to_bytes(lower(nets["peer"])), x)).max() < 1e-5
+    assert np.abs(fused - (m0 + m1) / 2).max() < 1e-6
