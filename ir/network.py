@@ -28,7 +28,9 @@ class Role(enum.IntEnum):
 
     TRAINABLE = 0
     FROZEN_SHARED = 1  # part of the common sub-network: frozen, its weights shared between members
-    DEAD = 2  # found dead by DNA; DNE removes it
+    # Reserved; no pass sets it. DNA is an analysis: it reports dead neurons without editing the IR, and
+    # DNE removes them, so no network holds a dead neuron. The value stays so stored roles keep their codes.
+    DEAD = 2
 
 
 ACTIVATION_KINDS = (
@@ -579,6 +581,12 @@ class NetworkIR:
 
     def _input_positions(self, name: str) -> tuple[int, ...]:
         return tuple(-1 if source == INPUT else self.index(source) for source in self.inputs_of(name))
+
+    def verify(self) -> None:
+        """Raise IRVerificationError if the network breaks an IR invariant (see `codec.ir.verify`)."""
+        from codec.ir.verify import verify_network  # verify.py imports this module
+
+        verify_network(self)
 
 
 def replace(layer: Layer, **changes) -> Layer:
