@@ -391,21 +391,20 @@ def test_gelu_dropout_mlp_from_dynamo_through_the_passes_and_ensemble(tmp_path):
     ensemble, with a planted shared neuron so that CSNE has something to share."""
     from codec.ir.ensemble import emit_ensemble
 
-    nets = {}
+    nets, modules = {}, {}
     for name, seed in (("main", 0), ("peer", 1)):
         torch.manual_seed(seed)
         module = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Dropout(0.2), nn.Linear(10, 8), nn.GELU(), nn.Linear(8, 3), nn.Softmax(-1))
         if name == "peer":  # peer's first 4 hidden neurons are main's
             with torch.no_grad():
-                module[0].weight[:4] = reference[0].weight[:4]
-                module[0].bias[:4] = reference[0].bias[:4]
-        else:
-            reference = module
+                module[0].weight[:4] = modules["main"][0].weight[:4]
+                module[0].bias[:4] = modules["main"][0].bias[:4]
+        modules[name] = module
         path = export_torch(module, torch.randn(2, 6), tmp_path / f"{name}.onnx", True)
         nets[name] = lift(path, name=name)
     assert [layer.activation.kind for layer in nets["main"].layers] == ["gelu", "gelu", "softmax"]
     cal = Calibration(np.random.default_rng(0).standard_normal((500, 6)).astype(np.float32))
-    out, report = PassManager(parse_pipeline("dna,dne,nda,csne{fire=0.95,corr=0.99}")).run(EnsembleModule(nets, cal))
+    out, _ = PassManager(parse_pipeline("dna,dne,nda,csne{fire=0.95,corr=0.99}")).run(EnsembleModule(nets, cal))
     assert out.csn.sizes[nets["main"].layers[0].name] >= 4
     members = [out.members["main"], out.members["peer"]]
     import onnxruntime as ort
