@@ -151,3 +151,177 @@ def test_cyclic_graph_refused():
     with pytest.raises(LiftError) as err:
         lift(_model(nodes, {"w": W, "b": B}))
     assert err.value.node in ("add_loop", "back")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): every rewrite lift makes commutes for the attributes at hand, or is refused;
+# every lift is checked against onnxruntime; models onnxruntime refuses are refused.
+# ---------------------------------------------------------------------------------------------------
+
+RNG = np.random.default_rng(17)
+CONV_W = RNG.standard_normal((2, 1, 2, 2)).astype(np.float32)
+CONV_B = RNG.standard_normal(2).astype(np.float32)
+
+
+def _free_model(nodes, inits, in_shape, opset: int | None = 18) -> bytes:
+    """A model whose output shape is left to inference (so no declared shape can hide a difference)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    opsets = [] if opset is None else [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def _conv_pool_act(pool: str, act: str, **act_attrs) -> bytes:
+    pool_attrs = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2]),
+        helper.make_node(pool, ["c"], ["p"], name="pool", **pool_attrs),
+        helper.make_node(act, ["p"], ["y"], name="act", **act_attrs),
+    ]
+    return _free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, 7, 7))
+
+
+def _agrees_with_onnxruntime(model: bytes, net, shape) -> None:
+    from conftest import run_onnx
+
+    from codec.ir import lower, to_bytes
+
+    x = RNG.standard_normal((3, *shape)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(to_bytes(lower(net)), x), run_onnx(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "act, attrs, moves",
+    [
+        ("Relu", {}, True),
+        ("Sigmoid", {}, True),
+        ("Tanh", {}, True),
+        ("LeakyRelu", {"alpha": 0.1}, True),
+        ("LeakyRelu", {"alpha": 0.0}, True),
+        ("LeakyRelu", {"alpha": 3.0}, True),
+        ("LeakyRelu", {"alpha": -0.5}, False),
+        ("LeakyRelu", {"alpha": -2.0}, False),
+    ],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_activation_moves_across_a_pool_only_where_they_commute(pool, act, attrs, moves):
+    """Only max pooling with a monotone non-decreasing activation commutes; average pooling with none
+    of codec's (non-identity) activations. The rest is refused, never rewritten."""
+    model = _conv_pool_act(pool, act, **attrs)
+    if pool == "MaxPool" and moves:
+        net = lift(model, check=False)
+        _agrees_with_onnxruntime(model, net, (1, 7, 7))
+    else:
+        with pytest.raises(LiftError, match="do not commute") as err:
+            lift(model, check=False)
+        assert err.value.node == "act" and "\n" not in str(err.value)
+
+
+POOL_CASES = [
+    (mode, pads, ceil, op)
+    for mode in ("VALID", "SAME_UPPER", "SAME_LOWER")
+    for pads in (None, [1, 1, 1, 1], [0, 1, 0, 1])
+    for ceil in (0, 1)
+    for op in ("MaxPool", "AveragePool")
+]
+
+
+@pytest.mark.parametrize("mode, pads, ceil, op", POOL_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("size", [7, 8])
+def test_auto_pad_pooling_is_read_as_onnxruntime_reads_it(mode, pads, ceil, op, size):
+    """onnxruntime ignores `pads` under any auto_pad (ONNX shape inference does not): such models are
+    refused; without explicit pads VALID and SAME_* lift to the pads onnxruntime uses."""
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": mode, "ceil_mode": ceil}
+    if pads:
+        attrs["pads"] = pads
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2]),
+        helper.make_node(op, ["c"], ["y"], name="pool", **attrs),
+    ]
+    model = _free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, size, size))
+    if pads:
+        with pytest.raises(LiftError, match="onnxruntime ignores the pads"):
+            lift(model, check=False)
+        return
+    net = lift(model, check=False)
+    _agrees_with_onnxruntime(model, net, (1, size, size))
+
+
+def test_conv_with_valid_and_explicit_pads_is_refused():
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[2, 2], auto_pad="VALID", pads=[1, 1, 1, 1])]
+    with pytest.raises(LiftError, match="onnxruntime ignores the pads"):
+        lift(_free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, 7, 7)), check=False)
+
+
+@pytest.mark.parametrize(
+    "shape, ok",
+    [((3,), True), ((1, 3), True), ((1,), True), ((), True), ((1, 1), True), ((1, 1, 3), False), ((2, 3), False), ((3, 1), False)],
+    ids=str,
+)
+def test_matmul_add_bias_must_be_one_value_per_output(shape, ok):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    bias = RNG.standard_normal(shape).astype(np.float32)
+    model = _free_model(nodes, {"w": W.T.copy(), "b": bias}, ("n", 4))
+    if ok:
+        _agrees_with_onnxruntime(model, lift(model, check=False), (4,))
+    else:
+        with pytest.raises(LiftError, match="not one value per output feature") as err:
+            lift(model, check=False)
+        assert err.value.node == "add"
+
+
+def test_the_parity_check_catches_a_lift_that_changes_the_function():
+    """The post-lift check itself: a network that differs from its model (here: a weight changed after
+    lifting, standing for any wrong rewrite) or has a different output shape is refused."""
+    from codec.ir.lift import check_lift
+
+    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B})
+    net = lift(model)
+    check_lift(net, model)
+    net.layers[0].weight = net.layers[0].weight * 1.01
+    with pytest.raises(LiftError, match="differs from the model under onnxruntime"):
+        check_lift(net, model)
+
+
+def test_the_parity_check_is_on_by_default_and_skipping_it_is_recorded(monkeypatch):
+    from codec.errors import ConfigError
+
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4))
+    assert "codec.lift_check" not in lift(model).metadata
+    monkeypatch.setenv("CODEC_LIFT_CHECK", "0")
+    assert lift(model).metadata["codec.lift_check"] == "skipped"
+    monkeypatch.setenv("CODEC_LIFT_CHECK", "maybe")
+    with pytest.raises(ConfigError, match="CODEC_LIFT_CHECK"):
+        lift(model)
+
+
+@pytest.mark.parametrize("opset, ok", [(None, False), (1, False), (6, False), (7, True), (13, True), (18, True), (999, False)], ids=str)
+def test_opsets_onnxruntime_refuses_are_refused(opset, ok):
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4), opset)
+    if ok:
+        lift(model)
+        lift(model, check=False)
+    else:
+        with pytest.raises(ModelLoadError, match="opset") as err:
+            lift(model, check=False)
+        assert "\n" not in str(err.value)
+
+
+def test_duplicate_node_names_are_refused():
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Relu", ["h"], ["y"], name="fc")]
+    with pytest.raises(ModelLoadError, match="two nodes are named 'fc'"):
+        lift(_free_model(nodes, {"w": W, "b": B}, ("n", 4)), check=False)
+
+
+def test_float64_weights_beyond_float32_are_refused_not_made_inf():
+    big = np.full((3, 4), 1e300, np.float64)
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": big, "b": B.astype(np.float64)}, ("n", 4))
+    for check in (False, True):
+        with pytest.raises(LiftError, match="beyond float32's range"):
+            lift(model, check=check)
