@@ -325,3 +325,64 @@ def test_float64_weights_beyond_float32_are_refused_not_made_inf():
     for check in (False, True):
         with pytest.raises(LiftError, match="beyond float32's range"):
             lift(model, check=check)
+
+
+def _w(layer: str) -> str:
+    return layer if layer.startswith("W") else f"{layer}.weight"
+
+
+def _b(layer: str) -> str:
+    return layer.replace("W", "B") if layer.startswith("W") else f"{layer}.bias"
+
+
+def _mlp(input_name: str, output_name: str, first: str, second: str, last_act: str | None) -> bytes:
+    w1, b1 = RNG.standard_normal((5, 4)).astype(np.float32), RNG.standard_normal(5).astype(np.float32)
+    w2, b2 = RNG.standard_normal((3, 5)).astype(np.float32), RNG.standard_normal(3).astype(np.float32)
+    z2 = output_name if last_act is None else "z2"
+    # weights named W1/W2 (no ".weight") give layers the node names g1/g2
+    nodes = [
+        helper.make_node("Gemm", [input_name, _w(first), _b(first)], ["z1"], name="g1", transB=1),
+        helper.make_node("Relu", ["z1"], ["h1"], name="r1"),
+        helper.make_node("Gemm", ["h1", _w(second), _b(second)], [z2], name="g2", transB=1),
+    ]
+    if last_act is not None:
+        nodes.append(helper.make_node(last_act, ["z2"], [output_name], name="act2"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(a, n) for n, a in
+         {_w(first): w1, _b(first): b1, _w(second): w2, _b(second): b2}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "input_name, output_name, first, second, last_act",
+    [
+        ("x", "fc1", "fc1", "fc2", None),  # output named like the first layer
+        ("x", "fc2", "fc1", "fc2", "Softmax"),  # output named like its own layer, below its activation
+        ("x", "fc1.relu", "fc1", "fc2", None),  # output named like the first layer's activation
+        ("fc1", "y", "fc1", "fc2", None),  # input named like the first layer
+        ("g1.weight", "y", "W1", "W2", None),  # input named like the weight codec generates (layer g1)
+        ("x", "y", "a", "a.relu", None),  # layers `a` and `a.relu`
+        ("x", "g2.bias", "W1", "W2", "Sigmoid"),  # output named like a generated bias
+    ],
+    ids=["out=first", "out=own-layer", "out=activation", "in=first", "in=weight", "a+a.relu", "out=weight"],
+)
+def test_names_codec_generates_never_collide_with_the_models_names(input_name, output_name, first, second, last_act):
+    """lower names every value, node and initializer through one uniquifying rule, so a valid model is
+    never refused (or written out invalid) for names codec made up."""
+    from conftest import run_onnx
+
+    from codec.ir import lower, to_bytes
+
+    model = _mlp(input_name, output_name, first, second, last_act)
+    net = lift(model)  # the parity check runs the lowered model in onnxruntime
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    for taps in (False, True):
+        lowered = to_bytes(lower(net, taps=taps))
+        np.testing.assert_allclose(run_onnx(lowered, x), run_onnx(model, x), rtol=1e-5, atol=1e-6)
+    again = lift(to_bytes(lower(net)))
+    assert again.input_name == input_name and again.output_name == output_name
