@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from codec.errors import LiftError, ModelLoadError
+from codec.io import regular_file
 from codec.ir.network import (
     MONOTONE_ACTIVATIONS,
     Activation,
@@ -83,9 +84,7 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         _check_text(model, "")
         _check_model(model, "")
         return model
-    path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such model file")
+    path = regular_file(source, "model file", ModelLoadError)  # a FIFO would block the read below
     try:
         with _quiet_onnx_ir():
             model = ir.load(path)
@@ -521,7 +520,7 @@ class _Lifter:
         return float(str(value))
 
     def _check_size(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if min(shape[1:]) < 1:
+        if min(shape) < 1:
             raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
         if math.prod(shape) > MAX_TENSOR_ELEMENTS:
             raise LiftError(f"output shape {list(shape)} is beyond codec's limit", node.name, node.op_type)
@@ -563,6 +562,8 @@ class _Lifter:
                 f"weight expects {weight.shape[1]} input features but receives {self.shape[0]}", node.name, node.op_type
             )
         out = weight.shape[0]
+        if out < 1:
+            raise LiftError("layer has zero output features (an empty layer)", node.name, node.op_type)
         bias = np.zeros(out, np.float32) if bias is None else bias
         if bias.size == 1 and out != 1:
             bias = np.full(out, float(bias.reshape(-1)[0]), np.float32)

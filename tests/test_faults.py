@@ -713,3 +713,106 @@ def test_an_interrupt_inside_an_import_still_stops_compile_resumably(shape, tmp_
     monkeypatch.setattr(PassManager, "run", real_run)
     assert main([*_COMPILE, "-o", str(run_dir), "--resume"]) == 0
     assert (run_dir / "ensemble.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): hangs and tracebacks instead of one line
+# ---------------------------------------------------------------------------------------------------
+
+_FIFO_READERS = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from codec.errors import CodecError
+    fifo = Path(sys.argv[1])
+    def model():
+        from codec.ir import lift
+        lift(fifo)
+    def session():
+        from codec.runtime.execution.session import create_session
+        create_session(fifo)
+    def npz():
+        from codec.runtime.data import load_dataset
+        load_dataset(f"npz:{fifo}")
+    def idx():
+        from codec.runtime.data.formats import read_idx
+        read_idx(fifo)
+    def checkpoint():
+        from codec.runtime.training.train import load_checkpoint
+        load_checkpoint(fifo)
+    def cli_eval():
+        from codec.cli import main
+        assert main(["eval", str(fifo), "--data", "mnist_small"]) == 2
+        raise CodecError("the CLI refused it with exit 2")
+    for reader in (model, session, npz, idx, checkpoint, cli_eval):
+        try:
+            reader()
+        except CodecError as exc:
+            print(reader.__name__, "|", exc, flush=True)
+        else:
+            print(reader.__name__, "| ACCEPTED", flush=True)
+    """
+)
+
+
+def test_a_fifo_is_refused_before_it_is_opened_everywhere_a_user_path_is_read(tmp_path):
+    """Opening a FIFO blocks until a writer comes: models, data, checkpoints and the CLI refuse one with
+    one line from a stat (the child would hang without the check; the timeout is the finding)."""
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    script = tmp_path / "readers.py"
+    script.write_text(_FIFO_READERS)
+    proc = subprocess.run([sys.executable, str(script), str(fifo)], capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    lines = dict(line.split(" | ", 1) for line in proc.stdout.strip().splitlines())
+    assert set(lines) == {"model", "session", "npz", "idx", "checkpoint", "cli_eval"}, proc.stdout + proc.stderr
+    for reader in ("model", "session", "npz", "idx", "checkpoint"):
+        assert "is a FIFO, not a regular file" in lines[reader], (reader, lines[reader])
+    assert "is a FIFO" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["config-not-json", "config-list", "state-not-json", "state-no-steps", "state-binary", "state-fifo"],
+)
+def test_resume_with_damaged_run_json_is_one_line_naming_the_file(damage, tmp_path):
+    from codec.pipelines.compile import CompileOptions, Run
+
+    options = CompileOptions(recipe="mnist_mlp")
+    run = Run(tmp_path / "run")
+    run.prepare(options, resume=False)
+    write_json_atomic(run.state_path, {"steps": {"train:main": {"seconds": 1.0}}})
+    target = run.path / ("config.json" if damage.startswith("config") else "state.json")
+    if damage.endswith("not-json"):
+        target.write_text('{"steps": {"train:main": ')
+    elif damage == "config-list":
+        target.write_text("[1, 2]")
+    elif damage == "state-no-steps":
+        target.write_text('{"steps": [1]}')
+    elif damage == "state-binary":
+        target.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        target.unlink()
+        os.mkfifo(target)
+    with pytest.raises(ConfigError) as err:
+        Run(tmp_path / "run").prepare(options, resume=True)
+    message = str(err.value)
+    assert target.name in message and "\n" not in message
+    assert "restart the run" in message or "not a regular file" in message
+
+
+def test_a_zero_width_hidden_layer_is_one_line_in_csne():
+    from codec.passes.base import Calibration, EnsembleModule, PassError
+    from codec.passes.manager import PassManager
+    from codec.passes.registry import parse_pipeline
+
+    def net(name):
+        rng = np.random.default_rng(0)
+        return NetworkIR(name, "x", "y", (6,), [
+            Dense("fc1", rng.standard_normal((4, 6)).astype(np.float32), np.zeros(4, np.float32), RELU),
+            Dense("fc2", np.zeros((0, 4), np.float32), np.zeros(0, np.float32), RELU),
+            Dense("out", np.zeros((3, 0), np.float32), np.ones(3, np.float32), Activation("softmax")),
+        ])
+
+    calibration = Calibration(np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32), batch_size=16)
+    with pytest.raises(PassError, match="hidden layer 'fc2' has no neurons"):
+        PassManager(parse_pipeline("csne{fire=0.0,corr=-1.0}")).run(EnsembleModule({"main": net("main"), "peer": net("peer")}, calibration))

@@ -386,3 +386,15 @@ def test_names_codec_generates_never_collide_with_the_models_names(input_name, o
         np.testing.assert_allclose(run_onnx(lowered, x), run_onnx(model, x), rtol=1e-5, atol=1e-6)
     again = lift(to_bytes(lower(net)))
     assert again.input_name == input_name and again.output_name == output_name
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_a_zero_width_layer_is_refused_at_lift(kind):
+    if kind == "dense":
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+        model = _free_model(nodes, {"w": np.zeros((0, 4), np.float32), "b": np.zeros(0, np.float32)}, ("n", 4))
+    else:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[2, 2])]
+        model = _free_model(nodes, {"w": np.zeros((0, 1, 2, 2), np.float32)}, ("n", 1, 5, 5))
+    with pytest.raises(LiftError, match="zero output features|output would be empty"):
+        lift(model, check=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from codec.errors import ConfigError, DataError
+from codec.io import regular_file
 from codec.runtime.data.catalog import (
     _CIFAR_ARCHIVE,
     _CIFAR_DIR,
@@ -145,8 +146,7 @@ def _to_float_nchw(x: np.ndarray, what: str) -> np.ndarray:
 
 def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Read named arrays from an .npz without ever unpickling; every failure is a one-line DataError."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    regular_file(path, "file", DataError)  # never open a FIFO (it blocks) or a device
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -238,6 +238,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
+    regular_file(path, "file", DataError)
     try:
         with open(path, "rb") as f:
             data = f.read()
