@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from codec.errors import ShapeError
+from codec.pipelines.data import fit_to_model  # noqa: F401  (the commands' import of it)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "mnist_small", split: bool = True) -> None:
@@ -29,31 +29,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "m
 
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, dataset) for the split the command-line arguments name."""
-    from codec.runtime.data import load_dataset
+    from codec.pipelines.data import load_split as load
 
-    dataset = load_dataset(args.data, data_dir=args.data_dir)
-    split = getattr(args, "split", "test")
-    x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_test, dataset.y_test)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ShapeError(f"--limit must be positive, got {args.limit}")
-        x, y = x[: args.limit], y[: args.limit]
-    return x, y, dataset
-
-
-def fit_to_model(x: np.ndarray, input_shape: tuple[int, ...], what: str = "data") -> np.ndarray:
-    """Reshape examples to a model's input shape when only the layout differs (images fed to an MLP).
-
-    (N, 1, 28, 28) data becomes (N, 784) for a model whose input is (784,); anything else that does not
-    match is a ShapeError naming both shapes.
-    """
-    if tuple(x.shape[1:]) == tuple(input_shape):
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
-        return x.reshape((len(x), *input_shape))
-    raise ShapeError(
-        f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}"
-    )
+    return load(args.data, data_dir=args.data_dir, split=getattr(args, "split", "test"), limit=args.limit)
 
 
 def emit(args, payload: dict, human: str) -> None:

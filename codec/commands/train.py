@@ -73,7 +73,7 @@ def run(args) -> int:
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
 
-    from codec.runtime.training.train import train_recipe
+    from codec.pipelines.train import train_recipe
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")

@@ -32,7 +32,7 @@ the same command with --resume to continue after an interruption.
 
 Writes OUTPUT/ensemble.onnx (fused), OUTPUT/report.json (metrics: ensemble, oracle and member accuracy;
 the assignment of test examples to the member with the lowest loss, per class; options; times),
-OUTPUT/assignment.png (that table as a heatmap; needs matplotlib: pip install 'codec[plot]'),
+OUTPUT/assignment.svg (that table as a heatmap),
 OUTPUT/ensemble.ckpt, and with --export-members OUTPUT/members/member_<i>.onnx.
 
 examples:
@@ -101,7 +101,7 @@ def register(subparsers) -> None:
                              "trunk and all-reduce its gradients; auto moves less data (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists")
     parser.add_argument("--export-members", action="store_true", help="also write each member as OUTPUT/members/member_<i>.onnx")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.png (no matplotlib needed)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.svg")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
@@ -123,8 +123,9 @@ def run(args) -> int:
 
     import os
 
+    from codec.pipelines.train_ensemble import train_ensemble_recipe
     from codec.runtime.training import distributed
-    from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+    from codec.runtime.training.coupled import EnsembleOptions
 
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
@@ -246,8 +247,8 @@ def format_report(report: dict) -> str:
         lines.append(f"    m{m:<3} " + " ".join(f"{v:>{width}}" for v in row))
     files = report["files"]
     written = f"  wrote {files['ensemble']}, {files['report']}"
-    if files["assignment_png"]:
-        written += f", {files['assignment_png']}"
+    if files["assignment_svg"]:
+        written += f", {files['assignment_svg']}"
     if files["members"]:
         written += f" and {len(files['members'])} member models"
     lines.append(written)

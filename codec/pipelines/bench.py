@@ -29,7 +29,7 @@ Per recipe and replicate seed s (member i of replicate s is trained with seed ``
    float32 GEMM rate (numpy and torch, measured in the same run).
 
 Statistics: every test quality has a percentile bootstrap CI over test examples
-(`codec.runtime.evaluation.metrics.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test examples
+(`codec.runtime.evaluation.stats.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test examples
 (bootstrap CI of the difference, and McNemar's exact test for classifiers) and marked not significant when
 the CI contains 0. Across seeds: medians with min/max and a bootstrap CI of the mean over seeds (with three
 seeds that interval is crude; the raw per-seed numbers are always recorded).
@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -59,6 +58,9 @@ import numpy as np
 
 from codec.errors import ConfigError
 from codec.io import write_bytes_atomic, write_json_atomic
+from codec.ir.criteria import default_criterion
+from codec.pipelines.data import RecipeData, load_recipe_data
+from codec.runtime.evaluation.stats import Task, mcnemar_exact, paired_comparison, quality_ci, summarise
 from codec.version import __version__
 
 BENCH_FORMAT = 1
@@ -273,57 +275,6 @@ def profile_config(name: str, **changes) -> BenchConfig:
     return config
 
 
-# --------------------------------------------------------------------------------------------------------
-# Task: what quality is and how members combine
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Task:
-    """Classification (accuracy of the combined probabilities, higher is better) or reconstruction (MSE of
-    the mean reconstruction, lower is better)."""
-
-    kind: str
-    criterion: str
-
-    @property
-    def metric(self) -> str:
-        return "accuracy" if self.kind == "classification" else "mse"
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.kind == "classification"
-
-    def per_example(self, outputs: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """Per-example score of the ensemble of all members in `outputs` (M, N, ...): 1/0 correct, or the
-        example's squared reconstruction error averaged over features."""
-        from codec.runtime.evaluation.metrics import combine
-
-        if self.kind == "classification":
-            return (combine(outputs, self.criterion).argmax(axis=1) == target).astype(np.float64)
-        mean = np.asarray(outputs, dtype=np.float64).reshape(outputs.shape[0], outputs.shape[1], -1).mean(axis=0)
-        return np.mean((mean - target.reshape(len(target), -1)) ** 2, axis=1)
-
-    def curve(self, outputs: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """(M,) quality of the ensembles of the first k members, k = 1..M."""
-        return np.array([self.per_example(outputs[:k], target).mean() for k in range(1, len(outputs) + 1)])
-
-    def reaches(self, value: float, target: float) -> bool:
-        """`value` is at least as good as `target`."""
-        return value >= target if self.higher_is_better else value <= target
-
-    def gain(self, before: float, after: float) -> float:
-        """What a member added: accuracy points (absolute), or the relative MSE decrease."""
-        if self.higher_is_better:
-            return after - before
-        return (before - after) / before if before > 0 else 0.0
-
-    def best_index(self, values: Sequence[float]) -> int:
-        """Index of the best value (the first on ties)."""
-        values = np.asarray(values, dtype=np.float64)
-        return int(np.argmax(values) if self.higher_is_better else np.argmin(values))
-
-
 def select_members(val_curve: Sequence[float], task: Task, min_gain: float, max_members: int,
                    patience: int = 2) -> tuple[int, str, bool]:
     """N_baseline from the validation curve: early stopping over the ensemble's size. Starting from two
@@ -348,77 +299,6 @@ def select_members(val_curve: Sequence[float], task: Task, min_gain: float, max_
     if len(curve) >= max_members:
         return best_k, f"max members ({max_members}) reached; best on validation at {best_k}", True
     return best_k, f"{len(curve)} members trained; best on validation at {best_k}", False
-
-
-# --------------------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------------------
-
-
-def quality_ci(per_example: np.ndarray, n_boot: int, seed: int = 0) -> dict:
-    """Mean of a per-example score with its 95 % bootstrap CI over examples."""
-    from codec.runtime.evaluation.metrics import bootstrap_ci
-
-    point, low, high = bootstrap_ci(np.mean, np.asarray(per_example, dtype=np.float64), n_boot=n_boot, seed=seed)
-    return {"value": point, "ci95": [low, high], "n": len(per_example)}
-
-
-def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> float:
-    """Two-sided exact McNemar p-value (binomial test on the discordant pairs)."""
-    a = np.asarray(a_correct, dtype=bool)
-    b = np.asarray(b_correct, dtype=bool)
-    only_a = int(np.sum(a & ~b))
-    only_b = int(np.sum(b & ~a))
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    k = min(only_a, only_b)
-    # exact integers: 2.0**n overflows a float past n = 1023 discordant pairs (10,000 test images reach it)
-    tail = 2 * sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
-    return float(min(1.0, tail))
-
-
-def paired_comparison(task: Task, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> dict:
-    """A - B on the same test examples: the difference of mean per-example scores, its bootstrap CI
-    (examples resampled jointly), McNemar's exact p for classifiers, and whether A is better, worse or not
-    significantly different (the CI contains 0)."""
-    from codec.runtime.evaluation.metrics import bootstrap_ci
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    diff, low, high = bootstrap_ci(lambda u, v: np.mean(u) - np.mean(v), a, b, n_boot=n_boot, seed=seed)
-    out = {"diff": diff, "ci95": [low, high], "n": len(a)}
-    if task.kind == "classification":
-        out["mcnemar_p"] = mcnemar_exact(a, b)
-        out["discordant"] = [int(np.sum((a > 0.5) & (b < 0.5))), int(np.sum((b > 0.5) & (a < 0.5)))]
-    significant = low > 0 or high < 0
-    out["significant"] = bool(significant)
-    if not significant:
-        out["verdict"] = "not significant"
-    else:
-        a_better = (diff > 0) == task.higher_is_better
-        out["verdict"] = "better" if a_better else "worse"
-    return out
-
-
-def summarise(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Across seeds: the raw values, median, min, max, mean and a bootstrap CI of the mean (None values,
-    e.g. 'never reached', are counted but left out of the statistics)."""
-    from codec.runtime.evaluation.metrics import bootstrap_ci
-
-    raw = [None if v is None else float(v) for v in values]
-    present = np.array([v for v in raw if v is not None], dtype=np.float64)
-    out: dict = {"values": raw, "n": len(present), "missing": len(raw) - len(present)}
-    if len(present) == 0:
-        out.update(median=None, min=None, max=None, mean=None, ci95=None)
-        return out
-    out.update(median=float(np.median(present)), min=float(present.min()), max=float(present.max()), mean=float(present.mean()))
-    if len(present) >= 2:
-        _, low, high = bootstrap_ci(np.mean, present, n_boot=n_boot, seed=seed)
-        out["ci95"] = [low, high]
-    else:
-        out["ci95"] = None
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -488,42 +368,13 @@ def training_work(macs: list[dict], epochs: int, n_train: int, n_val: int, cache
     return float(epochs * per_epoch + (2.0 * frozen * (n_train + n_val) if cached else 0.0))
 
 
-@dataclass
-class BenchData:
-    """The splits every arm trains and is scored on (exactly `codec compile`'s)."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    input_shape: tuple
-    num_outputs: int
-    class_names: tuple
-    classify: bool
-
-    def target(self, split: str) -> np.ndarray:
-        x, y = (self.x_val, self.y_val) if split == "val" else (self.x_test, self.y_test)
-        return y if self.classify else x.reshape(len(x), -1)
+# The splits every arm trains and is scored on are exactly `codec compile`'s: pipelines.data.RecipeData.
+BenchData = RecipeData
 
 
-def load_bench_data(recipe, config, data_dir) -> BenchData:
+def load_bench_data(recipe, config, data_dir) -> RecipeData:
     """The recipe's data with compile's subset and validation split (DATA_SEED), so every arm sees the same."""
-    from codec.runtime.data import load_dataset
-    from codec.runtime.training.train import DATA_SEED
-
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if not config.val_fraction > 0:
-        raise ConfigError(f"recipe {recipe.name!r}: the benchmark needs a validation split (val_fraction > 0)")
-    train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    classify = recipe.task == "classification"
-    shape = tuple(dataset.input_shape)
-    return BenchData(dataset.name, train.x_train, train.y_train, x_val, y_val, dataset.x_test, dataset.y_test, shape,
-                     dataset.num_classes if classify else int(np.prod(shape)), tuple(dataset.class_names), classify)
+    return load_recipe_data(recipe, config, data_dir, need_validation=True)
 
 
 @dataclass
@@ -539,38 +390,24 @@ class _Context:
 
 def _onnx_outputs(model, x: np.ndarray, threads: int | None) -> np.ndarray:
     """A single-output ONNX model's outputs on x, reshaped to its input (float32)."""
-    from codec.runtime.execution.session import create_session, predict
+    from codec.runtime.evaluation.scoring import model_outputs
 
-    session = create_session(model, intra_op_threads=threads)
-    dims = session.get_inputs()[0].shape[1:]
-    if all(isinstance(d, int) for d in dims):
-        x = x.reshape((len(x), *dims))
-    return predict(session, x, batch_size=1024).astype(np.float32)
+    return model_outputs(model, x, threads=threads).astype(np.float32)
 
 
 def _train_independent(ctx: _Context, name: str, seed: int) -> tuple[dict, object]:
     """Train one member exactly as `codec compile` trains main and peer; returns (facts, module)."""
-    from codec.models import build_model
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.train import train_member
 
     d = ctx.data
     config = dataclasses.replace(ctx.config, seed=seed, quiet=True)
-    module = build_model(ctx.recipe.arch, d.input_shape, d.num_outputs, seed=seed, **dict(ctx.recipe.arch_kwargs or {}))
+    module = ctx.recipe.build(d.input_shape, d.num_outputs, seed=seed)
     checkpoint = ctx.work / "checkpoints" / f"{name}.ckpt"
     checkpoint.unlink(missing_ok=True)
-    result = train_member(module, d.x_train, d.y_train if d.classify else None, d.x_val, d.y_val if d.classify else None,
-                          config, checkpoint_path=checkpoint, resume=False, desc=name)
+    result = train_member(module, d.x_train, d.y_train, d.x_val, d.y_val, config, checkpoint_path=checkpoint, resume=False, desc=name)
     checkpoint.unlink(missing_ok=True)
-    facts = {
-        "name": name,
-        "seed": seed,
-        "epochs": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.train_seconds,
-        "parameters": int(sum(p.numel() for p in result.module.parameters())),
-        "trainable_parameters": int(sum(p.numel() for p in result.module.parameters() if p.requires_grad)),
-    }
-    return facts, result.module
+    return {"name": name, **member_facts(result, seed, parameters=True)}, result.module
 
 
 def _torch_outputs(ctx: _Context, module, x: np.ndarray) -> np.ndarray:
@@ -795,7 +632,6 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from codec.models import build_model
 
     d, config, recipe = ctx.data, ctx.config, ctx.recipe
     seeds = iter([ctx.bench.member_seed(replicate, i) for i in range(n)])
@@ -805,7 +641,7 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
 
         def __init__(self):
             super().__init__()
-            self.net = build_model(recipe.arch, d.input_shape, d.num_outputs, seed=next(seeds), **dict(recipe.arch_kwargs or {}))
+            self.net = recipe.build(d.input_shape, d.num_outputs, seed=next(seeds))
 
         def forward(self, x):
             return self.net(x)
@@ -855,7 +691,8 @@ def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
     """A TreeNet (Lee et al.): n branches over a shared trunk ending at `treenet_split`, trained jointly with
     independent cross-entropy (codec.runtime.training.coupled)."""
     try:
-        from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+        from codec.pipelines.train_ensemble import train_ensemble_recipe
+        from codec.runtime.training.coupled import EnsembleOptions
     except ImportError as exc:
         return {"available": False, "why": f"codec.runtime.training.coupled is not available ({exc})"}
     d = ctx.data
@@ -1077,7 +914,7 @@ def bench_recipe(recipe_name: str, bench: BenchConfig, work: Path, *, log: Calla
     recipe = get_recipe(recipe_name)
     config = TrainConfig.from_recipe(recipe, **bench.overrides())
     data = load_bench_data(recipe, config, bench.data_dir)
-    task = Task(recipe.task, "prod" if recipe.task == "classification" else "mean")
+    task = Task(recipe.task, default_criterion(recipe.task))
     ctx = _Context(recipe, config, data, task, bench, work, log)
     (work / "checkpoints").mkdir(parents=True, exist_ok=True)
     if bench.threads:

@@ -26,10 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from codec.errors import ConfigError, check_interrupt
 from codec.io import regular_file, write_json_atomic
+from codec.pipelines.data import RecipeData, load_recipe_data
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
 
@@ -111,67 +110,19 @@ class Run:
         check_interrupt()  # between artifacts: honour a stop that an import turned into another exception
 
 
-@dataclass
-class _Data:
-    x_train: np.ndarray
-    y_train: np.ndarray | None
-    x_val: np.ndarray | None
-    y_val: np.ndarray | None
-    x_test: np.ndarray
-    y_test: np.ndarray
-    input_shape: tuple
-    num_outputs: int
-    name: str
-
-
-def _load_data(recipe, config, data_dir) -> _Data:
-    from codec.runtime.data import load_dataset
-    from codec.runtime.training.train import DATA_SEED
-
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
-        train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train, x_val, y_val = dataset, None, None
-    classify = recipe.task == "classification"
-    shape = tuple(dataset.input_shape)
-    return _Data(
-        train.x_train,
-        train.y_train if classify else None,
-        x_val,
-        y_val if classify else None,
-        dataset.x_test,
-        dataset.y_test,
-        shape,
-        dataset.num_classes if classify else int(np.prod(shape)),
-        dataset.name,
-    )
-
-
-def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
+def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: RecipeData, quiet: bool) -> tuple[dict, bytes]:
     """Train one member the ordinary way (random init); returns its facts and its ONNX bytes."""
-    from codec.models import build_model
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.train import export_onnx, train_member
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet)
-    module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+    module = recipe.build(data.input_shape, data.num_outputs, seed=seed)
     result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config,
                           checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name)
     part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
     blob = part.read_bytes()
     part.unlink()
-    facts = {
-        "path": f"members/{name}.onnx",
-        "seed": seed,
-        "epochs": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.train_seconds,
-        "parameters": sum(p.numel() for p in result.module.parameters()),
-        "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
-    }
-    return facts, blob
+    return {"path": f"members/{name}.onnx", **member_facts(result, seed, parameters=True)}, blob
 
 
 def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
@@ -195,15 +146,15 @@ def _train_all(run: Run, world, names: list[str], task) -> None:
     run.state = distributed.broadcast(run.state)
 
 
-def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
+def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
     facts = run.done("passes")
     if facts is not None:
         return facts
-    from codec.commands.opt import write_outputs
     from codec.ir import lift
     from codec.passes.base import Calibration, EnsembleModule
     from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import write_outputs
 
     members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
     x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
@@ -259,9 +210,10 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
+def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: RecipeData, quiet: bool) -> tuple[dict, bytes]:
     """Train one grown member around the CSN; returns its facts and its ONNX bytes."""
     from codec.ir import lower, to_bytes
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.grow import train_grown
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
@@ -269,21 +221,14 @@ def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, con
         template, data.x_train, data.y_train, data.x_val, data.y_val, config,
         seed=seed, options=options.grow, checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name,
     )
-    facts = {
-        "path": f"members/{name}.onnx",
-        "seed": seed,
-        "epochs": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.train_seconds,
-        **extra,
-    }
-    return facts, to_bytes(lower(net))
+    return {"path": f"members/{name}.onnx", **member_facts(result, seed), **extra}, to_bytes(lower(net))
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
                      ensemble_path: str | Path | None = None) -> dict:
     """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
     from codec.ir import lift, save_model
+    from codec.ir.criteria import default_criterion
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.models import get_recipe
     from codec.runtime.training import distributed
@@ -298,7 +243,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
         run.prepare(options, resume)
     run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
     run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
-    data = _load_data(recipe, config, options.data_dir)
+    data = load_recipe_data(recipe, config, options.data_dir)
     started = time.perf_counter()
     quiet = quiet or not world.is_main
 
@@ -325,7 +270,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                "peer": lift(run.opt / "peer.onnx", name="peer")}
     for i in range(1, options.members - 1):
         members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
-    criterion = options.criterion or ("prod" if recipe.task == "classification" else "mean")
+    criterion = options.criterion or default_criterion(recipe.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
     model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
@@ -343,24 +288,16 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     return report
 
 
-def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
+def _evaluate(members: dict, criterion: str, task: str, data: RecipeData) -> dict:
     """Every member's and the growing ensemble's quality on the test set (onnxruntime)."""
     from codec.ir import lower, to_bytes
-    from codec.runtime.evaluation import metrics
-    from codec.runtime.execution.session import predict
+    from codec.runtime.evaluation.scoring import member_outputs, score_members
 
-    x = data.x_test
-    outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
-    if task == "classification":
-        result = metrics.evaluate_classifier(outputs, data.y_test, criterion)
-        result["members"] = dict(zip(members, result.pop("member_accuracies")))
-        return result
-    target = x.reshape(len(x), -1)
-    return {
-        "mse": metrics.mse(outputs.mean(axis=0), target),
-        "members": {n: metrics.mse(o, target) for n, o in zip(members, outputs)},
-        "cumulative_mse": metrics.cumulative_mse(outputs, target).tolist(),
-    }
+    outputs = member_outputs([to_bytes(lower(net)) for net in members.values()], data.x_test, names=list(members))
+    result = score_members(outputs, task, data.target("test"), criterion)
+    per_member = result.pop("member_accuracies" if task == "classification" else "member_mse")
+    result["members"] = dict(zip(members, per_member))
+    return result
 
 
 def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
@@ -381,7 +318,7 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
         "criterion": criterion,
         "ensemble": str(out),
         "options": options.to_dict(),
-        "data": {"train": len(data.x_train), "validation": 0 if data.x_val is None else len(data.x_val), "test": len(data.x_test)},
+        "data": {"train": len(data.x_train), "validation": data.n_val, "test": len(data.x_test)},
         "time": {
             "train_main": main_facts["train_seconds"],
             "train_peer": peer_facts["train_seconds"],

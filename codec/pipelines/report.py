@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.errors import ConfigError, DataError
+import numpy as np
+
+from codec.errors import ConfigError, DataError, ShapeError
+from codec.io import write_bytes_atomic
 
 COLORS = {
     "baseline": "#1f77b4",
@@ -342,6 +345,27 @@ def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
             out.append(f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" font-size="10" fill="{text_color}">{esc(label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def assignment_svg(table, path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
+                   member_names: Sequence[str] | None = None, title: str = "test examples won per class") -> Path:
+    """Write a members x classes assignment table as a standalone SVG heatmap (the report's `heatmap`).
+
+    Raises:
+        ShapeError: a table that is not (members, classes), or labels that do not match it.
+    """
+    counts = np.asarray(table, dtype=np.float64)
+    if counts.ndim != 2 or 0 in counts.shape:
+        raise ShapeError(f"an assignment table is (members, classes), got shape {counts.shape}")
+    members, classes = counts.shape
+    class_names = [str(c) for c in (class_names if class_names is not None else range(classes))]
+    member_names = [str(m) for m in (member_names if member_names is not None else (f"member {i}" for i in range(members)))]
+    if len(class_names) != classes or len(member_names) != members:
+        raise ShapeError(f"{len(member_names)} member and {len(class_names)} class labels for a {members} x {classes} table")
+    svg = heatmap(counts.tolist(), member_names, class_names, title=title)
+    path = Path(path)
+    write_bytes_atomic(path, (svg + "\n").encode())
+    return path
 
 
 def figure(svg: str, caption: str) -> str:
