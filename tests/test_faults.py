@@ -816,3 +816,130 @@ def test_a_zero_width_hidden_layer_is_one_line_in_csne():
     calibration = Calibration(np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32), batch_size=16)
     with pytest.raises(PassError, match="hidden layer 'fc2' has no neurons"):
         PassManager(parse_pipeline("csne{fire=0.0,corr=-1.0}")).run(EnsembleModule({"main": net("main"), "peer": net("peer")}, calibration))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): outputs written as a unit; outputs never alias inputs; options validated
+# ---------------------------------------------------------------------------------------------------
+
+
+def _opt_members(tmp_path):
+    rng = np.random.default_rng(0)
+    main_path = save_model(lower(_mlp("main", n_in=20)), tmp_path / "in" / "main.onnx")
+    peer_path = save_model(lower(_mlp("peer", n_in=20, seed=1)), tmp_path / "in" / "peer.onnx")
+    data = tmp_path / "in" / "cal.npz"
+    np.savez(data, x_train=rng.standard_normal((200, 20)).astype(np.float32), y_train=np.arange(200) % 10,
+             x_test=rng.standard_normal((50, 20)).astype(np.float32), y_test=np.arange(50) % 10)
+    return main_path, peer_path, f"npz:{data}"
+
+
+def test_opt_output_folder_is_replaced_as_a_unit(tmp_path, monkeypatch, capsys):
+    """A second run leaves exactly its own files; a run interrupted after main.onnx leaves the previous
+    outputs as they were (no new main beside the old report)."""
+    main_path, peer_path, data = _opt_members(tmp_path)
+    out = tmp_path / "out"
+    base = ["opt", str(main_path), "--peer", str(peer_path), "--data", data, "-o", str(out), "--quiet"]
+    assert main([*base, "--passes", "dna,nda"]) == 0, capsys.readouterr().err
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "ndg_main.graphml" in first
+    assert main([*base, "--passes", "dna"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["main.onnx", "peer.onnx", "report.json"]  # no stale NDGs
+
+    lower_module = sys.modules["codec.ir.lower"]  # (codec.ir.lower the attribute is the function)
+    real = lower_module.save_model
+    calls = []
+
+    def interrupted_after_main(model, path, **kw):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, path, **kw)
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(lower_module, "save_model", interrupted_after_main)
+    assert main([*base, "--passes", "dna,nda"]) == 130
+    assert calls[0] == "main.onnx"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []  # staging removed
+
+
+@pytest.mark.parametrize("card", ["output", "input", "member"])
+def test_export_card_onto_a_model_is_refused_and_nothing_is_overwritten(card, tmp_path, capsys):
+    from codec.ir.ensemble import MEMBERS_KEY, emit_ensemble
+
+    members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
+    paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
+    ensemble = save_model(emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])}),
+                          tmp_path / "ensemble.onnx")
+    output = tmp_path / "deploy.onnx"
+    target = {"output": output, "input": ensemble, "member": paths[0]}[card]
+    before = {p: p.read_bytes() for p in (ensemble, *paths)}
+    code = main(["export", str(ensemble), "-o", str(output), "--card", str(target)])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, "export", "overlaps")
+    assert {p: p.read_bytes() for p in before} == before and not output.exists()
+
+
+@pytest.mark.parametrize(
+    "description, fragment",
+    [
+        ({"members": ["m0", "m1"], "criterion": "mean", "parameters": "lots"}, "'parameters'"),
+        ({"members": 2, "criterion": "mean"}, "'members'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "task": ["x"]}, "'task'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "csn": [{"layer": 3}]}, "'csn'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "shared_layers": "1"}, "'shared_layers'"),
+        ({"members": ["m0", "m1"], "criterion": "bogus"}, "'criterion'"),
+    ],
+    ids=["parameters", "members", "task", "csn", "shared_layers", "criterion"],
+)
+def test_malformed_ensemble_metadata_is_refused_before_anything_is_written(description, fragment, tmp_path, capsys):
+    from codec.ir.ensemble import ENSEMBLE_KEY, MEMBERS_KEY, emit_ensemble
+
+    members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
+    paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
+    model = emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])})
+    model.metadata_props[ENSEMBLE_KEY] = json.dumps(description)
+    ensemble = save_model(model, tmp_path / "ensemble.onnx")
+    output = tmp_path / "deploy" / "model.onnx"
+    code = main(["export", str(ensemble), "-o", str(output)])
+    _assert_one_line_error(code, capsys.readouterr().err, "export", fragment)
+    assert not output.exists() and not (output.parent / "model.card.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["opt", "M", "--verify-inputs", "-1"], "--verify-inputs: expected an integer >= 0"),
+        (["opt", "M", "--atol", "nan"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--atol", "inf"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--atol=-1e-5"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+        (["export", "M", "-o", "x.onnx", "--atol", "nan"], "--atol: expected a finite number >= 0"),
+        (["export", "M", "-o", "x.onnx", "--samples", "-3"], "--samples: expected a positive integer"),
+        (["eval", "M", "--batch-size", "-1"], "--batch-size: expected a positive integer"),
+        (["profile", "M", "--batch-size", "1.5"], "--batch-size: expected a positive integer"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number > 0"),
+        (["train", "--epochs", "0"], "--epochs: expected a positive integer"),
+        (["train", "--seed", "-2"], "--seed: expected an integer >= 0"),
+        (["train_ensemble", "--alpha", "1.5"], "--alpha: expected a fraction in [0, 1]"),
+        (["train_ensemble", "--width", "0"], "--width: expected a finite number > 0"),
+        (["compile", "--recipe", "r", "-o", "x", "--grow-lr-scale", "inf"], "--grow-lr-scale: expected a finite number > 0"),
+        (["compile", "--recipe", "r", "-o", "x", "--calibration", "-5"], "--calibration: expected a positive integer"),
+        (["bench", "-o", "x", "--n-boot", "0"], "--n-boot: expected a positive integer"),
+        (["bench", "-o", "x", "--min-gain", "nan"], "--min-gain: expected a fraction in [0, 1]"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_numeric_options_cannot_switch_a_check_off(argv, fragment, capsys):
+    command = argv[0].replace("_", "-") if argv[0] == "train_ensemble" else argv[0]
+    argv = [command if i == 0 else a for i, a in enumerate(argv)]
+    code = main(argv)
+    _assert_one_line_error(code, capsys.readouterr().err, command, fragment)
+
+
+def test_the_pass_manager_refuses_tolerances_that_disable_verification():
+    from codec.passes.manager import PassManager
+
+    for bad in ({"atol": float("nan")}, {"atol": -1.0}, {"atol": float("inf")}, {"verify_inputs": -1}, {"verify_inputs": 0}):
+        with pytest.raises(ConfigError):
+            PassManager([], **bad)

@@ -4,11 +4,81 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from codec.pipelines.data import fit_to_model  # noqa: F401  (the commands' import of it)
+
+# --- option types: every numeric option of every command uses one of these ---------------------------------
+# A flag that takes any int or float lets a typo switch a safety check off (`--verify-inputs -1` verified
+# nothing, `--atol nan` accepted every difference). argparse turns the ArgumentTypeError into its usual
+# one-line usage error, exit 2.
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, sizes, epochs)."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds, counts where 0 means none)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, tolerances that must leave room)."""
+    value = _number(text, float, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def finite_non_negative_float(text: str) -> float:
+    """A finite number >= 0 (absolute tolerances: 0 demands exact equality; NaN and inf are refused)."""
+    value = _number(text, float, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float, "a fraction in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def data_path(spec: str | None) -> Path | None:
+    """The file an `npz:PATH` data spec reads (for the output-aliasing check), else None."""
+    return Path(spec[len("npz:") :]).expanduser() if isinstance(spec, str) and spec.startswith("npz:") else None
+
+
+def refuse_aliased_outputs(outputs, inputs) -> None:
+    """`codec.io.refuse_alias` with the CLI's error class (a ConfigError, exit 2)."""
+    from codec.errors import ConfigError
+    from codec.io import refuse_alias
+
+    refuse_alias(outputs, inputs, ConfigError)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "mnist_small", split: bool = True) -> None:
@@ -24,7 +94,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "m
     )
     if split:
         parser.add_argument("--split", choices=("train", "test"), default="test", help="which split to use (default test)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="use only the first N examples of the split")
 
 
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import positive_int
 from codec.errors import ConfigError
 
 SPLITS = ("test", "train")
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
         "--split", default="test", help=f"which split to score: {', '.join(SPLITS)} (default test)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=512, help="examples per onnxruntime call (default 512)"
+        "--batch-size", type=positive_int, default=512, help="examples per onnxruntime call (default 512)"
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(func=run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import emit
+from codec.commands._common import emit, finite_non_negative_float, non_negative_int, positive_int
 from codec.ir.criteria import CRITERIA
 from codec.pipelines.export import DEFAULT_ATOL, DEFAULT_SAMPLES, ExportOptions, ParityError  # noqa: F401
 
@@ -41,12 +41,12 @@ def register(subparsers) -> None:
                         "(default: seeded uniform noise)")
     parser.add_argument("--data-dir", default=None, help="where dataset files live (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
     parser.add_argument("--split", choices=("train", "test"), default="test", help="which split of --data (default test)")
-    parser.add_argument("--limit", type=int, default=512, metavar="N", help="parity examples from --data (default 512)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=512, metavar="N", help="parity examples from --data (default 512)")
+    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
                         help=f"random parity inputs when no --data is given (default {DEFAULT_SAMPLES})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs (default 0)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"largest parity error accepted (default {DEFAULT_ATOL:g})")
-    parser.add_argument("--batch-size", type=int, default=256, help="inference batch size (default 256)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random parity inputs (default 0)")
+    parser.add_argument("--atol", type=finite_non_negative_float, default=DEFAULT_ATOL, help=f"largest parity error accepted (default {DEFAULT_ATOL:g})")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="inference batch size (default 256)")
     parser.add_argument("--external-data", action="store_true", help="write tensors to <output>.data beside the model")
     parser.add_argument("--card", type=Path, default=None, help="where to write the model card (default <output stem>.card.json)")
     parser.add_argument("--json", action="store_true", help="print the model card as JSON")

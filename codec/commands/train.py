@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import finite_positive_float, non_negative_int, positive_int
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -32,21 +33,21 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="recipe name (see --list-recipes), e.g. classifier_s")
     parser.add_argument(
-        "--seed", type=int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
+        "--seed", type=non_negative_int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
     parser.add_argument(
         "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
     )
     group = parser.add_argument_group("training options (default: the recipe's)")
-    group.add_argument("--epochs", type=int, help="maximum number of epochs")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--batch-size", type=int, help="training batch size")
-    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    group.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    group.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
+    group.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
+    group.add_argument("--lr", type=finite_positive_float, help="learning rate")
+    group.add_argument("--batch-size", type=positive_int, help="training batch size")
+    group.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
+    group.add_argument("--n-train", type=positive_int, help="train on a subset of this many examples")
+    group.add_argument("--n-test", type=positive_int, help="score on a subset of this many test examples")
     group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    group.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint when it exists")
@@ -77,6 +78,9 @@ def run(args) -> int:
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
+    from codec.commands._common import refuse_aliased_outputs
+
+    refuse_aliased_outputs([output, checkpoint], [])
     overrides = {
         "max_epochs": args.epochs,
         "lr": args.lr,
