@@ -74,10 +74,16 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         try:
             import onnx
 
+            proto = onnx.load_model_from_string(bytes(source))
             with _quiet_onnx_ir():
-                model = ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
+                model = ir.serde.deserialize_model(proto)
         except Exception as exc:
             raise ModelLoadError(f"not a readable ONNX model: {_first_line(exc)}") from exc
+        if any(not tensor.name for tensor in proto.graph.initializer):
+            # onnxruntime binds an input named "" to it, onnx_ir drops it (an absent input): the two would
+            # compute different functions. (Files: onnx_ir drops it before codec sees it; the parity
+            # check refuses those.)
+            raise ModelLoadError("the model has an initializer with an empty name (ONNX requires a name)")
         # Serialized bytes have no directory for external data to live in: onnx_ir would resolve the
         # location against the working directory (or take it as absolute) and read any file there.
         for owner, _ in _external_tensors(model):
@@ -462,7 +468,8 @@ class _Lifter:
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _const(self, node: ir.Node, index: int, what: str, required: bool = False) -> np.ndarray | None:
-        if index >= len(node.inputs) or node.inputs[index] is None:
+        # an empty name is ONNX's "optional input absent" (onnxruntime reads nothing there)
+        if index >= len(node.inputs) or node.inputs[index] is None or not node.inputs[index].name:
             if required:
                 raise LiftError(f"its {what} input is missing", node.name, node.op_type)
             return None

@@ -398,3 +398,18 @@ def test_a_zero_width_layer_is_refused_at_lift(kind):
         model = _free_model(nodes, {"w": np.zeros((0, 1, 2, 2), np.float32)}, ("n", 1, 5, 5))
     with pytest.raises(LiftError, match="zero output features|output would be empty"):
         lift(model, check=False)
+
+
+def test_an_initializer_with_an_empty_name_is_refused(tmp_path):
+    """Found by the extended loader fuzzer: onnxruntime binds a Conv's empty bias input to an initializer
+    named "" while onnx_ir drops it, so the lift computed another function. Bytes: refused on load;
+    a file (onnx_ir drops the tensor before codec sees it): refused by the parity check."""
+    nodes = [helper.make_node("Conv", ["x", "w", ""], ["y"], name="conv", kernel_shape=[2, 2])]
+    model = _free_model(nodes, {"w": CONV_W, "": CONV_B}, ("n", 1, 5, 5))
+    for check in (False, True):
+        with pytest.raises(ModelLoadError, match="empty name"):
+            lift(model, check=check)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    with pytest.raises(LiftError, match="differs from the model under onnxruntime"):
+        lift(path)
