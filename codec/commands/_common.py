@@ -97,6 +97,39 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "m
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="use only the first N examples of the split")
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "learning rate",
+                           seed_help: str | None = None):
+    """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
+    values are the defaults); `seed_help` adds --seed to the group. `training_overrides` reads them back."""
+    group = parser.add_argument_group("training options (default: the recipe's)")
+    group.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
+    group.add_argument("--lr", type=finite_positive_float, help=lr_help)
+    group.add_argument("--batch-size", type=positive_int, help="training batch size")
+    group.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
+    group.add_argument("--n-train", type=positive_int, help="train on a subset of this many examples")
+    group.add_argument("--n-test", type=positive_int, help="score on a subset of this many test examples")
+    if seed_help is not None:
+        group.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
+    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
+    group.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
+    return group
+
+
+def training_overrides(args) -> dict:
+    """The TrainConfig fields the training options set (None: keep the recipe's)."""
+    return {
+        "max_epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "device": args.device,
+        "num_threads": args.threads,
+        "verbose": bool(getattr(args, "verbose", False)),
+    }
+
+
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, dataset) for the split the command-line arguments name."""
     from codec.pipelines.data import load_split as load

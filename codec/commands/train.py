@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import finite_positive_float, non_negative_int, positive_int
+from codec.commands._common import add_training_arguments, non_negative_int, training_overrides
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -39,15 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
     )
-    group = parser.add_argument_group("training options (default: the recipe's)")
-    group.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
-    group.add_argument("--lr", type=finite_positive_float, help="learning rate")
-    group.add_argument("--batch-size", type=positive_int, help="training batch size")
-    group.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
-    group.add_argument("--n-train", type=positive_int, help="train on a subset of this many examples")
-    group.add_argument("--n-test", type=positive_int, help="score on a subset of this many test examples")
-    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser)
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint when it exists")
@@ -81,17 +73,7 @@ def run(args) -> int:
     from codec.commands._common import refuse_aliased_outputs
 
     refuse_aliased_outputs([output, checkpoint], [])
-    overrides = {
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = training_overrides(args)
     summary = train_recipe(
         args.recipe,
         args.seed,

@@ -7,7 +7,14 @@ import argparse
 import json
 import sys
 
-from codec.commands._common import finite_positive_float, fraction, non_negative_int, positive_int
+from codec.commands._common import (
+    add_training_arguments,
+    finite_positive_float,
+    fraction,
+    non_negative_int,
+    positive_int,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -84,16 +91,8 @@ def register(subparsers) -> None:
     group.add_argument("--criterion", default="mean",
                        help="how the fused ONNX combines members: mean (default), prod, vote or max")
     group.add_argument("--width", type=finite_positive_float, default=1.0, help="width multiplier of the network (default 1.0)")
-    train = parser.add_argument_group("training options (default: the recipe's)")
-    train.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
-    train.add_argument("--lr", type=finite_positive_float, help="learning rate (before --lr-scale-by-members)")
-    train.add_argument("--batch-size", type=positive_int, help="training batch size")
-    train.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
-    train.add_argument("--n-train", type=positive_int, help="train on a subset of this many examples")
-    train.add_argument("--n-test", type=positive_int, help="score on a subset of this many test examples")
-    train.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
-    train.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    train.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
+                           seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
     parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
     parser.add_argument("--nproc", type=positive_int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
@@ -145,18 +144,7 @@ def run(args) -> int:
         criterion=args.criterion,
     )
     _check_split(recipe, args)  # a bad --split fails before any data is read
-    overrides = {
-        "seed": args.seed,
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = {"seed": args.seed, **training_overrides(args)}
     report = train_ensemble_recipe(
         recipe.name,
         options,

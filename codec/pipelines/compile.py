@@ -150,17 +150,13 @@ def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
     facts = run.done("passes")
     if facts is not None:
         return facts
-    from codec.ir import lift
-    from codec.passes.base import Calibration, EnsembleModule
-    from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
-    from codec.pipelines.opt import write_outputs
+    from codec.pipelines.opt import lift_members, optimize, write_outputs
 
-    members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
+    members = lift_members({name: run.members / f"{name}.onnx" for name in ("main", "peer")})
     x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
     x_cal = x_cal.reshape((len(x_cal), *members["main"].input_shape))
-    manager = PassManager(parse_pipeline(options.passes))
-    module, report = manager.run(EnsembleModule(members, Calibration(x_cal)))
+    module, manager, report = optimize(members, parse_pipeline(options.passes), x_cal)
     report["calibration"] = {"data": data.name, "split": "train", "inputs": len(x_cal)}
     write_outputs(run.opt, module, manager, report)
     csn = module.csn
