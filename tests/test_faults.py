@@ -90,7 +90,7 @@ DATA_FAULTS = {
     "profile-inf": ("profile", ["{a}", "--data", "{data}"], {"x_test": _inf((40, 784))}, "non-finite values (1 inf)"),
     "profile-empty": ("profile", ["{a}", "--data", "{data}"], {"x_test": np.zeros((0, 784), np.float32), "y_test": np.zeros(0, np.int64)}, "is empty"),
     "profile-shape": ("profile", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 5), np.float32), "x_test": np.zeros((40, 5), np.float32)}, "expects [784]"),
-    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "batch size must be positive"),
+    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "--batch-size: expected a positive integer"),
     "opt-nan": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": _nan((40, 784))}, "non-finite values"),
     "opt-shape": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((40, 6), np.float32), "x_test": np.zeros((40, 6), np.float32)}, "expects [784]"),
     "opt-members-differ": ("opt", ["{a}", "--peer", "{small}", "--data", "{data}"], {}, "take different inputs"),
