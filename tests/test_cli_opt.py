@@ -72,7 +72,7 @@ def test_print_ir_after_all(members, capsys):
     [
         (["--passes", "dna,bogus"], "unknown pass 'bogus'"),
         (["--passes", "csne{corr=1.5}"], "impossible"),
-        (["--limit", "0"], "--limit must be positive"),
+        (["--limit", "0"], "--limit: expected a positive integer"),
         (["--data", "npz:/nonexistent/file.npz"], "nonexistent"),
     ],
 )

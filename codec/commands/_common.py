@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,74 @@ SPLIT_HELP = "which split of the dataset to use"
 LIMIT_HELP = "use only the first N examples of the split"
 N_TRAIN_HELP = "train on a subset of this many training examples"
 N_TEST_HELP = "score on a subset of this many test examples"
+# --- option types: every numeric option of every command uses one of these ---------------------------------
+# A flag that takes any int or float lets a typo switch a safety check off (`--verify-inputs -1` verified
+# nothing, `--atol nan` accepted every difference). argparse turns the ArgumentTypeError into its usual
+# one-line usage error, exit 2.
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, sizes, epochs)."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds, counts where 0 means none)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, tolerances that must leave room)."""
+    value = _number(text, float, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def finite_non_negative_float(text: str) -> float:
+    """A finite number >= 0 (absolute tolerances: 0 demands exact equality; NaN and inf are refused)."""
+    value = _number(text, float, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float, "a fraction in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def data_path(spec: str | None) -> Path | None:
+    """The file an `npz:PATH` data spec reads (for the output-aliasing check), else None."""
+    return Path(spec[len("npz:") :]).expanduser() if isinstance(spec, str) and spec.startswith("npz:") else None
+
+
+def refuse_aliased_outputs(outputs, inputs) -> None:
+    """`codec.io.refuse_alias` with the CLI's error class (a ConfigError, exit 2)."""
+    from codec.errors import ConfigError
+    from codec.io import refuse_alias
+
+    refuse_alias(outputs, inputs, ConfigError)
+
 
 
 def add_data_arguments(
@@ -49,7 +119,7 @@ def add_data_arguments(
         "--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})"
     )
     parser.add_argument(
-        "--limit", type=int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit or 'all'})"
+        "--limit", type=positive_int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit or 'all'})"
     )
 
 
@@ -60,8 +130,8 @@ def add_data_dir_argument(parser) -> None:
 
 def add_subset_arguments(parser) -> None:
     """Add --n-train and --n-test (commands that train on a recipe's dataset)."""
-    parser.add_argument("--n-train", type=int, default=None, metavar="N", help=N_TRAIN_HELP)
-    parser.add_argument("--n-test", type=int, default=None, metavar="N", help=N_TEST_HELP)
+    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N", help=N_TRAIN_HELP)
+    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N", help=N_TEST_HELP)
 
 
 def data_options_epilog() -> str:
@@ -115,15 +185,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "l
     """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
     values are the defaults); `seed_help` adds --seed to the group. `training_overrides` reads them back."""
     group = parser.add_argument_group("training options (default: the recipe's)")
-    group.add_argument("--epochs", type=int, help="maximum number of epochs")
-    group.add_argument("--lr", type=float, help=lr_help)
-    group.add_argument("--batch-size", type=int, help="training batch size")
-    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    group.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
+    group.add_argument("--lr", type=finite_positive_float, help=lr_help)
+    group.add_argument("--batch-size", type=positive_int, help="training batch size")
+    group.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
     add_subset_arguments(group)
     if seed_help is not None:
-        group.add_argument("--seed", type=int, default=0, help=seed_help)
+        group.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
     group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    group.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
     return group
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_data_arguments
+from codec.commands._common import add_data_arguments, positive_int
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         help="how member probabilities combine: prod, mean, vote or max (default prod)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=512, help="examples per onnxruntime call (default 512)"
+        "--batch-size", type=positive_int, default=512, help="examples per onnxruntime call (default 512)"
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(func=run)

@@ -10,6 +10,7 @@ from pathlib import Path
 from codec.commands._common import (
     add_data_dir_argument,
     add_training_arguments,
+    non_negative_int,
     small_overrides,
     training_overrides,
 )
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="recipe name (see --list-recipes), e.g. classifier_s")
     parser.add_argument(
-        "--seed", type=int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
+        "--seed", type=non_negative_int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
     add_data_dir_argument(parser)
@@ -73,6 +74,9 @@ def run(args) -> int:
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
+    from codec.commands._common import refuse_aliased_outputs
+
+    refuse_aliased_outputs([output, checkpoint], [])
     overrides = small_overrides(training_overrides(args), "train")
     summary = train_recipe(
         args.recipe,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +224,49 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
     return record, fused
 
 
+def validate_description(description: dict, path: Path) -> dict:
+    """The `codec.ensemble` metadata, checked before anything is written (the card is built from it
+    after the model is saved: a wrong type there once crashed with the model written and no card).
+
+    Raises:
+        ModelLoadError: one line naming the file and the malformed entry.
+    """
+    from codec.ir.criteria import CRITERIA, TASKS
+
+    def bad(key: str, expected: str):
+        raise ModelLoadError(f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, got {description[key]!r}"[:400])
+
+    def is_count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if "task" in description and description["task"] not in TASKS:
+        bad("task", f"one of {', '.join(TASKS)}")
+    if description.get("criterion") is not None and description["criterion"] not in CRITERIA:
+        bad("criterion", f"one of {', '.join(CRITERIA)}")
+    if description.get("members") is not None:
+        members = description["members"]
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            bad("members", "a non-empty list of names")
+    if description.get("csn") is not None:
+        csn = description["csn"]
+        if not isinstance(csn, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("layer"), str) and is_count(c.get("neurons")) for c in csn
+        ):
+            bad("csn", "a list of {layer, neurons} records")
+    def is_counts(v) -> bool:
+        return is_count(v) or (isinstance(v, list) and all(is_count(x) for x in v))
+
+    if description.get("shared_layers") is not None and not (
+        isinstance(description["shared_layers"], list) and is_counts(description["shared_layers"])
+    ):
+        bad("shared_layers", "a list of non-negative integers")
+    if description.get("parameters") is not None:
+        parameters = description["parameters"]
+        if not isinstance(parameters, dict) or not all(isinstance(k, str) and is_counts(v) for k, v in parameters.items()):
+            bad("parameters", "an object of non-negative integer counts")
+    return description
+
+
 def verify_written(path: Path, x: np.ndarray, fused: np.ndarray, batch_size: int) -> float:
     """The written model's largest difference from the checked one on the parity inputs (0 when the
     tensors survived serialisation intact)."""
@@ -261,7 +305,7 @@ def export_ensemble(options: ExportOptions) -> dict:
         ConfigError: bad options, or nothing to check parity against.
         ParityError: the fused model, or the written file, differs from its members by more than atol.
     """
-    from codec.io import write_json_atomic
+    from codec.io import refuse_alias, write_json_atomic
     from codec.ir.ensemble import ensemble_description
     from codec.ir.lift import load_model
     from codec.ir.lower import external_data_files, save_model
@@ -269,11 +313,15 @@ def export_ensemble(options: ExportOptions) -> dict:
 
     if options.limit is not None and options.limit < 1:
         raise ConfigError(f"--limit must be positive, got {options.limit}")
-    if options.atol < 0:
-        raise ConfigError(f"--atol must be >= 0, got {options.atol}")
+    if not (isinstance(options.atol, (int, float)) and math.isfinite(options.atol) and options.atol >= 0):
+        raise ConfigError(f"--atol must be a finite number >= 0, got {options.atol}")
+    output = Path(options.output)
+    card_path = Path(options.card) if options.card else output.with_name(output.stem + ".card.json")
+    refuse_alias([output, card_path], [options.ensemble, *(options.members or [])], ConfigError)
     model = load_model(options.ensemble)
+    refuse_alias([output, card_path], member_paths(options, model)[0], ConfigError)  # members from its metadata
     inputs, outputs = check_onnx(options.ensemble)
-    description = ensemble_description(model) or {}
+    description = validate_description(ensemble_description(model) or {}, options.ensemble)
     input_shape = _static_input_shape(inputs, options.ensemble)
     x, data = parity_inputs(options, input_shape)
     parity, fused = check_parity(options, model, description, x)
@@ -300,7 +348,6 @@ def export_ensemble(options: ExportOptions) -> dict:
         raise ParityError(
             f"the written {out.name} differs from {options.ensemble.name} by {parity['written_max_abs_error']:.3g}; removed it"
         )
-    card_path = options.card or out.with_name(out.stem + ".card.json")
     parameters = description.get("parameters", {})
     stored = int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None))
     card = {

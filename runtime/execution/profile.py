@@ -297,14 +297,26 @@ def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
     return sizes
 
 
+def stats_budget() -> int:
+    """The statistics budget in bytes: `$CODEC_MAX_STATS_BYTES`, else 4 GiB (also the NDG GraphML budget).
+
+    Raises:
+        ConfigError: the variable is not a positive whole number.
+    """
+    text = os.environ.get(MAX_STATS_BYTES_ENV) or str(DEFAULT_MAX_STATS_BYTES)
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+    if limit < 1:
+        raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} must be a positive number of bytes")
+    return limit
+
+
 def _check_stats_budget(nets: list[NetworkIR], pair: bool, limit: int | None) -> None:
     """Refuse, before anything is allocated, statistics larger than the memory budget."""
     if limit is None:
-        text = os.environ.get(MAX_STATS_BYTES_ENV) or str(DEFAULT_MAX_STATS_BYTES)
-        try:
-            limit = int(text)
-        except ValueError:
-            raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+        limit = stats_budget()
     sizes = stats_bytes(nets, pair)
     total = sum(sizes.values())
     if total > limit:

@@ -10,6 +10,7 @@ import numpy as np
 
 from codec.errors import ModelLoadError, ShapeError, first_line
 from codec.runtime.execution.inputs import InputSpec, batches
+from codec.io import regular_file
 
 
 def providers() -> list[str]:
@@ -33,7 +34,7 @@ def create_session(model: str | os.PathLike | bytes, intra_op_threads: int | Non
     opts.log_severity_level = 3
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
-    source = model if isinstance(model, bytes) else str(model)
+    source = model if isinstance(model, bytes) else str(regular_file(model, "model file", ModelLoadError))
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=providers())
     except Exception as exc:  # onnxruntime raises its own exception types for every refusal

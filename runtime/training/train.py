@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError
-from codec.io import atomic_path
+from codec.io import atomic_path, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ModelLoadError: the file is unreadable, not a codec checkpoint, or of another format version.
     """
     path = Path(path)
+    if path.exists():
+        regular_file(path, "checkpoint", ModelLoadError)  # a FIFO would block torch.load
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
