@@ -14,7 +14,7 @@ import signal
 import sys
 
 from codec.commands._common import data_options_epilog
-from codec.errors import CodecError, clear_interrupt, interrupt_requested, request_interrupt
+from codec.errors import CodecError, clear_interrupt, interrupt_requested, on_stop_signal
 from codec.version import __version__
 
 # Order is the order `codec --help` lists them in. A module missing here is a command not built yet.
@@ -64,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupt(signum, frame):
-    request_interrupt()
-    raise KeyboardInterrupt
+    on_stop_signal(signum, frame)  # raises KeyboardInterrupt, or holds it inside interrupts_deferred()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,9 @@ Every error a user can cause (bad model, bad data, bad option) is a `CodecError`
 message as one line and exits non-zero, without a traceback. Anything else is a bug in codec.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CodecError(Exception):
     """Base class of the errors a user can cause and fix; the message is one readable line."""
@@ -86,6 +89,37 @@ def clear_interrupt() -> None:
 
 def interrupt_requested() -> bool:
     return _interrupt_requested
+
+
+# A few statements must not be cut in two by a stop: creating a temporary file and taking charge of it
+# (codec.io.atomic_path), else an interrupt landing between them leaves the file behind. Inside
+# `interrupts_deferred()` the handler only records the stop; it is raised when the block ends.
+_deferring = 0
+_deferred = False
+
+
+def on_stop_signal(signum=None, frame=None) -> None:
+    """The CLI's SIGINT/SIGTERM handler: record the stop and raise KeyboardInterrupt (held while deferred)."""
+    global _deferred
+    request_interrupt()
+    if _deferring:
+        _deferred = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a stop asked for by `on_stop_signal` until the block ends, then raise it."""
+    global _deferring, _deferred
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _deferred:
+        _deferred = False
+        raise KeyboardInterrupt
 
 
 def check_interrupt() -> None:

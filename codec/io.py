@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from codec.errors import CodecError
+from codec.errors import CodecError, interrupts_deferred
 
 # A full disk, an exhausted quota, a file too large or a read-only file system: the user's to fix, so a
 # one-line error rather than a traceback.
@@ -33,14 +33,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
+    tmp_path = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # a folder that is a file, no permission, a full disk: nothing written yet
-        raise _write_error(path, exc, f"its folder {path.parent} cannot be created or written to") from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        # creating the file and taking charge of it (tmp_path) must not be cut by a Ctrl-C in between
+        with interrupts_deferred():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:  # a folder that is a file, no permission, a full disk: nothing written yet
+                raise _write_error(path, exc, f"its folder {path.parent} cannot be created or written to") from exc
+            tmp_path = Path(tmp)
+            os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
@@ -48,8 +51,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with interrupts_deferred(), contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, CodecError) and exc.errno in _NO_ROOM:
             raise _write_error(path, exc) from exc
         raise
