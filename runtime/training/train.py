@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import random
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +48,10 @@ LOSSES = ("ce", "mse")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Bump when the checkpoint layout changes, so an old checkpoint is refused with a clear message instead of
-# failing on a missing key halfway through loading.
-CHECKPOINT_FORMAT = 1
+# failing on a missing key halfway through loading. Format 2 adds the sha256 of the tensor bytes
+# (`CHECKSUM_KEY`) and the multi-member layout of runtime/training/engine.py.
+CHECKPOINT_FORMAT = 2
+CHECKSUM_KEY = "tensor_sha256"
 
 # The data subset and validation split of a recipe do not depend on the member's seed: every member of an
 # ensemble must see the same training data and be scored on the same validation and test examples, so
@@ -326,29 +328,6 @@ def _make_scheduler(optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(config.lr_decay))
 
 
-@torch.no_grad()
-def _evaluate(module, x_t, y_t, loss_name, loss_fn, device) -> tuple[float, float]:
-    """Mean loss and metric (accuracy for "ce", MSE for "mse") over a validation set, in eval mode."""
-    was_training = module.training
-    module.eval()
-    total_loss = 0.0
-    total_metric = 0.0
-    n = x_t.shape[0]
-    for start in range(0, n, EVAL_BATCH_SIZE):
-        xb = x_t[start : start + EVAL_BATCH_SIZE].to(device)
-        yb = y_t[start : start + EVAL_BATCH_SIZE].to(device) if y_t is not None else None
-        out = module(xb)
-        target = _targets(loss_name, xb, yb)
-        count = xb.shape[0]
-        total_loss += float(loss_fn(out, target)) * count
-        if loss_name == "ce":
-            total_metric += float((out.argmax(dim=1) == target).sum())
-        else:
-            total_metric += float(((out - target) ** 2).mean()) * count
-    module.train(was_training)
-    return total_loss / n, total_metric / n
-
-
 def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -362,16 +341,48 @@ def _fingerprint(config: TrainConfig, module: nn.Module, n_train: int) -> dict:
     }
 
 
+def tensor_checksum(state) -> str:
+    """sha256 over every tensor in `state` (nested dicts, lists and tuples): its key path, dtype, shape and
+    bytes, in sorted-key order.
+
+    Only tensors are hashed: they are what a flipped bit or a truncated copy silently changes (weights,
+    optimizer moments, RNG states), while a damaged plain value (an epoch, a JSON history) already fails
+    loudly where it is read.
+    """
+    digest = hashlib.sha256()
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().to("cpu").contiguous()
+            if data.dtype == torch.bool:
+                data = data.to(torch.uint8)
+            digest.update(f"{prefix}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if prefix or key != CHECKSUM_KEY:
+                    visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{prefix}[{i}]", item)
+
+    visit("", state)
+    return digest.hexdigest()
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
+    state = {**state, CHECKSUM_KEY: tensor_checksum(state)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint safely (``weights_only=True``: tensors and plain values only).
+    """Read a training checkpoint safely (``weights_only=True``: tensors and plain values only) and verify
+    the sha256 of its tensor bytes.
 
     Raises:
-        ModelLoadError: the file is unreadable, not a codec checkpoint, or of another format version.
+        ModelLoadError: the file is unreadable, not a codec checkpoint, of another format version, or its
+            tensors do not match the checksum written with them (a corrupted copy).
     """
     path = Path(path)
     try:
@@ -383,6 +394,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ModelLoadError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a codec training checkpoint (format {CHECKPOINT_FORMAT})")
+    if state.get(CHECKSUM_KEY) != tensor_checksum(state):
+        raise ModelLoadError(
+            f"checkpoint {path} is corrupted: its tensors do not match the sha256 written with them;"
+            " delete it or do not resume"
+        )
     return state
 
 
@@ -413,9 +429,16 @@ class EarlyStopping:
 
     def observe(self, entry: dict, monitored: float, module: nn.Module, *, patience_applies: bool = True) -> None:
         """Record the epoch `entry["epoch"]` whose monitored loss is `monitored` (weights in `module`)."""
+        self.observe_state(entry, monitored, lambda: _state_copy(module), patience_applies=patience_applies)
+
+    def observe_state(
+        self, entry: dict, monitored: float, weights: Callable[[], dict], *, patience_applies: bool = True
+    ) -> None:
+        """`observe` for weights that are not one module's: `weights()` returns a CPU copy of them (called
+        only when the epoch is the best so far)."""
         if monitored < self.best_loss:
             self.best_loss, self.best_epoch, self.bad_epochs = monitored, entry["epoch"], 0
-            self.best_state = _state_copy(module)
+            self.best_state = weights()
         else:
             self.bad_epochs += 1
         stop = patience_applies and self.patience is not None and self.bad_epochs >= self.patience
@@ -517,99 +540,31 @@ def train_member(
         DataError: bad arrays (NaN/inf, empty, wrong labels) or a non-finite loss (names epoch and batch).
         ConfigError: a checkpoint written under a different trajectory-deciding configuration.
     """
-    config.validate()
-    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, config.loss)
-    device = resolve_device(config.device)
-    loss_fn = loss_fn or _default_loss(config.loss)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    n = x_t.shape[0]
+    # The K = 1 case of the engine: one loop, one checkpoint format, one progress bar for every member.
+    from codec.runtime.training.engine import train_members
 
-    previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
-        module.to(device)
-        module.train()
-        optimizer = _make_optimizer(module, config)
-        scheduler = _make_scheduler(optimizer, config)
-        generator = torch.Generator()
-        generator.manual_seed(config.seed)
-        fingerprint = _fingerprint(config, module, n)
+    callback = None
+    if on_epoch_end is not None:
 
-        run = EarlyStopping(_state_copy(module), config.max_epochs, config.patience)
+        def callback(epoch: int, record: dict) -> None:
+            on_epoch_end(epoch, record["members"][0])
 
-        _check_outputs(module, x_t, y_t, config.loss, device)
-        # Seeding first also on resume: it sets the deterministic-algorithm flags, and the RNG states it
-        # seeds are then overwritten by the checkpoint's.
-        seed_everything(config.seed)
-        if resume and checkpoint_path is not None and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            _check_fingerprint(state["fingerprint"], fingerprint, checkpoint_path)
-            _restore_optimizer_state(state, module, optimizer, scheduler, device)
-            run.restore(state)
-            generator.set_state(state["generator"])
-            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, run.epoch)
-
-        run_start = time.perf_counter()
-        progress = _progress(config, desc, run.epoch)
-        try:
-            epoch = run.epoch
-            while not run.finished and epoch < config.max_epochs:
-                epoch += 1
-                epoch_start = time.perf_counter()
-                lr = float(optimizer.param_groups[0]["lr"])
-                train_loss = _train_epoch(
-                    module, x_t, y_t, optimizer, loss_fn, config, generator, device, epoch
-                )
-                if scheduler is not None:
-                    scheduler.step()
-                if xv_t is not None:
-                    val_loss, val_metric = _evaluate(module, xv_t, yv_t, config.loss, loss_fn, device)
-                    monitored = val_loss
-                else:
-                    val_loss, val_metric = None, None
-                    monitored = train_loss
-                if not math.isfinite(monitored):
-                    which = "validation" if xv_t is not None else "training"
-                    raise DataError(
-                        f"{desc}: non-finite {which} loss at epoch {epoch} (lr {lr:g});"
-                        " check the data or lower the learning rate"
-                    )
-                entry = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_metric": val_metric,
-                    "lr": lr,
-                    "seconds": time.perf_counter() - epoch_start,
-                }
-                run.observe(entry, monitored, module)
-                if checkpoint_path is not None:
-                    state = {
-                        "format": CHECKPOINT_FORMAT,
-                        "fingerprint": fingerprint,
-                        **_optimizer_state(module, optimizer, scheduler, device),
-                        **run.state(run.prior_seconds + time.perf_counter() - run_start),
-                        "generator": generator.get_state(),
-                    }
-                    _save_checkpoint(checkpoint_path, state)
-                _report(progress, config, desc, entry)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, entry)
-        finally:
-            if progress is not None:
-                progress.close()
-        module.load_state_dict(run.best_state)
-        return TrainResult(
-            module=module,
-            history=run.history,
-            best_epoch=run.best_epoch,
-            epochs_run=len(run.history),
-            train_seconds=run.prior_seconds + time.perf_counter() - run_start,
-            stopped_early=run.stopped_early,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
+    result = train_members(
+        [module],
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        config,
+        seeds=[config.seed],
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        loss_fn=loss_fn,
+        names=[desc],
+        desc=desc,
+        on_epoch_end=callback,
+    )
+    return result.members[0]
 
 
 def _check_fingerprint(saved: dict, current: dict, path: Path) -> None:
@@ -660,30 +615,6 @@ def _check_outputs(module, x_t, y_t, loss: str, device) -> None:
         raise DataError(f"labels go up to {top} but the network has only {out.shape[1]} outputs (classes)")
 
 
-def _train_epoch(module, x_t, y_t, optimizer, loss_fn, config, generator, device, epoch) -> float:
-    """One pass over the shuffled training set; returns the mean training loss."""
-    module.train()
-    n = x_t.shape[0]
-    order = torch.randperm(n, generator=generator)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, start in enumerate(range(0, n, config.batch_size), start=1):
-        index = order[start : start + config.batch_size]
-        xb = x_t[index].to(device, non_blocking=True)
-        yb = y_t[index].to(device, non_blocking=True) if y_t is not None else None
-        optimizer.zero_grad(set_to_none=True)
-        out = module(xb)
-        loss = loss_fn(out, _targets(config.loss, xb, yb))
-        if not torch.isfinite(loss):
-            raise DataError(
-                f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {batch};"
-                f" check the data or lower the learning rate (lr {optimizer.param_groups[0]['lr']:g})"
-            )
-        loss.backward()
-        optimizer.step()
-        total += loss.detach().to(torch.float64) * xb.shape[0]
-    return float(total) / n
-
-
 def _progress(config: TrainConfig, desc: str, start_epoch: int):
     if config.quiet:
         return None
@@ -692,33 +623,6 @@ def _progress(config: TrainConfig, desc: str, start_epoch: int):
     return tqdm(
         total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False, dynamic_ncols=True
     )
-
-
-def _report(progress, config: TrainConfig, desc: str, entry: dict) -> None:
-    metric = entry["val_metric"]
-    metric_name = "acc" if config.loss == "ce" else "mse"
-    if progress is not None:
-        postfix = {"loss": f"{entry['train_loss']:.4f}"}
-        if entry["val_loss"] is not None:
-            postfix["val_loss"] = f"{entry['val_loss']:.4f}"
-            postfix[f"val_{metric_name}"] = f"{metric:.4f}"
-        progress.set_postfix(postfix, refresh=False)
-        progress.update(1)
-    if config.verbose:
-        val = (
-            ""
-            if entry["val_loss"] is None
-            else f" val_loss {entry['val_loss']:.4f} val_{metric_name} {metric:.4f}"
-        )
-        log.info(
-            "%s: epoch %d train_loss %.4f%s lr %.3g (%.1fs)",
-            desc,
-            entry["epoch"],
-            entry["train_loss"],
-            val,
-            entry["lr"],
-            entry["seconds"],
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
