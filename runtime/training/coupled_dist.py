@@ -56,7 +56,6 @@ from codec.runtime.training.coupled import (
     TreeNet,
     _check_labels,
     _phase_loss,
-    _progress,
     _stream_seed,
     _validation,
     bootstrap_weights,
@@ -70,6 +69,7 @@ from codec.runtime.training.train import (
     _check_training_data,
     _make_optimizer,
     _make_scheduler,
+    _progress,
     _state_copy,
     seed_everything,
 )

@@ -158,6 +158,29 @@ class _ModuleUnit:
     def lr(self, index: int) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    # Hooks of an objective (`train_members(objective=...)`): a subclass replaces what it needs.
+    kind = CHECKPOINT_KIND
+
+    def check_outputs(self, x_t, y_t) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self, fingerprint: dict) -> dict:
+        return fingerprint
+
+    def check_resume(self, state: dict, path: Path) -> None:
+        if state.get("kind") != self.kind:
+            raise ModelLoadError(f"{path} is not a checkpoint of this kind of training ({self.kind})")
+
+    def check_resume_fingerprint(self, saved: dict, current: dict, path: Path) -> None:
+        return None
+
+    def begin_epoch(self, epoch: int, stop: EarlyStopping) -> tuple[dict, bool]:
+        """Extra history fields of the epoch, and whether patience applies to it."""
+        return {}, True
+
+    def validate(self, xv_t, yv_t) -> tuple[dict, float | None]:
+        raise NotImplementedError
+
     def train_epoch(self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str]) -> dict:
         """One epoch over `batches` (an iterator of (index, xb, yb, wb) per member); the mean loss."""
         (k,) = self.indices
@@ -167,7 +190,7 @@ class _ModuleUnit:
             self.module.train()
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             count = 0
-            for batch, (xb, yb, wb) in enumerate(batches(k), start=1):
+            for batch, (_, xb, yb, wb) in enumerate(batches(k), start=1):
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.module(xb)
                 loss = _member_loss(loss_fn, loss_name, out, xb, yb, wb)
@@ -390,7 +413,7 @@ class _StackedUnit:
         slots = [self.slot(k) for k in active]
         totals = torch.zeros(len(slots), dtype=torch.float64, device=self.device)
         count = 0
-        for batch, (xb, yb, wb) in enumerate(batches(self.indices), start=1):
+        for batch, (_, xb, yb, wb) in enumerate(batches(self.indices), start=1):
             for p in self.trainable:
                 p.grad = None
             out = self.forward(xb)
@@ -494,6 +517,7 @@ def train_members(
     names: Sequence[str] | None = None,
     desc: str = "ensemble",
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    objective: Callable | None = None,
 ) -> EnsembleResult:
     """Train K members (in place) on the same data, each as its own separate run would, in one loop.
 
@@ -514,6 +538,11 @@ def train_members(
         desc: the run's label.
         on_epoch_end: ``on_epoch_end(epoch, record)`` after each epoch's checkpoint; record holds
             "members" (the epoch's history entry per member that trained, by index) and "ensemble".
+        objective: for one module trained with its own loss (a coupled ensemble: runtime/training/
+            coupled.py): ``objective(module, config, seed, device)`` builds the unit that trains it, a
+            `_ModuleUnit` with the hooks `check_outputs`, `fingerprint`, `check_resume`, `begin_epoch` and
+            `validate` (see `_ModuleUnit`'s defaults); the loop, early stopping, checkpoint and progress
+            bar stay the engine's.
 
     Returns:
         The EnsembleResult; every module holds its best epoch's weights.
@@ -526,6 +555,8 @@ def train_members(
     count = len(modules)
     if count < 1:
         raise ConfigError("train_members needs at least one member")
+    if objective is not None and count != 1:
+        raise ConfigError("an objective trains one module (its members live inside it)")
     seeds = [config.seed + k for k in range(count)] if seeds is None else [int(s) for s in seeds]
     lrs = [config.lr] * count if lrs is None else [float(lr) for lr in lrs]
     names = [f"member {k}" for k in range(count)] if names is None else [str(n) for n in names]
@@ -553,14 +584,20 @@ def train_members(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        for module in modules:
-            module.to(device)
-            _check_outputs(module, x_t, y_t, config.loss, device)
         fingerprints = [_fingerprint(c, m, n) for c, m in zip(member_configs, modules)]
         # Seeding first also on resume: it sets the deterministic-algorithm flags; the RNG states it seeds
         # are then each unit's own.
         seed_everything(seeds[0])
-        units = _plan_units(modules, member_configs, seeds, lrs, config, device, stack)
+        if objective is not None:
+            units = [objective(modules[0], member_configs[0], seeds[0], device)]
+            units[0].check_outputs(x_t, y_t)
+            fingerprints[0] = units[0].fingerprint(fingerprints[0])
+        else:
+            for module in modules:
+                module.to(device)
+                _check_outputs(module, x_t, y_t, config.loss, device)
+            units = _plan_units(modules, member_configs, seeds, lrs, config, device, stack)
+        kind = units[0].kind if objective is not None else CHECKPOINT_KIND
         unit_of = {k: unit for unit in units for k in unit.indices}
         stacked = [k for unit in units if isinstance(unit, _StackedUnit) for k in unit.indices]
         stops = [EarlyStopping(unit_of[k].member_state(k), config.max_epochs, config.patience) for k in range(count)]
@@ -574,13 +611,17 @@ def train_members(
         frozen_outputs: dict[int, torch.Tensor] = {}
         if resume and checkpoint_path is not None and checkpoint_path.exists():
             state = load_checkpoint(checkpoint_path)
-            if state.get("kind") != CHECKPOINT_KIND or int(state.get("count", -1)) != count:
+            if objective is not None:
+                units[0].check_resume(state, checkpoint_path)
+            elif state.get("kind") != CHECKPOINT_KIND or int(state.get("count", -1)) != count:
                 raise ModelLoadError(
                     f"{checkpoint_path} is not a checkpoint of {count} independently trained member(s);"
                     " delete it or do not resume"
                 )
             for k in range(count):
                 _check_fingerprint(state["fingerprints"][k], fingerprints[k], checkpoint_path)
+            if objective is not None:
+                units[0].check_resume_fingerprint(state["fingerprints"][0], fingerprints[0], checkpoint_path)
             if [sorted(u.indices) for u in units] != state["units_layout"]:
                 raise ConfigError(
                     f"checkpoint {checkpoint_path} was written with the members stacked otherwise;"
@@ -609,6 +650,7 @@ def train_members(
                     break
                 epoch += 1
                 epoch_start = time.perf_counter()
+                phase, patience_applies = units[0].begin_epoch(epoch, stops[0]) if objective else ({}, True)
                 orders = {k: torch.randperm(n, generator=generators[k]) for k in active}
                 lrs_used = {k: unit_of[k].lr(k) for k in active}
                 train_losses: dict[int, float] = {}
@@ -625,27 +667,34 @@ def train_members(
                     else:
                         train_losses.update(unit.train_epoch(batches, loss_fn, config.loss, epoch, desc_of))
                     unit.end_epoch(set(unit_active))
-                val = _evaluate_members(units, count, xv_t, yv_t, config.loss, loss_fn, device, frozen_outputs)
+                if objective is not None:
+                    val = None
+                    val_fields, monitored_val = units[0].validate(xv_t, yv_t)
+                else:
+                    val = _evaluate_members(units, count, xv_t, yv_t, config.loss, loss_fn, device, frozen_outputs)
                 seconds = time.perf_counter() - epoch_start
                 entries = {}
                 for k in active:
-                    val_loss, val_metric = val["members"][k] if val is not None else (None, None)
-                    monitored = val_loss if val is not None else train_losses[k]
+                    if objective is None:
+                        val_loss, val_metric = val["members"][k] if val is not None else (None, None)
+                        val_fields, monitored_val = {"val_loss": val_loss, "val_metric": val_metric}, val_loss
+                    monitored = monitored_val if monitored_val is not None else train_losses[k]
                     if not math.isfinite(monitored):
-                        which = "validation" if val is not None else "training"
+                        which = "validation" if monitored_val is not None else "training"
                         raise DataError(
                             f"{names[k]}: non-finite {which} loss at epoch {epoch} (lr {lrs_used[k]:g});"
                             " check the data or lower the learning rate"
                         )
                     entries[k] = {
                         "epoch": epoch,
+                        **phase,
                         "train_loss": train_losses[k],
-                        "val_loss": val_loss,
-                        "val_metric": val_metric,
+                        **val_fields,
                         "lr": lrs_used[k],
                         "seconds": seconds,
                     }
-                    stops[k].observe_state(entries[k], monitored, lambda k=k: unit_of[k].member_state(k))
+                    stops[k].observe_state(entries[k], monitored, lambda k=k: unit_of[k].member_state(k),
+                                           patience_applies=patience_applies)
                 if val is not None:
                     ensemble.observe(epoch, *val["ensemble"])
                     if ensemble.stopped:
@@ -659,7 +708,7 @@ def train_members(
                 if checkpoint_path is not None:
                     _save_checkpoint(checkpoint_path, {
                         "format": CHECKPOINT_FORMAT,
-                        "kind": CHECKPOINT_KIND,
+                        "kind": kind,
                         "count": count,
                         "fingerprints": fingerprints,
                         "units_layout": [sorted(u.indices) for u in units],
@@ -714,7 +763,7 @@ def _plan_units(modules, configs, seeds, lrs, config, device, stack: bool) -> li
 def _batcher(orders: dict, x_t, y_t, weights, batch_size: int, device):
     """``batches(indices)``: each step's batch of the given members, from each member's own permutation.
 
-    For one index (module units) it yields (xb, yb, wb) of that member; for a list (stacked units) the
+    For one index (module units) it yields (index, xb, yb, wb) of that member; for a list (stacked units) the
     tensors gain a leading member axis, row j holding member indices[j]'s batch.
     """
     n = x_t.shape[0]
@@ -739,7 +788,7 @@ def _batcher(orders: dict, x_t, y_t, weights, batch_size: int, device):
                 wb = weights[indices][index].to(device)
             else:
                 wb = torch.gather(weights[members], 1, index).to(device)
-            yield xb, yb, wb
+            yield index, xb, yb, wb
 
     return batches
 
@@ -851,7 +900,7 @@ class _Progress:
         parts = []
         for k, stop in enumerate(stops):
             last = stop.history[-1] if stop.history else None
-            value = last["val_metric"] if last and last["val_metric"] is not None else None
+            value = (last.get("val_metric", last.get("val_accuracy")) if last else None)
             shown = f"{value:.3f}" if value is not None else f"loss {last['train_loss']:.3f}" if last else "-"
             parts.append(f"{k}:e{stop.epoch}{'*' if stop.finished else ''} {shown}")
         if ensemble.last is not None:
