@@ -181,6 +181,10 @@ class _ModuleUnit:
     def validate(self, xv_t, yv_t) -> tuple[dict, float | None]:
         raise NotImplementedError
 
+    def agree(self, entry: dict) -> dict:
+        """The history entry every process records (a distributed objective sends rank 0's)."""
+        return entry
+
     def train_epoch(self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str]) -> dict:
         """One epoch over `batches` (an iterator of (index, xb, yb, wb) per member); the mean loss."""
         (k,) = self.indices
@@ -540,8 +544,8 @@ def train_members(
             "members" (the epoch's history entry per member that trained, by index) and "ensemble".
         objective: for one module trained with its own loss (a coupled ensemble: runtime/training/
             coupled.py): ``objective(module, config, seed, device)`` builds the unit that trains it, a
-            `_ModuleUnit` with the hooks `check_outputs`, `fingerprint`, `check_resume`, `begin_epoch` and
-            `validate` (see `_ModuleUnit`'s defaults); the loop, early stopping, checkpoint and progress
+            `_ModuleUnit` with the hooks `check_outputs`, `fingerprint`, `check_resume`, `begin_epoch`,
+            `validate` and `agree` (see `_ModuleUnit`'s defaults); the loop, early stopping, checkpoint and progress
             bar stay the engine's.
 
     Returns:
@@ -693,6 +697,8 @@ def train_members(
                         "lr": lrs_used[k],
                         "seconds": seconds,
                     }
+                    if objective is not None:
+                        entries[k] = unit_of[k].agree(entries[k])
                     stops[k].observe_state(entries[k], monitored, lambda k=k: unit_of[k].member_state(k),
                                            patience_applies=patience_applies)
                 if val is not None:

@@ -1,11 +1,15 @@
-"""Training one ensemble member with torch, resumable checkpoints, and export to ONNX.
+"""Training one ensemble member with torch: its configuration, data checks, checkpoint format, export to ONNX.
 
-`train_member` is the training loop every codec pipeline stage uses (independent members, grown members):
-Adam or SGD, optional per-epoch LR decay, early stopping on validation loss with the best weights restored,
-and a checkpoint written atomically at every epoch end. A run killed at any point and resumed from its
-checkpoint ends with exactly the weights an uninterrupted run would have (same seed, CPU), because the
-checkpoint holds every piece of state the next epoch reads: weights, optimizer and scheduler state, the
-best weights so far, the patience counter, the global torch RNG (dropout) and the shuffling generator.
+`train_member` trains one member: it is the K = 1 call of the one training loop, `train_members` in
+runtime/training/engine.py (independent, grown and coupled members all train there). Adam or SGD, optional
+per-epoch LR decay, early stopping on validation loss with the best weights restored, and a checkpoint
+written atomically at every epoch end. A run killed at any point and resumed from its checkpoint ends with
+exactly the weights an uninterrupted run would have (same seed, CPU), because the checkpoint holds every
+piece of state the next epoch reads: weights, optimizer and scheduler state, the best weights so far, the
+patience counter, the global torch RNG (dropout) and the shuffling generator. What this module keeps for
+the engine: `TrainConfig`, the data checks, `EarlyStopping`, and the checkpoint format
+(`CHECKPOINT_FORMAT`; `tensor_checksum`, a sha256 of the tensor bytes, is written into every checkpoint
+and verified by `load_checkpoint`, so a corrupted copy is refused instead of loaded).
 
 Checkpoints are read with ``torch.load(weights_only=True)`` only: they hold tensors and plain python
 values (the history is stored as a JSON string), never pickled objects, so a checkpoint from elsewhere
@@ -474,29 +478,6 @@ class EarlyStopping:
         self.finished = bool(state["finished"]) and (self.stopped_early or self.epoch >= self.max_epochs)
 
 
-def _optimizer_state(module: nn.Module, optimizer, scheduler, device: torch.device) -> dict:
-    """The checkpoint's weights, optimizer, scheduler and global RNG states."""
-    state = {
-        "model": _state_copy(module),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "torch_rng": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_optimizer_state(state: dict, module: nn.Module, optimizer, scheduler, device: torch.device) -> None:
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-
 def train_member(
     module: nn.Module,
     x_train,
@@ -613,16 +594,6 @@ def _check_outputs(module, x_t, y_t, loss: str, device) -> None:
     top = int(y_t.max())
     if top >= out.shape[1]:
         raise DataError(f"labels go up to {top} but the network has only {out.shape[1]} outputs (classes)")
-
-
-def _progress(config: TrainConfig, desc: str, start_epoch: int):
-    if config.quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False, dynamic_ncols=True
-    )
 
 
 # --------------------------------------------------------------------------------------------------------
