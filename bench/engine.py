@@ -59,15 +59,28 @@ def load(recipe_name: str, data_dir: str | None, n_train: int | None):
 
 def members(recipe, dataset, k: int, seed0: int = 0):
     return [
-        build_model(recipe.arch, tuple(dataset.input_shape), dataset.num_classes, seed=seed0 + i,
-                    **dict(recipe.arch_kwargs or {}))
+        build_model(
+            recipe.arch,
+            tuple(dataset.input_shape),
+            dataset.num_classes,
+            seed=seed0 + i,
+            **dict(recipe.arch_kwargs or {}),
+        )
         for i in range(k)
     ]
 
 
 def config_for(recipe, epochs: int, threads: int) -> TrainConfig:
-    return TrainConfig.from_recipe(recipe, max_epochs=epochs, patience=None, val_fraction=0.0, quiet=True,
-                                   device="cpu", num_threads=threads, lr_decay=1.0)
+    return TrainConfig.from_recipe(
+        recipe,
+        max_epochs=epochs,
+        patience=None,
+        val_fraction=0.0,
+        quiet=True,
+        device="cpu",
+        num_threads=threads,
+        lr_decay=1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,7 +156,9 @@ def arm_vmap(recipe, dataset, x, y, k, epochs, threads) -> float:
             for s in range(0, len(x_t), cfg.batch_size):
                 index = order[:, s : s + cfg.batch_size]
                 out = batched(params, buffers, x_t[index])
-                loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y_t[index].reshape(-1), reduction="sum")
+                loss = F.cross_entropy(
+                    out.reshape(-1, out.shape[-1]), y_t[index].reshape(-1), reduction="sum"
+                )
                 loss = loss / index.shape[1]  # the sum over members of each member's mean CE
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -161,8 +176,9 @@ def arm_torchensemble(recipe, dataset, x, y, k, epochs, threads) -> float:
     logging.getLogger("torchensemble").setLevel(logging.ERROR)
     cfg = config_for(recipe, epochs, threads)
     template = members(recipe, dataset, 1)[0]
-    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=cfg.batch_size,
-                        shuffle=True)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=cfg.batch_size, shuffle=True
+    )
     with _threads(threads):
         ensemble = VotingClassifier(estimator=template, n_estimators=k, cuda=False, n_jobs=1)
         ensemble.set_optimizer("Adam", lr=cfg.lr)
@@ -209,7 +225,9 @@ def breakdown(recipe, dataset, x, y, k, steps, threads) -> dict:
     b = cfg.batch_size
     out = {}
     with _threads(threads):
-        unit = _StackedUnit(list(range(k)), members(recipe, dataset, k), cfg, [cfg.lr] * k, torch.device("cpu"))
+        unit = _StackedUnit(
+            list(range(k)), members(recipe, dataset, k), cfg, [cfg.lr] * k, torch.device("cpu")
+        )
         phases = dict.fromkeys(("gather", "forward", "backward", "optimizer"), 0.0)
         for step in range(steps + 3):
             t0 = time.perf_counter()
@@ -262,7 +280,9 @@ def breakdown(recipe, dataset, x, y, k, steps, threads) -> dict:
 
 def machine() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = None
     cpu = platform.processor()
@@ -275,12 +295,20 @@ def machine() -> dict:
         pass
     import torchensemble  # noqa: F401 - its presence is part of the machine record
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "commit": commit}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "commit": commit,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipes", nargs="+", default=["classifier_s", "classifier_m"])
     parser.add_argument("--members", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
@@ -290,22 +318,36 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every arm")
     parser.add_argument("--data-dir", default=None, help="where mnist.npz lives (classifier_m)")
     parser.add_argument("--breakdown-steps", type=int, default=30)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny validation run: classifier_s, 1,000 examples, 1 epoch, K = 2 and 8")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny validation run: classifier_s, 1,000 examples, 1 epoch, K = 2 and 8",
+    )
     parser.add_argument("-o", "--output", default="bench/engine.json")
     args = parser.parse_args(argv)
     if args.smoke:
         args.recipes, args.members, args.n_train, args.epochs = ["classifier_s"], [2, 8], 1000, 1
         args.breakdown_steps = min(args.breakdown_steps, 10)
     command = "python bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "smoke": args.smoke, "machine": machine(), "threads": args.threads,
-              "epochs": args.epochs, "repeats": args.repeats, "configs": {}}
+    record = {
+        "command": command,
+        "smoke": args.smoke,
+        "machine": machine(),
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "configs": {},
+    }
     started = time.perf_counter()
     data = {r: load(r, args.data_dir, args.n_train) for r in args.recipes}
     for recipe_name in args.recipes:
         recipe, x, y, dataset = data[recipe_name]
-        record["configs"][recipe_name] = {"n_train": len(x), "batch_size": recipe.train.get("batch_size"),
-                                          "members": {}, "single": {"runs": []}}
+        record["configs"][recipe_name] = {
+            "n_train": len(x),
+            "batch_size": recipe.train.get("batch_size"),
+            "members": {},
+            "single": {"runs": []},
+        }
         for k in args.members:
             record["configs"][recipe_name]["members"][str(k)] = {"runs": []}
     jobs = [(r, k, arm) for r in args.recipes for k in args.members for arm in args.arms]
@@ -316,26 +358,39 @@ def main(argv=None) -> int:
             recipe, x, y, dataset = data[recipe_name]
             load_before = os.getloadavg()
             seconds = ARM_FUNCS[arm](recipe, dataset, x, y, k, args.epochs, args.threads)
-            entry = {"repeat": repeat, "arm": arm, "epoch_seconds": seconds, "per_member": seconds / k,
-                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+            entry = {
+                "repeat": repeat,
+                "arm": arm,
+                "epoch_seconds": seconds,
+                "per_member": seconds / k,
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+            }
             config = record["configs"][recipe_name]
             (config["single"] if arm in SINGLE_ARMS else config["members"][str(k)])["runs"].append(entry)
-            print(f"{recipe_name} K={k} {arm:14s} {seconds:8.3f} s/epoch  load {load_before[0]:.2f}", file=sys.stderr)
+            print(
+                f"{recipe_name} K={k} {arm:14s} {seconds:8.3f} s/epoch  load {load_before[0]:.2f}",
+                file=sys.stderr,
+            )
     for recipe_name in args.recipes:
         recipe, x, y, dataset = data[recipe_name]
         config = record["configs"][recipe_name]
         for k in args.members:
             cell = config["members"][str(k)]
             cell["median_per_member"] = {
-                arm: statistics.median(e["per_member"] for e in cell["runs"] if e["arm"] == arm) for arm in args.arms
+                arm: statistics.median(e["per_member"] for e in cell["runs"] if e["arm"] == arm)
+                for arm in args.arms
             }
             if "engine" in args.arms and "separate" in args.arms:
                 med = cell["median_per_member"]
                 cell["speedup_engine_vs_separate"] = med["separate"] / med["engine"]
-            cell["breakdown_ms_per_step"] = breakdown(recipe, dataset, x, y, k, args.breakdown_steps, args.threads)
+            cell["breakdown_ms_per_step"] = breakdown(
+                recipe, dataset, x, y, k, args.breakdown_steps, args.threads
+            )
         single = config["single"]
         single["median_epoch_seconds"] = {
-            arm: statistics.median(e["epoch_seconds"] for e in single["runs"] if e["arm"] == arm) for arm in SINGLE_ARMS
+            arm: statistics.median(e["epoch_seconds"] for e in single["runs"] if e["arm"] == arm)
+            for arm in SINGLE_ARMS
         }
         single["ratio_engine_vs_handwritten"] = (
             single["median_epoch_seconds"]["engine_k1"] / single["median_epoch_seconds"]["handwritten_k1"]
@@ -355,12 +410,17 @@ def targets(record: dict, args) -> dict:
     out = {}
     for recipe_name, config in record["configs"].items():
         ratio = config["single"]["ratio_engine_vs_handwritten"]
-        out[f"{recipe_name}: single member within 1.1x of hand-written"] = {"ratio": ratio, "met": ratio <= 1.1}
+        out[f"{recipe_name}: single member within 1.1x of hand-written"] = {
+            "ratio": ratio,
+            "met": ratio <= 1.1,
+        }
         cell = config["members"].get("8")
         if cell is not None and "speedup_engine_vs_separate" in cell and recipe_name == "classifier_s":
             speedup = cell["speedup_engine_vs_separate"]
             out["classifier_s: stacked K=8 >= 3x faster per member than separate"] = {
-                "speedup": speedup, "met": speedup >= 3.0}
+                "speedup": speedup,
+                "met": speedup >= 3.0,
+            }
     return out
 
 
@@ -375,16 +435,23 @@ def print_summary(record: dict, args) -> None:
             speed = cell.get("speedup_engine_vs_separate")
             print(row + (f"   {speed:.2f}x" if speed else ""))
         single = config["single"]["median_epoch_seconds"]
-        print(f"{recipe_name:14s}   1 engine {single['engine_k1']:.4f}  hand-written {single['handwritten_k1']:.4f}"
-              f"  ratio {config['single']['ratio_engine_vs_handwritten']:.3f}")
+        print(
+            f"{recipe_name:14s}   1 engine {single['engine_k1']:.4f}  hand-written {single['handwritten_k1']:.4f}"
+            f"  ratio {config['single']['ratio_engine_vs_handwritten']:.3f}"
+        )
     print("\nper-step breakdown (ms): gather / forward+loss / backward / optimizer")
     for recipe_name, config in record["configs"].items():
         for k, cell in config["members"].items():
             for arm, phases in cell["breakdown_ms_per_step"].items():
-                print(f"{recipe_name:14s} K={k:<3s} {arm:9s} " + " / ".join(f"{v:7.2f}" for v in phases.values()))
+                print(
+                    f"{recipe_name:14s} K={k:<3s} {arm:9s} "
+                    + " / ".join(f"{v:7.2f}" for v in phases.values())
+                )
     print()
     for name, value in record["targets"].items():
-        print(f"{'met   ' if value['met'] else 'MISSED'} {name}: {json.dumps({k: v for k, v in value.items() if k != 'met'})}")
+        print(
+            f"{'met   ' if value['met'] else 'MISSED'} {name}: {json.dumps({k: v for k, v in value.items() if k != 'met'})}"
+        )
 
 
 if __name__ == "__main__":

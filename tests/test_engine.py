@@ -59,7 +59,9 @@ def separate(seeds, cfg, data, lrs=None, **kwargs):
 def test_stacked_members_equal_separate_runs(data, optimizer):
     x, y, xv, yv = data
     seeds = [3, 4, 5]
-    cfg = config(optimizer=optimizer, lr=3e-3 if optimizer == "adam" else 0.05, weight_decay=1e-4, lr_decay=0.9)
+    cfg = config(
+        optimizer=optimizer, lr=3e-3 if optimizer == "adam" else 0.05, weight_decay=1e-4, lr_decay=0.9
+    )
     modules = [mlp(s) for s in seeds]
     initial = [weights(m) for m in modules]
     stacked = train_members(modules, x, y, xv, yv, cfg, seeds=seeds)
@@ -105,9 +107,18 @@ def test_a_stopped_member_is_frozen(data, tmp_path):
     cfg = config(max_epochs=8, patience=1)
     path = tmp_path / "members.ckpt"
     states = {}
-    result = train_members([mlp(s) for s in (0, 1, 2)], x, y, xv, yv, cfg, seeds=[0, 1, 2], lrs=[2e-3, 0.5, 1e-3],
-                           checkpoint_path=path,
-                           on_epoch_end=lambda epoch, record: states.__setitem__(epoch, load_checkpoint(path)))
+    result = train_members(
+        [mlp(s) for s in (0, 1, 2)],
+        x,
+        y,
+        xv,
+        yv,
+        cfg,
+        seeds=[0, 1, 2],
+        lrs=[2e-3, 0.5, 1e-3],
+        checkpoint_path=path,
+        on_epoch_end=lambda epoch, record: states.__setitem__(epoch, load_checkpoint(path)),
+    )
     stopped_at = result.members[1].epochs_run
     assert result.members[1].stopped_early and stopped_at < len(states)
     frozen = states[stopped_at]["units"][0]
@@ -130,14 +141,24 @@ def test_bagging_weights_equal_separate_weighted_runs(data):
     cfg = config(max_epochs=2)
     stacked = train_members([mlp(0), mlp(1)], x, y, xv, yv, cfg, seeds=[0, 1], sample_weights=weights_kn)
     single = [
-        train_members([mlp(s)], x, y, xv, yv, dataclasses.replace(cfg, seed=s), seeds=[s],
-                      sample_weights=weights_kn[k : k + 1])
+        train_members(
+            [mlp(s)],
+            x,
+            y,
+            xv,
+            yv,
+            dataclasses.replace(cfg, seed=s),
+            seeds=[s],
+            sample_weights=weights_kn[k : k + 1],
+        )
         for k, s in enumerate((0, 1))
     ]
     for result, ref in zip(stacked.members, single):
         assert_close(weights(result.module), weights(ref.members[0].module))
     plain = train_members([mlp(0)], x, y, xv, yv, cfg, seeds=[0])
-    assert not torch.allclose(weights(plain.members[0].module)["1.weight"], weights(stacked.members[0].module)["1.weight"])
+    assert not torch.allclose(
+        weights(plain.members[0].module)["1.weight"], weights(stacked.members[0].module)["1.weight"]
+    )
 
 
 def test_ensemble_level_stopping(data):
@@ -148,8 +169,9 @@ def test_ensemble_level_stopping(data):
     assert record["patience"] == 2 and record["stopped_early"]
     assert len(record["history"]) == record["best_epoch"] + 2 < cfg.max_epochs
     assert all(r.epochs_run == len(record["history"]) for r in result.members)
-    off = train_members([mlp(0), mlp(1)], x, y, xv, (yv + 1) % 10, dataclasses.replace(cfg, max_epochs=4),
-                        seeds=[0, 1])
+    off = train_members(
+        [mlp(0), mlp(1)], x, y, xv, (yv + 1) % 10, dataclasses.replace(cfg, max_epochs=4), seeds=[0, 1]
+    )
     assert not off.ensemble["stopped_early"] and len(off.ensemble["history"]) == 4
 
 
@@ -168,11 +190,22 @@ def test_resume_mid_run_is_bit_identical(data, tmp_path, stack):
             raise Stop
 
     with pytest.raises(Stop):
-        train_members([mlp(0), mlp(1)], x, y, xv, yv, cfg, seeds=[0, 1], stack=stack, checkpoint_path=path,
-                      on_epoch_end=stop_after_two)
+        train_members(
+            [mlp(0), mlp(1)],
+            x,
+            y,
+            xv,
+            yv,
+            cfg,
+            seeds=[0, 1],
+            stack=stack,
+            checkpoint_path=path,
+            on_epoch_end=stop_after_two,
+        )
     assert load_checkpoint(path)["epoch"] == 2
-    resumed = train_members([mlp(0), mlp(1)], x, y, xv, yv, cfg, seeds=[0, 1], stack=stack,
-                            checkpoint_path=path, resume=True)
+    resumed = train_members(
+        [mlp(0), mlp(1)], x, y, xv, yv, cfg, seeds=[0, 1], stack=stack, checkpoint_path=path, resume=True
+    )
     for a, b in zip(straight.members, resumed.members):
         wa, wb = weights(a.module), weights(b.module)
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -187,8 +220,17 @@ def test_corrupted_checkpoint_is_refused(data, tmp_path):
     state["units"][0]["params"][0][0, 0, 0] += 1.0  # one weight changed, format number intact
     torch.save(state, path)
     with pytest.raises(ModelLoadError, match="corrupted") as err:
-        train_members([mlp(0), mlp(1)], x, y, xv, yv, config(max_epochs=2), seeds=[0, 1], checkpoint_path=path,
-                      resume=True)
+        train_members(
+            [mlp(0), mlp(1)],
+            x,
+            y,
+            xv,
+            yv,
+            config(max_epochs=2),
+            seeds=[0, 1],
+            checkpoint_path=path,
+            resume=True,
+        )
     assert "\n" not in str(err.value)
     # flipped bytes inside the file: refused the same way (or as unreadable), never loaded silently
     raw = bytearray(path.read_bytes())

@@ -205,7 +205,7 @@ def run_task_groups(names: list[str], fn: Callable[[list[str]], dict[str, Any]])
             mine = (True, dict(fn(part)))
         except CodecError as exc:
             mine = (False, f"{type(exc).__name__}: {exc}")
-        except Exception:  # a crash on one rank must not hang the others in the gather below
+        except Exception:  # noqa: BLE001 - a crash on one rank must not hang the others in the gather below
             mine = (False, traceback.format_exc(limit=3))
     gathered: list = [None] * world.size
     dist.all_gather_object(gathered, (part, mine))
@@ -224,7 +224,7 @@ def run_task_groups(names: list[str], fn: Callable[[list[str]], dict[str, Any]])
         if world.is_main:
             try:
                 retried[label] = (True, dict(fn(their_part)))
-            except Exception as exc:  # reported below, on every rank
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank
                 retried[label] = (False, str(exc))
     retried = broadcast(retried)
     for label, (ok, value) in retried.items():

@@ -80,7 +80,17 @@ CHECKPOINT_KIND = "members"
 
 # Modules without parameters that act on each element alone: applying them to [K, B, F] is applying them
 # to each member's [B, F].
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Identity,
+)
 
 
 @dataclass
@@ -120,7 +130,9 @@ def stackable(module: nn.Module) -> bool:
 
 def _same_shapes(modules: Sequence[nn.Module]) -> bool:
     first = [(type(m), tuple(p.shape for p in m.parameters())) for m in modules[0]]
-    return all([(type(m), tuple(p.shape for p in m.parameters())) for m in other] == first for other in modules[1:])
+    return all(
+        [(type(m), tuple(p.shape for p in m.parameters())) for m in other] == first for other in modules[1:]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,8 +374,14 @@ class _StackedOptimizer:
 class _StackedUnit:
     """K MLP members with equal shapes as stacked [K, out, in] weights: one forward/backward for all K."""
 
-    def __init__(self, indices: list[int], modules: list[nn.Module], config: TrainConfig, lrs: list[float],
-                 device: torch.device):
+    def __init__(
+        self,
+        indices: list[int],
+        modules: list[nn.Module],
+        config: TrainConfig,
+        lrs: list[float],
+        device: torch.device,
+    ):
         self.indices = list(indices)
         self.modules = modules
         self.device = device
@@ -412,8 +430,9 @@ class _StackedUnit:
                 h = what(h)
         return h
 
-    def train_epoch(self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str],
-                    active: list[int]) -> dict:
+    def train_epoch(
+        self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str], active: list[int]
+    ) -> dict:
         slots = [self.slot(k) for k in active]
         totals = torch.zeros(len(slots), dtype=torch.float64, device=self.device)
         count = 0
@@ -421,11 +440,19 @@ class _StackedUnit:
             for p in self.trainable:
                 p.grad = None
             out = self.forward(xb)
-            losses = torch.stack([
-                _member_loss(loss_fn, loss_name, out[s], xb[s], None if yb is None else yb[s],
-                             None if wb is None else wb[s])
-                for s in slots
-            ])
+            losses = torch.stack(
+                [
+                    _member_loss(
+                        loss_fn,
+                        loss_name,
+                        out[s],
+                        xb[s],
+                        None if yb is None else yb[s],
+                        None if wb is None else wb[s],
+                    )
+                    for s in slots
+                ]
+            )
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
                 k = active[bad]
@@ -604,7 +631,10 @@ def train_members(
         kind = units[0].kind if objective is not None else CHECKPOINT_KIND
         unit_of = {k: unit for unit in units for k in unit.indices}
         stacked = [k for unit in units if isinstance(unit, _StackedUnit) for k in unit.indices]
-        stops = [EarlyStopping(unit_of[k].member_state(k), config.max_epochs, config.patience) for k in range(count)]
+        stops = [
+            EarlyStopping(unit_of[k].member_state(k), config.max_epochs, config.patience)
+            for k in range(count)
+        ]
         generators = []
         for seed in seeds:
             generator = torch.Generator()
@@ -675,7 +705,9 @@ def train_members(
                     val = None
                     val_fields, monitored_val = units[0].validate(xv_t, yv_t)
                 else:
-                    val = _evaluate_members(units, count, xv_t, yv_t, config.loss, loss_fn, device, frozen_outputs)
+                    val = _evaluate_members(
+                        units, count, xv_t, yv_t, config.loss, loss_fn, device, frozen_outputs
+                    )
                 seconds = time.perf_counter() - epoch_start
                 entries = {}
                 for k in active:
@@ -699,8 +731,12 @@ def train_members(
                     }
                     if objective is not None:
                         entries[k] = unit_of[k].agree(entries[k])
-                    stops[k].observe_state(entries[k], monitored, lambda k=k: unit_of[k].member_state(k),
-                                           patience_applies=patience_applies)
+                    stops[k].observe_state(
+                        entries[k],
+                        monitored,
+                        lambda k=k: unit_of[k].member_state(k),
+                        patience_applies=patience_applies,
+                    )
                 if val is not None:
                     ensemble.observe(epoch, *val["ensemble"])
                     if ensemble.stopped:
@@ -712,20 +748,23 @@ def train_members(
                     if stops[k].finished and xv_t is not None and ensemble.patience is not None:
                         frozen_outputs[k] = _best_outputs(modules[k], stops[k].best_state, xv_t, device)
                 if checkpoint_path is not None:
-                    _save_checkpoint(checkpoint_path, {
-                        "format": CHECKPOINT_FORMAT,
-                        "kind": kind,
-                        "count": count,
-                        "fingerprints": fingerprints,
-                        "units_layout": [sorted(u.indices) for u in units],
-                        "units": [u.state() for u in units],
-                        "stops": [s.state(0.0) for s in stops],
-                        "generators": [g.get_state() for g in generators],
-                        "ensemble": ensemble.state(),
-                        "epoch": epoch,
-                        "finished": all(s.finished for s in stops) or ensemble.stopped,
-                        "train_seconds": prior_seconds + time.perf_counter() - run_start,
-                    })
+                    _save_checkpoint(
+                        checkpoint_path,
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "kind": kind,
+                            "count": count,
+                            "fingerprints": fingerprints,
+                            "units_layout": [sorted(u.indices) for u in units],
+                            "units": [u.state() for u in units],
+                            "stops": [s.state(0.0) for s in stops],
+                            "generators": [g.get_state() for g in generators],
+                            "ensemble": ensemble.state(),
+                            "epoch": epoch,
+                            "finished": all(s.finished for s in stops) or ensemble.stopped,
+                            "train_seconds": prior_seconds + time.perf_counter() - run_start,
+                        },
+                    )
                 progress.update(epoch, entries, stops, ensemble)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, {"members": entries, "ensemble": ensemble.last})
@@ -735,16 +774,19 @@ def train_members(
         results = []
         for k in range(count):
             module = unit_of[k].finish(k, stops[k].best_state)
-            results.append(TrainResult(
-                module=module,
-                history=stops[k].history,
-                best_epoch=stops[k].best_epoch,
-                epochs_run=len(stops[k].history),
-                train_seconds=train_seconds,
-                stopped_early=stops[k].stopped_early,
-            ))
-        return EnsembleResult(members=results, ensemble=ensemble.record(), stacked=stacked,
-                              train_seconds=train_seconds)
+            results.append(
+                TrainResult(
+                    module=module,
+                    history=stops[k].history,
+                    best_epoch=stops[k].best_epoch,
+                    epochs_run=len(stops[k].history),
+                    train_seconds=train_seconds,
+                    stopped_early=stops[k].stopped_early,
+                )
+            )
+        return EnsembleResult(
+            members=results, ensemble=ensemble.record(), stacked=stacked, train_seconds=train_seconds
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -805,12 +847,15 @@ def _best_outputs(module: nn.Module, best: dict, xv_t: torch.Tensor, device) -> 
     probe = copy.deepcopy(module).to(device)
     probe.load_state_dict(best)
     probe.eval()
-    return torch.cat([probe(xv_t[s : s + EVAL_BATCH_SIZE].to(device)) for s in range(0, len(xv_t), EVAL_BATCH_SIZE)])
+    return torch.cat(
+        [probe(xv_t[s : s + EVAL_BATCH_SIZE].to(device)) for s in range(0, len(xv_t), EVAL_BATCH_SIZE)]
+    )
 
 
 @torch.no_grad()
-def _evaluate_members(units, count: int, xv_t, yv_t, loss_name: str, loss_fn, device,
-                      frozen_outputs: dict) -> dict | None:
+def _evaluate_members(
+    units, count: int, xv_t, yv_t, loss_name: str, loss_fn, device, frozen_outputs: dict
+) -> dict | None:
     """Each member's mean validation loss and metric (as train._evaluate computes them), and the
     ensemble's (NLL and accuracy of the averaged probabilities, or MSE of the averaged reconstruction)."""
     if xv_t is None:
@@ -874,8 +919,13 @@ class _EnsembleStopping:
             self.stopped = True
 
     def state(self) -> dict:
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "stopped": self.stopped, "history": list(self.history)}
+        return {
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
+            "history": list(self.history),
+        }
 
     def restore(self, state: dict) -> None:
         self.best_loss, self.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
@@ -883,8 +933,13 @@ class _EnsembleStopping:
         self.history = list(state["history"])
 
     def record(self) -> dict:
-        return {"patience": self.patience, "monitored": self.monitored, "best_epoch": self.best_epoch,
-                "stopped_early": self.stopped, "history": self.history}
+        return {
+            "patience": self.patience,
+            "monitored": self.monitored,
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped,
+            "history": self.history,
+        }
 
 
 class _Progress:
@@ -899,14 +954,20 @@ class _Progress:
         if not config.quiet:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=config.max_epochs,
+                initial=start_epoch,
+                desc=desc,
+                unit="epoch",
+                leave=False,
+                dynamic_ncols=True,
+            )
 
     def update(self, epoch: int, entries: dict, stops, ensemble) -> None:
         parts = []
         for k, stop in enumerate(stops):
             last = stop.history[-1] if stop.history else None
-            value = (last.get("val_metric", last.get("val_accuracy")) if last else None)
+            value = last.get("val_metric", last.get("val_accuracy")) if last else None
             shown = f"{value:.3f}" if value is not None else f"loss {last['train_loss']:.3f}" if last else "-"
             parts.append(f"{k}:e{stop.epoch}{'*' if stop.finished else ''} {shown}")
         if ensemble.last is not None:
@@ -922,8 +983,15 @@ class _Progress:
                     if entry["val_loss"] is None
                     else f" val_loss {entry['val_loss']:.4f} val_{self.metric} {entry['val_metric']:.4f}"
                 )
-                log.info("%s: epoch %d train_loss %.4f%s lr %.3g (%.1fs)", self.names[k] if len(self.names) > 1
-                         else self.desc, entry["epoch"], entry["train_loss"], val, entry["lr"], entry["seconds"])
+                log.info(
+                    "%s: epoch %d train_loss %.4f%s lr %.3g (%.1fs)",
+                    self.names[k] if len(self.names) > 1 else self.desc,
+                    entry["epoch"],
+                    entry["train_loss"],
+                    val,
+                    entry["lr"],
+                    entry["seconds"],
+                )
 
     def close(self) -> None:
         if self.bar is not None:
