@@ -274,6 +274,91 @@ def breakdown(recipe, dataset, x, y, k, steps, threads) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# End to end: codec compile against the baseline ensemble
+# ----------------------------------------------------------------------------------------------------
+
+
+def compare_compile(
+    recipe_name: str,
+    members_n: int,
+    data_dir,
+    threads: int,
+    seed: int,
+    workdir: Path,
+    max_epochs: int | None = None,
+) -> dict:
+    """`codec compile` (CODE, members trained by the engine) against N members trained the usual way, one
+    `train_member` run after another (the recipe's training, early stopping); both scored on the test set
+    with the compile's default criterion ("prod"). Time to the baseline's quality: compile's wall time
+    when its ensemble reaches the N-member baseline's test accuracy, else None."""
+    import dataclasses
+
+    from codec.pipelines.compile import CompileOptions, _load_data, compile_ensemble
+    from codec.runtime.evaluation.metrics import evaluate_classifier
+    from codec.runtime.training.train import predict_torch
+
+    recipe = get_recipe(recipe_name)
+    config = TrainConfig.from_recipe(
+        recipe, quiet=True, device="cpu", num_threads=threads, max_epochs=max_epochs
+    )
+    data = _load_data(recipe, config, data_dir)
+    probs, cumulative = [], []
+    start = time.perf_counter()
+    for i in range(members_n):
+        module = build_model(
+            recipe.arch, data.input_shape, data.num_outputs, seed=seed + i, **dict(recipe.arch_kwargs or {})
+        )
+        result = train_member(
+            module,
+            data.x_train,
+            data.y_train,
+            data.x_val,
+            data.y_val,
+            dataclasses.replace(config, seed=seed + i),
+        )
+        probs.append(
+            torch.softmax(torch.from_numpy(predict_torch(result.module, data.x_test)), dim=1).numpy()
+        )
+        cumulative.append(time.perf_counter() - start)
+    baseline = evaluate_classifier(np.stack(probs), data.y_test, "prod")
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    report = compile_ensemble(
+        CompileOptions(
+            recipe_name,
+            members=members_n,
+            seed=seed,
+            data_dir=data_dir,
+            train_overrides={"num_threads": threads, "max_epochs": max_epochs},
+        ),
+        workdir / f"compile_{recipe_name}_{members_n}",
+        quiet=True,
+    )
+    compile_seconds = time.perf_counter() - start
+    accuracy = report["quality"]["accuracy"]
+    reached = accuracy >= baseline["accuracy"]
+    return {
+        "recipe": recipe_name,
+        "members": members_n,
+        "baseline": {
+            "seconds": cumulative[-1],
+            "cumulative_seconds": cumulative,
+            "accuracy": baseline["accuracy"],
+            "cumulative_accuracy": baseline["cumulative_accuracy"],
+        },
+        "compile": {
+            "seconds": compile_seconds,
+            "accuracy": accuracy,
+            "time": report.get("time"),
+            "loadavg_before": load_before,
+        },
+        "compile_reached_baseline_quality": reached,
+        "time_to_baseline_quality": compile_seconds if reached else None,
+        "time_ratio_compile_vs_baseline": compile_seconds / cumulative[-1],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------
 
@@ -323,6 +408,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="tiny validation run: classifier_s, 1,000 examples, 1 epoch, K = 2 and 8",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also: codec compile (CODE + engine) vs the baseline ensemble of N separate runs",
+    )
+    parser.add_argument("--compile-members", type=int, default=4)
+    parser.add_argument("--compile-recipe", default="classifier_s")
     parser.add_argument("-o", "--output", default="bench/engine.json")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -395,6 +487,19 @@ def main(argv=None) -> int:
         single["ratio_engine_vs_handwritten"] = (
             single["median_epoch_seconds"]["engine_k1"] / single["median_epoch_seconds"]["handwritten_k1"]
         )
+    if args.compile:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            record["compile"] = compare_compile(
+                args.compile_recipe,
+                args.compile_members,
+                args.data_dir,
+                args.threads,
+                0,
+                Path(tmp),
+                max_epochs=2 if args.smoke else None,
+            )
     record["targets"] = targets(record, args)
     record["wall_seconds"] = time.perf_counter() - started
     record["loadavg_end"] = os.getloadavg()
@@ -447,6 +552,14 @@ def print_summary(record: dict, args) -> None:
                     f"{recipe_name:14s} K={k:<3s} {arm:9s} "
                     + " / ".join(f"{v:7.2f}" for v in phases.values())
                 )
+    if "compile" in record:
+        c = record["compile"]
+        print(
+            f"\ncodec compile {c['recipe']} ({c['members']} members): {c['compile']['seconds']:.1f} s, accuracy "
+            f"{c['compile']['accuracy']:.4f}; baseline of {c['members']} separate runs: {c['baseline']['seconds']:.1f} s,"
+            f" accuracy {c['baseline']['accuracy']:.4f}; reached the baseline's quality: "
+            f"{c['compile_reached_baseline_quality']}"
+        )
     print()
     for name, value in record["targets"].items():
         print(

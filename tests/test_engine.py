@@ -169,6 +169,12 @@ def test_ensemble_level_stopping(data):
     assert record["patience"] == 2 and record["stopped_early"]
     assert len(record["history"]) == record["best_epoch"] + 2 < cfg.max_epochs
     assert all(r.epochs_run == len(record["history"]) for r in result.members)
+    assert not any(r.stopped_early for r in result.members)  # their own patience (None) never ran out
+    # the same through the training configuration (what recipes and train_overrides set)
+    via_config = train_members(
+        [mlp(0), mlp(1)], x, y, xv, (yv + 1) % 10, dataclasses.replace(cfg, ensemble_patience=2), seeds=[0, 1]
+    )
+    assert via_config.ensemble["history"] == record["history"]
     off = train_members(
         [mlp(0), mlp(1)], x, y, xv, (yv + 1) % 10, dataclasses.replace(cfg, max_epochs=4), seeds=[0, 1]
     )

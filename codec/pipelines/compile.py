@@ -178,6 +178,9 @@ def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config,
             "group_train_seconds": result.train_seconds,
             "trained_with": names,
             "stacked": name in [names[k] for k in trained.stacked],
+            # beside the member's own stopping (stopped_early): the ensemble-level record of its group
+            "ensemble_stopping": {key: trained.ensemble[key] for key in ("patience", "monitored", "best_epoch",
+                                                                         "stopped_early")},
             "parameters": sum(p.numel() for p in result.module.parameters()),
             "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
         }, blob)

@@ -560,7 +560,7 @@ def train_members(
         lrs: member k's learning rate; default ``config.lr`` for all.
         sample_weights: (K, N) per-member example weights (bootstrap counts), or None.
         ensemble_patience: stop every member when the ensemble's validation loss has not improved for this
-            many epochs (None: off).
+            many epochs (None: ``config.ensemble_patience``, whose default is off).
         stack: train stackable members of equal shapes as one stacked model (False: one module unit each).
         checkpoint_path: one checkpoint for the whole run, written atomically at every epoch end.
         resume: continue from `checkpoint_path` when it exists.
@@ -593,6 +593,8 @@ def train_members(
     names = [f"member {k}" for k in range(count)] if names is None else [str(n) for n in names]
     if len(seeds) != count or len(lrs) != count or len(names) != count:
         raise ConfigError(f"{count} members need {count} seeds, learning rates and names")
+    if ensemble_patience is None:
+        ensemble_patience = config.ensemble_patience
     if ensemble_patience is not None and (isinstance(ensemble_patience, bool) or int(ensemble_patience) < 1):
         raise ConfigError(f"ensemble patience must be a positive integer, got {ensemble_patience!r}")
     member_configs = [

@@ -82,6 +82,9 @@ class TrainConfig:
         batch_size: training examples per step, >= 1.
         max_epochs: upper bound on epochs, >= 1.
         patience: epochs without a validation-loss improvement before stopping; None never stops early.
+        ensemble_patience: when members train together (runtime/training/engine.py), stop them all once the
+            ensemble's validation loss (NLL of the averaged probabilities, or MSE of the averaged output)
+            has not improved for this many epochs; None (the default) never stops the ensemble as a whole.
         lr_decay: per-epoch multiplicative LR factor in (0, 1]; None (or 1.0) keeps the LR constant.
         val_fraction: share of the training set held out for validation, in [0, 1).
         loss: "ce" (cross-entropy on logits, targets are labels) or "mse" (targets are the flattened
@@ -102,6 +105,7 @@ class TrainConfig:
     batch_size: int = 128
     max_epochs: int = 20
     patience: int | None = 5
+    ensemble_patience: int | None = None
     lr_decay: float | None = None
     val_fraction: float = 0.1
     loss: str = "ce"
@@ -161,7 +165,7 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("patience", "n_train", "n_test", "num_threads"):
+        for name in ("patience", "ensemble_patience", "n_train", "n_test", "num_threads"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer (or None), got {value!r}")
