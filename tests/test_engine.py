@@ -278,3 +278,20 @@ def test_stacked_training_on_cuda(data):
     assert result.stacked == [0, 1]
     for a, b in zip(result.members, cpu.members):
         assert_close({k: v.cpu() for k, v in weights(a.module).items()}, weights(b.module), atol=1e-3)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_a_non_finite_batch_is_named(data, members):
+    from codec.errors import DataError
+
+    x, y, xv, yv = data
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        value = torch.nn.functional.cross_entropy(out, target)
+        # the third batch's loss of the last member is NaN (calls run member by member within a batch)
+        return value * float("nan") if len(calls) == 3 * members else value
+
+    with pytest.raises(DataError, match=rf"member {members - 1}: non-finite training loss \(nan\) at epoch 1, batch 3"):
+        train_members([mlp(s) for s in range(members)], x, y, xv, yv, config(), loss_fn=loss_fn)

