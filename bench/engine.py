@@ -232,7 +232,9 @@ def breakdown(recipe, dataset, x, y, k, steps, threads) -> dict:
         for step in range(steps + 3):
             t0 = time.perf_counter()
             index = torch.stack([torch.randint(0, len(x_t), (b,)) for _ in range(k)])
-            xb, yb = x_t[index], y_t[index]
+            flat = index.reshape(-1)  # as the engine's batcher gathers
+            xb = x_t.index_select(0, flat).reshape(*index.shape, *x_t.shape[1:])
+            yb = y_t.index_select(0, flat).reshape(index.shape)
             t1 = time.perf_counter()
             for p in unit.trainable:
                 p.grad = None

@@ -511,7 +511,9 @@ def _member_loss(loss_fn, loss_name: str, out, xb, yb, wb) -> torch.Tensor:
     return (per_example * wb).sum() / out.shape[0]
 
 
-def _epoch_losses(losses: list, sizes: list[int], epoch: int, descs: list[str], lrs: list[float]) -> list[float]:
+def _epoch_losses(
+    losses: list, sizes: list[int], epoch: int, descs: list[str], lrs: list[float]
+) -> list[float]:
     """Each member's mean training loss over the epoch's batches (`losses`: one scalar or one (members,)
     tensor per batch), checked for non-finite values once, at the epoch's end.
 
@@ -841,8 +843,15 @@ def _batcher(orders: dict, x_t, y_t, weights, batch_size: int, device):
             order = torch.stack([orders.get(k, fallback) for k in members])
         for start in range(0, n, batch_size):
             index = order[..., start : start + batch_size]
-            xb = x_t[index].to(device, non_blocking=True)
-            yb = y_t[index].to(device, non_blocking=True) if y_t is not None else None
+            # index_select over the flattened index: on CPU, advanced indexing (x_t[index]) is several times
+            # slower for the same rows (see the "gather" phase of bench/engine.py's breakdown).
+            flat = index.reshape(-1)
+            xb = x_t.index_select(0, flat).reshape(*index.shape, *x_t.shape[1:]).to(device, non_blocking=True)
+            yb = (
+                y_t.index_select(0, flat).reshape(index.shape).to(device, non_blocking=True)
+                if y_t is not None
+                else None
+            )
             if weights is None:
                 wb = None
             elif single:
