@@ -152,8 +152,8 @@ def train_grown(
 ) -> tuple[NetworkIR, object, dict]:
     """Train one grown member; returns (its NetworkIR, the TrainResult, facts for the report)."""
     (grown,) = train_grown_members(
-        template, x_train, y_train, x_val, y_val, config, seeds=[seed], options=options,
-        checkpoint_path=checkpoint_path, resume=resume, names=[desc],
+        template, x_train, y_train, x_val, y_val, config, seeds=[seed], shuffle_seeds=[config.seed],
+        options=options, checkpoint_path=checkpoint_path, resume=resume, names=[desc],
     )
     return grown
 
@@ -167,13 +167,15 @@ def train_grown_members(
     config,
     *,
     seeds: list[int],
+    shuffle_seeds: list[int] | None = None,
     options: GrowOptions = GrowOptions(),
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     names: list[str] | None = None,
 ) -> list[tuple[NetworkIR, object, dict]]:
-    """Train grown members together (one engine run, one checkpoint): member k is built and shuffled with
-    ``seeds[k]``. The CSN cache is computed once for all of them (the CSN is the same in every member).
+    """Train grown members together (one engine run, one checkpoint): member k is built with ``seeds[k]``
+    and shuffled with ``shuffle_seeds[k]`` (default: the same seed). The CSN cache is computed once for all
+    of them (the CSN is the same in every member).
 
     Returns:
         Per member: (its NetworkIR, its TrainResult, facts for the report).
@@ -192,8 +194,8 @@ def train_grown_members(
     )
     facts = [{"trainable_parameters": m.trainable_parameters(), "frozen_parameters": frozen, "csn_cache": use_cache}
              for m in modules]
-    common = {"seeds": seeds, "checkpoint_path": checkpoint_path, "resume": resume, "names": names,
-              "desc": "+".join(names)}
+    common = {"seeds": seeds if shuffle_seeds is None else shuffle_seeds, "checkpoint_path": checkpoint_path,
+              "resume": resume, "names": names, "desc": "+".join(names)}
     if use_cache:
         flat, cached, widths, shapes = frozen_preactivations(first, x_train)
         z_train = np.concatenate([x_train.reshape(len(x_train), -1).astype(np.float32), flat], axis=1)
