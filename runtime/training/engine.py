@@ -971,6 +971,8 @@ class _Progress:
         self.config = config
         self.desc = desc
         self.names = names
+        # short labels on the bar: the members' names when the caller gave them ("main", "peer"), else k
+        self.labels = [str(k) if name == f"member {k}" else name for k, name in enumerate(names)]
         self.metric = "acc" if config.loss == "ce" else "mse"
         self.bar = None
         if not config.quiet:
@@ -991,7 +993,7 @@ class _Progress:
             last = stop.history[-1] if stop.history else None
             value = last.get("val_metric", last.get("val_accuracy")) if last else None
             shown = f"{value:.3f}" if value is not None else f"loss {last['train_loss']:.3f}" if last else "-"
-            parts.append(f"{k}:e{stop.epoch}{'*' if stop.finished else ''} {shown}")
+            parts.append(f"{self.labels[k]}:e{stop.epoch}{'*' if stop.finished else ''} {shown}")
         if ensemble.last is not None:
             parts.append(f"ens {self.metric} {ensemble.last['val_metric']:.3f}")
         if self.bar is not None:
