@@ -281,6 +281,7 @@ def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOpt
             "train_seconds": result.train_seconds / len(names),
             "group_train_seconds": result.train_seconds,
             "trained_with": names,
+            "stacked": False,  # grown members (IRModule with the frozen CSN) are module units in the engine
             **extra,
         }, to_bytes(lower(net)))
     return out
@@ -399,6 +400,13 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
             "wall_this_invocation": wall,
         },
         "epochs": {"main": main_facts["epochs"], "peer": peer_facts["epochs"], "grow": [g["epochs"] for g in grown_facts]},
+        # how the engine trained each member: its own early stopping beside its group's ensemble-level stopping
+        "training": {
+            name: {key: facts.get(key) for key in ("best_epoch", "stopped_early", "trained_with", "stacked",
+                                                    "group_train_seconds", "ensemble_stopping")}
+            for name, facts in [("main", main_facts), ("peer", peer_facts),
+                                *[(f"grown_{i}", g) for i, g in enumerate(grown_facts, start=1)]]
+        },
         "csn": {"per_layer": pass_facts["csn_per_layer"], "total": pass_facts["csn_total"], "parameters": csn_params},
         "parameters": {
             "conventional_member": tp_dnn,

@@ -209,4 +209,7 @@ def train_grown_members(
             fact["csn_cache_mb"] = round(flat.nbytes / 2**20, 2)
     else:
         run = train_members(modules, x_train, y_train, x_val, y_val, config, **common)
+    for fact in facts:
+        fact["ensemble_stopping"] = {key: run.ensemble[key] for key in ("patience", "monitored", "best_epoch",
+                                                                        "stopped_early")}
     return [(m.to_network(name), result, fact) for m, result, name, fact in zip(modules, run.members, names, facts)]
