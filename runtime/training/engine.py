@@ -11,8 +11,8 @@ reconstruction) has not improved for `ensemble_patience` epochs; each member the
 A checkpoint (`train.CHECKPOINT_FORMAT`, with the sha256 of its tensor bytes) is written atomically at
 every epoch end and resumes exactly.
 
-**Stacked members.** Members whose networks are a plain MLP (`stackable`: an `nn.Sequential` of Flatten,
-Linear, element-wise activations and Dropout(p=0)) with equal shapes are trained as one `_StackedUnit`:
+**Stacked members.** Members whose networks are an `nn.Sequential` of Flatten, Linear, Conv2d, pooling,
+element-wise activations and Dropout(p=0) (`stackable`) with equal shapes are trained as one `_StackedUnit`:
 layer i's weights are one leaf tensor [K, out, in] and the forward pass is one `torch.baddbmm` per layer
 for all K members ([K, B, in] inputs: each member's own batch, gathered from its own permutation), so a
 step is one forward and one backward for all K. The optimizer (`_StackedOptimizer`) is Adam or SGD written
@@ -22,18 +22,20 @@ tensor while every member is at the same step with the same LR, member by member
 so a frozen member's moments and step count stay as they were.
 
 Why baddbmm over stacked leaves rather than ``torch.func.stack_module_state`` + ``vmap``: both lay the
-weights out the same way and cost about the same per step on this CPU (bench/engine.py measures both,
-arms "engine" and "vmap"); with the backward written out (`_StackedLinear`: the weight gradient as g^T h,
+weights out the same way, and the engine was not slower than vmap in bench/engine.py's runs (arms
+"engine" and "vmap", bench/README.md); with the backward written out (`_StackedLinear`: the weight gradient as g^T h,
 the product addmm's backward forms for nn.Linear) every forward and backward is bit-identical per member
 to nn.Linear's, so on CPU a stacked run gives exactly the weights of K separate runs (tests/test_engine.py
 checks equality, not closeness); and per-member freezing, LRs and checkpoints are plain slices of the
 stacked tensors, with no functional optimizer.
 
-Members that cannot be stacked (convolutions, dropout with p > 0, grown members with their frozen CSN,
+Convolutional layers are stacked as one grouped convolution (groups = K over the members' channels,
+concatenated): that is float-close to K separate convolutions, not bit-identical (tests/test_engine.py).
+
+Members that cannot be stacked (dropout with p > 0, batch norm, grown members with their frozen CSN,
 custom modules) are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within
 each epoch by the same loop, each with its own global-RNG state swapped in for its steps, so dropout draws
-the same masks as a separate run would. Convolutions are not stacked yet (grouped convolution is the
-planned layout); they train as module units.
+the same masks as a separate run would.
 """
 
 from __future__ import annotations
@@ -112,10 +114,17 @@ class EnsembleResult:
 
 
 def stackable(module: nn.Module) -> bool:
-    """True when `module` is an MLP the stacked layout computes exactly: an `nn.Sequential` of Flatten,
-    Linear, element-wise activations and Dropout(p=0), with at least one Linear."""
+    """True when the stacked layout computes `module`: an `nn.Sequential` of Flatten, Linear, Conv2d
+    (ungrouped, zero padding), MaxPool2d/AvgPool2d, element-wise activations and Dropout(p=0), with at
+    least one Linear, and a Flatten between the last convolution and the first Linear after it.
+
+    MLPs are computed exactly (bit for bit per member); convolutions run as one grouped convolution
+    (groups = K over the members' channels, concatenated), which sums in another order than K separate
+    convolutions (float tolerance, not exact).
+    """
     if type(module) is not nn.Sequential or not any(isinstance(m, nn.Linear) for m in module):
         return False
+    spatial = False  # inside the convolutional part (a Linear there would act on the width axis)
     for layer in module:
         if isinstance(layer, nn.Dropout):
             if layer.p > 0:
@@ -123,7 +132,15 @@ def stackable(module: nn.Module) -> bool:
         elif isinstance(layer, nn.Flatten):
             if layer.start_dim != 1 or layer.end_dim != -1:
                 return False
-        elif not isinstance(layer, (nn.Linear, *_ELEMENTWISE)):
+            spatial = False
+        elif isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                return False
+            spatial = True
+        elif isinstance(layer, nn.Linear):
+            if spatial:
+                return False
+        elif not isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d, *_ELEMENTWISE)):
             return False
     return True
 
@@ -370,7 +387,12 @@ class _StackedOptimizer:
 
 
 class _StackedUnit:
-    """K MLP members with equal shapes as stacked [K, out, in] weights: one forward/backward for all K."""
+    """K members with equal shapes as stacked [K, ...] weights: one forward/backward for all K.
+
+    Two layouts: (K, B, features) for Linear layers (`_StackedLinear`), and (B, K*C, H, W) for the
+    convolutional part, where each member's channels are a group of one grouped convolution and pools
+    and activations act per channel. Flatten turns the second into the first.
+    """
 
     def __init__(
         self,
@@ -401,8 +423,22 @@ class _StackedUnit:
                 else:
                     self.params.append(None)  # type: ignore[arg-type]
                     self.names.append("")
+            elif isinstance(layer, nn.Conv2d):
+                weight = torch.stack([m[position].weight.detach() for m in modules]).to(device)
+                self.plan.append(("conv", (len(self.params), layer)))
+                self.params.append(weight.clone().requires_grad_(True))
+                self.names.append(f"{position}.weight")
+                if layer.bias is not None:
+                    bias = torch.stack([m[position].bias.detach() for m in modules]).to(device)
+                    self.params.append(bias.clone().requires_grad_(True))
+                    self.names.append(f"{position}.bias")
+                else:
+                    self.params.append(None)  # type: ignore[arg-type]
+                    self.names.append("")
             elif isinstance(layer, nn.Flatten):
                 self.plan.append(("flatten", None))
+            elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+                self.plan.append(("spatial", copy.deepcopy(layer).to(device)))
             elif isinstance(layer, nn.Dropout):
                 continue
             else:
@@ -418,12 +454,39 @@ class _StackedUnit:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, ...) inputs, member k's batch in row k, to (K, B, outputs)."""
+        members = x.shape[0]
         h = x
+        grouped = False  # h is (B, K*C, H, W)
+
+        def to_grouped(t):
+            return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
+
         for kind, what in self.plan:
             if kind == "linear":
                 h = _StackedLinear.apply(h, self.params[what], self.params[what + 1])
+            elif kind == "conv":
+                index, layer = what
+                if not grouped:
+                    h, grouped = to_grouped(h), True
+                weight, bias = self.params[index], self.params[index + 1]
+                h = F.conv2d(
+                    h,
+                    weight.reshape(-1, *weight.shape[2:]),
+                    None if bias is None else bias.reshape(-1),
+                    layer.stride,
+                    layer.padding,
+                    layer.dilation,
+                    groups=members,
+                )
+            elif kind == "spatial":
+                if not grouped:
+                    h, grouped = to_grouped(h), True
+                h = what(h)
             elif kind == "flatten":
-                h = h.reshape(h.shape[0], h.shape[1], -1)
+                if grouped:
+                    h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
+                else:
+                    h = h.reshape(h.shape[0], h.shape[1], -1)
             else:
                 h = what(h)
         return h
