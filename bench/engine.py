@@ -295,7 +295,8 @@ def compare_compile(
     when its ensemble reaches the N-member baseline's test accuracy, else None."""
     import dataclasses
 
-    from codec.pipelines.compile import CompileOptions, _load_data, compile_ensemble
+    from codec.pipelines.compile import CompileOptions, compile_ensemble
+    from codec.pipelines.data import load_recipe_data
     from codec.runtime.evaluation.metrics import evaluate_classifier
     from codec.runtime.training.train import predict_torch
 
@@ -303,7 +304,7 @@ def compare_compile(
     config = TrainConfig.from_recipe(
         recipe, quiet=True, device="cpu", num_threads=threads, max_epochs=max_epochs
     )
-    data = _load_data(recipe, config, data_dir)
+    data = load_recipe_data(recipe, config, data_dir)
     probs, cumulative = [], []
     start = time.perf_counter()
     for i in range(members_n):

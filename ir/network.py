@@ -27,7 +27,9 @@ class Role(enum.IntEnum):
 
     TRAINABLE = 0
     FROZEN_SHARED = 1  # part of the common sub-network: frozen, its weights shared between members
-    DEAD = 2  # found dead by DNA; DNE removes it
+    # Reserved; no pass sets it. DNA is an analysis: it reports dead neurons without editing the IR, and
+    # DNE removes them, so no network holds a dead neuron. The value stays so stored roles keep their codes.
+    DEAD = 2
 
 
 ACTIVATION_KINDS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "softmax")

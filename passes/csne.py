@@ -35,12 +35,6 @@ def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
 
 
-@dataclass
-class CSNEResult:
-    csn: CSN
-    iterations: int
-
-
 @register_pass
 @dataclass(frozen=True)
 class CommonSubNetworkExtraction(Transform):

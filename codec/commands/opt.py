@@ -78,10 +78,8 @@ def run(args: argparse.Namespace) -> int:
         from codec.errors import ConfigError
 
         raise ConfigError("give the main member: codec opt [--passes ...] main.onnx --peer peer.onnx --data ...")
-    from codec.ir import lift
-    from codec.passes.base import Calibration, EnsembleModule
-    from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import lift_members, optimize
 
     passes = parse_pipeline(args.passes)  # bad pipelines fail before any model or data is read
     paths = {"main": args.main}
@@ -89,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
         paths["peer"] = args.peer
     for i, path in enumerate(args.member, start=1):
         paths[f"member{i}"] = path
-    members = {name: lift(path, name=name) for name, path in paths.items()}
+    members = lift_members(paths)
     x, _, dataset = load_split(args)
     x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
-    module = EnsembleModule(members, Calibration(x, args.batch_size))
 
     def after_pass(p, mod, record):
         if not args.quiet:
@@ -102,51 +99,20 @@ def run(args: argparse.Namespace) -> int:
             for net in mod.members.values():
                 print(net.to_text(), file=sys.stderr)
 
-    manager = PassManager(passes, verify=args.verify, atol=args.atol, after_pass=after_pass,
-                          verify_inputs=args.verify_inputs or None)
-    module, report = manager.run(module)
+    module, manager, report = optimize(
+        members, passes, x, batch_size=args.batch_size, verify=args.verify, atol=args.atol,
+        verify_inputs=args.verify_inputs or None, after_pass=after_pass,
+    )
     report.update(
         members={name: str(path) for name, path in paths.items()},
         calibration={"data": dataset.name, "split": args.split, "inputs": len(x)},
     )
     if args.output is not None:
+        from codec.pipelines.opt import write_outputs
+
         report["outputs"] = write_outputs(args.output, module, manager, report)
     emit(args, report, summary(report))
     return 0
-
-
-def write_outputs(out: Path, module, manager, report) -> dict:
-    from codec.io import write_json_atomic
-    from codec.ir.lower import lower, save_model
-    from codec.passes.nda import NeuronDependenceAnalysis
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, net in module.members.items():
-        written[name] = str(save_model(lower(net), out / f"{name}.onnx"))
-    if module.csn is not None:
-        write_json_atomic(out / "csn.json", module.csn.to_dict())
-        written["csn.json"] = str(out / "csn.json")
-        if module.csn.network is not None:
-            csn_model = lower(module.csn.network, taps=True)
-            csn_model.metadata_props["codec.csn"] = "true"
-            written["csn"] = str(save_model(csn_model, out / "csn.onnx"))
-    if NeuronDependenceAnalysis.name in manager.results:
-        import networkx as nx
-
-        from codec.io import atomic_path
-
-        for member, ndg in manager.results[NeuronDependenceAnalysis.name].items():
-            graph = ndg.to_networkx()
-            # GraphML wants string node ids: "layer/index"
-            graph = nx.relabel_nodes(graph, {n: f"{n[0]}/{n[1]}" for n in graph.nodes})
-            path = out / f"ndg_{member}.graphml"
-            with atomic_path(path) as tmp:
-                nx.write_graphml(graph, tmp)
-            written[f"ndg_{member}"] = str(path)
-    write_json_atomic(out / "report.json", report)
-    written["report"] = str(out / "report.json")
-    return written
 
 
 def summary(report: dict) -> str:

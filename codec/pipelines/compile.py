@@ -26,10 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from codec.errors import ConfigError, check_interrupt
 from codec.io import write_json_atomic
+from codec.pipelines.data import RecipeData, load_recipe_data
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
 
@@ -109,56 +108,16 @@ class Run:
         check_interrupt()  # between artifacts: honour a stop that an import turned into another exception
 
 
-@dataclass
-class _Data:
-    x_train: np.ndarray
-    y_train: np.ndarray | None
-    x_val: np.ndarray | None
-    y_val: np.ndarray | None
-    x_test: np.ndarray
-    y_test: np.ndarray
-    input_shape: tuple
-    num_outputs: int
-    name: str
-
-
-def _load_data(recipe, config, data_dir) -> _Data:
-    from codec.runtime.data import load_dataset
-    from codec.runtime.training.train import DATA_SEED
-
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
-        train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train, x_val, y_val = dataset, None, None
-    classify = recipe.task == "classification"
-    shape = tuple(dataset.input_shape)
-    return _Data(
-        train.x_train,
-        train.y_train if classify else None,
-        x_val,
-        y_val if classify else None,
-        dataset.x_test,
-        dataset.y_test,
-        shape,
-        dataset.num_classes if classify else int(np.prod(shape)),
-        dataset.name,
-    )
-
-
-def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config, data: _Data,
+def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config, data: RecipeData,
                         quiet: bool) -> dict[str, tuple[dict, bytes]]:
     """Train members the ordinary way (random init), together in one engine run (stacked when the
     architecture allows); returns each one's facts and ONNX bytes."""
-    from codec.models import build_model
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.engine import train_members
     from codec.runtime.training.train import export_onnx
 
     config = dataclasses.replace(config, quiet=quiet)
-    modules = [build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seeds[name],
-                           **dict(recipe.arch_kwargs or {})) for name in names]
+    modules = [recipe.build(data.input_shape, data.num_outputs, seed=seeds[name]) for name in names]
     trained = train_members(modules, data.x_train, data.y_train, data.x_val, data.y_val, config,
                             seeds=[seeds[name] for name in names], checkpoint_path=_group_checkpoint(run, names),
                             resume=True, names=names, desc="+".join(names))
@@ -167,24 +126,28 @@ def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config,
         part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
         blob = part.read_bytes()
         part.unlink()
-        out[name] = ({
-            "path": f"members/{name}.onnx",
-            "seed": seeds[name],
-            "epochs": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early,
-            # the member's share of its group's run, so that sums over members stay the total time
-            "train_seconds": result.train_seconds / len(names),
-            "group_train_seconds": result.train_seconds,
-            "trained_with": names,
-            "stacked": name in [names[k] for k in trained.stacked],
-            # beside the member's own stopping (stopped_early): the ensemble-level record of its group
-            "ensemble_stopping": {key: trained.ensemble[key] for key in ("patience", "monitored", "best_epoch",
-                                                                         "stopped_early")},
-            "parameters": sum(p.numel() for p in result.module.parameters()),
-            "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
-        }, blob)
+        stacked = names.index(name) in trained.stacked
+        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name], parameters=True),
+                 **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble)}
+        out[name] = (facts, blob)
     return out
+
+
+def _group_facts(result, names: list[str], *, stacked: bool = False, ensemble: dict | None = None) -> dict:
+    """What training a member together with others adds to its facts."""
+    facts = {
+        # the member's share of its group's run, so that sums over members stay the total time
+        "train_seconds": result.train_seconds / len(names),
+        "group_train_seconds": result.train_seconds,
+        "stopped_early": result.stopped_early,
+        "trained_with": names,
+        "stacked": stacked,
+    }
+    if ensemble is not None:
+        # beside the member's own stopping (stopped_early): the ensemble-level record of its group
+        facts["ensemble_stopping"] = {key: ensemble[key] for key in ("patience", "monitored", "best_epoch",
+                                                                      "stopped_early")}
+    return facts
 
 
 def _group_checkpoint(run: Run, names: list[str]) -> Path:
@@ -216,21 +179,17 @@ def _train_all(run: Run, world, names: list[str], task) -> None:
     run.state = distributed.broadcast(run.state)
 
 
-def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
+def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
     facts = run.done("passes")
     if facts is not None:
         return facts
-    from codec.commands.opt import write_outputs
-    from codec.ir import lift
-    from codec.passes.base import Calibration, EnsembleModule
-    from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import lift_members, optimize, write_outputs
 
-    members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
+    members = lift_members({name: run.members / f"{name}.onnx" for name in ("main", "peer")})
     x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
     x_cal = x_cal.reshape((len(x_cal), *members["main"].input_shape))
-    manager = PassManager(parse_pipeline(options.passes))
-    module, report = manager.run(EnsembleModule(members, Calibration(x_cal)))
+    module, manager, report = optimize(members, parse_pipeline(options.passes), x_cal)
     report["calibration"] = {"data": data.name, "split": "train", "inputs": len(x_cal)}
     write_outputs(run.opt, module, manager, report)
     csn = module.csn
@@ -257,10 +216,11 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOptions, config, data: _Data,
+def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOptions, config, data: RecipeData,
           quiet: bool) -> dict[str, tuple[dict, bytes]]:
     """Train grown members around the CSN, together in one engine run; returns each one's facts and bytes."""
     from codec.ir import lower, to_bytes
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.grow import train_grown_members
 
     config = dataclasses.replace(config, quiet=quiet, lr=config.lr * options.grow.lr_scale)
@@ -271,19 +231,9 @@ def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOpt
     )
     out = {}
     for name, (net, result, extra) in zip(names, grown):
-        out[name] = ({
-            "path": f"members/{name}.onnx",
-            "seed": seeds[name],
-            "epochs": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early,
-            # the member's share of its group's run, so that sums over members stay the total time
-            "train_seconds": result.train_seconds / len(names),
-            "group_train_seconds": result.train_seconds,
-            "trained_with": names,
-            "stacked": False,  # grown members (IRModule with the frozen CSN) are module units in the engine
-            **extra,
-        }, to_bytes(lower(net)))
+        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name]), **_group_facts(result, names),
+                 **extra}  # grown members (IRModule, frozen CSN) are module units: never stacked
+        out[name] = (facts, to_bytes(lower(net)))
     return out
 
 
@@ -291,6 +241,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                      ensemble_path: str | Path | None = None) -> dict:
     """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
     from codec.ir import lift, save_model
+    from codec.ir.criteria import default_criterion
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.models import get_recipe
     from codec.runtime.training import distributed
@@ -305,7 +256,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
         run.prepare(options, resume)
     run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
     run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
-    data = _load_data(recipe, config, options.data_dir)
+    data = load_recipe_data(recipe, config, options.data_dir)
     started = time.perf_counter()
     quiet = quiet or not world.is_main
 
@@ -332,7 +283,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                "peer": lift(run.opt / "peer.onnx", name="peer")}
     for i in range(1, options.members - 1):
         members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
-    criterion = options.criterion or ("prod" if recipe.task == "classification" else "mean")
+    criterion = options.criterion or default_criterion(recipe.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
     model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
@@ -350,24 +301,16 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     return report
 
 
-def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
+def _evaluate(members: dict, criterion: str, task: str, data: RecipeData) -> dict:
     """Every member's and the growing ensemble's quality on the test set (onnxruntime)."""
     from codec.ir import lower, to_bytes
-    from codec.runtime.evaluation import metrics
-    from codec.runtime.execution.session import predict
+    from codec.runtime.evaluation.scoring import member_outputs, score_members
 
-    x = data.x_test
-    outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
-    if task == "classification":
-        result = metrics.evaluate_classifier(outputs, data.y_test, criterion)
-        result["members"] = dict(zip(members, result.pop("member_accuracies")))
-        return result
-    target = x.reshape(len(x), -1)
-    return {
-        "mse": metrics.mse(outputs.mean(axis=0), target),
-        "members": {n: metrics.mse(o, target) for n, o in zip(members, outputs)},
-        "cumulative_mse": metrics.cumulative_mse(outputs, target).tolist(),
-    }
+    outputs = member_outputs([to_bytes(lower(net)) for net in members.values()], data.x_test, names=list(members))
+    result = score_members(outputs, task, data.target("test"), criterion)
+    per_member = result.pop("member_accuracies" if task == "classification" else "member_mse")
+    result["members"] = dict(zip(members, per_member))
+    return result
 
 
 def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
@@ -388,7 +331,7 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
         "criterion": criterion,
         "ensemble": str(out),
         "options": options.to_dict(),
-        "data": {"train": len(data.x_train), "validation": 0 if data.x_val is None else len(data.x_val), "test": len(data.x_test)},
+        "data": {"train": len(data.x_train), "validation": data.n_val, "test": len(data.x_test)},
         "time": {
             "train_main": main_facts["train_seconds"],
             "train_peer": peer_facts["train_seconds"],
