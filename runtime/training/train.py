@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError
+from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError, first_line
 from codec.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -398,8 +398,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ModelLoadError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot read checkpoint {path}: {first}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a codec training checkpoint (format {CHECKPOINT_FORMAT})")
     if state.get(CHECKSUM_KEY) != tensor_checksum(state):
