@@ -362,6 +362,12 @@ class NetworkIR:
                 return f"layer {i}: activation {a.activation.kind} vs {b.activation.kind}"
         return None
 
+    def verify(self) -> None:
+        """Raise IRVerificationError if the network breaks an IR invariant (see `codec.ir.verify`)."""
+        from codec.ir.verify import verify_network  # verify.py imports this module
+
+        verify_network(self)
+
 
 def replace(layer: Layer, **changes) -> Layer:
     """A copy of `layer` with some fields changed (dataclasses.replace, re-validating compute layers)."""
