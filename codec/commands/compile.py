@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
     parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
     parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
+    parser.add_argument("--member-outputs", action="store_true",
+                        help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
+                        "of report.json's outputs), e.g. to report member disagreement")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir, ensemble = out.with_suffix(".run"), out
     else:
         run_dir, ensemble = out, None
-    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble)
+    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble,
+                              member_outputs=args.member_outputs)
     if report:  # ranks other than 0 have nothing to print
         emit(args, report, summary(report, run_dir))
     return 0

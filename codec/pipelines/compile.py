@@ -238,11 +238,16 @@ def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOpt
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-                     ensemble_path: str | Path | None = None) -> dict:
-    """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
+                     ensemble_path: str | Path | None = None, member_outputs: bool = False) -> dict:
+    """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json).
+
+    `member_outputs` also makes each member's own output a graph output (``member_{i}``, named in the
+    report's "outputs"); like `ensemble_path` it only shapes the emitted graph, so it is not one of the
+    run's options and a resumed run may change it.
+    """
     from codec.ir import lift, save_model
     from codec.ir.criteria import default_criterion
-    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
+    from codec.ir.ensemble import OUTPUT_NAME, emit_ensemble, ensemble_parameter_count, member_output_name
     from codec.models import get_recipe
     from codec.runtime.training import distributed
     from codec.runtime.training.train import TrainConfig
@@ -287,6 +292,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
     model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
+                          member_outputs=member_outputs,
                           metadata={"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})})
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
     save_model(model, out)
@@ -296,6 +302,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     report = _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
                      criterion, emit_seconds, time.perf_counter() - started)
     report["world_size"] = world.size
+    report["outputs"] = {"ensemble": OUTPUT_NAME,
+                         "members": {n: member_output_name(i) for i, n in enumerate(members)} if member_outputs else {}}
     write_json_atomic(run.path / "report.json", report)
     distributed.barrier()
     return report
