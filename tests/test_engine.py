@@ -239,7 +239,6 @@ def test_corrupted_checkpoint_is_refused(data, tmp_path):
         )
     assert "\n" not in str(err.value)
     # flipped bytes inside the file: refused the same way (or as unreadable), never loaded silently
-    raw = bytearray(path.read_bytes())
     train_members([mlp(0), mlp(1)], x, y, xv, yv, config(max_epochs=1), seeds=[0, 1], checkpoint_path=path)
     raw = bytearray(path.read_bytes())
     state = torch.load(path, weights_only=True)
