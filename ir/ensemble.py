@@ -35,7 +35,8 @@ Every weight is stored once either way (the split columns add up to the per-memb
 `ensemble_parameter_count` is the same. The packed graph agrees with the per-member one to float32
 rounding (the same dot products, another blocking order; tests/test_ensemble.py records the
 differences). Not packed: members of a unique architecture (e.g. of different widths: the first layers of
-members of different widths are not concatenated), and a Conv with a softmax (it normalises over channels,
+members of different widths are not concatenated), DAG members (residual Adds, Concats: packing walks a
+chain), and a Conv with a softmax (it normalises over channels,
 which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
 Why packed is the default, and when it is not the faster graph (`python bench/inference.py`, bench/README.md):
 at batch 1 it saves per-node overhead (10 members: 31 nodes instead of 112; 1.18x the per-member graph's
@@ -59,7 +60,7 @@ Precision: the graph computes in float32, `combine` in float64. For prod this ma
   vote agree to ~1e-7). `precision="float64"` runs the prod stage in double with combine's own clip
   (agreement ~3e-8: the final cast to float32).
 
-Members must be chains with the same input shape and the same output shape; classifiers must output
+Members may be chains or DAGs (residual Adds, Concats: `_emit_dag_member`), with the same input shape and the same output shape; classifiers must output
 probabilities (a softmax or sigmoid output layer), because every criterion combines probabilities.
 """
 
@@ -74,7 +75,19 @@ import onnx_ir as ir
 from codec.errors import ConfigError, ShapeError
 from codec.ir.criteria import CRITERIA, PROD_EPS, TASKS, default_criterion
 from codec.ir.lower import OPSET, GraphBuilder, input_value, make_model
-from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute, replace
+from codec.ir.network import (
+    INPUT,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    NetworkIR,
+    Pool,
+    Role,
+    is_compute,
+    replace,
+)
 
 __all__ = ["CRITERIA", "check_shares_csn", "emit_ensemble", "ensemble_description", "ensemble_parameter_count"]
 ENSEMBLE_KEY = "codec.ensemble"  # model metadata: JSON describing the fused ensemble
@@ -335,6 +348,8 @@ def _emit_csn(builder: _FusedBuilder, csn: NetworkIR, depth: int, x: ir.Value) -
 
 def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
     """Member `index` on input `x`; its shared layers take the CSN's values. Returns its output value."""
+    if not plan.net.is_chain:
+        return _emit_dag_member(builder, plan, index, x, csn_values)
     prefix = f"m{index}/"
     builder.prefix = prefix
     # from_csn: the value is the same for every member (the input, or a whole CSN layer)
@@ -363,6 +378,43 @@ def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, c
             value, from_csn = builder.layer(layer, value), False
         l += 1
     return value
+
+
+def _emit_dag_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+    """`_emit_member` for a DAG member (residual Adds, Concats): each layer reads its sources' values.
+
+    The CSN covers only a DAG's leading chain (`codec.passes.csne.shareable_prefix`), so the shared
+    layers come first, exactly as in a chain; the rest is emitted layer by layer from a value table."""
+    prefix = f"m{index}/"
+    builder.prefix = prefix
+    net = plan.net
+    values: dict[str, ir.Value] = {INPUT: x}
+    shared_value = {INPUT}  # values that are the same for every member (the input, whole CSN layers)
+    l = 0
+    for layer in net.layers:
+        ins = [values[source] for source in net.inputs_of(layer.name)]
+        from_csn = all(source in shared_value for source in net.inputs_of(layer.name))
+        if isinstance(layer, (Add, Concat)):
+            value = builder.merge(layer, ins)
+        elif not is_compute(layer):
+            value = builder.structural(layer, ins[0], shared_prefix="csn/" if from_csn else None)
+            if from_csn:
+                shared_value.add(layer.name)
+        elif l < plan.depth:
+            k = int((layer.roles == Role.FROZEN_SHARED).sum())
+            if k < layer.num_neurons:
+                own = replace(layer, name=f"{layer.name}.own", weight=layer.weight[k:], bias=layer.bias[k:], roles=layer.roles[k:])
+                own_value = builder.layer(own, ins[0])
+                value = builder.node("Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1})
+            else:
+                value = csn_values[l]
+                shared_value.add(layer.name)
+        else:
+            value = builder.layer(layer, ins[0])
+        if is_compute(layer):
+            l += 1
+        values[layer.name] = value
+    return values[net.layers[-1].name]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,7 +462,9 @@ def _common_columns(plan: _Plan, layer, l: int, shared: list[int]) -> int | None
 def _pack_signature(plan: _Plan) -> tuple | None:
     """What members must have in common to be packed (layer kinds, settings, weight shapes, sharing), or
     None when the member cannot be packed (a softmax Conv: its softmax runs over the channel axis, which
-    a packed Conv shares between members)."""
+    a packed Conv shares between members, or a DAG: packing walks a chain)."""
+    if not plan.net.is_chain:
+        return None
     shared = _shared_counts(plan)
     signature, l = [plan.depth], 0
     for layer in plan.net.layers:

@@ -188,7 +188,8 @@ def train_grown_members(
     frozen = sum(int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in first.blocks if isinstance(b, IRLayer))
     # Autoencoders reconstruct their input: the training loop takes the (augmented) input as the target,
     # so they train without the cache.
-    use_cache = bool(shared_layers(first)) and config.loss != "mse" and (
+    # The cached forward below walks the layers as a chain: a DAG member (residual Adds) trains uncached.
+    use_cache = bool(shared_layers(first)) and first.is_chain and config.loss != "mse" and (
         options.cache == "on"
         or (options.cache == "auto" and cache_bytes(first, len(x_train) + (0 if x_val is None else len(x_val))) <= options.cache_limit_mb * 2**20)
     )
