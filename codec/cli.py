@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 
+from codec.commands._common import data_options_epilog
 from codec.errors import CodecError, clear_interrupt, interrupt_requested, request_interrupt
 from codec.version import __version__
 
@@ -31,14 +32,22 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with codec's error form: one line `codec <command>: error: ...` (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="codec",
         description=(
             "codec, the Compiler Of Deep Ensembles: lifts trained networks (ONNX) into a neuron-granular IR, "
             "profiles their activations, and removes the redundancy between ensemble members."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=data_options_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"codec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -61,7 +70,12 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad option (one line already printed) is exit 2 like every bad input
+        if exc.code == 2:
+            return 2
+        raise
     args.argv = list(argv if argv is not None else sys.argv[1:])  # for commands that relaunch themselves
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="codec: %(message)s", stream=sys.stderr

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from codec.errors import LiftError, ModelLoadError
 from codec.errors import first_line as _first_line
+from codec.io import regular_file
 from codec.ir.network import (
     INPUT,
     Activation,
@@ -88,24 +89,30 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         ModelLoadError: missing or unreadable file, truncated or non-ONNX content, unsafe external data.
     """
     if isinstance(source, ir.Model):
+        _check_model(source, "")
         return source
     if isinstance(source, (bytes, bytearray)):
         try:
             import onnx
 
+            proto = onnx.load_model_from_string(bytes(source))
             with _quiet_onnx_ir():
-                model = ir.serde.deserialize_model(onnx.load_model_from_string(bytes(source)))
+                model = ir.serde.deserialize_model(proto)
         except Exception as exc:
             raise ModelLoadError(f"not a readable ONNX model: {_first_line(exc)}") from exc
+        if any(not tensor.name for tensor in proto.graph.initializer):
+            # onnxruntime binds an input named "" to it, onnx_ir drops it (an absent input): the two would
+            # compute different functions. (Files: onnx_ir drops it before codec sees it; the parity
+            # check refuses those.)
+            raise ModelLoadError("the model has an initializer with an empty name (ONNX requires a name)")
         # Serialized bytes have no directory for external data to live in: onnx_ir would resolve the
         # location against the working directory (or take it as absolute) and read any file there.
         for owner, _ in _external_tensors(model):
             raise ModelLoadError(f"{owner} of an in-memory model points at external data; refusing to read it")
         _check_text(model, "")
+        _check_model(model, "")
         return model
-    path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such model file")
+    path = regular_file(source, "model file", ModelLoadError)  # a FIFO would block the read below
     try:
         with _quiet_onnx_ir():
             model = ir.load(path)
@@ -113,7 +120,38 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}") from exc
     _check_external_data(model, path.resolve().parent, path)
     _check_text(model, f"{path.name}: ")
+    _check_model(model, f"{path.name}: ")
     return model
+
+
+# The default-domain opsets onnxruntime loads: it refuses models without one, below 7 ("only guarantees
+# support for opset 7 or above"; Gemm, pooling and others have no kernel there) and past the newest opset
+# it knows, which is the onnx package's (1.23: opset 28, as onnxruntime 1.32).
+MIN_OPSET = 7
+
+
+def max_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _check_model(model: ir.Model, where: str) -> None:
+    """Refuse what onnxruntime refuses to load, so codec never writes a valid-looking model from it:
+    no default-domain opset, one outside [7, the newest known], duplicate node names."""
+    opsets = model.opset_imports
+    version = opsets.get("", opsets.get("ai.onnx"))
+    if version is None:
+        raise ModelLoadError(f"{where}the model imports no opset of the default ONNX domain (onnxruntime refuses it)")
+    if isinstance(version, bool) or not isinstance(version, int) or not MIN_OPSET <= version <= max_opset():
+        raise ModelLoadError(
+            f"{where}the model's ONNX opset is {version}; codec (like onnxruntime) reads opsets {MIN_OPSET} to {max_opset()}"
+        )
+    seen: set[str] = set()
+    for node in model.graph:
+        if node.name and node.name in seen:
+            raise ModelLoadError(f"{where}two nodes are named {node.name!r}; ONNX requires unique node names")
+        seen.add(node.name)
 
 
 def _check_text(model: ir.Model, where: str) -> None:
@@ -178,16 +216,24 @@ def _declared_nbytes(tensor: ir.ExternalTensor) -> int:
         return 0
 
 
-def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) -> NetworkIR:
+def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None, check: bool | None = None) -> NetworkIR:
     """Lift an ONNX model into NetworkIR.
+
+    Every lifted network is then lowered and compared with the original under onnxruntime on random
+    inputs (`check_lift`), so that no pass ever trusts a lift that changed what the model computes, and
+    a model onnxruntime itself refuses is refused here too. The check costs two onnxruntime sessions;
+    `check=False` (or CODEC_LIFT_CHECK=0 in the environment) skips it, which is recorded in the
+    network's metadata as `codec.lift_check = skipped` and so travels into every model written from it.
 
     Args:
         source: a path to an .onnx file (external data beside it), serialized bytes, or an onnx_ir Model.
         name: the network's label; defaults to the file's stem or the graph's name.
+        check: run the post-lift parity check; None reads CODEC_LIFT_CHECK (default on).
 
     Raises:
-        ModelLoadError: the file cannot be read.
-        LiftError: the graph is not a network codec can lift; names the node, op and reason.
+        ModelLoadError: the file cannot be read, or onnxruntime refuses the model.
+        LiftError: the graph is not a network codec can lift (names the node, op and reason), or the
+            lifted network does not compute what the model computes.
     """
     notes: list[str] = []
     try:
@@ -200,7 +246,131 @@ def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) 
     lifter.notes.extend(notes)
     net = lifter.run()
     _restore_roles(net, model)
+    if check is None:
+        check = lift_check_enabled()
+    if check:
+        check_lift(net, source if isinstance(source, (str, os.PathLike, bytes, bytearray)) else model)
+        net.metadata.pop(LIFT_CHECK_KEY, None)
+    else:
+        net.metadata[LIFT_CHECK_KEY] = "skipped"
     return net
+
+
+LIFT_CHECK_KEY = "codec.lift_check"
+LIFT_CHECK_ENV = "CODEC_LIFT_CHECK"
+# The check runs a few examples through both models; past this many activation values per batch it
+# would itself need a lot of memory, so it is skipped (and recorded as skipped) instead.
+LIFT_CHECK_MAX_VALUES = 1 << 26
+
+
+def lift_check_enabled() -> bool:
+    """Whether `lift` checks parity by default: CODEC_LIFT_CHECK unset, 1, true, yes or on (0/false/no/off skip)."""
+    from codec.errors import ConfigError
+
+    text = os.environ.get(LIFT_CHECK_ENV, "1").strip().lower()
+    if text in ("1", "true", "yes", "on", ""):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{LIFT_CHECK_ENV}={text!r} is not one of 1/0, true/false, yes/no, on/off")
+
+
+def check_lift(net: NetworkIR, original: str | os.PathLike | bytes | ir.Model, examples: int = 4) -> None:
+    """Check that `net` computes what `original` computes under onnxruntime, on random inputs.
+
+    Raises:
+        ModelLoadError: onnxruntime refuses the original model (so it has no defined function).
+        LiftError: the outputs differ in shape or value (max error past 1e-3 relative, 1e-4 of the
+            output's scale absolute).
+    """
+    import onnxruntime as ort
+
+    from codec.ir.lower import lower, to_bytes
+
+    if isinstance(original, ir.Model):
+        original = to_bytes(ir.external_data.load_to_model(original))
+    elif isinstance(original, (str, os.PathLike)):
+        original = os.fspath(original)
+    else:
+        original = bytes(original)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        reference = ort.InferenceSession(original, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime refuses the model: {_ort_reason(exc)}") from exc
+    declared = reference.get_inputs()[0].shape[0] if reference.get_inputs() else None
+    batch = declared if isinstance(declared, int) and declared > 0 else examples
+    widest = max(math.prod(shape) for shape in [net.input_shape, *net.shapes()])
+    if batch > examples and batch * widest > LIFT_CHECK_MAX_VALUES:
+        # a large fixed batch (declared, or planted to dodge this check): check the same per-example
+        # function with the batch dimension made symbolic (codec lowers it symbolic anyway)
+        relaxed = _symbolic_batch(original)
+        if relaxed is not None:
+            try:
+                reference = ort.InferenceSession(relaxed, options, providers=["CPUExecutionProvider"])
+                batch = examples
+            except Exception as exc:
+                raise ModelLoadError(f"onnxruntime refuses the model: {_ort_reason(exc)}") from exc
+    if batch * widest > LIFT_CHECK_MAX_VALUES:
+        import warnings
+
+        warnings.warn(f"{net.name}: post-lift parity check skipped ({batch} x {widest} activation values)", stacklevel=3)
+        net.metadata[LIFT_CHECK_KEY] = "skipped"
+        return
+    x = np.random.default_rng(0).standard_normal((batch, *net.input_shape)).astype(np.float32)
+    try:
+        expected = reference.run(None, {net.input_name: x})[0]
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot run the model: {_ort_reason(exc)}") from exc
+    try:
+        lowered = ort.InferenceSession(to_bytes(lower(net)), options, providers=["CPUExecutionProvider"])
+        got = lowered.run(None, {net.input_name: x})[0]
+    except Exception as exc:
+        raise LiftError(f"the lifted network cannot be run by onnxruntime: {_ort_reason(exc)}") from exc
+    if got.shape != expected.shape:
+        raise LiftError(
+            f"the lifted network's output has shape {list(got.shape)} but the model's is {list(expected.shape)} "
+            "under onnxruntime; codec would change what the model computes"
+        )
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = max(1.0, float(finite.max()) if finite.size else 1.0)
+    if not np.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale, equal_nan=True):
+        with np.errstate(invalid="ignore"):
+            error = float(np.nanmax(np.abs(got.astype(np.float64) - expected)))
+        raise LiftError(
+            f"the lifted network differs from the model under onnxruntime (max abs error {error:.3g} on "
+            f"{batch} random inputs); codec would change what the model computes"
+        )
+
+
+def _symbolic_batch(original: str | bytes) -> bytes | None:
+    """`original` with its data input's first dimension symbolic; None when it cannot be re-serialized
+    (past protobuf's 2 GB)."""
+    import onnx
+
+    try:
+        proto = onnx.load(original) if isinstance(original, str) else onnx.load_model_from_string(original)
+        initializers = {t.name for t in proto.graph.initializer}
+        for value in proto.graph.input:
+            if value.name not in initializers and value.type.tensor_type.shape.dim:
+                value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        return proto.SerializeToString()
+    except (ValueError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError):
+        return None
+    except Exception:  # noqa: BLE001 - protobuf's size errors have no stable type; the check is then skipped
+        return None
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """onnxruntime's message without its status prefix and source location."""
+    import re
+
+    text = _first_line(exc)
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^/\S+:\d+ \S+ ", "", text)
+    return text[:300]
 
 
 def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.Model:
@@ -450,7 +620,8 @@ class _Lifter:
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _const(self, node: ir.Node, index: int, what: str, required: bool = False) -> np.ndarray | None:
-        if index >= len(node.inputs) or node.inputs[index] is None:
+        # an empty name is ONNX's "optional input absent" (onnxruntime reads nothing there)
+        if index >= len(node.inputs) or node.inputs[index] is None or not node.inputs[index].name:
             if required:
                 raise LiftError(f"its {what} input is missing", node.name, node.op_type)
             return None
@@ -482,6 +653,14 @@ class _Lifter:
                 raise LiftError(f"its {what} {value.name!r} has dtype {array.dtype}; expected floating point", node.name, node.op_type)
             if not np.all(np.isfinite(array)):
                 raise LiftError(f"its {what} {value.name!r} contains NaN or infinite values", node.name, node.op_type)
+            if array.dtype != np.float32:
+                with np.errstate(over="ignore"):
+                    narrowed = array.astype(np.float32)
+                if not np.all(np.isfinite(narrowed)):
+                    raise LiftError(
+                        f"its {what} {value.name!r} ({array.dtype}) holds values beyond float32's range", node.name, node.op_type
+                    )
+                array = narrowed
         return array
 
     def _attrs(self, node: ir.Node) -> dict:
@@ -511,7 +690,7 @@ class _Lifter:
         return float(str(value))
 
     def _check_size(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if min(shape[1:]) < 1:
+        if min(shape) < 1:
             raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
         if math.prod(shape) > MAX_TENSOR_ELEMENTS:
             raise LiftError(f"output shape {list(shape)} is beyond codec's limit", node.name, node.op_type)
@@ -575,6 +754,8 @@ class _Lifter:
                 f"weight expects {weight.shape[1]} input features but receives {self.shape[0]}", node.name, node.op_type
             )
         out = weight.shape[0]
+        if out < 1:
+            raise LiftError("layer has zero output features (an empty layer)", node.name, node.op_type)
         bias = np.zeros(out, np.float32) if bias is None else bias
         if bias.size == 1 and out != 1:
             bias = np.full(out, float(bias.reshape(-1)[0]), np.float32)
@@ -582,6 +763,20 @@ class _Lifter:
             raise LiftError(f"bias has {bias.size} entries for {out} output features", node.name, node.op_type)
         self.layers.append(Dense(self._layer_name(node, "dense"), weight.astype(np.float32), bias.reshape(-1)))
         self.shape = (out,)
+
+    def _per_output_bias(self, node: ir.Node, bias: np.ndarray, out: int) -> np.ndarray:
+        """`bias` as one value per output feature, when adding it to a (batch, out) tensor keeps that shape
+        and adds the same value to every example: shape (), (1,), (out,), (1, 1) or (1, out). Anything
+        else broadcasts differently (a rank-3 bias makes the output rank 3; (batch, out) varies per
+        example), so lifting it as a per-feature bias would change the function: refused."""
+        shape = tuple(bias.shape)
+        if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1) or (shape and shape[-1] not in (1, out)):
+            raise LiftError(
+                f"bias of shape {list(shape)} is not one value per output feature of a (batch, {out}) output",
+                node.name,
+                node.op_type,
+            )
+        return bias.reshape(-1)
 
     def _op_Gemm(self, node: ir.Node) -> ir.Value:
         attrs = self._attrs(node)
@@ -594,11 +789,7 @@ class _Lifter:
         weight = weight * np.float32(self._float(node, "alpha", 1.0))
         bias = self._const(node, 2, "bias")
         if bias is not None:
-            bias = np.asarray(bias * np.float32(self._float(node, "beta", 1.0)))
-            if bias.ndim == 2 and bias.shape[0] == 1:
-                bias = bias[0]
-            elif bias.ndim > 1:
-                raise LiftError(f"bias of shape {list(bias.shape)} is not per output feature", node.name, node.op_type)
+            bias = self._per_output_bias(node, np.asarray(bias * np.float32(self._float(node, "beta", 1.0))), weight.shape[0])
         self._add_dense(node, weight, bias)
         return self._out(node)
 
@@ -615,7 +806,7 @@ class _Lifter:
             if ir.convenience.get_const_tensor(other) is not None:
                 self.visited.add(id(add))
                 index = 1 if add.inputs[0] is out else 0
-                bias = self._const(add, index, "bias")
+                bias = self._per_output_bias(add, self._const(add, index, "bias"), weight.shape[1])
                 node, out = add, add.outputs[0]
         self._add_dense(node, weight.T, bias)
         return out
@@ -645,7 +836,7 @@ class _Lifter:
             weight,
             bias,
             strides=self._ints(node, "strides", (1, 1), 2, 1),
-            pads=self._ints(node, "pads", (0, 0, 0, 0), 4, 0),
+            pads=self._valid_pads(node),
             dilations=self._ints(node, "dilations", (1, 1), 2, 1),
             groups=groups,
         )
@@ -653,6 +844,19 @@ class _Lifter:
         self.layers.append(conv)
         self.shape = shape
         return self._out(node)
+
+    def _valid_pads(self, node: ir.Node) -> tuple[int, ...]:
+        """A convolution's pads; with auto_pad=VALID onnxruntime ignores them (ONNX shape inference does
+        not), so explicit non-zero pads there are refused rather than read one way or the other."""
+        pads = self._ints(node, "pads", (0, 0, 0, 0), 4, 0)
+        if self._attrs(node).get("auto_pad", "NOTSET") == "VALID" and any(pads):
+            raise LiftError(
+                f"auto_pad=VALID with explicit pads {list(pads)}: onnxruntime ignores the pads but ONNX shape "
+                "inference applies them; export with one or the other",
+                node.name,
+                node.op_type,
+            )
+        return pads
 
     def _op_BatchNormalization(self, node: ir.Node) -> ir.Value:
         """Fold inference-mode BN into the layer before it: y = scale (z - mean) / sqrt(var + eps) + shift
@@ -875,19 +1079,18 @@ class _Lifter:
         attrs = self._attrs(node)
         if len(self.shape) != 3:
             raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
-        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
         if self._ints(node, "dilations", (1, 1), 2, 1) != (1, 1):
             raise LiftError("dilated pooling is not supported", node.name, node.op_type)
         kernel = self._ints(node, "kernel_shape", None, 2, 1)
-        pads = self._ints(node, "pads", (0, 0, 0, 0), 4, 0)
+        strides = self._ints(node, "strides", (1, 1), 2, 1)
+        pads = self._auto_pads(node, kernel, strides, self._ints(node, "pads", (0, 0, 0, 0), 4, 0))
         if any(pad >= kernel[i % 2] for i, pad in enumerate(pads)):
             raise LiftError(f"pads {list(pads)} must be smaller than the kernel {list(kernel)}", node.name, node.op_type)
         pool = Pool(
             self._layer_name(node, f"{mode}pool"),
             mode,
             kernel,
-            self._ints(node, "strides", (1, 1), 2, 1),
+            strides,
             pads,
             bool(attrs.get("ceil_mode", 0)),
             bool(attrs.get("count_include_pad", 0)),
@@ -909,6 +1112,40 @@ class _Lifter:
         self.layers.append(pool)
         self.shape = shape
         return self._out(node)
+
+    def _auto_pads(self, node: ir.Node, kernel, strides, pads: tuple[int, ...]) -> tuple[int, ...]:
+        """The explicit pads a pooling node's `auto_pad` means, read as onnxruntime reads them.
+
+        onnxruntime ignores the `pads` attribute whenever auto_pad is not NOTSET (VALID: no padding;
+        SAME_UPPER/SAME_LOWER: pad to ceil(size / stride) outputs, the odd pad at the end / the start),
+        while ONNX shape inference applies them: a model with both declares a shape onnxruntime does not
+        compute, so it is refused.
+        """
+        mode = self._attrs(node).get("auto_pad", "NOTSET")
+        if mode == "NOTSET":
+            return pads
+        if mode not in ("VALID", "SAME_UPPER", "SAME_LOWER"):
+            raise LiftError(f"auto_pad={mode!r} is not an ONNX padding mode", node.name, node.op_type)
+        if any(pads):
+            raise LiftError(
+                f"auto_pad={mode} with explicit pads {list(pads)}: onnxruntime ignores the pads but ONNX shape "
+                "inference applies them; export with one or the other",
+                node.name,
+                node.op_type,
+            )
+        if mode == "VALID":
+            return (0, 0, 0, 0)
+        head, tail = [0, 0], [0, 0]
+        for i in range(2):
+            size = self.shape[i + 1]
+            needed = (-(-size // strides[i]) - 1) * strides[i] + kernel[i] - size
+            if needed < 0:
+                raise LiftError(
+                    f"auto_pad={mode} with a stride larger than the kernel needs negative padding", node.name, node.op_type
+                )
+            head[i] = (needed + 1) // 2 if mode == "SAME_LOWER" else needed // 2
+            tail[i] = needed - head[i]
+        return (head[0], head[1], tail[0], tail[1])
 
     def _op_MaxPool(self, node: ir.Node) -> ir.Value:
         return self._pool(node, "max")

@@ -46,8 +46,27 @@ class GraphBuilder:
         self.prefix = prefix
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
+        # Every name handed out or reserved (values, nodes and initializers share it): codec derives
+        # names from layer names, and a user's layers, input and output can be named anything (an
+        # output called like its layer, layers `a` and `a.relu`), so every name goes through
+        # `fresh_name` and none can collide.
+        self._names: set[str] = set()
+
+    def reserve(self, *names: str) -> None:
+        """Keep `names` (graph inputs, outputs, tap names) from being handed out by `fresh_name`."""
+        self._names.update(names)
+
+    def fresh_name(self, name: str) -> str:
+        """`name`, or `name.1`, `name.2`, ... : the first not yet used or reserved (the one naming rule)."""
+        candidate, n = name, 1
+        while candidate in self._names:
+            candidate = f"{name}.{n}"
+            n += 1
+        self._names.add(candidate)
+        return candidate
 
     def initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        name = self.fresh_name(name)
         tensor = ir.tensor(np.ascontiguousarray(array), name=name)
         value = ir.Value(name=name, const_value=tensor)
         value.shape = ir.Shape(tensor.shape)  # a 0-d array becomes shape (1,): take the stored tensor's shape
@@ -55,7 +74,9 @@ class GraphBuilder:
         self.initializers.append(value)
         return value
 
-    def node(self, op_type: str, inputs: list, name: str, attributes: dict | None = None) -> ir.Value:
+    def node(self, op_type: str, inputs: list, name: str, attributes: dict | None = None, exact: bool = False) -> ir.Value:
+        """Append a node whose output value has its name; `exact` takes a name reserved for it as is."""
+        name = name if exact else self.fresh_name(name)
         node = ir.node(op_type, inputs, attributes or {}, name=name)
         node.outputs[0].name = name
         self.nodes.append(node)
@@ -174,10 +195,11 @@ def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
     """Build an ONNX model (onnx_ir) computing `net`; with `taps`, hidden activations are extra outputs."""
     builder = GraphBuilder()
     x = input_value(net)
+    builder.reserve(net.input_name, net.output_name, *(tap_name(layer.name) for layer in net.profiled_layers() if taps))
     value, tapped = builder.network(net, x, {id(layer) for layer in net.profiled_layers()} if taps else None)
-    tap_outputs = [builder.node("Identity", [v], tap_name(layer.name)) for layer, v in tapped]
+    tap_outputs = [builder.node("Identity", [v], tap_name(layer.name), exact=True) for layer, v in tapped]
     if value is x:
-        value = builder.node("Identity", [x], net.output_name)
+        value = builder.node("Identity", [x], net.output_name, exact=True)
     value.name = net.output_name
     value.shape = ir.Shape(["batch", *net.output_shape])
     value.type = ir.TensorType(ir.DataType.FLOAT)

@@ -114,6 +114,12 @@ class CommonSubNetworkExtraction(Transform):
         self.requires_module(module)
         acts = am.get(ActivationAnalysis, module)
         main, pair = module.main, acts.pair
+        for member in (main, module.peer):
+            empty = [l.name for l in member.hidden_layers() if l.num_neurons == 0]
+            if empty:
+                # nothing to match and nothing to share above it; lift refuses such layers, but a
+                # network built in Python can hold one
+                raise PassError(f"csne: {member.name}'s hidden layer {empty[0]!r} has no neurons; remove it first")
         ndg = am.get(NeuronDependenceAnalysis, module)[module.main_name] if self.preds else None
         hidden = main.hidden_layers()
         left_alone = shareable_prefix(main)[1]
@@ -170,7 +176,8 @@ class CommonSubNetworkExtraction(Transform):
             "csn_per_layer": csn.sizes,
             "csn_total": csn.total,
             "csn_fraction_per_layer": {
-                l.name: round(l.size / main.layer(l.name).num_neurons, 4) for l in csn.layers
+                # a zero-width layer (possible in a network built in Python) has no CSN share, not a ZeroDivisionError
+                l.name: round(l.size / max(main.layer(l.name).num_neurons, 1), 4) for l in csn.layers
             },
             "main_hidden_neurons": sum(l.num_neurons for l in main.hidden_layers()),
         }

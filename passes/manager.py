@@ -8,13 +8,14 @@ call around each pass and each analysis computation; the cache itself only cache
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from codec.errors import CodecError
+from codec.errors import CodecError, ConfigError
 from codec.ir.verify import IRVerificationError, fingerprint, verify_network
 from codec.passes.base import Analysis, EnsembleModule, Pass, PassError, PassResult, Transform
 
@@ -159,7 +160,7 @@ def verify_outputs(
     """Max abs output difference per member between two modules, on the calibration inputs (the first
     `limit` of them; None: all)."""
     from codec.ir.lower import lower, to_bytes
-    from codec.runtime.execution.session import create_session
+    from codec.runtime.execution.session import create_session, run_batches
 
     errors = {}
     for name, net in after.members.items():
@@ -174,10 +175,15 @@ def verify_outputs(
                 break
             batch = batch[: None if limit is None else limit - seen]
             seen += len(batch)
-            batch = np.ascontiguousarray(batch, dtype=np.float32)
-            ya = a.run(None, {a.get_inputs()[0].name: batch})[0]
-            yb = b.run(None, {b.get_inputs()[0].name: batch})[0]
-            worst = max(worst, float(np.abs(ya - yb).max()))
+            # fed by the one input rule (codec.runtime.execution.inputs), like every other run
+            ya = np.concatenate([out[0] for out in run_batches(a, batch, len(batch), model=name)])
+            yb = np.concatenate([out[0] for out in run_batches(b, batch, len(batch), model=name)])
+            diff = np.abs(ya.astype(np.float64) - yb)
+            diff[np.isnan(ya) & np.isnan(yb)] = 0.0  # NaN where the original was NaN too is unchanged
+            d = float(diff.max()) if diff.size else 0.0
+            # builtin max drops a NaN (nan > x is False): a NaN difference must stay the worst
+            if math.isnan(d) or (not math.isnan(worst) and d > worst):
+                worst = d
         errors[name] = worst
     return errors
 
@@ -221,6 +227,12 @@ class PassManager:
         verify_ir: bool = True,
         instrumentations: list[Instrumentation] | None = None,
     ) -> None:
+        # a bad tolerance or input count would switch the function-preservation check off silently
+        # (atol=nan accepted every difference, verify_inputs=-1 verified nothing)
+        if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+            raise ConfigError(f"atol must be a finite number >= 0, got {atol!r}")
+        if verify_inputs is not None and (isinstance(verify_inputs, bool) or not isinstance(verify_inputs, int) or verify_inputs < 1):
+            raise ConfigError(f"verify_inputs must be a positive number of inputs (or None for all), got {verify_inputs!r}")
         self.passes = passes
         self.verify = verify
         self.verify_inputs = verify_inputs
@@ -325,8 +337,9 @@ class PassManager:
             if self.verify and p.verify_function:
                 errors = verify_outputs(baseline, result.module, self.atol, self.verify_inputs)
                 record["verified_max_abs_error"] = errors
-                worst_member = max(errors, key=errors.get) if errors else None
-                if worst_member is not None and errors[worst_member] > self.atol:
+                # NaN compares false with everything: a NaN error is the worst, never a pass
+                worst_member = max(errors, key=lambda k: math.inf if math.isnan(errors[k]) else errors[k]) if errors else None
+                if worst_member is not None and not errors[worst_member] <= self.atol:
                     raise PassError(
                         f"verification failed after pass {p.name!r}: member {worst_member!r} "
                         "outputs changed by "

@@ -109,7 +109,7 @@ def test_bagged_treenet_human_summary(tmp_path, capsys):
     [
         (["--split", "conv9"], "unknown split 'conv9'; choose none, all, an integer 0..10, or one of: flatten1, fc1"),
         (["--loss", "mcl", "--k", "4"], "MCL k=4 is more than the 3 members"),
-        (["--loss", "mcl", "--k", "0"], "MCL k must be at least 1"),
+        (["--loss", "mcl", "--k", "0"], "--k: expected a positive integer"),
         (["--loss", "hinge"], "unknown ensemble loss 'hinge'"),
         (["--loss", "score_avg", "--variation", "bagging"], "bagging gives each member its own sample"),
         (["--split", "11"], "an integer split shares the first n modules, n in 0..10"),

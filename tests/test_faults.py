@@ -90,7 +90,7 @@ DATA_FAULTS = {
     "profile-inf": ("profile", ["{a}", "--data", "{data}"], {"x_test": _inf((40, 784))}, "non-finite values (1 inf)"),
     "profile-empty": ("profile", ["{a}", "--data", "{data}"], {"x_test": np.zeros((0, 784), np.float32), "y_test": np.zeros(0, np.int64)}, "is empty"),
     "profile-shape": ("profile", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 5), np.float32), "x_test": np.zeros((40, 5), np.float32)}, "expects [784]"),
-    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "batch size must be positive"),
+    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "--batch-size: expected a positive integer"),
     "opt-nan": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": _nan((40, 784))}, "non-finite values"),
     "opt-shape": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((40, 6), np.float32), "x_test": np.zeros((40, 6), np.float32)}, "expects [784]"),
     "opt-members-differ": ("opt", ["{a}", "--peer", "{small}", "--data", "{data}"], {}, "take different inputs"),
@@ -102,7 +102,7 @@ DATA_FAULTS = {
     "eval-one-hot-labels": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.eye(10)[np.arange(40) % 10]}, "1-D array of class indices"),
     "eval-length-mismatch": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.arange(30) % 10}, "40 examples but 30 labels"),
     "eval-fewer-classes": ("eval", ["{a}", "--data", "{data}"], {"y_train": np.arange(40) % 3, "y_test": np.arange(40) % 3}, "neither one per class"),
-    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "takes inputs"),
+    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "small.onnx expects [20] per example"),
     "eval-shape": ("eval", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 9), np.float32), "x_test": np.zeros((40, 9), np.float32)}, "expects"),
 }
 
@@ -713,3 +713,233 @@ def test_an_interrupt_inside_an_import_still_stops_compile_resumably(shape, tmp_
     monkeypatch.setattr(PassManager, "run", real_run)
     assert main([*_COMPILE, "-o", str(run_dir), "--resume"]) == 0
     assert (run_dir / "ensemble.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): hangs and tracebacks instead of one line
+# ---------------------------------------------------------------------------------------------------
+
+_FIFO_READERS = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from codec.errors import CodecError
+    fifo = Path(sys.argv[1])
+    def model():
+        from codec.ir import lift
+        lift(fifo)
+    def session():
+        from codec.runtime.execution.session import create_session
+        create_session(fifo)
+    def npz():
+        from codec.runtime.data import load_dataset
+        load_dataset(f"npz:{fifo}")
+    def idx():
+        from codec.runtime.data.formats import read_idx
+        read_idx(fifo)
+    def checkpoint():
+        from codec.runtime.training.train import load_checkpoint
+        load_checkpoint(fifo)
+    def cli_eval():
+        from codec.cli import main
+        assert main(["eval", str(fifo), "--data", "mnist_small"]) == 2
+        raise CodecError("the CLI refused it with exit 2")
+    for reader in (model, session, npz, idx, checkpoint, cli_eval):
+        try:
+            reader()
+        except CodecError as exc:
+            print(reader.__name__, "|", exc, flush=True)
+        else:
+            print(reader.__name__, "| ACCEPTED", flush=True)
+    """
+)
+
+
+def test_a_fifo_is_refused_before_it_is_opened_everywhere_a_user_path_is_read(tmp_path):
+    """Opening a FIFO blocks until a writer comes: models, data, checkpoints and the CLI refuse one with
+    one line from a stat (the child would hang without the check; the timeout is the finding)."""
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    script = tmp_path / "readers.py"
+    script.write_text(_FIFO_READERS)
+    proc = subprocess.run([sys.executable, str(script), str(fifo)], capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    lines = dict(line.split(" | ", 1) for line in proc.stdout.strip().splitlines())
+    assert set(lines) == {"model", "session", "npz", "idx", "checkpoint", "cli_eval"}, proc.stdout + proc.stderr
+    for reader in ("model", "session", "npz", "idx", "checkpoint"):
+        assert "is a FIFO, not a regular file" in lines[reader], (reader, lines[reader])
+    assert "is a FIFO" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["config-not-json", "config-list", "state-not-json", "state-no-steps", "state-binary", "state-fifo"],
+)
+def test_resume_with_damaged_run_json_is_one_line_naming_the_file(damage, tmp_path):
+    from codec.pipelines.compile import CompileOptions, Run
+
+    options = CompileOptions(recipe="mnist_mlp")
+    run = Run(tmp_path / "run")
+    run.prepare(options, resume=False)
+    write_json_atomic(run.state_path, {"steps": {"train:main": {"seconds": 1.0}}})
+    target = run.path / ("config.json" if damage.startswith("config") else "state.json")
+    if damage.endswith("not-json"):
+        target.write_text('{"steps": {"train:main": ')
+    elif damage == "config-list":
+        target.write_text("[1, 2]")
+    elif damage == "state-no-steps":
+        target.write_text('{"steps": [1]}')
+    elif damage == "state-binary":
+        target.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        target.unlink()
+        os.mkfifo(target)
+    with pytest.raises(ConfigError) as err:
+        Run(tmp_path / "run").prepare(options, resume=True)
+    message = str(err.value)
+    assert target.name in message and "\n" not in message
+    assert "restart the run" in message or "not a regular file" in message
+
+
+def test_a_zero_width_hidden_layer_is_one_line_in_csne():
+    from codec.passes.base import Calibration, EnsembleModule, PassError
+    from codec.passes.manager import PassManager
+    from codec.passes.registry import parse_pipeline
+
+    def net(name):
+        rng = np.random.default_rng(0)
+        return NetworkIR(name, "x", "y", (6,), [
+            Dense("fc1", rng.standard_normal((4, 6)).astype(np.float32), np.zeros(4, np.float32), RELU),
+            Dense("fc2", np.zeros((0, 4), np.float32), np.zeros(0, np.float32), RELU),
+            Dense("out", np.zeros((3, 0), np.float32), np.ones(3, np.float32), Activation("softmax")),
+        ])
+
+    calibration = Calibration(np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32), batch_size=16)
+    with pytest.raises(PassError, match="hidden layer 'fc2' has no neurons"):
+        PassManager(parse_pipeline("csne{fire=0.0,corr=-1.0}")).run(EnsembleModule({"main": net("main"), "peer": net("peer")}, calibration))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): outputs written as a unit; outputs never alias inputs; options validated
+# ---------------------------------------------------------------------------------------------------
+
+
+def _opt_members(tmp_path):
+    rng = np.random.default_rng(0)
+    main_path = save_model(lower(_mlp("main", n_in=20)), tmp_path / "in" / "main.onnx")
+    peer_path = save_model(lower(_mlp("peer", n_in=20, seed=1)), tmp_path / "in" / "peer.onnx")
+    data = tmp_path / "in" / "cal.npz"
+    np.savez(data, x_train=rng.standard_normal((200, 20)).astype(np.float32), y_train=np.arange(200) % 10,
+             x_test=rng.standard_normal((50, 20)).astype(np.float32), y_test=np.arange(50) % 10)
+    return main_path, peer_path, f"npz:{data}"
+
+
+def test_opt_output_folder_is_replaced_as_a_unit(tmp_path, monkeypatch, capsys):
+    """A second run leaves exactly its own files; a run interrupted after main.onnx leaves the previous
+    outputs as they were (no new main beside the old report)."""
+    main_path, peer_path, data = _opt_members(tmp_path)
+    out = tmp_path / "out"
+    base = ["opt", str(main_path), "--peer", str(peer_path), "--data", data, "-o", str(out), "--quiet"]
+    assert main([*base, "--passes", "dna,nda"]) == 0, capsys.readouterr().err
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "ndg_main.graphml" in first
+    assert main([*base, "--passes", "dna"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["main.onnx", "peer.onnx", "report.json"]  # no stale NDGs
+
+    lower_module = sys.modules["codec.ir.lower"]  # (codec.ir.lower the attribute is the function)
+    real = lower_module.save_model
+    calls = []
+
+    def interrupted_after_main(model, path, **kw):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, path, **kw)
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(lower_module, "save_model", interrupted_after_main)
+    assert main([*base, "--passes", "dna,nda"]) == 130
+    assert calls[0] == "main.onnx"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []  # staging removed
+
+
+@pytest.mark.parametrize("card", ["output", "input", "member"])
+def test_export_card_onto_a_model_is_refused_and_nothing_is_overwritten(card, tmp_path, capsys):
+    from codec.ir.ensemble import MEMBERS_KEY, emit_ensemble
+
+    members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
+    paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
+    ensemble = save_model(emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])}),
+                          tmp_path / "ensemble.onnx")
+    output = tmp_path / "deploy.onnx"
+    target = {"output": output, "input": ensemble, "member": paths[0]}[card]
+    before = {p: p.read_bytes() for p in (ensemble, *paths)}
+    code = main(["export", str(ensemble), "-o", str(output), "--card", str(target)])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, "export", "overlaps")
+    assert {p: p.read_bytes() for p in before} == before and not output.exists()
+
+
+@pytest.mark.parametrize(
+    "description, fragment",
+    [
+        ({"members": ["m0", "m1"], "criterion": "mean", "parameters": "lots"}, "'parameters'"),
+        ({"members": 2, "criterion": "mean"}, "'members'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "task": ["x"]}, "'task'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "csn": [{"layer": 3}]}, "'csn'"),
+        ({"members": ["m0", "m1"], "criterion": "mean", "shared_layers": "1"}, "'shared_layers'"),
+        ({"members": ["m0", "m1"], "criterion": "bogus"}, "'criterion'"),
+    ],
+    ids=["parameters", "members", "task", "csn", "shared_layers", "criterion"],
+)
+def test_malformed_ensemble_metadata_is_refused_before_anything_is_written(description, fragment, tmp_path, capsys):
+    from codec.ir.ensemble import ENSEMBLE_KEY, MEMBERS_KEY, emit_ensemble
+
+    members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
+    paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
+    model = emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])})
+    model.metadata_props[ENSEMBLE_KEY] = json.dumps(description)
+    ensemble = save_model(model, tmp_path / "ensemble.onnx")
+    output = tmp_path / "deploy" / "model.onnx"
+    code = main(["export", str(ensemble), "-o", str(output)])
+    _assert_one_line_error(code, capsys.readouterr().err, "export", fragment)
+    assert not output.exists() and not (output.parent / "model.card.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["opt", "M", "--verify-inputs", "-1"], "--verify-inputs: expected an integer >= 0"),
+        (["opt", "M", "--atol", "nan"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--atol", "inf"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--atol=-1e-5"], "--atol: expected a finite number >= 0"),
+        (["opt", "M", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+        (["export", "M", "-o", "x.onnx", "--atol", "nan"], "--atol: expected a finite number >= 0"),
+        (["export", "M", "-o", "x.onnx", "--samples", "-3"], "--samples: expected a positive integer"),
+        (["eval", "M", "--batch-size", "-1"], "--batch-size: expected a positive integer"),
+        (["profile", "M", "--batch-size", "1.5"], "--batch-size: expected a positive integer"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number > 0"),
+        (["train", "--epochs", "0"], "--epochs: expected a positive integer"),
+        (["train", "--seed", "-2"], "--seed: expected an integer >= 0"),
+        (["train_ensemble", "--alpha", "1.5"], "--alpha: expected a fraction in [0, 1]"),
+        (["train_ensemble", "--width", "0"], "--width: expected a finite number > 0"),
+        (["compile", "--recipe", "r", "-o", "x", "--grow-lr-scale", "inf"], "--grow-lr-scale: expected a finite number > 0"),
+        (["compile", "--recipe", "r", "-o", "x", "--calibration", "-5"], "--calibration: expected a positive integer"),
+        (["bench", "-o", "x", "--n-boot", "0"], "--n-boot: expected a positive integer"),
+        (["bench", "-o", "x", "--min-gain", "nan"], "--min-gain: expected a fraction in [0, 1]"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_numeric_options_cannot_switch_a_check_off(argv, fragment, capsys):
+    command = argv[0].replace("_", "-") if argv[0] == "train_ensemble" else argv[0]
+    argv = [command if i == 0 else a for i, a in enumerate(argv)]
+    code = main(argv)
+    _assert_one_line_error(code, capsys.readouterr().err, command, fragment)
+
+
+def test_the_pass_manager_refuses_tolerances_that_disable_verification():
+    from codec.passes.manager import PassManager
+
+    for bad in ({"atol": float("nan")}, {"atol": -1.0}, {"atol": float("inf")}, {"verify_inputs": -1}, {"verify_inputs": 0}):
+        with pytest.raises(ConfigError):
+            PassManager([], **bad)

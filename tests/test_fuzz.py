@@ -414,3 +414,164 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
         if report["passes"][-1]["details"]["iterations"] < 20:
             assert not clear[np.ix_(free_m, free_p)].any(), "the greedy matching is maximal"
         below = m
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): hand-built ONNX graphs with the structures lift rewrites, names that collide
+# with codec's own, opsets; and data files whose declared sizes and labels are hostile.
+# ---------------------------------------------------------------------------------------------------
+
+_NAME_POOL = ("x", "y", "c", "p", "a", "a.relu", "fc", "fc.relu", "fc.weight", "conv", "conv.relu", "pool", "f", "out")
+
+
+@st.composite
+def onnx_graphs(draw):
+    """(model bytes, input shape, facts): Conv -> [pool (max/avg, auto_pad, pads, ceil)] -> [activation
+    (any alpha sign)] -> Flatten -> MatMul + Add (bias of any broadcastable shape), under drawn names and
+    a drawn opset."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    size = draw(st.integers(4, 9))
+    names = iter(draw(st.permutations(_NAME_POOL)))
+    input_name, output_name = next(names), next(names)
+    values = [next(names) for _ in range(6)]
+    nodes, inits = [], {}
+    w = rng.standard_normal((2, 1, 2, 2)).astype(np.float32)
+    inits["cw"] = w
+    nodes.append(helper.make_node("Conv", [input_name, "cw"], [values[0]], name=draw(st.sampled_from(("conv", "fc", "a"))), kernel_shape=[2, 2]))
+    current, channels, spatial = values[0], 2, size - 1
+    facts = {"pool": None, "act": None}
+    if draw(st.booleans()):
+        op = draw(st.sampled_from(("MaxPool", "AveragePool")))
+        attrs = {"kernel_shape": [2, 2], "strides": [draw(st.integers(1, 2))] * 2, "ceil_mode": draw(st.integers(0, 1))}
+        mode = draw(st.sampled_from(("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")))
+        if mode != "NOTSET":
+            attrs["auto_pad"] = mode
+        if draw(st.booleans()):
+            attrs["pads"] = draw(st.sampled_from(([0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 0, 0])))
+        if op == "AveragePool":
+            attrs["count_include_pad"] = draw(st.integers(0, 1))
+        nodes.append(helper.make_node(op, [current], [values[1]], name=draw(st.sampled_from(("pool", "p", "a.relu"))), **attrs))
+        current = values[1]
+        facts["pool"] = (op, mode, tuple(attrs.get("pads", ())))
+    if draw(st.booleans()):
+        act = draw(st.sampled_from(("Relu", "LeakyRelu", "Sigmoid", "Tanh")))
+        attrs = {"alpha": draw(st.sampled_from((-2.0, -0.5, 0.0, 0.01, 0.5, 3.0)))} if act == "LeakyRelu" else {}
+        nodes.append(helper.make_node(act, [current], [values[2]], name="act", **attrs))
+        current = values[2]
+        facts["act"] = (act, attrs.get("alpha"))
+    nodes.append(helper.make_node("Flatten", [current], [values[3]], name="flatten", axis=1))
+    features = draw(st.integers(1, 4))
+    inits["mw"] = rng.standard_normal((1, features)).astype(np.float32)  # replaced below once F is known
+    nodes.append(helper.make_node("MatMul", [values[3], "mw"], [values[4]], name="mm"))
+    bias_shape = draw(st.sampled_from(((features,), (1, features), (1,), (), (1, 1, features), (2, features), (features, 1))))
+    inits["mb"] = rng.standard_normal(bias_shape).astype(np.float32)
+    nodes.append(helper.make_node("Add", [values[4], "mb"], [output_name], name="add"))
+    opset = draw(st.sampled_from((18, 18, 18, 13, 7, 6, None, 29)))
+    facts.update(bias=bias_shape, opset=opset, names=(input_name, output_name))
+
+    def model(flat: int) -> bytes:
+        inits["mw"] = rng.standard_normal((flat, features)).astype(np.float32)
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 1, size, size])],
+            [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(a, n) for n, a in inits.items()],
+        )
+        opsets = [] if opset is None else [helper.make_opsetid("", opset)]
+        return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+    # the flattened width depends on the pool as onnxruntime computes it: ask onnxruntime (with a
+    # throwaway head), so the drawn model is valid whenever its structure is
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.load_model_from_string(model(1))
+    del probe.graph.node[-2:]
+    probe.graph.output[0].name = values[3]
+    try:
+        probe.opset_import[0].version = 18 if probe.opset_import else 18
+        if not probe.opset_import:
+            probe.opset_import.append(onnx.helper.make_opsetid("", 18))
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        flat = session.run(None, {input_name: np.zeros((1, 1, size, size), np.float32)})[0].shape[1]
+    except Exception:  # noqa: BLE001 - a structure onnxruntime refuses: any head will do, lift must refuse
+        flat = channels * spatial * spatial
+    return model(int(flat)), (1, size, size), facts
+
+
+@FUZZ
+@given(case=onnx_graphs())
+def test_lift_of_hand_built_graphs_is_exact_or_refused(case):
+    """Whatever lift accepts computes what onnxruntime computes on the original (checked here,
+    independently of lift's own parity check, with that check off and on); what onnxruntime refuses,
+    lift refuses."""
+    import onnxruntime as ort
+
+    from codec.errors import CodecError
+
+    model, shape, facts = case
+    x = np.random.default_rng(1).standard_normal((3, *shape)).astype(np.float32)
+    try:
+        reference = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        expected = reference.run(None, {reference.get_inputs()[0].name: x})[0]
+    except Exception:  # noqa: BLE001
+        expected = None
+    for check in (False, True):
+        try:
+            net = lift(model, check=check)
+        except CodecError:
+            CASES[f"hand-built: refused (check={check})"] += 1
+            continue
+        assert expected is not None, ("lift accepted what onnxruntime refuses", check, facts)
+        got = _run(to_bytes(lower(net)), x)[0]
+        assert got.shape == expected.shape, (facts, got.shape, expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=str(facts))
+        CASES[f"hand-built: lifted exactly (check={check})"] += 1
+
+
+@FUZZ
+@given(labels=st.lists(st.integers(0, 2**40), min_size=4, max_size=8), declared=st.integers(1, 2**40),
+       lie=st.booleans(), gz=st.booleans())
+def test_data_files_with_hostile_sizes_and_labels_are_bounded(labels, declared, lie, gz, tmp_path_factory):
+    """npz members whose headers declare up to 2**40 values, labels up to 2**40, IDX(.gz) headers
+    declaring up to 2**40 pixels: a one-line DataError or a dataset, never an allocation past 64 MiB."""
+    import gzip
+    import io
+    import struct
+    import tracemalloc
+    import zipfile
+
+    from codec.errors import DataError
+    from codec.runtime.data import load_dataset
+    from codec.runtime.data.formats import read_idx
+
+    folder = tmp_path_factory.mktemp("hostile")
+    path = folder / "d.npz"
+    n = len(labels)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in (("x_train", np.zeros((n, 4), np.float32)), ("y_train", np.array(labels)),
+                            ("x_test", np.zeros((2, 4), np.float32)), ("y_test", np.array(labels[:2]))):
+            buf = io.BytesIO()
+            if name == "x_train" and lie:
+                np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (declared, 4)})
+                buf.write(array.tobytes())
+            else:
+                np.save(buf, array)
+            archive.writestr(f"{name}.npy", buf.getvalue())
+    idx = folder / ("i.idx.gz" if gz else "i.idx")
+    raw = struct.pack(">I3I", 2051, min(declared, 2**32 - 1), 28, 28) + bytes(784 * 2)
+    idx.write_bytes(gzip.compress(raw) if gz else raw)
+    tracemalloc.start()
+    try:
+        for load in (lambda: load_dataset(f"npz:{path}"), lambda: read_idx(idx, expect_magic=2051)):
+            try:
+                load()
+                CASES["hostile data: loaded"] += 1
+            except DataError as exc:
+                assert "\n" not in str(exc)
+                CASES["hostile data: refused"] += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak

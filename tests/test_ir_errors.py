@@ -156,6 +156,270 @@ def test_cyclic_graph_refused():
     assert err.value.node in ("add_loop", "back")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17): every rewrite lift makes commutes for the attributes at hand, or is refused;
+# every lift is checked against onnxruntime; models onnxruntime refuses are refused.
+# ---------------------------------------------------------------------------------------------------
+
+RNG = np.random.default_rng(17)
+CONV_W = RNG.standard_normal((2, 1, 2, 2)).astype(np.float32)
+CONV_B = RNG.standard_normal(2).astype(np.float32)
+
+
+def _free_model(nodes, inits, in_shape, opset: int | None = 18) -> bytes:
+    """A model whose output shape is left to inference (so no declared shape can hide a difference)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    opsets = [] if opset is None else [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def _conv_pool_act(pool: str, act: str, **act_attrs) -> bytes:
+    pool_attrs = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2]),
+        helper.make_node(pool, ["c"], ["p"], name="pool", **pool_attrs),
+        helper.make_node(act, ["p"], ["y"], name="act", **act_attrs),
+    ]
+    return _free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, 7, 7))
+
+
+def _agrees_with_onnxruntime(model: bytes, net, shape) -> None:
+    from conftest import run_onnx
+
+    from codec.ir import lower, to_bytes
+
+    x = RNG.standard_normal((3, *shape)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(to_bytes(lower(net)), x), run_onnx(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "act, attrs, moves",
+    [
+        ("Relu", {}, True),
+        ("Sigmoid", {}, True),
+        ("Tanh", {}, True),
+        ("LeakyRelu", {"alpha": 0.1}, True),
+        ("LeakyRelu", {"alpha": 0.0}, True),
+        ("LeakyRelu", {"alpha": 3.0}, True),
+        ("LeakyRelu", {"alpha": -0.5}, False),
+        ("LeakyRelu", {"alpha": -2.0}, False),
+    ],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_activation_moves_across_a_pool_only_where_they_commute(pool, act, attrs, moves):
+    """Only max pooling with a monotone non-decreasing activation commutes; average pooling with none
+    of codec's (non-identity) activations. The rest is refused, never rewritten."""
+    model = _conv_pool_act(pool, act, **attrs)
+    if pool == "MaxPool" and moves:
+        net = lift(model, check=False)
+        _agrees_with_onnxruntime(model, net, (1, 7, 7))
+    else:
+        # after an average pool: refused as an activation with no layer to fuse into (nothing is moved)
+        with pytest.raises(LiftError, match="do not commute" if pool == "MaxPool" else "activation must follow") as err:
+            lift(model, check=False)
+        assert err.value.node == "act" and "\n" not in str(err.value)
+
+
+POOL_CASES = [
+    (mode, pads, ceil, op)
+    for mode in ("VALID", "SAME_UPPER", "SAME_LOWER")
+    for pads in (None, [1, 1, 1, 1], [0, 1, 0, 1])
+    for ceil in (0, 1)
+    for op in ("MaxPool", "AveragePool")
+]
+
+
+@pytest.mark.parametrize("mode, pads, ceil, op", POOL_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("size", [7, 8])
+def test_auto_pad_pooling_is_read_as_onnxruntime_reads_it(mode, pads, ceil, op, size):
+    """onnxruntime ignores `pads` under any auto_pad (ONNX shape inference does not): such models are
+    refused; without explicit pads VALID and SAME_* lift to the pads onnxruntime uses."""
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": mode, "ceil_mode": ceil}
+    if pads:
+        attrs["pads"] = pads
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2]),
+        helper.make_node(op, ["c"], ["y"], name="pool", **attrs),
+    ]
+    model = _free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, size, size))
+    if pads:
+        with pytest.raises(LiftError, match="onnxruntime ignores the pads"):
+            lift(model, check=False)
+        return
+    net = lift(model, check=False)
+    _agrees_with_onnxruntime(model, net, (1, size, size))
+
+
+def test_conv_with_valid_and_explicit_pads_is_refused():
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[2, 2], auto_pad="VALID", pads=[1, 1, 1, 1])]
+    with pytest.raises(LiftError, match="onnxruntime ignores the pads"):
+        lift(_free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, 7, 7)), check=False)
+
+
+@pytest.mark.parametrize(
+    "shape, ok",
+    [((3,), True), ((1, 3), True), ((1,), True), ((), True), ((1, 1), True), ((1, 1, 3), False), ((2, 3), False), ((3, 1), False)],
+    ids=str,
+)
+def test_matmul_add_bias_must_be_one_value_per_output(shape, ok):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    bias = RNG.standard_normal(shape).astype(np.float32)
+    model = _free_model(nodes, {"w": W.T.copy(), "b": bias}, ("n", 4))
+    if ok:
+        _agrees_with_onnxruntime(model, lift(model, check=False), (4,))
+    else:
+        with pytest.raises(LiftError, match="not one value per output feature") as err:
+            lift(model, check=False)
+        assert err.value.node == "add"
+
+
+def test_the_parity_check_catches_a_lift_that_changes_the_function():
+    """The post-lift check itself: a network that differs from its model (here: a weight changed after
+    lifting, standing for any wrong rewrite) or has a different output shape is refused."""
+    from codec.ir.lift import check_lift
+
+    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B})
+    net = lift(model)
+    check_lift(net, model)
+    net.layers[0].weight = net.layers[0].weight * 1.01
+    with pytest.raises(LiftError, match="differs from the model under onnxruntime"):
+        check_lift(net, model)
+
+
+def test_the_parity_check_is_on_by_default_and_skipping_it_is_recorded(monkeypatch):
+    from codec.errors import ConfigError
+
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4))
+    assert "codec.lift_check" not in lift(model).metadata
+    monkeypatch.setenv("CODEC_LIFT_CHECK", "0")
+    assert lift(model).metadata["codec.lift_check"] == "skipped"
+    monkeypatch.setenv("CODEC_LIFT_CHECK", "maybe")
+    with pytest.raises(ConfigError, match="CODEC_LIFT_CHECK"):
+        lift(model)
+
+
+@pytest.mark.parametrize("opset, ok", [(None, False), (1, False), (6, False), (7, True), (13, True), (18, True), (999, False)], ids=str)
+def test_opsets_onnxruntime_refuses_are_refused(opset, ok):
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4), opset)
+    if ok:
+        lift(model)
+        lift(model, check=False)
+    else:
+        with pytest.raises(ModelLoadError, match="opset") as err:
+            lift(model, check=False)
+        assert "\n" not in str(err.value)
+
+
+def test_duplicate_node_names_are_refused():
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Relu", ["h"], ["y"], name="fc")]
+    with pytest.raises(ModelLoadError, match="two nodes are named 'fc'"):
+        lift(_free_model(nodes, {"w": W, "b": B}, ("n", 4)), check=False)
+
+
+def test_float64_weights_beyond_float32_are_refused_not_made_inf():
+    big = np.full((3, 4), 1e300, np.float64)
+    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": big, "b": B.astype(np.float64)}, ("n", 4))
+    for check in (False, True):
+        with pytest.raises(LiftError, match="beyond float32's range"):
+            lift(model, check=check)
+
+
+def _w(layer: str) -> str:
+    return layer if layer.startswith("W") else f"{layer}.weight"
+
+
+def _b(layer: str) -> str:
+    return layer.replace("W", "B") if layer.startswith("W") else f"{layer}.bias"
+
+
+def _mlp(input_name: str, output_name: str, first: str, second: str, last_act: str | None) -> bytes:
+    w1, b1 = RNG.standard_normal((5, 4)).astype(np.float32), RNG.standard_normal(5).astype(np.float32)
+    w2, b2 = RNG.standard_normal((3, 5)).astype(np.float32), RNG.standard_normal(3).astype(np.float32)
+    z2 = output_name if last_act is None else "z2"
+    # weights named W1/W2 (no ".weight") give layers the node names g1/g2
+    nodes = [
+        helper.make_node("Gemm", [input_name, _w(first), _b(first)], ["z1"], name="g1", transB=1),
+        helper.make_node("Relu", ["z1"], ["h1"], name="r1"),
+        helper.make_node("Gemm", ["h1", _w(second), _b(second)], [z2], name="g2", transB=1),
+    ]
+    if last_act is not None:
+        nodes.append(helper.make_node(last_act, ["z2"], [output_name], name="act2"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(a, n) for n, a in
+         {_w(first): w1, _b(first): b1, _w(second): w2, _b(second): b2}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "input_name, output_name, first, second, last_act",
+    [
+        ("x", "fc1", "fc1", "fc2", None),  # output named like the first layer
+        ("x", "fc2", "fc1", "fc2", "Softmax"),  # output named like its own layer, below its activation
+        ("x", "fc1.relu", "fc1", "fc2", None),  # output named like the first layer's activation
+        ("fc1", "y", "fc1", "fc2", None),  # input named like the first layer
+        ("g1.weight", "y", "W1", "W2", None),  # input named like the weight codec generates (layer g1)
+        ("x", "y", "a", "a.relu", None),  # layers `a` and `a.relu`
+        ("x", "g2.bias", "W1", "W2", "Sigmoid"),  # output named like a generated bias
+    ],
+    ids=["out=first", "out=own-layer", "out=activation", "in=first", "in=weight", "a+a.relu", "out=weight"],
+)
+def test_names_codec_generates_never_collide_with_the_models_names(input_name, output_name, first, second, last_act):
+    """lower names every value, node and initializer through one uniquifying rule, so a valid model is
+    never refused (or written out invalid) for names codec made up."""
+    from conftest import run_onnx
+
+    from codec.ir import lower, to_bytes
+
+    model = _mlp(input_name, output_name, first, second, last_act)
+    net = lift(model)  # the parity check runs the lowered model in onnxruntime
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    for taps in (False, True):
+        lowered = to_bytes(lower(net, taps=taps))
+        np.testing.assert_allclose(run_onnx(lowered, x), run_onnx(model, x), rtol=1e-5, atol=1e-6)
+    again = lift(to_bytes(lower(net)))
+    assert again.input_name == input_name and again.output_name == output_name
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_a_zero_width_layer_is_refused_at_lift(kind):
+    if kind == "dense":
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+        model = _free_model(nodes, {"w": np.zeros((0, 4), np.float32), "b": np.zeros(0, np.float32)}, ("n", 4))
+    else:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[2, 2])]
+        model = _free_model(nodes, {"w": np.zeros((0, 1, 2, 2), np.float32)}, ("n", 1, 5, 5))
+    with pytest.raises(LiftError, match="zero output features|output would be empty"):
+        lift(model, check=False)
+
+
+def test_an_initializer_with_an_empty_name_is_refused(tmp_path):
+    """Found by the extended loader fuzzer: onnxruntime binds a Conv's empty bias input to an initializer
+    named "" while onnx_ir drops it, so the lift computed another function. Bytes: refused on load;
+    a file (onnx_ir drops the tensor before codec sees it): refused by the parity check (onnxruntime
+    refuses this one, or computes another function)."""
+    nodes = [helper.make_node("Conv", ["x", "w", ""], ["y"], name="conv", kernel_shape=[2, 2])]
+    model = _free_model(nodes, {"w": CONV_W, "": CONV_B}, ("n", 1, 5, 5))
+    for check in (False, True):
+        with pytest.raises(ModelLoadError, match="empty name"):
+            lift(model, check=check)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    with pytest.raises((ModelLoadError, LiftError), match="onnxruntime refuses the model|differs from the model"):
+        lift(path)
+
+
 def test_residual_add_of_the_network_input_refused():
     # x + fc(x): the input's features cannot be tied to (or removed with) a layer's neurons
     w = np.ones((4, 4), np.float32)

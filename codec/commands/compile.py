@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import emit, table
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, finite_positive_float, non_negative_int, positive_int, small_overrides, table
 
 
 def register(subparsers) -> None:
@@ -26,33 +26,32 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("--recipe", required=True, help="a recipe name (codec train --list-recipes)")
-    parser.add_argument("--members", type=int, default=4, help="ensemble size N, at least 2 (default 4)")
+    parser.add_argument("--members", type=positive_int, default=4, help="ensemble size N, at least 2 (default 4)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
-    parser.add_argument("--seed", type=int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
     parser.add_argument("--passes", default="dna,dne,nda,csne", help="pass pipeline (see codec opt --list-passes)")
     parser.add_argument(
         "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
         help="a Python file defining passes with @register_pass, for --passes (repeatable; also on --resume)",
     )
-    parser.add_argument("--calibration", type=int, default=10_000, help="training inputs profiled by the passes (default 10000)")
+    parser.add_argument("--calibration", type=positive_int, default=10_000, help="training inputs profiled by the passes (default 10000)")
     parser.add_argument("--grow-init", choices=("random", "main"), default="random", help="grown members' fresh neurons: random init or main's weights (default random)")
-    parser.add_argument("--grow-lr-scale", type=float, default=1.0, help="learning-rate multiplier for grown members (default 1)")
+    parser.add_argument("--grow-lr-scale", type=finite_positive_float, default=1.0, help="learning-rate multiplier for grown members (default 1)")
     parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
     parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
     parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
     parser.add_argument("--member-outputs", action="store_true",
                         help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
                         "of report.json's outputs), e.g. to report member disagreement")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the recipe's)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the recipe's)")
-    parser.add_argument("--n-train", type=int, default=None, help="train on a subset of this many examples")
-    parser.add_argument("--n-test", type=int, default=None, help="evaluate on a subset of this many test examples")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="max epochs per member (default: the recipe's)")
+    parser.add_argument("--lr", type=finite_positive_float, default=None, help="learning rate (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
+    parser.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience (default: the recipe's)")
+    add_subset_arguments(parser)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
+    add_data_dir_argument(parser)
+    parser.add_argument("--nproc", type=positive_int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         grow=GrowOptions(init=args.grow_init, lr_scale=args.grow_lr_scale, cache=args.cache),
         keep_main=args.keep_main,
         criterion=args.criterion,
-        train_overrides={k: v for k, v in overrides.items() if v is not None},
+        train_overrides={k: v for k, v in small_overrides(overrides, "compile").items() if v is not None},
         data_dir=args.data_dir,
     )
     out = args.output

@@ -7,7 +7,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_data_arguments, emit, fit_to_model, load_split, table
+from codec.commands._common import (
+    add_data_arguments,
+    emit,
+    finite_non_negative_float,
+    fit_to_model,
+    load_split,
+    non_negative_int,
+    positive_int,
+    table,
+)
 
 DEFAULT_PIPELINE = "dna,dne,nda,csne"
 
@@ -43,13 +52,12 @@ def register(subparsers) -> None:
         "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
         help="a Python file defining passes with @register_pass, loaded before the pipeline (repeatable)",
     )
-    add_data_arguments(parser, split=False)
-    parser.add_argument("--split", choices=("train", "test"), default="train", help="calibration split (default train)")
-    parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
+    add_data_arguments(parser, split="train")  # calibration data: the members' training split
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: print the report only)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs")
-    parser.add_argument("--verify-inputs", type=int, default=2048, help="calibration inputs verification runs on (default 2048; 0 = all)")
-    parser.add_argument("--atol", type=float, default=1e-5, help="largest output change verification accepts (default 1e-5)")
+    parser.add_argument("--verify-inputs", type=non_negative_int, default=2048, help="calibration inputs verification runs on (default 2048; 0 = all)")
+    parser.add_argument("--atol", type=finite_non_negative_float, default=1e-5, help="largest output change verification accepts (default 1e-5)")
     parser.add_argument("--print-ir-after-all", action="store_true", help="print every member's IR after each pass (stderr)")
     parser.add_argument("--list-passes", action="store_true", help="list every available pass with its options and exit")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -108,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
         paths["peer"] = args.peer
     for i, path in enumerate(args.member, start=1):
         paths[f"member{i}"] = path
+    from codec.commands._common import data_path, refuse_aliased_outputs
+
+    refuse_aliased_outputs([args.output], [*paths.values(), data_path(args.data)])
     members = lift_members(paths)
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
+    x = fit_to_model(x, members["main"].input_shape, model=args.main.name)
 
     def after_pass(p, mod, record):
         if not args.quiet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import add_data_arguments, emit, fit_to_model, load_split, table
+from codec.commands._common import add_data_arguments, emit, fit_to_model, load_split, positive_int, table
 
 OPT_DEFAULT_DNA = "dna{scope=intersect,criterion=zero}"
 
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         help="the peer member: also count the dead neurons the default codec opt removes from the pair",
     )
     add_data_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="also write the JSON report to this file")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,14 +40,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from codec.commands._common import data_path, refuse_aliased_outputs
     from codec.io import write_json_atomic
     from codec.ir import lift
     from codec.runtime.execution.profile import profile
 
+    refuse_aliased_outputs([args.output], [args.model, data_path(args.data)])
     net = lift(args.model)
     peer = lift(args.peer, name="peer") if args.peer is not None else None
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, net.input_shape, what=f"{dataset.name} {getattr(args, 'split', 'test')}")
+    x = fit_to_model(x, net.input_shape, model=args.model.name)
     stats = profile(net, x, batch_size=args.batch_size, progress=not args.quiet)
     peer_stats = None
     if peer is not None:

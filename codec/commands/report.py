@@ -31,8 +31,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from codec.commands._common import refuse_aliased_outputs
     from codec.pipelines.report import write_report
 
+    refuse_aliased_outputs([args.output], args.inputs)
     out = write_report(args.inputs, args.output, args.title)
     size = out.stat().st_size
     emit(args, {"output": str(out), "bytes": size, "inputs": [str(p) for p in args.inputs]}, f"wrote {out} ({size:,} bytes)")

@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_training_arguments, training_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    non_negative_int,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -33,12 +39,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="recipe name (see --list-recipes), e.g. classifier_s")
     parser.add_argument(
-        "--seed", type=int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
+        "--seed", type=non_negative_int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
-    parser.add_argument(
-        "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
-    )
+    add_data_dir_argument(parser)
     add_training_arguments(parser)
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
@@ -70,7 +74,10 @@ def run(args) -> int:
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
-    overrides = training_overrides(args)
+    from codec.commands._common import refuse_aliased_outputs
+
+    refuse_aliased_outputs([output, checkpoint], [])
+    overrides = small_overrides(training_overrides(args), "train")
     summary = train_recipe(
         args.recipe,
         args.seed,

@@ -7,7 +7,16 @@ import argparse
 import json
 import sys
 
-from codec.commands._common import add_training_arguments, training_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    finite_positive_float,
+    fraction,
+    non_negative_int,
+    positive_int,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -65,29 +74,29 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", help="output folder")
     parser.add_argument("--list-splits", action="store_true", help="print the recipe's module names (split points) and exit")
     group = parser.add_argument_group("ensemble")
-    group.add_argument("--members", type=int, default=4, help="number of members M (default 4)")
+    group.add_argument("--members", type=positive_int, default=4, help="number of members M (default 4)")
     group.add_argument("--split", default="none",
                        help="TreeNet split: a module name (e.g. conv1), an integer n (share the first n modules), "
                             "none (default) or all")
     group.add_argument("--variation", default="random", help="random (default), bagging or both")
     group.add_argument("--loss", default="independent", help="independent (default), score_avg, prob_avg or mcl")
-    group.add_argument("--k", type=int, default=1, help="MCL: members trained on each example (1..M, default 1)")
-    group.add_argument("--alpha", type=float, default=0.0,
+    group.add_argument("--k", type=positive_int, default=1, help="MCL: members trained on each example (1..M, default 1)")
+    group.add_argument("--alpha", type=fraction, default=0.0,
                        help="MCL: weight of the independent cross-entropy mixed in, in [0, 1] (default 0)")
-    group.add_argument("--pretrain-epochs", type=int, default=0,
+    group.add_argument("--pretrain-epochs", type=non_negative_int, default=0,
                        help="epochs of independent cross-entropy before the loss takes over (default 0)")
     group.add_argument("--lr-scale-by-members", action="store_true", help="multiply the learning rate by M")
-    group.add_argument("--accumulate", type=int, default=1,
+    group.add_argument("--accumulate", type=positive_int, default=1,
                        help="sum the gradients of this many batches per optimizer step (default 1)")
     group.add_argument("--monitor", default="objective",
                        help="validation loss for early stopping: objective (default), ensemble_nll or member_ce")
     group.add_argument("--criterion", default="mean",
                        help="how the fused ONNX combines members: mean (default), prod, vote or max")
-    group.add_argument("--width", type=float, default=1.0, help="width multiplier of the network (default 1.0)")
+    group.add_argument("--width", type=finite_positive_float, default=1.0, help="width multiplier of the network (default 1.0)")
     add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
                            seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
-    parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
-    parser.add_argument("--nproc", type=int, default=1,
+    add_data_dir_argument(parser)
+    parser.add_argument("--nproc", type=positive_int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
     parser.add_argument("--trunk-exchange", choices=("broadcast", "replicate", "auto"), default="auto",
                         help="with --nproc > 1: broadcast trunk activations (the paper's design) or replicate the "
@@ -137,7 +146,7 @@ def run(args) -> int:
         criterion=args.criterion,
     )
     _check_split(recipe, args)  # a bad --split fails before any data is read
-    overrides = {"seed": args.seed, **training_overrides(args)}
+    overrides = small_overrides({"seed": args.seed, **training_overrides(args)}, "train-ensemble")
     report = train_ensemble_recipe(
         recipe.name,
         options,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codec.errors import ConfigError, check_interrupt
-from codec.io import write_json_atomic
+from codec.io import regular_file, write_json_atomic
 from codec.pipelines.data import RecipeData, load_recipe_data
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
@@ -89,12 +89,14 @@ class Run:
         if config.exists() and not resume:
             raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it, or choose another -o")
         if resume and config.exists():
-            saved = json.loads(config.read_text())
+            saved = _read_run_json(config, dict)
             if saved != json.loads(json.dumps(options.to_dict())):
                 changed = sorted(k for k in set(saved) | set(options.to_dict()) if saved.get(k) != json.loads(json.dumps(options.to_dict())).get(k))
                 raise ConfigError(f"cannot resume {self.path}: options differ from the original run ({', '.join(changed)})")
             if self.state_path.exists():
-                self.state = json.loads(self.state_path.read_text())
+                self.state = _read_run_json(self.state_path, dict)
+                if not isinstance(self.state.get("steps"), dict) or not all(isinstance(v, dict) for v in self.state["steps"].values()):
+                    raise ConfigError(_damaged(self.state_path, "it has no 'steps' object of step records"))
         for d in (self.path, self.members, self.checkpoints, self.opt):
             d.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config, options.to_dict())
@@ -204,13 +206,36 @@ def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
     return facts
 
 
+def _damaged(path: Path, why: str) -> str:
+    return f"{path} is damaged: {why}; restore the file, or restart the run (without --resume, or in another -o folder)"
+
+
+def _read_run_json(path: Path, kind: type):
+    """A run's own JSON file (config, state, CSN), checked: a damaged one is one line saying which file
+    and what to do, never a traceback from deep inside the resume."""
+    regular_file(path, "run file", ConfigError)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(_damaged(path, f"not valid JSON ({str(exc).splitlines()[0][:120]})")) from exc
+    except OSError as exc:
+        raise ConfigError(_damaged(path, f"unreadable ({exc.strerror or exc})")) from exc
+    if not isinstance(data, kind):
+        raise ConfigError(_damaged(path, f"expected a JSON {kind.__name__}, found {type(data).__name__}"))
+    return data
+
+
 def _load_csn(run: Run, rewritten):
     from codec.ir.csn import CSN, csn_network
 
     path = run.opt / "csn.json"
     if not path.exists():
         return None
-    csn = CSN.from_dict(json.loads(path.read_text()))
+    data = _read_run_json(path, dict)
+    try:
+        csn = CSN.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ConfigError(_damaged(path, f"not a CSN description ({type(exc).__name__}: {exc})")) from exc
     if csn.depth:
         csn.network = csn_network(rewritten, csn)
     return csn
@@ -247,7 +272,13 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     """
     from codec.ir import lift, save_model
     from codec.ir.criteria import default_criterion
-    from codec.ir.ensemble import OUTPUT_NAME, emit_ensemble, ensemble_parameter_count, member_output_name
+    from codec.ir.ensemble import (
+        OUTPUT_NAME,
+        emit_ensemble,
+        ensemble_parameter_count,
+        member_output_name,
+        members_metadata,
+    )
     from codec.models import get_recipe
     from codec.runtime.training import distributed
     from codec.runtime.training.train import TrainConfig
@@ -284,17 +315,17 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     grown_facts = [run.done(f"train:{n}") for n in grown]
     csn = _load_csn(run, rewritten)
 
-    members = {"main": rewritten if options.keep_main == "rewritten" else lift(run.members / "main.onnx", name="main"),
-               "peer": lift(run.opt / "peer.onnx", name="peer")}
-    for i in range(1, options.members - 1):
-        members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
+    # the files of exactly the members the fused graph computes: export checks parity against them
+    files = {"main": run.opt / "main.onnx" if options.keep_main == "rewritten" else run.members / "main.onnx",
+             "peer": run.opt / "peer.onnx",
+             **{name: run.members / f"{name}.onnx" for name in grown}}
+    members = {name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name) for name, path in files.items()}
     criterion = options.criterion or default_criterion(recipe.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
-    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
-                          member_outputs=member_outputs,
-                          metadata={"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})})
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
+    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
+                          member_outputs=member_outputs, metadata=members_metadata(list(files.values()), out))
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
     quality = _evaluate(members, criterion, recipe.task, data)

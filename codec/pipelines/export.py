@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def parity_inputs(options: ExportOptions, input_shape: tuple[int, ...]) -> tuple
     """The inputs parity runs on, and how they were chosen (for the card)."""
     if options.data is not None:
         x, _, dataset = load_split(options.data, data_dir=options.data_dir, split=options.split, limit=options.limit)
-        x = fit_to_model(x, input_shape, what=f"{dataset.name} {options.split}")
+        x = fit_to_model(x, input_shape, model=options.ensemble.name)
         return np.ascontiguousarray(x, dtype=np.float32), {"source": dataset.name, "split": options.split, "examples": len(x)}
     if options.samples < 1:
         raise ConfigError(f"--samples must be positive, got {options.samples}")
@@ -132,21 +133,14 @@ def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
 
 def member_paths(options: ExportOptions, model) -> tuple[list[Path], str]:
     """The member files to check against (may be empty), and where they came from."""
-    from codec.ir.ensemble import MEMBERS_KEY
+    from codec.ir.ensemble import MEMBERS_KEY, member_files
 
     if options.members:
         return list(options.members), "--members"
-    text = (model.metadata_props or {}).get(MEMBERS_KEY)
-    if not text:
+    listed = member_files(model, options.ensemble)
+    if listed is None:
         return [], "none"
-    try:
-        listed = json.loads(text)
-        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-            raise ValueError("not a list of paths")
-    except ValueError as exc:
-        raise ModelLoadError(f"{options.ensemble.name}: its {MEMBERS_KEY} metadata is malformed: {exc}") from None
-    base = options.ensemble.resolve().parent
-    return [base / p for p in listed], f"{MEMBERS_KEY} metadata"
+    return listed, f"{MEMBERS_KEY} metadata"
 
 
 def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
@@ -162,10 +156,8 @@ def _run_member(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
 
     load_model(path)  # refuses missing files and external data outside the member's folder
     session = create_session(path)
-    shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
-    if -1 in shape:
-        raise ShapeError(f"member {path.name}: its input shape {session.get_inputs()[0].shape} is not static beyond the batch")
-    return _run(session, fit_to_model(x, shape, what="parity"), [session.get_outputs()[0].name], batch_size)[0]
+    # the member gets the parity inputs by the rule every command uses (layout, dtype, a fixed batch)
+    return _run(session, x, [session.get_outputs()[0].name], batch_size)[0]
 
 
 def _reference(stack: np.ndarray, criterion: str, task: str) -> np.ndarray:
@@ -232,6 +224,49 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
     return record, fused
 
 
+def validate_description(description: dict, path: Path) -> dict:
+    """The `codec.ensemble` metadata, checked before anything is written (the card is built from it
+    after the model is saved: a wrong type there once crashed with the model written and no card).
+
+    Raises:
+        ModelLoadError: one line naming the file and the malformed entry.
+    """
+    from codec.ir.criteria import CRITERIA, TASKS
+
+    def bad(key: str, expected: str):
+        raise ModelLoadError(f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, got {description[key]!r}"[:400])
+
+    def is_count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if "task" in description and description["task"] not in TASKS:
+        bad("task", f"one of {', '.join(TASKS)}")
+    if description.get("criterion") is not None and description["criterion"] not in CRITERIA:
+        bad("criterion", f"one of {', '.join(CRITERIA)}")
+    if description.get("members") is not None:
+        members = description["members"]
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            bad("members", "a non-empty list of names")
+    if description.get("csn") is not None:
+        csn = description["csn"]
+        if not isinstance(csn, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("layer"), str) and is_count(c.get("neurons")) for c in csn
+        ):
+            bad("csn", "a list of {layer, neurons} records")
+    def is_counts(v) -> bool:
+        return is_count(v) or (isinstance(v, list) and all(is_count(x) for x in v))
+
+    if description.get("shared_layers") is not None and not (
+        isinstance(description["shared_layers"], list) and is_counts(description["shared_layers"])
+    ):
+        bad("shared_layers", "a list of non-negative integers")
+    if description.get("parameters") is not None:
+        parameters = description["parameters"]
+        if not isinstance(parameters, dict) or not all(isinstance(k, str) and is_counts(v) for k, v in parameters.items()):
+            bad("parameters", "an object of non-negative integer counts")
+    return description
+
+
 def verify_written(path: Path, x: np.ndarray, fused: np.ndarray, batch_size: int) -> float:
     """The written model's largest difference from the checked one on the parity inputs (0 when the
     tensors survived serialisation intact)."""
@@ -270,7 +305,7 @@ def export_ensemble(options: ExportOptions) -> dict:
         ConfigError: bad options, or nothing to check parity against.
         ParityError: the fused model, or the written file, differs from its members by more than atol.
     """
-    from codec.io import write_json_atomic
+    from codec.io import refuse_alias, write_json_atomic
     from codec.ir.ensemble import ensemble_description
     from codec.ir.lift import load_model
     from codec.ir.lower import external_data_files, save_model
@@ -278,11 +313,15 @@ def export_ensemble(options: ExportOptions) -> dict:
 
     if options.limit is not None and options.limit < 1:
         raise ConfigError(f"--limit must be positive, got {options.limit}")
-    if options.atol < 0:
-        raise ConfigError(f"--atol must be >= 0, got {options.atol}")
+    if not (isinstance(options.atol, (int, float)) and math.isfinite(options.atol) and options.atol >= 0):
+        raise ConfigError(f"--atol must be a finite number >= 0, got {options.atol}")
+    output = Path(options.output)
+    card_path = Path(options.card) if options.card else output.with_name(output.stem + ".card.json")
+    refuse_alias([output, card_path], [options.ensemble, *(options.members or [])], ConfigError)
     model = load_model(options.ensemble)
+    refuse_alias([output, card_path], member_paths(options, model)[0], ConfigError)  # members from its metadata
     inputs, outputs = check_onnx(options.ensemble)
-    description = ensemble_description(model) or {}
+    description = validate_description(ensemble_description(model) or {}, options.ensemble)
     input_shape = _static_input_shape(inputs, options.ensemble)
     x, data = parity_inputs(options, input_shape)
     parity, fused = check_parity(options, model, description, x)
@@ -309,7 +348,6 @@ def export_ensemble(options: ExportOptions) -> dict:
         raise ParityError(
             f"the written {out.name} differs from {options.ensemble.name} by {parity['written_max_abs_error']:.3g}; removed it"
         )
-    card_path = options.card or out.with_name(out.stem + ".card.json")
     parameters = description.get("parameters", {})
     stored = int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None))
     card = {

@@ -13,10 +13,21 @@ import numpy as np
 
 
 def lift_members(paths: dict[str, Path]) -> dict:
-    """{role: NetworkIR} for {role: ONNX path}; the first entry is the main member, the second the peer."""
+    """{role: NetworkIR} for {role: ONNX path}; the first entry is the main member, the second the peer.
+
+    Raises:
+        LiftError: a member codec cannot lift, naming its role and file (main or peer?) first.
+    """
+    from codec.errors import LiftError
     from codec.ir import lift
 
-    return {name: lift(path, name=name) for name, path in paths.items()}
+    members = {}
+    for name, path in paths.items():
+        try:
+            members[name] = lift(path, name=name)
+        except LiftError as exc:
+            raise LiftError(exc.reason, exc.node, exc.op_type, source=f"{name} member {path}") from exc
+    return members
 
 
 def optimize(
@@ -57,39 +68,51 @@ def optimize(
 
 
 def write_outputs(out: Path, module, manager, report: dict) -> dict:
-    """Write the members, the CSN (csn.json, csn.onnx), NDGs (GraphML) and report.json into `out`.
+    """Write the members, the CSN (csn.json, csn.onnx), NDGs (GraphML) and report.json into `out`, as a unit.
+
+    Everything is written into a staging folder beside `out` that then replaces it (`codec.io.staged_dir`):
+    an interrupted run leaves the previous outputs as they were, and a finished one leaves exactly its
+    own files (none of an earlier run's).
 
     Returns:
-        {artifact: path written}.
+        {artifact: path written} (paths inside `out`).
     """
-    from codec.io import write_json_atomic
+    from codec.io import staged_dir, write_json_atomic
     from codec.ir.lower import lower, save_model
     from codec.passes.nda import NeuronDependenceAnalysis
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     written = {}
-    for name, net in module.members.items():
-        written[name] = str(save_model(lower(net), out / f"{name}.onnx"))
-    if module.csn is not None:
-        write_json_atomic(out / "csn.json", module.csn.to_dict())
-        written["csn.json"] = str(out / "csn.json")
-        if module.csn.network is not None:
-            csn_model = lower(module.csn.network, taps=True)
-            csn_model.metadata_props["codec.csn"] = "true"
-            written["csn"] = str(save_model(csn_model, out / "csn.onnx"))
-    if NeuronDependenceAnalysis.name in manager.results:
-        import networkx as nx
+    with staged_dir(out) as stage:
+        for name, net in module.members.items():
+            save_model(lower(net), stage / f"{name}.onnx")
+            written[name] = str(out / f"{name}.onnx")
+        if module.csn is not None:
+            write_json_atomic(stage / "csn.json", module.csn.to_dict())
+            written["csn.json"] = str(out / "csn.json")
+            if module.csn.network is not None:
+                csn_model = lower(module.csn.network, taps=True)
+                csn_model.metadata_props["codec.csn"] = "true"
+                save_model(csn_model, stage / "csn.onnx")
+                written["csn"] = str(out / "csn.onnx")
+        if NeuronDependenceAnalysis.name in manager.results:
+            from codec.io import atomic_path
+            from codec.runtime.execution.profile import stats_budget
 
-        from codec.io import atomic_path
-
-        for member, ndg in manager.results[NeuronDependenceAnalysis.name].items():
-            graph = ndg.to_networkx()
-            # GraphML wants string node ids: "layer/index"
-            graph = nx.relabel_nodes(graph, {n: f"{n[0]}/{n[1]}" for n in graph.nodes})
-            path = out / f"ndg_{member}.graphml"
-            with atomic_path(path) as tmp:
-                nx.write_graphml(graph, tmp)
-            written[f"ndg_{member}"] = str(path)
-    write_json_atomic(out / "report.json", report)
-    written["report"] = str(out / "report.json")
+            budget = stats_budget()
+            for member, ndg in manager.results[NeuronDependenceAnalysis.name].items():
+                name = f"ndg_{member}.graphml"
+                if ndg.graphml_bytes() > budget:
+                    # streamed, so memory stays small, but the file itself is sized by the model
+                    skipped = report.setdefault("skipped_outputs", {})
+                    skipped[name] = (
+                        f"{ndg.num_edges} edges need about {ndg.graphml_bytes()} bytes of GraphML, past the "
+                        f"budget of {budget} bytes (CODEC_MAX_STATS_BYTES)"
+                    )
+                    continue
+                with atomic_path(stage / name) as tmp:
+                    ndg.write_graphml(tmp)
+                written[f"ndg_{member}"] = str(out / name)
+        written["report"] = str(out / "report.json")
+        write_json_atomic(stage / "report.json", report)
     return written

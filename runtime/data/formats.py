@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from codec.errors import ConfigError, DataError
+from codec.io import regular_file
 from codec.runtime.data.catalog import (
     _CIFAR_ARCHIVE,
     _CIFAR_DIR,
@@ -115,6 +116,12 @@ def _dataset_from_arrays(
         class_names = [str(c) for c in stored]
     if class_names is None:
         num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
+        if num_classes > MAX_INFERRED_CLASSES:
+            # class names are made for every integer below the largest label: 2**33 would allocate ~100 GB
+            raise DataError(
+                f"{source}: the largest label is {num_classes - 1}, so {num_classes} classes would be inferred, "
+                f"past the limit of {MAX_INFERRED_CLASSES}; store a class_names array or relabel 0..K-1"
+            )
         class_names = [str(c) for c in range(num_classes)]
     return Dataset(
         name=name,
@@ -143,11 +150,76 @@ def _to_float_nchw(x: np.ndarray, what: str) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+# Classes inferred from labels (0..max label) when a file names none: far more than any dataset codec
+# trains on has, and small enough that their names take a few MB.
+MAX_INFERRED_CLASSES = 1 << 16
+MAX_DATA_BYTES_ENV = "CODEC_MAX_DATA_BYTES"
+# What one data file may decode to (as float32, which is what codec keeps): CIFAR-10's training set is
+# 0.6 GB. Checked from the sizes the file declares (zip member sizes, npy and IDX headers) before anything
+# is decompressed or allocated, so a few-MB file declaring many GB is one line, not an out-of-memory kill.
+DEFAULT_MAX_DATA_BYTES = 4 << 30
+
+
+def data_budget() -> int:
+    """`$CODEC_MAX_DATA_BYTES`, else 4 GiB: the most one data file may decode to."""
+    text = os.environ.get(MAX_DATA_BYTES_ENV) or str(DEFAULT_MAX_DATA_BYTES)
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ConfigError(f"{MAX_DATA_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+    if limit < 1:
+        raise ConfigError(f"{MAX_DATA_BYTES_ENV}={text!r} must be a positive number of bytes")
+    return limit
+
+
+def _over_budget(path: Path, what: str, nbytes: int) -> DataError:
+    return DataError(
+        f"{path}: {what} declares {nbytes} bytes of data, past the limit of {data_budget()} bytes "
+        f"(set {MAX_DATA_BYTES_ENV}=BYTES to raise it)"
+    )
+
+
+def _check_npz_sizes(path: Path, names: Sequence[str]) -> None:
+    """Budget an .npz from what it declares, before numpy decompresses or allocates anything: each
+    member's npy header (shape x dtype, which numpy allocates), its zip size (what it inflates to), and
+    the deflate ratio (no deflate stream inflates more than ~1032x: a larger declared size is a lie)."""
+    budget, total = data_budget(), 0
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            try:
+                info = archive.getinfo(f"{name}.npy")
+            except KeyError:
+                continue
+            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 1100 * info.compress_size + 4096:
+                raise DataError(
+                    f"{path}: member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
+                    "compressed (more than deflate can produce): corrupt or a decompression bomb"
+                )
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member, max_header_size=10000)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member, max_header_size=10000)
+            count = int(np.prod(shape, dtype=object))
+            data_bytes = count * dtype.itemsize
+            if data_bytes > info.file_size:
+                raise DataError(
+                    f"{path}: member {info.filename} declares shape {shape} ({data_bytes} bytes) but holds "
+                    f"{info.file_size}: truncated or corrupt"
+                )
+            # codec converts numeric data to float32: budget what it will hold, not only what is stored
+            total += max(data_bytes, count * 4 if dtype.kind in "biuf" else 0)
+            if total > budget:
+                raise _over_budget(path, f"member {info.filename} (shape {shape})", total)
+
+
 def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Read named arrays from an .npz without ever unpickling; every failure is a one-line DataError."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    regular_file(path, "file", DataError)  # never open a FIFO (it blocks) or a device
     try:
+        if zipfile.is_zipfile(path):
+            _check_npz_sizes(path, (*required, *optional))
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DataError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
@@ -214,7 +286,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
         DataError: Naming the file, when it is not IDX, has the wrong magic, or is truncated or too long.
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
+    raw = _read_maybe_gzip(path, _idx_size)
     if len(raw) < 4:
         raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, shorter than the 4-byte magic")
     magic = int.from_bytes(raw[:4], "big")
@@ -237,16 +309,44 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
+def _idx_size(head: bytes) -> int | None:
+    """The total bytes an IDX file declares (header + data), from its first bytes; None if unknown yet."""
+    if len(head) < 4 or head[:2] != b"\x00\x00":
+        return None
+    header = 4 + 4 * head[3]
+    if len(head) < header:
+        return None
+    return header + int(np.prod(struct.unpack(f">{head[3]}I", head[4:header]), dtype=object))
+
+
+def _read_maybe_gzip(path: Path, declared_size=None) -> bytes:
+    """The file's bytes, gunzipped when it is gzip. `declared_size(first bytes)` gives the size the
+    content says it has: that is budgeted before reading on, and gzip is inflated streamed, never past
+    it (plus one byte, to see trailing data), so a small .gz cannot inflate to gigabytes."""
+    regular_file(path, "file", DataError)
+    budget = data_budget()
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {_one_line(exc)}") from exc
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return gzip.decompress(data)
+            magic = f.read(2)
+            f.seek(0)
+            if magic != b"\x1f\x8b":
+                size = os.fstat(f.fileno()).st_size
+                # an IDX file is kept as uint8 and converted to float32 (4 bytes a value)
+                if 4 * size > budget:
+                    raise _over_budget(path, "the file", 4 * size)
+                return f.read()
+            with gzip.GzipFile(fileobj=f) as stream:
+                head = stream.read(1024)
+                limit = declared_size(head) if declared_size is not None else None
+                if limit is not None and 4 * limit > budget:
+                    raise _over_budget(path, "its header", 4 * limit)
+                cap = (limit if limit is not None else budget // 4) + 1 - len(head)
+                rest = stream.read(max(cap, 0))
+                if limit is None and len(head) + len(rest) > budget // 4:
+                    raise _over_budget(path, "the gzip stream", len(head) + len(rest))
+                return head + rest
+    except DataError:
+        raise
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: corrupt or truncated gzip file: {_one_line(exc)}") from exc
 

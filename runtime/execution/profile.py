@@ -23,6 +23,7 @@ import numpy as np
 from codec.errors import ConfigError, DataError, ShapeError
 from codec.ir.lower import lower, tap_name, to_bytes
 from codec.ir.network import Add, NetworkIR
+from codec.runtime.execution.inputs import fit_examples
 
 
 @dataclass
@@ -296,14 +297,26 @@ def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
     return sizes
 
 
+def stats_budget() -> int:
+    """The statistics budget in bytes: `$CODEC_MAX_STATS_BYTES`, else 4 GiB (also the NDG GraphML budget).
+
+    Raises:
+        ConfigError: the variable is not a positive whole number.
+    """
+    text = os.environ.get(MAX_STATS_BYTES_ENV) or str(DEFAULT_MAX_STATS_BYTES)
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+    if limit < 1:
+        raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} must be a positive number of bytes")
+    return limit
+
+
 def _check_stats_budget(nets: list[NetworkIR], pair: bool, limit: int | None) -> None:
     """Refuse, before anything is allocated, statistics larger than the memory budget."""
     if limit is None:
-        text = os.environ.get(MAX_STATS_BYTES_ENV) or str(DEFAULT_MAX_STATS_BYTES)
-        try:
-            limit = int(text)
-        except ValueError:
-            raise ConfigError(f"{MAX_STATS_BYTES_ENV}={text!r} is not a whole number of bytes") from None
+        limit = stats_budget()
     sizes = stats_bytes(nets, pair)
     total = sum(sizes.values())
     if total > limit:
@@ -334,11 +347,8 @@ def _batches(data, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def _check_batch(batch: np.ndarray, net: NetworkIR, seen: int) -> np.ndarray:
-    batch = np.ascontiguousarray(batch, dtype=np.float32)
-    if batch.shape[1:] != tuple(net.input_shape):
-        raise ShapeError(
-            f"calibration examples have shape {list(batch.shape[1:])} but {net.name!r} expects {list(net.input_shape)}"
-        )
+    # the one input rule (inputs.py): flat <-> image layouts; the lowered, tapped network computes in float32
+    batch = fit_examples(batch, tuple(net.input_shape), np.float32, model=repr(net.name))
     if not np.all(np.isfinite(batch)):
         bad = int(np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))[0])
         raise DataError(f"calibration input {seen + bad} contains NaN or infinite values")

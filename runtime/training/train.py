@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError, first_line
-from codec.io import atomic_path
+from codec.io import atomic_path, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +393,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             tensors do not match the checksum written with them (a corrupted copy).
     """
     path = Path(path)
+    if path.exists():
+        regular_file(path, "checkpoint", ModelLoadError)  # a FIFO would block torch.load
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
