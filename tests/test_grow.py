@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import run_onnx
@@ -68,3 +70,24 @@ def test_bad_grow_options():
         GrowOptions(init="copy")
     with pytest.raises(ConfigError):
         GrowOptions(lr_scale=0)
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_grown_members_trained_together_equal_separate_runs(template, data, cache, tmp_path):
+    from codec.runtime.training.grow import train_grown_members
+    from codec.runtime.training.train import load_checkpoint
+
+    rewritten, _ = template
+    x, y, xv, yv = data
+    options = GrowOptions(cache=cache)
+    path = tmp_path / "grown.ckpt"
+    together = train_grown_members(rewritten, x, y, xv, yv, _config(), seeds=[5, 6], options=options,
+                                   checkpoint_path=path, names=["grown_1", "grown_2"])
+    assert load_checkpoint(path)["count"] == 2  # one run, one checkpoint for both
+    for (net, result, facts), seed in zip(together, (5, 6)):
+        config = dataclasses.replace(_config(), seed=seed)
+        alone, alone_result, alone_facts = train_grown(rewritten, x, y, xv, yv, config, seed=seed, options=options)
+        assert facts == alone_facts
+        assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in alone_result.history]
+        for a, b in zip(net.compute_layers(), alone.compute_layers()):
+            np.testing.assert_array_equal(a.weight, b.weight)

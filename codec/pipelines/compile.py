@@ -110,19 +110,51 @@ class Run:
         check_interrupt()  # between artifacts: honour a stop that an import turned into another exception
 
 
-def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: RecipeData, quiet: bool) -> tuple[dict, bytes]:
-    """Train one member the ordinary way (random init); returns its facts and its ONNX bytes."""
+def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config, data: RecipeData,
+                        quiet: bool) -> dict[str, tuple[dict, bytes]]:
+    """Train members the ordinary way (random init), together in one engine run (stacked when the
+    architecture allows); returns each one's facts and ONNX bytes."""
     from codec.pipelines.train import member_facts
-    from codec.runtime.training.train import export_onnx, train_member
+    from codec.runtime.training.engine import train_members
+    from codec.runtime.training.train import export_onnx
 
-    config = dataclasses.replace(config, seed=seed, quiet=quiet)
-    module = recipe.build(data.input_shape, data.num_outputs, seed=seed)
-    result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config,
-                          checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name)
-    part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
-    blob = part.read_bytes()
-    part.unlink()
-    return {"path": f"members/{name}.onnx", **member_facts(result, seed, parameters=True)}, blob
+    config = dataclasses.replace(config, quiet=quiet)
+    modules = [recipe.build(data.input_shape, data.num_outputs, seed=seeds[name]) for name in names]
+    trained = train_members(modules, data.x_train, data.y_train, data.x_val, data.y_val, config,
+                            seeds=[seeds[name] for name in names], checkpoint_path=_group_checkpoint(run, names),
+                            resume=True, names=names, desc="+".join(names))
+    out = {}
+    for name, result in zip(names, trained.members):
+        part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
+        blob = part.read_bytes()
+        part.unlink()
+        stacked = names.index(name) in trained.stacked
+        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name], parameters=True),
+                 **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble)}
+        out[name] = (facts, blob)
+    return out
+
+
+def _group_facts(result, names: list[str], *, stacked: bool = False, ensemble: dict | None = None) -> dict:
+    """What training a member together with others adds to its facts."""
+    facts = {
+        # the member's share of its group's run, so that sums over members stay the total time
+        "train_seconds": result.train_seconds / len(names),
+        "group_train_seconds": result.train_seconds,
+        "stopped_early": result.stopped_early,
+        "trained_with": names,
+        "stacked": stacked,
+    }
+    if ensemble is not None:
+        # beside the member's own stopping (stopped_early): the ensemble-level record of its group
+        facts["ensemble_stopping"] = {key: ensemble[key] for key in ("patience", "monitored", "best_epoch",
+                                                                      "stopped_early")}
+    return facts
+
+
+def _group_checkpoint(run: Run, names: list[str]) -> Path:
+    """One checkpoint per group of members trained together (the group a rank trains)."""
+    return run.checkpoints / f"{'+'.join(names)}.ckpt"
 
 
 def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
@@ -135,14 +167,17 @@ def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
 
 
 def _train_all(run: Run, world, names: list[str], task) -> None:
-    """Train the members not finished yet, spread over ranks; rank 0 stores them."""
+    """Train the members not finished yet, split over ranks (each rank trains its part together with
+    `task(part)`); rank 0 stores them."""
     from codec.runtime.training import distributed
 
     todo = [n for n in names if run.done(f"train:{n}") is None]
-    results = distributed.run_tasks(todo, task)
+    results = distributed.run_task_groups(todo, task)
     if world.is_main:
         for name in todo:
             _store_member(run, name, *results[name])
+        for part in distributed.partition(todo):
+            _group_checkpoint(run, part).unlink(missing_ok=True)
     run.state = distributed.broadcast(run.state)
 
 
@@ -206,18 +241,25 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: RecipeData, quiet: bool) -> tuple[dict, bytes]:
-    """Train one grown member around the CSN; returns its facts and its ONNX bytes."""
+def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOptions, config, data: RecipeData,
+          quiet: bool) -> dict[str, tuple[dict, bytes]]:
+    """Train grown members around the CSN, together in one engine run; returns each one's facts and bytes."""
     from codec.ir import lower, to_bytes
     from codec.pipelines.train import member_facts
-    from codec.runtime.training.grow import train_grown
+    from codec.runtime.training.grow import train_grown_members
 
-    config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
-    net, result, extra = train_grown(
+    config = dataclasses.replace(config, quiet=quiet, lr=config.lr * options.grow.lr_scale)
+    grown = train_grown_members(
         template, data.x_train, data.y_train, data.x_val, data.y_val, config,
-        seed=seed, options=options.grow, checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name,
+        seeds=[seeds[name] for name in names], options=options.grow,
+        checkpoint_path=_group_checkpoint(run, names), resume=True, names=names,
     )
-    return {"path": f"members/{name}.onnx", **member_facts(result, seed), **extra}, to_bytes(lower(net))
+    out = {}
+    for name, (net, result, extra) in zip(names, grown):
+        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name]), **_group_facts(result, names),
+                 **extra}  # grown members (IRModule, frozen CSN) are module units: never stacked
+        out[name] = (facts, to_bytes(lower(net)))
+    return out
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
@@ -255,7 +297,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     quiet = quiet or not world.is_main
 
     seeds = {"main": options.seed, "peer": options.seed + 1}
-    _train_all(run, world, ["main", "peer"], lambda n: _train_conventional(run, n, seeds[n], recipe, config, data, quiet))
+    _train_all(run, world, ["main", "peer"], lambda part: _train_conventional(run, part, seeds, recipe, config, data, quiet))
     if world.is_main:
         _run_passes(run, options, data)
     # every rank grows around the same rewritten main: rank 0 sends it (no shared filesystem needed)
@@ -264,7 +306,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     rewritten = lift(rewritten_bytes, name="main")
     grown = [f"grown_{i}" for i in range(1, options.members - 1)]
     grown_seeds = {name: options.seed + 1 + i for i, name in enumerate(grown, start=1)}
-    _train_all(run, world, grown, lambda n: _grow(run, n, grown_seeds[n], rewritten, options, config, data, quiet))
+    _train_all(run, world, grown, lambda part: _grow(run, part, grown_seeds, rewritten, options, config, data, quiet))
     if not world.is_main:
         distributed.barrier()
         return {}
@@ -340,6 +382,13 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
             "wall_this_invocation": wall,
         },
         "epochs": {"main": main_facts["epochs"], "peer": peer_facts["epochs"], "grow": [g["epochs"] for g in grown_facts]},
+        # how the engine trained each member: its own early stopping beside its group's ensemble-level stopping
+        "training": {
+            name: {key: facts.get(key) for key in ("best_epoch", "stopped_early", "trained_with", "stacked",
+                                                    "group_train_seconds", "ensemble_stopping")}
+            for name, facts in [("main", main_facts), ("peer", peer_facts),
+                                *[(f"grown_{i}", g) for i, g in enumerate(grown_facts, start=1)]]
+        },
         "csn": {"per_layer": pass_facts["csn_per_layer"], "total": pass_facts["csn_total"], "parameters": csn_params},
         "parameters": {
             "conventional_member": tp_dnn,

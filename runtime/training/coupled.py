@@ -52,9 +52,7 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,25 +63,13 @@ from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError
 from codec.ir.network import Activation, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
+from codec.runtime.training.engine import _ModuleUnit, train_members
 from codec.runtime.training.losses import LOSSES, EnsembleLoss, member_losses
 from codec.runtime.training.train import (
-    CHECKPOINT_FORMAT,
     EVAL_BATCH_SIZE,
     EarlyStopping,
     TrainConfig,
-    _check_fingerprint,
     _check_training_data,
-    _fingerprint,
-    _make_optimizer,
-    _make_scheduler,
-    _optimizer_state,
-    _progress,
-    _restore_optimizer_state,
-    _save_checkpoint,
-    _state_copy,
-    load_checkpoint,
-    resolve_device,
-    seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -588,113 +574,117 @@ def train_coupled(
         raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
     if treenet.members != options.members:
         raise ConfigError(f"the TreeNet has {treenet.members} members but the options ask for {options.members}")
-    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, "ce")
-    device = resolve_device(config.device)
+    x_t, _, _, _ = _check_training_data(x_train, y_train, x_val, y_val, "ce")
     n = x_t.shape[0]
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     weights = torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
     bag_unique = [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
     step_config = config
     if options.lr_scale_by_members:
         step_config = dataclasses.replace(config, lr=config.lr * options.members)
 
-    previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
-        treenet.to(device)
-        treenet.train()
-        optimizer = _make_optimizer(treenet, step_config)
-        scheduler = _make_scheduler(optimizer, step_config)
-        shuffle = torch.Generator().manual_seed(config.seed)
-        ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
-        fingerprint = _fingerprint(config, treenet, n)
-        fingerprint["ensemble"] = json.dumps(options.trajectory(), sort_keys=True)
-        _check_labels(treenet, x_t, y_t, device)
+    def objective(module, member_config, seed, device):
+        return _CoupledUnit(module, step_config, options, weights, n, device)
 
-        run = EarlyStopping(_state_copy(treenet), config.max_epochs, config.patience)
-        seed_everything(config.seed)
-        if resume and checkpoint_path is not None and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            if state.get("kind") != CHECKPOINT_KIND:
-                raise ModelLoadError(f"{checkpoint_path} is a single-member checkpoint, not a coupled ensemble's")
-            _check_fingerprint(state["fingerprint"], fingerprint, checkpoint_path)
-            if state["fingerprint"].get("ensemble") != fingerprint["ensemble"]:
-                raise ConfigError(
-                    f"checkpoint {checkpoint_path} was written with other ensemble options "
-                    f"({state['fingerprint'].get('ensemble')}); delete it or do not resume"
-                )
-            _restore_optimizer_state(state, treenet, optimizer, scheduler, device)
-            run.restore(state)
-            shuffle.set_state(state["generator"])
-            ties.set_state(state["tie_generator"])
-            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, run.epoch)
+    # The engine's loop: the TreeNet is its one module, the coupled loss is this objective's.
+    run = train_members([treenet], x_train, y_train, x_val, y_val, config, seeds=[config.seed],
+                        lrs=[step_config.lr], checkpoint_path=checkpoint_path, resume=resume, names=[desc], desc=desc,
+                        on_epoch_end=None if on_epoch_end is None else lambda e, record: on_epoch_end(e, record["members"][0]),
+                        objective=objective)
+    result = run.members[0]
+    return CoupledResult(
+        module=treenet,
+        history=result.history,
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=result.train_seconds,
+        stopped_early=result.stopped_early,
+        bag_unique=bag_unique,
+    )
 
-        run_start = time.perf_counter()
-        progress = _progress(config, desc, run.epoch)
+
+class _CoupledUnit(_ModuleUnit):
+    """The engine's unit for a TreeNet: one module, one optimizer, the ensemble loss of its members.
+
+    Each batch runs the TreeNet once and backpropagates the ensemble loss of all members (example weights
+    from the bootstrap samples under bagging; MCL's ties broken by a seeded generator), with gradients
+    accumulated over ``options.accumulate`` batches. Pretraining epochs never stop early, and the
+    best-so-far restarts when the main loss takes over.
+    """
+
+    kind = CHECKPOINT_KIND
+
+    def __init__(self, treenet, config: TrainConfig, options: EnsembleOptions, weights, n: int, device):
+        super().__init__(0, treenet, config, config.seed, device)
+        self.options = options
+        self.weights = weights
+        self.batches_per_epoch = len(range(0, n, config.batch_size))
+        self.ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
+        self.loss = None
+
+    def check_outputs(self, x_t, y_t) -> None:
+        _check_labels(self.module, x_t, y_t, self.device)
+
+    def fingerprint(self, fingerprint: dict) -> dict:
+        return {**fingerprint, "ensemble": json.dumps(self.options.trajectory(), sort_keys=True)}
+
+    def check_resume(self, state: dict, path: Path) -> None:
+        if state.get("kind") != CHECKPOINT_KIND:
+            raise ModelLoadError(f"{path} is a single-member checkpoint, not a coupled ensemble's")
+
+    def check_resume_fingerprint(self, saved: dict, current: dict, path: Path) -> None:
+        if saved.get("ensemble") != current["ensemble"]:
+            raise ConfigError(
+                f"checkpoint {path} was written with other ensemble options "
+                f"({saved.get('ensemble')}); delete it or do not resume"
+            )
+
+    def begin_epoch(self, epoch: int, stop: EarlyStopping) -> tuple[dict, bool]:
+        phase, self.loss = _phase_loss(self.options, epoch)
+        if epoch == self.options.pretrain_epochs + 1 and self.options.pretrain_epochs:
+            stop.new_objective()
+        return {"phase": phase}, phase != "pretrain"
+
+    def train_epoch(self, batches, loss_fn, loss_name: str, epoch: int, desc) -> dict:
+        saved = self._get_rng()
+        self._set_rng(self.rng)
         try:
-            epoch = run.epoch
-            while not run.finished and epoch < config.max_epochs:
-                epoch += 1
-                epoch_start = time.perf_counter()
-                phase, loss = _phase_loss(options, epoch)
-                if epoch == options.pretrain_epochs + 1 and options.pretrain_epochs:
-                    run.new_objective()
-                lr = float(optimizer.param_groups[0]["lr"])
-                train_loss = _coupled_epoch(treenet, x_t, y_t, weights, loss, optimizer, config, options,
-                                            shuffle, ties, device, epoch)
-                if scheduler is not None:
-                    scheduler.step()
-                entry = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "val_loss": None,
-                         "val_accuracy": None, "val_oracle_accuracy": None, "val_member_accuracy": None}
-                if xv_t is not None:
-                    entry.update(_validation(ensemble_logits(treenet, xv_t), yv_t, loss, options.monitor))
-                    monitored = entry["val_loss"]
-                else:
-                    monitored = train_loss
-                if not math.isfinite(monitored):
-                    raise DataError(f"{desc}: non-finite loss at epoch {epoch} (lr {lr:g}); check the data or lower the learning rate")
-                entry.update(lr=lr, seconds=time.perf_counter() - epoch_start)
-                run.observe(entry, monitored, treenet, patience_applies=phase != "pretrain")
-                if checkpoint_path is not None:
-                    state = {
-                        "format": CHECKPOINT_FORMAT,
-                        "kind": CHECKPOINT_KIND,
-                        "fingerprint": fingerprint,
-                        **_optimizer_state(treenet, optimizer, scheduler, device),
-                        **run.state(run.prior_seconds + time.perf_counter() - run_start),
-                        "generator": shuffle.get_state(),
-                        "tie_generator": ties.get_state(),
-                    }
-                    _save_checkpoint(checkpoint_path, state)
-                if progress is not None:
-                    postfix = {"loss": f"{train_loss:.4f}"}
-                    if entry["val_loss"] is not None:
-                        postfix.update(val=f"{entry['val_loss']:.4f}", acc=f"{entry['val_accuracy']:.3f}",
-                                       oracle=f"{entry['val_oracle_accuracy']:.3f}")
-                    progress.set_postfix(postfix, refresh=False)
-                    progress.update(1)
-                if config.verbose:
-                    log.info("%s: epoch %d (%s) train_loss %.4f val %s (%.1fs)", desc, epoch, phase, train_loss,
-                             entry["val_loss"], entry["seconds"])
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, entry)
+            self.module.train()
+            total, count = 0.0, 0
+            self.optimizer.zero_grad(set_to_none=True)
+            for batch, (index, xb, yb, _) in enumerate(batches(0), start=1):
+                wb = self.weights[:, index].to(self.device) if self.weights is not None else None
+                value = self.loss(self.module(xb), yb, wb if self.loss.memberwise else None, self.ties)
+                if not torch.isfinite(value):
+                    raise DataError(
+                        f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch {batch}; check "
+                        f"the data or lower the learning rate (lr {self.optimizer.param_groups[0]['lr']:g})"
+                    )
+                (value / self.options.accumulate).backward()
+                # Step after every `accumulate` batches and at the epoch's end, so each epoch ends on a step
+                # and a checkpoint never holds half-accumulated gradients.
+                if batch % self.options.accumulate == 0 or batch == self.batches_per_epoch:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += float(value.detach()) * len(index)
+                count += len(index)
+            return {0: total / count}
         finally:
-            if progress is not None:
-                progress.close()
-        treenet.load_state_dict(run.best_state)
-        return CoupledResult(
-            module=treenet,
-            history=run.history,
-            best_epoch=run.best_epoch,
-            epochs_run=len(run.history),
-            train_seconds=run.prior_seconds + time.perf_counter() - run_start,
-            stopped_early=run.stopped_early,
-            bag_unique=bag_unique,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
+            self.rng = self._get_rng()
+            self._set_rng(saved)
 
+    def validate(self, xv_t, yv_t) -> tuple[dict, float | None]:
+        fields = {"val_loss": None, "val_accuracy": None, "val_oracle_accuracy": None, "val_member_accuracy": None}
+        if xv_t is None:
+            return fields, None
+        fields.update(_validation(ensemble_logits(self.module, xv_t), yv_t, self.loss, self.options.monitor))
+        return fields, fields["val_loss"]
+
+    def state(self) -> dict:
+        return {**super().state(), "tie_generator": self.ties.get_state()}
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self.ties.set_state(state["tie_generator"])
 
 
 @torch.no_grad()
@@ -710,35 +700,6 @@ def _check_labels(treenet: TreeNet, x_t: torch.Tensor, y_t: torch.Tensor, device
         raise DataError(f"the members must output (examples, classes) logits, got shape {tuple(out.shape[1:])}")
     if int(y_t.max()) >= out.shape[2]:
         raise DataError(f"labels go up to {int(y_t.max())} but the members have only {out.shape[2]} outputs (classes)")
-
-
-def _coupled_epoch(treenet, x_t, y_t, weights, loss: EnsembleLoss, optimizer, config, options, shuffle, ties, device,
-                   epoch) -> float:
-    """One pass over the shuffled training set; returns the mean training loss per example."""
-    treenet.train()
-    n = x_t.shape[0]
-    order = torch.randperm(n, generator=shuffle)
-    starts = list(range(0, n, config.batch_size))
-    total = 0.0
-    optimizer.zero_grad(set_to_none=True)
-    for batch, start in enumerate(starts, start=1):
-        index = order[start : start + config.batch_size]
-        xb, yb = x_t[index].to(device), y_t[index].to(device)
-        wb = weights[:, index].to(device) if weights is not None else None
-        value = loss(treenet(xb), yb, wb if loss.memberwise else None, ties)
-        if not torch.isfinite(value):
-            raise DataError(
-                f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch {batch}; check the data "
-                f"or lower the learning rate (lr {optimizer.param_groups[0]['lr']:g})"
-            )
-        (value / options.accumulate).backward()
-        # Step after every `accumulate` batches and at the epoch's end, so each epoch ends on a step and a
-        # checkpoint never holds half-accumulated gradients.
-        if batch % options.accumulate == 0 or batch == len(starts):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        total += float(value.detach()) * len(index)
-    return total / n
 
 
 __all__ = [

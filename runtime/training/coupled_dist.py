@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,23 +52,18 @@ from codec.runtime.training.coupled import (
     CoupledResult,
     EnsembleOptions,
     TreeNet,
-    _check_labels,
-    _phase_loss,
-    _progress,
+    _CoupledUnit,
     _stream_seed,
-    _validation,
     bootstrap_weights,
-    ensemble_logits,
     train_coupled,
 )
+from codec.runtime.training.engine import train_members
 from codec.runtime.training.losses import EnsembleLoss
 from codec.runtime.training.train import (
     _TRAJECTORY_FIELDS,
-    EarlyStopping,
     _check_training_data,
     _make_optimizer,
     _make_scheduler,
-    _state_copy,
     seed_everything,
 )
 
@@ -312,30 +305,98 @@ def broadcast_state(treenet: nn.Module, owner: Callable[[str], int]) -> None:
                 offset += t.numel()
 
 
-def _epoch(treenet, plan, x_t, y_t, weights, loss, optimizer, config, options, shuffle, ties, device, epoch,
-           lr) -> float:
-    """One pass over the shuffled training set (the batches of `runtime.coupled._coupled_epoch`)."""
-    treenet.train()
-    n = x_t.shape[0]
-    order = torch.randperm(n, generator=shuffle)
-    starts = list(range(0, n, config.batch_size))
-    total = 0.0
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    for batch, start in enumerate(starts, start=1):
-        index = order[start : start + config.batch_size]
-        xb, yb = x_t[index].to(device), y_t[index].to(device)
-        wb = weights[:, index].to(device) if weights is not None and loss.memberwise else None
-        value = coupled_backward(treenet, plan, xb, yb, wb, loss, ties, scale=1.0 / options.accumulate,
-                                 context=f" at epoch {epoch}, batch {batch} (lr {lr:g})")
-        if batch % options.accumulate == 0 or batch == len(starts):
-            if plan.trunk == "replicate":
-                allreduce_trunk_gradients(treenet)
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        total += value * len(index)
-    return total / n
+class _DistributedCoupledUnit(_CoupledUnit):
+    """The engine's unit for one rank's part of a TreeNet: the batches of `_CoupledUnit`, the
+    broadcast/gather step of the module docstring, rank 0's validation decision sent to every rank."""
+
+    def __init__(self, treenet, config, options, weights, n: int, device, plan: CoupledPlan, rank: int):
+        # Not _ModuleUnit.__init__: the optimizer holds only the parameters this rank owns (or is None).
+        self.indices = [0]
+        self.module = treenet
+        self.device = device
+        self.options = options
+        self.weights = weights
+        self.batches_per_epoch = len(range(0, n, config.batch_size))
+        self.ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
+        self.loss = None
+        self.plan, self.rank = plan, rank
+        self.base_lr, self.lr_decay = config.lr, config.lr_decay
+        self.epoch = 0
+        owned_modules = nn.ModuleList([treenet.branches[m] for m in plan.owned])
+        if plan.owns_trunk:
+            owned_modules.append(treenet.trunk)
+        has_params = any(p.requires_grad for p in owned_modules.parameters())
+        self.optimizer = _make_optimizer(owned_modules, config) if has_params else None
+        self.scheduler = _make_scheduler(self.optimizer, config) if self.optimizer is not None else None
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+            seed_everything(config.seed)
+            if rank:  # each rank's branches draw their dropout masks from its own stream
+                torch.manual_seed(int(np.random.SeedSequence([config.seed, _RANK_STREAM, rank]).generate_state(1)[0]))
+            self.rng = self._get_rng()
+        self.train_loss = None
+
+    def lr(self, index: int) -> float:
+        # Every optimizer follows the same schedule; a rank without one (it owns no weights) reads the
+        # schedule's closed form, for its error messages only (the history holds rank 0's value).
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0]["lr"])
+        return self.base_lr * (self.lr_decay or 1.0) ** self.epoch
+
+    def begin_epoch(self, epoch: int, stop) -> tuple[dict, bool]:
+        self.epoch = epoch - 1
+        return super().begin_epoch(epoch, stop)
+
+    def train_epoch(self, batches, loss_fn, loss_name: str, epoch: int, desc) -> dict:
+        saved = self._get_rng()
+        self._set_rng(self.rng)
+        try:
+            self.module.train()
+            lr = self.lr(0)
+            total, count = 0.0, 0
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            for batch, (index, xb, yb, _) in enumerate(batches(0), start=1):
+                wb = self.weights[:, index].to(self.device) if self.weights is not None and self.loss.memberwise else None
+                value = coupled_backward(self.module, self.plan, xb, yb, wb, self.loss, self.ties,
+                                         scale=1.0 / self.options.accumulate,
+                                         context=f" at epoch {epoch}, batch {batch} (lr {lr:g})")
+                if batch % self.options.accumulate == 0 or batch == self.batches_per_epoch:
+                    if self.plan.trunk == "replicate":
+                        allreduce_trunk_gradients(self.module)
+                    if self.optimizer is not None:
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                total += value * len(index)
+                count += len(index)
+        finally:
+            self.rng = self._get_rng()
+            self._set_rng(saved)
+        broadcast_state(self.module, self.plan.state_owner)  # every rank now holds the whole TreeNet
+        self.train_loss = total / count
+        return {0: self.train_loss}
+
+    def validate(self, xv_t, yv_t) -> tuple[dict, float | None]:
+        """Rank 0 scores the TreeNet and sends every rank the same numbers, so every rank's early stopping
+        takes the same decision."""
+        decision = failure = None
+        if self.rank == 0:
+            try:
+                fields, monitored = super().validate(xv_t, yv_t)
+                decision = {"fields": {**fields, "train_loss": self.train_loss},
+                            "monitored": monitored if monitored is not None else self.train_loss, "error": None}
+            except Exception as exc:  # noqa: BLE001 - the other ranks wait for a decision: send them any failure
+                failure = exc
+                decision = {"error": [isinstance(exc, DataError), f"{type(exc).__name__}: {exc}"]}
+        decision = distributed.broadcast(decision)
+        if failure is not None:
+            raise failure
+        if decision["error"] is not None:
+            data_error, message = decision["error"]
+            raise (DataError if data_error else CodecError)(f"rank 0 failed at epoch {self.epoch + 1}: {message}")
+        return decision["fields"], decision["monitored"]
+
+    def agree(self, entry: dict) -> dict:
+        return distributed.broadcast(entry)  # rank 0's history (its epoch time) on every rank
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -448,104 +509,32 @@ def train_coupled_distributed(
         treenet.to(device)
         _check_agreement(_summary(x_t, y_t, xv_t, yv_t, config, options, treenet, trunk))
         broadcast_state(treenet, lambda key: 0)
-        _check_labels(treenet, x_t, y_t, device)  # the same data everywhere: every rank raises or none does
         plan = plan_coupled(treenet, x_t[:2].to(device), trunk=trunk, batch_size=config.batch_size,
                             accumulate=options.accumulate, rank=rank, size=size)
         if not plan.owned:
             log.warning("%s: rank %d owns no member (%d members on %d ranks); it only relays", desc, rank,
                         options.members, size)
         log.info("%s: rank %d trains members %s, trunk %s", desc, rank, plan.owned, plan.trunk)
-
-        owned_modules = nn.ModuleList([treenet.branches[m] for m in plan.owned])
-        if plan.owns_trunk:
-            owned_modules.append(treenet.trunk)
-        has_params = any(p.requires_grad for p in owned_modules.parameters())
-        optimizer = _make_optimizer(owned_modules, step_config) if has_params else None
-        scheduler = _make_scheduler(optimizer, step_config) if optimizer is not None else None
-        shuffle = torch.Generator().manual_seed(config.seed)
-        ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
-        seed_everything(config.seed)
-        if rank:
-            torch.manual_seed(int(np.random.SeedSequence([config.seed, _RANK_STREAM, rank]).generate_state(1)[0]))
-
-        run = EarlyStopping(_state_copy(treenet) if rank == 0 else None, config.max_epochs, config.patience)
-        run_start = time.perf_counter()
-        progress = _progress(config, desc, 0) if rank == 0 else None
-        try:
-            epoch = 0
-            while not run.finished and epoch < config.max_epochs:
-                epoch += 1
-                epoch_start = time.perf_counter()
-                phase, loss = _phase_loss(options, epoch)
-                if epoch == options.pretrain_epochs + 1 and options.pretrain_epochs:
-                    run.new_objective()
-                # Every optimizer follows the same schedule; a rank without one (it owns no weights) reads the
-                # schedule's closed form, for its error messages only (the history holds rank 0's value).
-                if optimizer is not None:
-                    lr = float(optimizer.param_groups[0]["lr"])
-                else:
-                    lr = step_config.lr * (config.lr_decay or 1.0) ** (epoch - 1)
-                train_loss = _epoch(treenet, plan, x_t, y_t, weights, loss, optimizer, config, options, shuffle,
-                                    ties, device, epoch, lr)
-                if scheduler is not None:
-                    scheduler.step()
-                broadcast_state(treenet, plan.state_owner)
-                decision = None
-                failure = None
-                if rank == 0:
-                    try:
-                        entry = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "val_loss": None,
-                                 "val_accuracy": None, "val_oracle_accuracy": None, "val_member_accuracy": None}
-                        if xv_t is not None:
-                            entry.update(_validation(ensemble_logits(treenet, xv_t), yv_t, loss, options.monitor))
-                            monitored = entry["val_loss"]
-                        else:
-                            monitored = train_loss
-                        if not math.isfinite(monitored):
-                            raise DataError(f"{desc}: non-finite loss at epoch {epoch} (lr {lr:g}); check the data or "
-                                            "lower the learning rate")
-                        entry.update(lr=lr, seconds=time.perf_counter() - epoch_start)
-                        run.observe(entry, monitored, treenet, patience_applies=phase != "pretrain")
-                        decision = {"entry": entry, "best_epoch": run.best_epoch, "stopped_early": run.stopped_early,
-                                    "error": None}
-                    except Exception as exc:  # noqa: BLE001 - the other ranks wait for a decision: send them any failure
-                        failure = exc
-                        decision = {"error": [isinstance(exc, DataError), f"{type(exc).__name__}: {exc}"]}
-                decision = distributed.broadcast(decision)
-                if failure is not None:
-                    raise failure
-                if decision["error"] is not None:
-                    data_error, message = decision["error"]
-                    raise (DataError if data_error else CodecError)(f"rank 0 failed at epoch {epoch}: {message}")
-                if rank != 0:
-                    run.follow(decision["entry"], decision["best_epoch"], decision["stopped_early"])
-                if progress is not None:
-                    entry = decision["entry"]
-                    postfix = {"loss": f"{train_loss:.4f}"}
-                    if entry["val_loss"] is not None:
-                        postfix.update(val=f"{entry['val_loss']:.4f}", acc=f"{entry['val_accuracy']:.3f}")
-                    progress.set_postfix(postfix, refresh=False)
-                    progress.update(1)
-                if config.verbose and rank == 0:
-                    log.info("%s: epoch %d (%s) train_loss %.4f val %s (%.1fs)", desc, epoch, phase, train_loss,
-                             decision["entry"]["val_loss"], decision["entry"]["seconds"])
-        finally:
-            if progress is not None:
-                progress.close()
-        if rank == 0:
-            treenet.load_state_dict(run.best_state)
-        broadcast_state(treenet, lambda key: 0)
-        return CoupledResult(
-            module=treenet,
-            history=run.history,
-            best_epoch=run.best_epoch,
-            epochs_run=len(run.history),
-            train_seconds=time.perf_counter() - run_start,
-            stopped_early=run.stopped_early,
-            bag_unique=bag_unique,
-        )
     finally:
         torch.set_num_threads(previous_threads)
+
+    def objective(module, member_config, seed, unit_device):
+        return _DistributedCoupledUnit(module, step_config, options, weights, n, device, plan, rank)
+
+    # The engine's loop on every rank (no checkpoint: see the module docstring); the progress bar on rank 0.
+    engine_config = dataclasses.replace(config, quiet=config.quiet or rank != 0, device=device.type)
+    run = train_members([treenet], x_t, y_t, xv_t, yv_t, engine_config,
+                        seeds=[config.seed], lrs=[step_config.lr], names=[desc], desc=desc, objective=objective)
+    result = run.members[0]
+    return CoupledResult(
+        module=treenet,
+        history=result.history,
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=result.train_seconds,
+        stopped_early=result.stopped_early,
+        bag_unique=bag_unique,
+    )
 
 
 __all__ = [

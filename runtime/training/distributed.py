@@ -174,6 +174,69 @@ def run_tasks(names: list[str], fn: Callable[[str], Any]) -> dict[str, Any]:
     return results
 
 
+def partition(names: list[str]) -> list[list[str]]:
+    """The tasks of each rank under `run_task_groups`: task i goes to rank i mod world size (all of them
+    to the one process when not distributed)."""
+    import torch.distributed as dist
+
+    world = current()
+    if not (world.distributed and dist.is_available() and dist.is_initialized()):
+        return [list(names)]
+    return [names[rank :: world.size] for rank in range(world.size)]
+
+
+def run_task_groups(names: list[str], fn: Callable[[list[str]], dict[str, Any]]) -> dict[str, Any]:
+    """Run `fn(part)` once per rank on that rank's part of the tasks (`partition`), so that one call can
+    train its members together; every rank gets every result.
+
+    A part that fails on its rank is retried on rank 0 as a whole.
+    """
+    import torch.distributed as dist
+
+    world = current()
+    if not names:
+        return {}
+    if not (world.distributed and dist.is_initialized()):
+        return dict(fn(list(names)))
+    part = partition(names)[world.rank]
+    mine: tuple[bool, Any] = (True, {})
+    if part:
+        try:
+            mine = (True, dict(fn(part)))
+        except CodecError as exc:
+            mine = (False, f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - a crash on one rank must not hang the others in the gather below
+            mine = (False, traceback.format_exc(limit=3))
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, (part, mine))
+    results: dict[str, Any] = {}
+    failed = []
+    for their_part, (ok, value) in gathered:
+        if ok:
+            results.update(value)
+        else:
+            failed.append((their_part, value))
+    retried = {}
+    for their_part, error in failed:
+        label = "+".join(their_part)
+        print(f"codec: tasks {label} failed on their rank ({error.strip().splitlines()[-1]}); retrying on rank 0",
+              file=sys.stderr)
+        if world.is_main:
+            try:
+                retried[label] = (True, dict(fn(their_part)))
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank
+                retried[label] = (False, str(exc))
+    retried = broadcast(retried)
+    for label, (ok, value) in retried.items():
+        if not ok:
+            raise CodecError(f"members {label} failed twice (on their rank and on rank 0): {value}")
+        results.update(value)
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise CodecError(f"no result for {', '.join(missing)}")
+    return results
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run `codec <argv>` under torchrun with `nproc` local processes; returns its exit status."""
     if nproc < 1:

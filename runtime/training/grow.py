@@ -7,7 +7,9 @@ neurons are fresh and trainable and read all of the layer below. The output laye
 Because CSN neurons depend only on the input and never change, their pre-activations can be computed
 once for the whole training set and cached (`cache`): each training step then skips the CSN's forward
 pass. The cache is fed to the model as extra input columns, so the ordinary training loop (early
-stopping, checkpoints, exact resume) trains grown members unchanged.
+stopping, checkpoints, exact resume) trains grown members unchanged. `train_grown_members` trains several
+grown members in one engine run (runtime/training/engine.py) with the cache computed once for all of them;
+they are module units there, not stacked (the stacked layout covers plain MLPs only).
 """
 
 from __future__ import annotations
@@ -149,30 +151,66 @@ def train_grown(
     desc: str = "grown",
 ) -> tuple[NetworkIR, object, dict]:
     """Train one grown member; returns (its NetworkIR, the TrainResult, facts for the report)."""
-    from codec.runtime.training.train import train_member
+    (grown,) = train_grown_members(
+        template, x_train, y_train, x_val, y_val, config, seeds=[seed], shuffle_seeds=[config.seed],
+        options=options, checkpoint_path=checkpoint_path, resume=resume, names=[desc],
+    )
+    return grown
 
-    module = build_grown(template, seed, options)
-    trainable = module.trainable_parameters()
-    frozen = sum(int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in module.blocks if isinstance(b, IRLayer))
+
+def train_grown_members(
+    template: NetworkIR,
+    x_train: np.ndarray,
+    y_train,
+    x_val,
+    y_val,
+    config,
+    *,
+    seeds: list[int],
+    shuffle_seeds: list[int] | None = None,
+    options: GrowOptions = GrowOptions(),
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    names: list[str] | None = None,
+) -> list[tuple[NetworkIR, object, dict]]:
+    """Train grown members together (one engine run, one checkpoint): member k is built with ``seeds[k]``
+    and shuffled with ``shuffle_seeds[k]`` (default: the same seed). The CSN cache is computed once for all
+    of them (the CSN is the same in every member).
+
+    Returns:
+        Per member: (its NetworkIR, its TrainResult, facts for the report).
+    """
+    from codec.runtime.training.engine import train_members
+
+    names = [f"grown {k}" for k in range(len(seeds))] if names is None else list(names)
+    modules = [build_grown(template, seed, options) for seed in seeds]
+    first = modules[0]
+    frozen = sum(int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in first.blocks if isinstance(b, IRLayer))
     # Autoencoders reconstruct their input: the training loop takes the (augmented) input as the target,
     # so they train without the cache.
     # The cached forward below walks the layers as a chain: a DAG member (residual Adds) trains uncached.
-    use_cache = bool(shared_layers(module)) and module.is_chain and config.loss != "mse" and (
+    use_cache = bool(shared_layers(first)) and first.is_chain and config.loss != "mse" and (
         options.cache == "on"
-        or (options.cache == "auto" and cache_bytes(module, len(x_train) + (0 if x_val is None else len(x_val))) <= options.cache_limit_mb * 2**20)
+        or (options.cache == "auto" and cache_bytes(first, len(x_train) + (0 if x_val is None else len(x_val))) <= options.cache_limit_mb * 2**20)
     )
-    facts = {"trainable_parameters": trainable, "frozen_parameters": frozen, "csn_cache": use_cache}
+    facts = [{"trainable_parameters": m.trainable_parameters(), "frozen_parameters": frozen, "csn_cache": use_cache}
+             for m in modules]
+    common = {"seeds": seeds if shuffle_seeds is None else shuffle_seeds, "checkpoint_path": checkpoint_path,
+              "resume": resume, "names": names, "desc": "+".join(names)}
     if use_cache:
-        flat, cached, widths, shapes = frozen_preactivations(module, x_train)
+        flat, cached, widths, shapes = frozen_preactivations(first, x_train)
         z_train = np.concatenate([x_train.reshape(len(x_train), -1).astype(np.float32), flat], axis=1)
         z_val = None
         if x_val is not None and len(x_val):
-            flat_val, *_ = frozen_preactivations(module, x_val)
+            flat_val, *_ = frozen_preactivations(first, x_val)
             z_val = np.concatenate([x_val.reshape(len(x_val), -1).astype(np.float32), flat_val], axis=1)
-        wrapped = CachedCSNModule(module, cached, widths, shapes)
-        result = train_member(wrapped, z_train, y_train, z_val, y_val, config, checkpoint_path=checkpoint_path, resume=resume, desc=desc)
-        module = wrapped.module
-        facts["csn_cache_mb"] = round(flat.nbytes / 2**20, 2)
+        wrapped = [CachedCSNModule(m, cached, widths, shapes) for m in modules]
+        run = train_members(wrapped, z_train, y_train, z_val, y_val, config, **common)
+        for fact in facts:
+            fact["csn_cache_mb"] = round(flat.nbytes / 2**20, 2)
     else:
-        result = train_member(module, x_train, y_train, x_val, y_val, config, checkpoint_path=checkpoint_path, resume=resume, desc=desc)
-    return module.to_network(desc), result, facts
+        run = train_members(modules, x_train, y_train, x_val, y_val, config, **common)
+    for fact in facts:
+        fact["ensemble_stopping"] = {key: run.ensemble[key] for key in ("patience", "monitored", "best_epoch",
+                                                                        "stopped_early")}
+    return [(m.to_network(name), result, fact) for m, result, name, fact in zip(modules, run.members, names, facts)]

@@ -1,11 +1,15 @@
-"""Training one ensemble member with torch, resumable checkpoints, and export to ONNX.
+"""Training one ensemble member with torch: its configuration, data checks, checkpoint format, export to ONNX.
 
-`train_member` is the training loop every codec pipeline stage uses (independent members, grown members):
-Adam or SGD, optional per-epoch LR decay, early stopping on validation loss with the best weights restored,
-and a checkpoint written atomically at every epoch end. A run killed at any point and resumed from its
-checkpoint ends with exactly the weights an uninterrupted run would have (same seed, CPU), because the
-checkpoint holds every piece of state the next epoch reads: weights, optimizer and scheduler state, the
-best weights so far, the patience counter, the global torch RNG (dropout) and the shuffling generator.
+`train_member` trains one member: it is the K = 1 call of the one training loop, `train_members` in
+runtime/training/engine.py (independent, grown and coupled members all train there). Adam or SGD, optional
+per-epoch LR decay, early stopping on validation loss with the best weights restored, and a checkpoint
+written atomically at every epoch end. A run killed at any point and resumed from its checkpoint ends with
+exactly the weights an uninterrupted run would have (same seed, CPU), because the checkpoint holds every
+piece of state the next epoch reads: weights, optimizer and scheduler state, the best weights so far, the
+patience counter, the global torch RNG (dropout) and the shuffling generator. What this module keeps for
+the engine: `TrainConfig`, the data checks, `EarlyStopping`, and the checkpoint format
+(`CHECKPOINT_FORMAT`; `tensor_checksum`, a sha256 of the tensor bytes, is written into every checkpoint
+and verified by `load_checkpoint`, so a corrupted copy is refused instead of loaded).
 
 Checkpoints are read with ``torch.load(weights_only=True)`` only: they hold tensors and plain python
 values (the history is stored as a JSON string), never pickled objects, so a checkpoint from elsewhere
@@ -21,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import random
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError
+from codec.errors import ConfigError, DataError, ModelLoadError, ShapeError, first_line
 from codec.io import atomic_path, regular_file
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,10 @@ LOSSES = ("ce", "mse")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Bump when the checkpoint layout changes, so an old checkpoint is refused with a clear message instead of
-# failing on a missing key halfway through loading.
-CHECKPOINT_FORMAT = 1
+# failing on a missing key halfway through loading. Format 2 adds the sha256 of the tensor bytes
+# (`CHECKSUM_KEY`) and the multi-member layout of runtime/training/engine.py.
+CHECKPOINT_FORMAT = 2
+CHECKSUM_KEY = "tensor_sha256"
 
 # The data subset and validation split of a recipe do not depend on the member's seed: every member of an
 # ensemble must see the same training data and be scored on the same validation and test examples, so
@@ -76,6 +82,9 @@ class TrainConfig:
         batch_size: training examples per step, >= 1.
         max_epochs: upper bound on epochs, >= 1.
         patience: epochs without a validation-loss improvement before stopping; None never stops early.
+        ensemble_patience: when members train together (runtime/training/engine.py), stop them all once the
+            ensemble's validation loss (NLL of the averaged probabilities, or MSE of the averaged output)
+            has not improved for this many epochs; None (the default) never stops the ensemble as a whole.
         lr_decay: per-epoch multiplicative LR factor in (0, 1]; None (or 1.0) keeps the LR constant.
         val_fraction: share of the training set held out for validation, in [0, 1).
         loss: "ce" (cross-entropy on logits, targets are labels) or "mse" (targets are the flattened
@@ -96,6 +105,7 @@ class TrainConfig:
     batch_size: int = 128
     max_epochs: int = 20
     patience: int | None = 5
+    ensemble_patience: int | None = None
     lr_decay: float | None = None
     val_fraction: float = 0.1
     loss: str = "ce"
@@ -155,7 +165,7 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("patience", "n_train", "n_test", "num_threads"):
+        for name in ("patience", "ensemble_patience", "n_train", "n_test", "num_threads"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer (or None), got {value!r}")
@@ -326,29 +336,6 @@ def _make_scheduler(optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(config.lr_decay))
 
 
-@torch.no_grad()
-def _evaluate(module, x_t, y_t, loss_name, loss_fn, device) -> tuple[float, float]:
-    """Mean loss and metric (accuracy for "ce", MSE for "mse") over a validation set, in eval mode."""
-    was_training = module.training
-    module.eval()
-    total_loss = 0.0
-    total_metric = 0.0
-    n = x_t.shape[0]
-    for start in range(0, n, EVAL_BATCH_SIZE):
-        xb = x_t[start : start + EVAL_BATCH_SIZE].to(device)
-        yb = y_t[start : start + EVAL_BATCH_SIZE].to(device) if y_t is not None else None
-        out = module(xb)
-        target = _targets(loss_name, xb, yb)
-        count = xb.shape[0]
-        total_loss += float(loss_fn(out, target)) * count
-        if loss_name == "ce":
-            total_metric += float((out.argmax(dim=1) == target).sum())
-        else:
-            total_metric += float(((out - target) ** 2).mean()) * count
-    module.train(was_training)
-    return total_loss / n, total_metric / n
-
-
 def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -362,16 +349,48 @@ def _fingerprint(config: TrainConfig, module: nn.Module, n_train: int) -> dict:
     }
 
 
+def tensor_checksum(state) -> str:
+    """sha256 over every tensor in `state` (nested dicts, lists and tuples): its key path, dtype, shape and
+    bytes, in sorted-key order.
+
+    Only tensors are hashed: they are what a flipped bit or a truncated copy silently changes (weights,
+    optimizer moments, RNG states), while a damaged plain value (an epoch, a JSON history) already fails
+    loudly where it is read.
+    """
+    digest = hashlib.sha256()
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().to("cpu").contiguous()
+            if data.dtype == torch.bool:
+                data = data.to(torch.uint8)
+            digest.update(f"{prefix}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if prefix or key != CHECKSUM_KEY:
+                    visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{prefix}[{i}]", item)
+
+    visit("", state)
+    return digest.hexdigest()
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
+    state = {**state, CHECKSUM_KEY: tensor_checksum(state)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint safely (``weights_only=True``: tensors and plain values only).
+    """Read a training checkpoint safely (``weights_only=True``: tensors and plain values only) and verify
+    the sha256 of its tensor bytes.
 
     Raises:
-        ModelLoadError: the file is unreadable, not a codec checkpoint, or of another format version.
+        ModelLoadError: the file is unreadable, not a codec checkpoint, of another format version, or its
+            tensors do not match the checksum written with them (a corrupted copy).
     """
     path = Path(path)
     if path.exists():
@@ -381,10 +400,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ModelLoadError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot read checkpoint {path}: {first}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a codec training checkpoint (format {CHECKPOINT_FORMAT})")
+    if state.get(CHECKSUM_KEY) != tensor_checksum(state):
+        raise ModelLoadError(
+            f"checkpoint {path} is corrupted: its tensors do not match the sha256 written with them;"
+            " delete it or do not resume"
+        )
     return state
 
 
@@ -415,9 +438,16 @@ class EarlyStopping:
 
     def observe(self, entry: dict, monitored: float, module: nn.Module, *, patience_applies: bool = True) -> None:
         """Record the epoch `entry["epoch"]` whose monitored loss is `monitored` (weights in `module`)."""
+        self.observe_state(entry, monitored, lambda: _state_copy(module), patience_applies=patience_applies)
+
+    def observe_state(
+        self, entry: dict, monitored: float, weights: Callable[[], dict], *, patience_applies: bool = True
+    ) -> None:
+        """`observe` for weights that are not one module's: `weights()` returns a CPU copy of them (called
+        only when the epoch is the best so far)."""
         if monitored < self.best_loss:
             self.best_loss, self.best_epoch, self.bad_epochs = monitored, entry["epoch"], 0
-            self.best_state = _state_copy(module)
+            self.best_state = weights()
         else:
             self.bad_epochs += 1
         stop = patience_applies and self.patience is not None and self.bad_epochs >= self.patience
@@ -451,29 +481,6 @@ class EarlyStopping:
         self.stopped_early = bool(state["stopped_early"])
         # a run that finished under fewer max_epochs continues when resumed with more
         self.finished = bool(state["finished"]) and (self.stopped_early or self.epoch >= self.max_epochs)
-
-
-def _optimizer_state(module: nn.Module, optimizer, scheduler, device: torch.device) -> dict:
-    """The checkpoint's weights, optimizer, scheduler and global RNG states."""
-    state = {
-        "model": _state_copy(module),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "torch_rng": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_optimizer_state(state: dict, module: nn.Module, optimizer, scheduler, device: torch.device) -> None:
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def train_member(
@@ -519,99 +526,31 @@ def train_member(
         DataError: bad arrays (NaN/inf, empty, wrong labels) or a non-finite loss (names epoch and batch).
         ConfigError: a checkpoint written under a different trajectory-deciding configuration.
     """
-    config.validate()
-    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, config.loss)
-    device = resolve_device(config.device)
-    loss_fn = loss_fn or _default_loss(config.loss)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    n = x_t.shape[0]
+    # The K = 1 case of the engine: one loop, one checkpoint format, one progress bar for every member.
+    from codec.runtime.training.engine import train_members
 
-    previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
-        module.to(device)
-        module.train()
-        optimizer = _make_optimizer(module, config)
-        scheduler = _make_scheduler(optimizer, config)
-        generator = torch.Generator()
-        generator.manual_seed(config.seed)
-        fingerprint = _fingerprint(config, module, n)
+    callback = None
+    if on_epoch_end is not None:
 
-        run = EarlyStopping(_state_copy(module), config.max_epochs, config.patience)
+        def callback(epoch: int, record: dict) -> None:
+            on_epoch_end(epoch, record["members"][0])
 
-        _check_outputs(module, x_t, y_t, config.loss, device)
-        # Seeding first also on resume: it sets the deterministic-algorithm flags, and the RNG states it
-        # seeds are then overwritten by the checkpoint's.
-        seed_everything(config.seed)
-        if resume and checkpoint_path is not None and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            _check_fingerprint(state["fingerprint"], fingerprint, checkpoint_path)
-            _restore_optimizer_state(state, module, optimizer, scheduler, device)
-            run.restore(state)
-            generator.set_state(state["generator"])
-            log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, run.epoch)
-
-        run_start = time.perf_counter()
-        progress = _progress(config, desc, run.epoch)
-        try:
-            epoch = run.epoch
-            while not run.finished and epoch < config.max_epochs:
-                epoch += 1
-                epoch_start = time.perf_counter()
-                lr = float(optimizer.param_groups[0]["lr"])
-                train_loss = _train_epoch(
-                    module, x_t, y_t, optimizer, loss_fn, config, generator, device, epoch
-                )
-                if scheduler is not None:
-                    scheduler.step()
-                if xv_t is not None:
-                    val_loss, val_metric = _evaluate(module, xv_t, yv_t, config.loss, loss_fn, device)
-                    monitored = val_loss
-                else:
-                    val_loss, val_metric = None, None
-                    monitored = train_loss
-                if not math.isfinite(monitored):
-                    which = "validation" if xv_t is not None else "training"
-                    raise DataError(
-                        f"{desc}: non-finite {which} loss at epoch {epoch} (lr {lr:g});"
-                        " check the data or lower the learning rate"
-                    )
-                entry = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_metric": val_metric,
-                    "lr": lr,
-                    "seconds": time.perf_counter() - epoch_start,
-                }
-                run.observe(entry, monitored, module)
-                if checkpoint_path is not None:
-                    state = {
-                        "format": CHECKPOINT_FORMAT,
-                        "fingerprint": fingerprint,
-                        **_optimizer_state(module, optimizer, scheduler, device),
-                        **run.state(run.prior_seconds + time.perf_counter() - run_start),
-                        "generator": generator.get_state(),
-                    }
-                    _save_checkpoint(checkpoint_path, state)
-                _report(progress, config, desc, entry)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, entry)
-        finally:
-            if progress is not None:
-                progress.close()
-        module.load_state_dict(run.best_state)
-        return TrainResult(
-            module=module,
-            history=run.history,
-            best_epoch=run.best_epoch,
-            epochs_run=len(run.history),
-            train_seconds=run.prior_seconds + time.perf_counter() - run_start,
-            stopped_early=run.stopped_early,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
+    result = train_members(
+        [module],
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        config,
+        seeds=[config.seed],
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        loss_fn=loss_fn,
+        names=[desc],
+        desc=desc,
+        on_epoch_end=callback,
+    )
+    return result.members[0]
 
 
 def _check_fingerprint(saved: dict, current: dict, path: Path) -> None:
@@ -660,67 +599,6 @@ def _check_outputs(module, x_t, y_t, loss: str, device) -> None:
     top = int(y_t.max())
     if top >= out.shape[1]:
         raise DataError(f"labels go up to {top} but the network has only {out.shape[1]} outputs (classes)")
-
-
-def _train_epoch(module, x_t, y_t, optimizer, loss_fn, config, generator, device, epoch) -> float:
-    """One pass over the shuffled training set; returns the mean training loss."""
-    module.train()
-    n = x_t.shape[0]
-    order = torch.randperm(n, generator=generator)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, start in enumerate(range(0, n, config.batch_size), start=1):
-        index = order[start : start + config.batch_size]
-        xb = x_t[index].to(device, non_blocking=True)
-        yb = y_t[index].to(device, non_blocking=True) if y_t is not None else None
-        optimizer.zero_grad(set_to_none=True)
-        out = module(xb)
-        loss = loss_fn(out, _targets(config.loss, xb, yb))
-        if not torch.isfinite(loss):
-            raise DataError(
-                f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {batch};"
-                f" check the data or lower the learning rate (lr {optimizer.param_groups[0]['lr']:g})"
-            )
-        loss.backward()
-        optimizer.step()
-        total += loss.detach().to(torch.float64) * xb.shape[0]
-    return float(total) / n
-
-
-def _progress(config: TrainConfig, desc: str, start_epoch: int):
-    if config.quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=config.max_epochs, initial=start_epoch, desc=desc, unit="epoch", leave=False, dynamic_ncols=True
-    )
-
-
-def _report(progress, config: TrainConfig, desc: str, entry: dict) -> None:
-    metric = entry["val_metric"]
-    metric_name = "acc" if config.loss == "ce" else "mse"
-    if progress is not None:
-        postfix = {"loss": f"{entry['train_loss']:.4f}"}
-        if entry["val_loss"] is not None:
-            postfix["val_loss"] = f"{entry['val_loss']:.4f}"
-            postfix[f"val_{metric_name}"] = f"{metric:.4f}"
-        progress.set_postfix(postfix, refresh=False)
-        progress.update(1)
-    if config.verbose:
-        val = (
-            ""
-            if entry["val_loss"] is None
-            else f" val_loss {entry['val_loss']:.4f} val_{metric_name} {metric:.4f}"
-        )
-        log.info(
-            "%s: epoch %d train_loss %.4f%s lr %.3g (%.1fs)",
-            desc,
-            entry["epoch"],
-            entry["train_loss"],
-            val,
-            entry["lr"],
-            entry["seconds"],
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
