@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"codec {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    except Exception:
+        # a stop that landed inside an import surfaces as "ImportError: initialization failed" (or as
+        # whatever a library made of it): still an interruption, resumable, not a crash
+        if interrupt_requested():
+            return _interrupted(args)
+        raise
 
 
 def _interrupted(args) -> int:

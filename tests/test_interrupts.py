@@ -52,3 +52,23 @@ def test_outside_a_deferred_block_the_handler_raises_at_once():
             errors.on_stop_signal()  # held until the block ends
             reached.append("after the signal")
     assert reached == ["after the signal"]
+
+
+def test_an_interrupt_that_an_import_turned_into_another_error_ends_as_interrupted(monkeypatch, capsys):
+    from codec import cli
+    from codec.commands import inspect
+
+    def interrupted_import(args):
+        errors.request_interrupt()  # what the handler records before raising inside the import
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(inspect, "run", interrupted_import)
+    assert cli.main(["inspect", "model.onnx"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    def plain_bug(args):
+        raise ImportError("a real bug")
+
+    monkeypatch.setattr(inspect, "run", plain_bug)
+    with pytest.raises(ImportError):
+        cli.main(["inspect", "model.onnx"])
