@@ -11,20 +11,53 @@ import numpy as np
 from codec.errors import ShapeError
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "mnist_small", split: bool = True) -> None:
+DATA_HELP = (
+    "dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download), or your own: "
+    "npz:PATH (arrays x, y for one split; or x_train, y_train with optional x_val, y_val, x_test, y_test), "
+    "npy:DIR (the same arrays as DIR/<name>.npy) or folder:DIR (ImageFolder layout: DIR/<class>/*.png|jpg, "
+    "or DIR/train/, DIR/val/, DIR/test/ of class folders); uint8 pixels are scaled to [0, 1]"
+)
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    default: str | None = "mnist_small",
+    split: bool = True,
+    limit: bool = True,
+    required: bool | None = None,
+    default_text: str | None = None,
+) -> None:
+    """The data options: --data and --data-dir, and (for commands reading one split) --split, --limit.
+
+    `required` defaults to "no default"; `default_text` describes a default computed later (compile's
+    "the recipe's dataset").
+    """
+    default_text = default_text or default
     parser.add_argument(
         "--data",
         default=default,
-        required=default is None,
-        help="dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download) or "
-        f"npz:PATH (arrays x_train, y_train, x_test, y_test){f'; default {default}' if default else ''}",
+        required=default is None if required is None else required,
+        help=DATA_HELP + (f"; default {default_text}" if default_text else ""),
     )
     parser.add_argument(
         "--data-dir", default=None, help="where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
     )
     if split:
         parser.add_argument("--split", choices=("train", "test"), default="test", help="which split to use (default test)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
+    if limit:
+        parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
+
+
+def add_normalize_argument(parser: argparse.ArgumentParser) -> None:
+    """--normalize: per-channel mean/std standardisation of the inputs, recorded in the run and the model."""
+    parser.add_argument(
+        "--normalize",
+        default=None,
+        metavar="MODE",
+        help="input normalisation per channel (axis 1): none (default: inputs as loaded, pixels in [0, 1]), "
+        "mean-std (mean and std of the training split), or MEAN/STD values, e.g. 0.1307/0.3081 or "
+        "0.49,0.48,0.45/0.25,0.24,0.26; recorded in report.json and the ensemble's metadata",
+    )
 
 
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import emit, table
+from codec.commands._common import add_data_arguments, add_normalize_argument, emit, table
 
 
 def register(subparsers) -> None:
@@ -20,12 +20,30 @@ def register(subparsers) -> None:
             "  3. grow members 3..N: the CSN frozen and shared, fresh neurons trained\n"
             "  4. emit ensemble.onnx: input dispatched, CSN computed once, members, collect\n"
             "  5. evaluate members and the ensemble on the test set; write report.json\n\n"
+            "Main and peer come from one of:\n"
+            "  --recipe NAME            a zoo architecture with its training settings (codec train --list-recipes)\n"
+            "  --model ARCH.onnx        your architecture (lifted, trained through the torch backend; main starts\n"
+            "                           from its weights, or afresh with --init random; peer always afresh)\n"
+            "  --main A.onnx --peer B.onnx  two members you already trained (no training: straight to the passes)\n"
+            "--model and --main/--peer need --data. The loss follows the output: a softmax output trains with\n"
+            "cross-entropy; logits (no activation, one output per class) get a softmax appended, with a note\n"
+            "(the rule codec eval applies to logits); an output as wide as the input is an autoencoder (MSE).\n"
+            "--loss overrides. All of this, and the data against the model, is checked before training.\n\n"
             "-o is the run directory (ensemble.onnx goes inside it), or a path ending in .onnx for the\n"
             "ensemble itself, with the run directory beside it (<name>.run/). Interrupted? Run the same\n"
             "command with --resume: finished members are never trained again."
         ),
     )
-    parser.add_argument("--recipe", required=True, help="a recipe name (codec train --list-recipes)")
+    source = parser.add_argument_group("where main and peer come from (exactly one)")
+    source.add_argument("--recipe", default=None, help="a recipe name (codec train --list-recipes)")
+    source.add_argument("--model", default=None, metavar="ARCH.onnx", help="your architecture as an ONNX file")
+    source.add_argument("--main", default=None, metavar="A.onnx", help="your trained main member (with --peer)")
+    source.add_argument("--peer", default=None, metavar="B.onnx", help="your trained peer member (with --main)")
+    parser.add_argument("--init", choices=("onnx", "random"), default="onnx",
+                        help="--model: main starts from the file's weights (onnx, default) or afresh (random)")
+    add_data_arguments(parser, default=None, split=False, limit=False, required=False,
+                       default_text="the recipe's dataset (required with --model and --main/--peer)")
+    add_normalize_argument(parser)
     parser.add_argument("--members", type=int, default=4, help="ensemble size N, at least 2 (default 4)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
     parser.add_argument("--seed", type=int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
@@ -36,15 +54,20 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
     parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
     parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the recipe's)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the recipe's)")
+    parser.add_argument("--loss", choices=("ce", "mse"), default=None,
+                        help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer (default: the recipe's; adam for --model)")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the recipe's; 20 for --model)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's; 1e-3 for --model)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's; 128 for --model)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default: the recipe's; 5 for --model)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="share of the training split held out for early stopping when the data has no x_val "
+                        "(default: the recipe's; 0.1 for --model)")
     parser.add_argument("--n-train", type=int, default=None, help="train on a subset of this many examples")
     parser.add_argument("--n-test", type=int, default=None, help="evaluate on a subset of this many test examples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
     parser.add_argument("--nproc", type=int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -64,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {
         "max_epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "patience": args.patience,
+        "optimizer": args.optimizer, "val_fraction": args.val_fraction,
         "n_train": args.n_train, "n_test": args.n_test, "num_threads": args.threads, "device": args.device,
     }
     options = CompileOptions(
@@ -77,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
         criterion=args.criterion,
         train_overrides={k: v for k, v in overrides.items() if v is not None},
         data_dir=args.data_dir,
+        data=args.data,
+        model=args.model,
+        main=args.main,
+        peer=args.peer,
+        init=args.init,
+        loss=args.loss,
+        normalize=args.normalize,
     )
     out = args.output
     if out.suffix == ".onnx":
@@ -96,7 +127,9 @@ def summary(report: dict, run_dir: Path) -> str:
     rows = [[name, f"{value:.4f}"] for name, value in q["members"].items()]
     ensemble_value = q["accuracy"] if metric == "accuracy" else q["mse"]
     rows.append([f"ensemble ({report['criterion']})", f"{ensemble_value:.4f}"])
-    text = table(rows, ["member", f"test {metric}"])
+    source = report["recipe"] and f"recipe {report['recipe']}" or report["model"] or "given main and peer"
+    text = f"{source} on {report['dataset']}; loss {report['loss']['name']} ({report['loss']['why']})\n\n"
+    text += table(rows, ["member", f"test {metric}"])
     csn = report["csn"]
     text += (
         f"\n\nCSN: {csn['total']} neurons ({', '.join(f'{k} {v}' for k, v in csn['per_layer'].items())}), {csn['parameters']:,} parameters"

@@ -3,6 +3,19 @@
 train main and peer -> passes (dna, dne, nda, csne) -> grow N-2 members around the frozen CSN -> fused
 ensemble ONNX -> evaluation and report.
 
+Where main and peer come from (exactly one):
+    --recipe NAME          a zoo architecture and its training settings (torch modules, exported to ONNX)
+    --model arch.onnx      the user's architecture: lifted to NetworkIR and trained through the torch
+                           backend (runtime.training.torch_ir.IRModule); main starts from the file's
+                           weights (or afresh with init="random"), peer always afresh (seed + 1)
+    --main a --peer b      two members the user already trained: no training, straight to the passes
+
+The output rule, checked before anything trains: a member whose output layer is a softmax is a
+classifier (cross-entropy); one whose output is neither a softmax nor as wide as its input but has one
+value per class outputs logits, and gets a softmax appended (printed, and recorded in report.json's
+notes) — the rule `codec eval` applies when it softmaxes a logits member's scores itself; one as wide as
+its input is an autoencoder (MSE). `loss` ("ce" / "mse") overrides the inference.
+
 The run directory:
     config.json            what was asked (a resumed run must ask the same)
     state.json             what is done, with each finished step's facts (times, epochs, scores)
@@ -28,19 +41,21 @@ from pathlib import Path
 
 import numpy as np
 
-from codec.errors import ConfigError, check_interrupt
+from codec.errors import ConfigError, ShapeError, check_interrupt
 from codec.io import write_json_atomic
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
 
 log = logging.getLogger("codec.pipelines.compile")
 
+NORMALIZATION_KEY = "codec.normalization"  # fused-model metadata: the input normalisation, JSON
+
 
 @dataclass
 class CompileOptions:
     """Everything that decides a compile's result (saved as config.json)."""
 
-    recipe: str
+    recipe: str | None = None
     members: int = 4
     seed: int = 0
     passes: str = "dna,dne,nda,csne"
@@ -50,8 +65,33 @@ class CompileOptions:
     criterion: str | None = None  # default: prod for classifiers, mean for autoencoders
     train_overrides: dict = field(default_factory=dict)  # TrainConfig fields replacing the recipe's
     data_dir: str | None = None
+    data: str | None = None  # dataset spec; default the recipe's
+    model: str | None = None  # the user's architecture (ONNX), instead of a recipe
+    main: str | None = None  # with peer: two members the user already trained (ONNX)
+    peer: str | None = None
+    init: str = "onnx"  # --model: main starts from the file's weights ("onnx") or afresh ("random")
+    loss: str | None = None  # "ce" / "mse"; default inferred from the output layer (or the recipe's)
+    normalize: str | None = None  # None, "mean-std" (fit on the training split) or "MEAN/STD" values
 
     def validate(self) -> None:
+        sources = [name for name, given in (("--recipe", self.recipe), ("--model", self.model),
+                                             ("--main/--peer", self.main or self.peer)) if given]
+        if len(sources) != 1:
+            raise ConfigError(
+                "give exactly one of --recipe NAME, --model ARCH.onnx, or --main A.onnx --peer B.onnx"
+                + (f" (got {' and '.join(sources)})" if sources else "")
+            )
+        if (self.main is None) != (self.peer is None):
+            raise ConfigError("--main and --peer go together: the two members the passes compare")
+        if self.recipe is None and self.data is None:
+            raise ConfigError(f"{sources[0]} needs --data (a dataset spec, e.g. npz:my_data.npz)")
+        if self.init not in ("onnx", "random"):
+            raise ConfigError(f"init={self.init!r}; choose onnx (the file's weights) or random")
+        if self.loss not in (None, "ce", "mse"):
+            raise ConfigError(f"loss={self.loss!r}; choose ce (cross-entropy) or mse")
+        from codec.runtime.data import parse_normalize
+
+        parse_normalize(self.normalize)
         if self.members < 2:
             raise ConfigError(f"--members must be at least 2 (main and peer), got {self.members}")
         if self.keep_main not in ("rewritten", "whole"):
@@ -120,49 +160,212 @@ class _Data:
     input_shape: tuple
     num_outputs: int
     name: str
+    num_classes: int = 0
+    notes: tuple = ()
+    normalization: dict | None = None
+
+    def fit_to(self, input_shape: tuple, what: str) -> None:
+        """Reshape every split to a model's input shape when only the layout differs (images fed to an MLP)."""
+        if tuple(self.input_shape) == tuple(input_shape):
+            return
+        if int(np.prod(self.input_shape)) != int(np.prod(input_shape)):
+            raise ShapeError(
+                f"{self.name} examples have shape {list(self.input_shape)} but {what} expects {list(input_shape)}"
+            )
+        for split in ("x_train", "x_val", "x_test"):
+            x = getattr(self, split)
+            if x is not None:
+                setattr(self, split, x.reshape((len(x), *input_shape)))
+        self.input_shape = tuple(input_shape)
 
 
-def _load_data(recipe, config, data_dir) -> _Data:
-    from codec.runtime.data import load_dataset
+def _prepare_data(dataset, task: str, config, normalize: str | None) -> _Data:
+    from codec.runtime.data import Normalization, parse_normalize
     from codec.runtime.training.train import DATA_SEED
 
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
     if config.n_train is not None or config.n_test is not None:
         dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
+    if dataset.x_val is not None:
+        train, x_val, y_val = dataset, dataset.x_val, dataset.y_val
+    elif config.val_fraction > 0:
         train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
     else:
         train, x_val, y_val = dataset, None, None
-    classify = recipe.task == "classification"
+    x_train, x_test = train.x_train, dataset.x_test
+    norm = parse_normalize(normalize)
+    if norm is not None:
+        # Statistics of the examples training sees (after subsetting, without the validation split).
+        norm = Normalization.fit(x_train) if norm == "mean-std" else norm
+        x_train, x_val, x_test = norm.apply(x_train), norm.apply(x_val), norm.apply(x_test)
+    classify = task == "classification"
     shape = tuple(dataset.input_shape)
     return _Data(
-        train.x_train,
+        x_train,
         train.y_train if classify else None,
         x_val,
         y_val if classify else None,
-        dataset.x_test,
+        x_test,
         dataset.y_test,
         shape,
         dataset.num_classes if classify else int(np.prod(shape)),
         dataset.name,
+        num_classes=dataset.num_classes,
+        notes=tuple(dataset.notes),
+        normalization=None if norm is None else norm.to_dict(),
     )
 
 
-def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
-    """Train one member the ordinary way (random init); returns its facts and its ONNX bytes."""
-    from codec.models import build_model
-    from codec.runtime.training.train import export_onnx, train_member
+@dataclass
+class _Source:
+    """Where main and peer come from, and how members train (resolved before any training)."""
 
-    config = dataclasses.replace(config, seed=seed, quiet=quiet)
-    module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+    kind: str  # "recipe", "model" or "members"
+    task: str
+    config: object  # TrainConfig
+    recipe: object | None = None
+    template: object | None = None  # NetworkIR of --model (softmax appended when it outputs logits)
+    given: dict = field(default_factory=dict)  # --main/--peer: name -> NetworkIR
+    loss_reason: str = ""
+    notes: list = field(default_factory=list)
+
+
+def _output_rule(net, options: CompileOptions, spec: str, num_classes: int, what: str) -> tuple[str, str, list]:
+    """(task, why, notes) for a user network, softmax appended in place when it outputs logits.
+
+    See the module docstring for the rule. Raises ShapeError for an output that fits neither task.
+    """
+    from codec.ir import Activation, Dense
+
+    last = net.compute_layers()[-1] if net.compute_layers() else None
+    if last is None:
+        raise ShapeError(f"{what} has no Dense or Conv layer to train")
+    width = int(np.prod(net.output_shape))
+    inputs = int(np.prod(net.input_shape))
+    kind = last.activation.kind
+    ends_in_last = net.layers[-1] is last
+    if options.loss == "mse" or (options.loss is None and kind != "softmax" and width == inputs and width != num_classes):
+        if width != inputs:
+            raise ShapeError(f"{what} outputs {width} values per example; MSE reconstruction needs its {inputs} inputs")
+        why = "--loss mse" if options.loss == "mse" else f"the output is not a softmax and as wide as the input ({inputs})"
+        return "reconstruction", why, []
+    if kind == "softmax":
+        return "classification", "--loss ce" if options.loss == "ce" else "the output layer is a softmax", []
+    if kind != "identity" or not isinstance(last, Dense) or not ends_in_last:
+        raise ShapeError(
+            f"{what} ends in {kind} ({type(last).__name__} {last.name!r}"
+            f"{'' if ends_in_last else ', followed by other layers'}): a classifier must end in a Dense layer "
+            "with a softmax or no activation (logits)"
+        )
+    if options.loss is None and width != num_classes:
+        raise ShapeError(
+            f"{what} outputs {width} values per example: neither one per class ({num_classes} in {spec}) "
+            f"nor a reconstruction of its {inputs} inputs"
+        )
+    last.activation = Activation("softmax")
+    note = f"{what} outputs logits (no softmax): appended a softmax, as codec eval does with logits"
+    return "classification", ("--loss ce" if options.loss == "ce" else "the output is logits, one per class"), [note]
+
+
+def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source:
+    """Lift and check the user's members (`classes`: how many the data's labels name), or take the recipe."""
+    from codec.ir import lift
+    from codec.models import get_recipe
+    from codec.runtime.training.train import TrainConfig
+
+    overrides = dict(options.train_overrides)
+    if options.recipe is not None:
+        recipe = get_recipe(options.recipe)
+        if options.loss is not None:
+            overrides["loss"] = options.loss
+        config = TrainConfig.from_recipe(recipe, **overrides)
+        task = "reconstruction" if config.loss == "mse" else "classification"
+        why = "--loss" if options.loss else f"recipe {recipe.name}"
+        return _Source("recipe", task, config, recipe=recipe, loss_reason=why)
+    if options.model is not None:
+        nets = {"model": lift(_existing(options.model, "--model"), name="main")}
+    else:
+        nets = {"main": lift(_existing(options.main, "--main"), name="main"),
+                "peer": lift(_existing(options.peer, "--peer"), name="peer")}
+    task, why, notes = None, "", []
+    for key, net in nets.items():
+        path = getattr(options, key)
+        this_task, why, these = _output_rule(net, options, spec, classes, f"{Path(path).name} (--{key})")
+        if task is not None and this_task != task:
+            raise ShapeError(f"--main is a {task} model but --peer a {this_task} model")
+        task = this_task
+        notes += these
+    if options.main is not None and tuple(nets["main"].input_shape) != tuple(nets["peer"].input_shape):
+        raise ShapeError(
+            f"--main takes input {list(nets['main'].input_shape)} but --peer {list(nets['peer'].input_shape)}"
+        )
+    overrides["loss"] = "mse" if task == "reconstruction" else "ce"
+    config = TrainConfig.from_recipe(None, **overrides)
+    if options.model is not None:
+        return _Source("model", task, config, template=nets["model"], loss_reason=why, notes=notes)
+    return _Source("members", task, config, given=nets, loss_reason=why, notes=notes)
+
+
+def _existing(path: str, option: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+    return path
+
+
+def _check_before_training(source: _Source, data: _Data) -> None:
+    """What can be checked before anything trains: inputs against the model, labels against its outputs."""
+    nets = [source.template] if source.template is not None else list(source.given.values())
+    for net in nets:
+        data.fit_to(tuple(net.input_shape), f"the model ({net.name})")
+        if source.task == "classification":
+            width = int(np.prod(net.output_shape))
+            top = int(max(data.y_train.max(), data.y_test.max()))
+            if top >= width:
+                raise ShapeError(
+                    f"{data.name} has labels up to {top} ({data.num_classes} classes) but the model ({net.name}) "
+                    f"has only {width} outputs"
+                )
+    if nets:
+        data.num_outputs = int(np.prod(nets[0].output_shape))
+
+
+def _train_conventional(run: Run, name: str, seed: int, source: _Source, options: CompileOptions, data: _Data,
+                        quiet: bool) -> tuple[dict, bytes]:
+    """Train main or peer the ordinary way; returns its facts and its ONNX bytes.
+
+    A recipe's member is a zoo module (random init) exported with torch.onnx; a --model member is the
+    lifted architecture as an IRModule: main from the file's weights unless init="random", peer afresh.
+    """
+    from codec.runtime.training.train import train_member
+
+    config = dataclasses.replace(source.config, seed=seed, quiet=quiet)
+    if source.kind == "recipe":
+        from codec.models import build_model
+
+        recipe = source.recipe
+        module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+    else:
+        from codec.runtime.training.torch_ir import IRModule, reinitialise_trainable
+
+        module = IRModule(source.template)
+        if name != "main" or options.init == "random":
+            reinitialise_trainable(module, seed)
     result = train_member(module, data.x_train, data.y_train, data.x_val, data.y_val, config,
                           checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name)
-    part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
-    blob = part.read_bytes()
-    part.unlink()
+    if source.kind == "recipe":
+        from codec.runtime.training.train import export_onnx
+
+        part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=source.task)
+        blob = part.read_bytes()
+        part.unlink()
+    else:
+        from codec.ir import lower, to_bytes
+
+        blob = to_bytes(lower(result.module.to_network(name)))
     facts = {
         "path": f"members/{name}.onnx",
         "seed": seed,
+        "init": "random" if source.kind == "recipe" or name != "main" else options.init,
         "epochs": result.epochs_run,
         "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds,
@@ -170,6 +373,16 @@ def _train_conventional(run: Run, name: str, seed: int, recipe, config, data: _D
         "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
     }
     return facts, blob
+
+
+def _given_member(name: str, net, path: str) -> tuple[dict, bytes]:
+    """A member the user trained (--main/--peer): stored as lifted (softmax appended if it gave logits)."""
+    from codec.ir import lower, to_bytes
+
+    facts = {"path": f"members/{name}.onnx", "source": str(path), "seed": None, "init": "given", "epochs": 0,
+             "best_epoch": None, "train_seconds": 0.0, "parameters": net.num_parameters,
+             "trainable_parameters": net.num_parameters}
+    return facts, to_bytes(lower(net))
 
 
 def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
@@ -261,24 +474,40 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     from codec.ir import lift, save_model
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.models import get_recipe
+    from codec.runtime.data import load_training_set
     from codec.runtime.training import distributed
-    from codec.runtime.training.train import TrainConfig
 
     options.validate()
     world = distributed.init(threads=options.train_overrides.get("num_threads"))
-    recipe = get_recipe(options.recipe)
-    config = TrainConfig.from_recipe(recipe, **options.train_overrides)
+    spec = options.data or get_recipe(options.recipe).dataset
+    dataset = load_training_set(spec, data_dir=options.data_dir)
+    # Everything checkable is checked here, before the run directory is touched or anything trains.
+    source = _resolve_source(options, spec, dataset.num_classes)
+    config = source.config
+    data = _prepare_data(dataset, source.task, config, options.normalize)
+    _check_before_training(source, data)
     run = Run(Path(run_dir))
     if world.is_main:
         run.prepare(options, resume)
+        for note in (*data.notes, *source.notes):
+            log.warning("%s", note)
+        if source.kind != "recipe":
+            log.warning("loss: %s (%s)", "cross-entropy" if config.loss == "ce" else "MSE", source.loss_reason)
     run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
     run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
-    data = _load_data(recipe, config, options.data_dir)
     started = time.perf_counter()
     quiet = quiet or not world.is_main
 
     seeds = {"main": options.seed, "peer": options.seed + 1}
-    _train_all(run, world, ["main", "peer"], lambda n: _train_conventional(run, n, seeds[n], recipe, config, data, quiet))
+    if source.kind == "members":
+        if world.is_main:
+            for name in ("main", "peer"):
+                if run.done(f"train:{name}") is None:
+                    _store_member(run, name, *_given_member(name, source.given[name], getattr(options, name)))
+        run.state = distributed.broadcast(run.state)
+    else:
+        _train_all(run, world, ["main", "peer"],
+                   lambda n: _train_conventional(run, n, seeds[n], source, options, data, quiet))
     if world.is_main:
         _run_passes(run, options, data)
     # every rank grows around the same rewritten main: rank 0 sends it (no shared filesystem needed)
@@ -300,17 +529,21 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                "peer": lift(run.opt / "peer.onnx", name="peer")}
     for i in range(1, options.members - 1):
         members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
-    criterion = options.criterion or ("prod" if recipe.task == "classification" else "mean")
+    criterion = options.criterion or ("prod" if source.task == "classification" else "mean")
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
-    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
-                          metadata={"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})})
+    metadata = {"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})}
+    if data.normalization is not None:
+        # Inputs must be normalised like this before the model sees them (export puts it in the card).
+        metadata[NORMALIZATION_KEY] = json.dumps(data.normalization)
+    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=source.task,
+                          metadata=metadata)
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
-    quality = _evaluate(members, criterion, recipe.task, data)
+    quality = _evaluate(members, criterion, source.task, data)
     counts = ensemble_parameter_count(list(members.values()), csn_net)
-    report = _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+    report = _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
                      criterion, emit_seconds, time.perf_counter() - started)
     report["world_size"] = world.size
     write_json_atomic(run.path / "report.json", report)
@@ -338,7 +571,7 @@ def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
     }
 
 
-def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
             criterion, emit_seconds, wall) -> dict:
     from codec.runtime.evaluation.metrics import memory_footprint
 
@@ -349,9 +582,14 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
     train_seconds = main_facts["train_seconds"] + peer_facts["train_seconds"] + sum(g["train_seconds"] for g in grown_facts)
     return {
         "codec_version": __version__,
-        "recipe": recipe.name,
+        "recipe": source.recipe.name if source.recipe is not None else None,
+        "model": options.model,
+        "given_members": {"main": options.main, "peer": options.peer} if source.kind == "members" else None,
         "dataset": data.name,
-        "task": recipe.task,
+        "task": source.task,
+        "loss": {"name": source.config.loss, "why": source.loss_reason},
+        "normalization": data.normalization,
+        "notes": [*data.notes, *source.notes],
         "members": n,
         "criterion": criterion,
         "ensemble": str(out),
