@@ -267,6 +267,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _normalization(model) -> dict | None:
+    """The input normalisation compile recorded in the ensemble's metadata (codec.normalization), if any."""
+    text = (model.metadata_props or {}).get("codec.normalization")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ModelLoadError("its codec.normalization metadata is not JSON") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError("its codec.normalization metadata is not a JSON object")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from codec.io import write_json_atomic
     from codec.ir.ensemble import ensemble_description
@@ -327,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
         "shared_layers": description.get("shared_layers"),
         "parameters": {**parameters, "initializer_elements": stored},
         "inputs": inputs,
+        # how inputs must be normalised before scoring (codec compile --normalize); None: as loaded, in [0, 1]
+        "input_normalization": _normalization(model),
         "outputs": outputs,
         "parity": parity,
     }
