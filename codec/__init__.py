@@ -8,7 +8,7 @@ _LAZY = {
     "CompileResult": ("codec.pipelines.api", "CompileResult"),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "compile", "CompileResult"]
 
 
 def __getattr__(name: str):

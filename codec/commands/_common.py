@@ -10,7 +10,6 @@ import numpy as np
 
 from codec.errors import ShapeError
 
-
 DATA_HELP = (
     "dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download), or your own: "
     "npz:PATH (arrays x, y for one split; or x_train, y_train with optional x_val, y_val, x_test, y_test), "

@@ -51,7 +51,7 @@ class CompileResult:
         return f"CompileResult({self.report['members']} members, ensemble {score}, {self.ensemble})"
 
 
-def compile(  # noqa: A001 - codec.compile is the name the issue asks for; it never shadows a builtin in use
+def compile(
     model,
     data,
     members: int = 4,

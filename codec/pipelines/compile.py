@@ -108,7 +108,7 @@ class CompileOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompileOptions":
+    def from_dict(cls, d: dict) -> CompileOptions:
         d = dict(d)
         d["grow"] = GrowOptions(**d.get("grow", {}))
         return cls(**d)

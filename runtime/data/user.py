@@ -43,6 +43,8 @@ HELD_OUT_TEST_FRACTION = 0.1
 # The selection stream of the held-out test split (Dataset uses 0..2 for its subsets and validation).
 _STREAM_HELD_OUT_TEST = 3
 
+_UNREAD = None  # the value of an array named in a file but not read (not one of the layout names)
+
 TRAINING_LAYOUT = "x_train, y_train (optional x_val, y_val, x_test, y_test)"
 
 
@@ -66,7 +68,11 @@ def read_user_arrays(spec: str) -> tuple[dict[str, np.ndarray], str]:
         raise ConfigError(f"{prefix}: needs a path, e.g. {prefix}:data/my_set{'.npz' if prefix == 'npz' else ''}")
     path = Path(rest).expanduser()
     if prefix == "npz":
-        return _read_npz(path, (), optional=(*SPLIT_KEYS, *SINGLE_KEYS, "class_names")), str(path)
+        arrays = _read_npz(path, (), optional=(*SPLIT_KEYS, *SINGLE_KEYS, "class_names"))
+        # Arrays codec does not read are still named in messages ("it has inputs, labels"), never loaded.
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+        return {k: arrays.get(k, _UNREAD) for k in names}, str(path)
     if prefix == "npy":
         return _read_npy_dir(path), str(path)
     return _read_image_folder(path), str(path)
@@ -162,6 +168,7 @@ def _build(name: str, arrays: Mapping[str, np.ndarray], source: str, notes: Sequ
     """A Dataset from split arrays (x_train, y_train, x_test, y_test, optional x_val, y_val)."""
     from codec.runtime.data.formats import _dataset_from_arrays
 
+    arrays = {k: v for k, v in arrays.items() if v is not _UNREAD}
     dataset = _dataset_from_arrays(name, arrays, class_names=None, source=source)
     changes: dict = {"notes": tuple(notes)}
     if "x_val" in arrays:
