@@ -8,7 +8,7 @@ _LAZY = {
     "CompileResult": ("codec.pipelines.api", "CompileResult"),
 }
 
-__all__ = ["__version__", "compile", "CompileResult"]
+__all__ = ["CompileResult", "__version__", "compile"]
 
 
 def __getattr__(name: str):
