@@ -364,3 +364,33 @@ def test_normalize_mean_std_recorded_in_report_and_ensemble(tmp_path, tabular):
     meta = {p.key: p.value for p in onnx.load(str(run_dir / "ensemble.onnx")).metadata_props}
     assert json.loads(meta["codec.normalization"]) == report["normalization"]
     assert json.loads((run_dir / "config.json").read_text())["normalize"] == "mean-std"
+
+
+# --- the README's first worked example, as written ---------------------------------------------------
+
+
+def _readme_section_blocks(title: str) -> dict[str, list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    blocks: dict[str, list[str]] = {}
+    for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S):
+        blocks.setdefault(lang, []).append(body)
+    return blocks
+
+
+def test_readme_bring_your_own_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    blocks = _readme_section_blocks("Your own network and data")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks["python"][0], "README.md", "exec"), {"__name__": "__readme__"})  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "CompileResult(4 members, ensemble accuracy" in printed and "runs/byo/ensemble.onnx" in printed
+    report = json.loads((tmp_path / "runs/byo/report.json").read_text())
+    assert report["quality"]["accuracy"] > 0.9 and report["normalization"]["mode"] == "mean-std"
+    # the shell block: the same compile from the command line, on what the Python block wrote
+    (command,) = blocks["bash"]
+    argv = shlex.split(command.strip())
+    assert argv[0] == "codec"
+    assert main(argv[1:] + ["--quiet"]) == 0
+    assert (tmp_path / "runs/byo_cli/ensemble.onnx").is_file()
