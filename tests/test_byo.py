@@ -100,7 +100,16 @@ def test_model_main_starts_from_the_files_weights_unless_init_random(tabular, co
     assert np.abs(weights["onnx"] - start).max() < 0.1 < np.abs(weights["random"] - start).max()
 
 
-def test_model_costs_no_more_options_than_a_recipe_and_help_lists_the_sources(capsys):
+def test_model_run_resumes_without_retraining(compiled_mlp, tabular):
+    run_dir, report = compiled_mlp
+    before = {m: (run_dir / m).stat().st_mtime_ns for m in ("members/main.onnx", "members/grown_2.onnx")}
+    assert main(["compile", "--model", str(tabular / "mlp.onnx"), "--data", f"npz:{tabular / 'tab.npz'}",
+                 "--members", "4", "-o", str(run_dir), "--resume", *FAST]) == 0
+    assert {m: (run_dir / m).stat().st_mtime_ns for m in before} == before
+    assert json.loads((run_dir / "report.json").read_text())["quality"] == report["quality"]
+
+
+def test_compile_help_lists_the_sources_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--help"])
     text = capsys.readouterr().out

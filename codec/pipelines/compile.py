@@ -486,6 +486,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     config = source.config
     data = _prepare_data(dataset, source.task, config, options.normalize)
     _check_before_training(source, data)
+    if source.task == "reconstruction" and options.criterion not in (None, "mean"):
+        raise ConfigError(f"an autoencoder ensemble averages its members: --criterion must be mean, not {options.criterion}")
     run = Run(Path(run_dir))
     if world.is_main:
         run.prepare(options, resume)

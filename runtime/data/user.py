@@ -116,7 +116,7 @@ def _read_images(folder: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.n
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is installed where codec's tests run
-        raise DataError("folder: data needs Pillow to read images: pip install Pillow") from None
+        raise DataError("folder: data needs Pillow to read images: pip install 'codec[images]' (or Pillow)") from None
     if not classes:
         raise DataError(f"{folder}: no class subfolders (expected {folder}/<class>/<image>.png)")
     found = [d.name for d in _class_folders(folder)]
