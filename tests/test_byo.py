@@ -109,6 +109,12 @@ def test_model_run_resumes_without_retraining(compiled_mlp, tabular):
     assert json.loads((run_dir / "report.json").read_text())["quality"] == report["quality"]
 
 
+def test_report_page_names_the_users_model(compiled_mlp, tmp_path):
+    run_dir, _ = compiled_mlp
+    assert main(["report", str(run_dir), "-o", str(tmp_path / "r.html")]) == 0
+    assert "mlp.onnx on npz:" in (tmp_path / "r.html").read_text()
+
+
 def test_compile_help_lists_the_sources_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--help"])
