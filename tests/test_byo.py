@@ -51,10 +51,10 @@ def _members(run_dir: Path, n: int) -> list[Path]:
     return [run_dir / "opt/main.onnx", run_dir / "opt/peer.onnx", *(run_dir / f"members/grown_{i}.onnx" for i in range(1, n - 1))]
 
 
-def _assert_fused_is_members_combined(run_dir: Path, x: np.ndarray, n: int, criterion: str = "prod") -> np.ndarray:
+def _assert_fused_is_members_combined(run_dir: Path, x: np.ndarray, n: int) -> np.ndarray:
     probs = np.stack([run_onnx(m, x) for m in _members(run_dir, n)])
     fused = run_onnx(run_dir / "ensemble.onnx", x)
-    np.testing.assert_allclose(fused, combine(probs, criterion), atol=1e-5)
+    np.testing.assert_allclose(fused, combine(probs, "prod"), atol=1e-5)
     return probs
 
 
@@ -121,6 +121,30 @@ def test_compile_help_lists_the_sources_and_options(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--main", "--peer", "--init", "--loss", "--optimizer", "--normalize", "folder:DIR", "npy:DIR"):
         assert option in text
+
+
+def test_model_as_wide_as_its_input_trains_as_an_autoencoder(tmp_path, tabular):
+    torch.manual_seed(0)
+    export_torch(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 20)).eval(), torch.zeros(2, 20),
+                 tmp_path / "ae.onnx", dynamo=True)
+    run_dir = tmp_path / "ae"
+    assert main(["compile", "--model", str(tmp_path / "ae.onnx"), "--data", f"npz:{tabular / 'tab.npz'}",
+                 "--members", "3", "-o", str(run_dir), *FAST]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "reconstruction" and report["criterion"] == "mean"
+    assert report["loss"] == {"name": "mse", "why": "the output is not a softmax and as wide as the input (20)"}
+    x = np.load(tabular / "tab.npz")["x_test"]
+    outputs = np.stack([run_onnx(m, x) for m in _members(run_dir, 3)])
+    np.testing.assert_allclose(run_onnx(run_dir / "ensemble.onnx", x), outputs.mean(axis=0), atol=1e-5)
+
+
+def test_recipe_on_the_users_data(tmp_path, tabular):
+    run_dir = tmp_path / "recipe"
+    assert main(["compile", "--recipe", "classifier_s", "--data", f"npz:{tabular / 'tab.npz'}", "--members", "2",
+                 "--passes", "dna", "-o", str(run_dir), *FAST]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["recipe"] == "classifier_s" and report["dataset"] == f"npz:{tabular / 'tab.npz'}"
+    assert report["loss"] == {"name": "ce", "why": "recipe classifier_s"} and report["data"]["test"] == 100
 
 
 # --- codec.compile (Python API) -----------------------------------------------------------------------
