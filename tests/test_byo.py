@@ -412,7 +412,7 @@ def _readme_section_blocks(title: str) -> dict[str, list[str]]:
     text = (REPO / "README.md").read_text()
     section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     blocks: dict[str, list[str]] = {}
-    for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S):
+    for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
         blocks.setdefault(lang, []).append(body)
     return blocks
 
