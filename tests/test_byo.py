@@ -373,6 +373,32 @@ def test_image_folder_layouts(tmp_path):
         load_dataset(f"folder:{tmp_path / 'odd'}")
 
 
+def test_compile_on_an_image_folder(tmp_path):
+    # ImageFolder data end to end: RGB 8x8 images whose class is their brightness, a tiny CNN.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 60), ("test", 20)):
+        for label, name in enumerate(("dark", "light")):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (8, 8, 3)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8), "RGB").save(tmp_path / "imgs" / split / name / f"{i}.png")
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    export_torch(cnn, torch.zeros(2, 3, 8, 8), tmp_path / "cnn.onnx", dynamo=True)
+    run_dir = tmp_path / "run"
+    assert main(["compile", "--model", str(tmp_path / "cnn.onnx"), "--data", f"folder:{tmp_path / 'imgs'}",
+                 "--members", "3", "--normalize", "mean-std", "-o", str(run_dir), *FAST, "--epochs", "10", "--lr", "0.01"]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"] == {"train": 108, "validation": 12, "test": 40} and len(report["normalization"]["mean"]) == 3
+    x = Normalization(**{k: tuple(v) for k, v in report["normalization"].items() if k in ("mean", "std")}).apply(
+        load_dataset(f"folder:{tmp_path / 'imgs'}").x_test)
+    _assert_fused_is_members_combined(run_dir, x, 3)
+    assert report["quality"]["accuracy"] > 0.9
+
+
 # --- normalisation -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "The whole CODE pipeline in one command:\n"
-            "  1. train main and peer conventionally (recipe defaults; early stopping)\n"
+            "  1. train main and peer conventionally (early stopping), or take the given --main/--peer\n"
             "  2. passes (default dna,dne,nda,csne) on calibration inputs from the training set\n"
             "  3. grow members 3..N: the CSN frozen and shared, fresh neurons trained\n"
             "  4. emit ensemble.onnx: input dispatched, CSN computed once, members, collect\n"
