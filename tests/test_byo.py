@@ -225,6 +225,15 @@ def test_given_main_and_peer_are_not_trained_again(tmp_path, tabular):
     _assert_fused_is_members_combined(run_dir, x, 3)
 
 
+def test_api_given_main_and_peer_modules(tmp_path, tabular):
+    x, y = _blobs()
+    result = codec.compile(_mlp(seed=1), (x[:400], y[:400], None, None, x[400:], y[400:]), members=3,
+                           out=tmp_path / "pair", peer=_mlp(seed=2), epochs=1, threads=1, calibration=200)
+    assert result.report["given_members"] == {"main": str(tmp_path / "pair/main.onnx"), "peer": str(tmp_path / "pair/peer.onnx")}
+    assert result.report["epochs"]["main"] == 0 and result.report["epochs"]["grow"] == [1]
+    _assert_fused_is_members_combined(result.run_dir, x[400:], 3)
+
+
 # --- refusals, all before training -------------------------------------------------------------------
 
 

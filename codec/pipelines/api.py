@@ -4,7 +4,8 @@ The model is a `torch.nn.Module` (exported to ONNX with torch.onnx, in eval mode
 ONNX file; the data is numpy arrays, torch Datasets, or a dataset spec. Both are written into the run
 directory (`model.onnx`, `data.npz`) and the run is exactly `codec compile --model RUN/model.onnx
 --data npz:RUN/data.npz -o RUN`: the same checks before training, the same report, resumable with
-`resume=True`.
+`resume=True`. With `peer=`, model and peer are two trained members (`--main RUN/main.onnx --peer
+RUN/peer.onnx`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def compile(
     device: str | None = None,
     resume: bool = False,
     quiet: bool = True,
+    peer=None,
 ) -> CompileResult:
     """Compile an ensemble of `members` networks like `model`, trained on `data`.
 
@@ -103,6 +105,8 @@ def compile(
         threads, device: Torch threads and device for training.
         resume: Continue an interrupted run in `out` (finished members are not trained again).
         quiet: No progress bars.
+        peer: A second trained network (module or ONNX path): then `model` and `peer` are main and peer
+            as they are (`codec compile --main --peer`: no training of either, straight to the passes).
 
     Returns:
         The `CompileResult`.
@@ -115,13 +119,17 @@ def compile(
         raise ConfigError(f"{run_dir} already holds a run; pass resume=True to continue it, or choose another out")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = _data_spec(data, run_dir, keep=resume)
-    model_path = _model_path(model, run_dir, spec, keep=resume)
+    if peer is None:
+        sources = {"model": str(_model_path(model, run_dir / "model.onnx", spec, keep=resume))}
+    else:
+        sources = {"main": str(_model_path(model, run_dir / "main.onnx", spec, keep=resume)),
+                   "peer": str(_model_path(peer, run_dir / "peer.onnx", spec, keep=resume))}
     overrides = {
         "max_epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience, "optimizer": optimizer,
         "val_fraction": val_fraction, "n_train": n_train, "n_test": n_test, "num_threads": threads, "device": device,
     }
     options = CompileOptions(
-        model=str(model_path),
+        **sources,
         data=spec,
         members=members,
         seed=seed,
@@ -217,8 +225,8 @@ def _from_torch(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def _model_path(model, run_dir: Path, spec: str, keep: bool) -> Path:
-    """An ONNX path for `model`: paths pass through, modules are exported to run_dir/model.onnx."""
+def _model_path(model, path: Path, spec: str, keep: bool) -> Path:
+    """An ONNX path for `model`: paths pass through, modules are exported to `path`."""
     if isinstance(model, (str, Path)):
         return Path(model)
     try:
@@ -227,7 +235,6 @@ def _model_path(model, run_dir: Path, spec: str, keep: bool) -> Path:
         nn = None
     if nn is None or not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module or an ONNX path, got {type(model).__name__}")
-    path = run_dir / "model.onnx"
     if keep and path.exists():
         return path
     from codec.runtime.data import load_training_set
