@@ -291,13 +291,16 @@ def test_source_options_refused_one_line(tmp_path, tabular, capsys):
                       "--normalize", "0.5,0.5/0.2", "-o", str(run_dir)], run_dir, "as many means as stds")
 
 
-def test_nan_in_user_data_refused_before_training(tmp_path, tabular, capsys):
+def test_nan_and_empty_user_data_refused_before_training(tmp_path, tabular, capsys):
     x, y = _blobs(n=60)
     x[7, 3] = np.nan
     np.savez(tmp_path / "nan.npz", x_train=x, y_train=y)
+    np.savez(tmp_path / "empty.npz", x_train=np.zeros((0, 20), np.float32), y_train=np.zeros(0, np.int64))
     run_dir = tmp_path / "run"
     _refused(capsys, ["compile", "--model", str(tabular / "mlp.onnx"), "--data", f"npz:{tmp_path / 'nan.npz'}",
                       "-o", str(run_dir), *FAST], run_dir, r"non-finite values \(1 NaN\)")
+    _refused(capsys, ["compile", "--model", str(tabular / "mlp.onnx"), "--data", f"npz:{tmp_path / 'empty.npz'}",
+                      "-o", str(run_dir), *FAST], run_dir, r"x is empty")
 
 
 # TODO(irnet): once GELU, BatchNormalization and residual Add lift (engineer irnet's branch), add here the
