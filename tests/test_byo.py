@@ -441,6 +441,12 @@ def test_normalize_mean_std_recorded_in_report_and_ensemble(tmp_path, tabular):
     meta = {p.key: p.value for p in onnx.load(str(run_dir / "ensemble.onnx")).metadata_props}
     assert json.loads(meta["codec.normalization"]) == report["normalization"]
     assert json.loads((run_dir / "config.json").read_text())["normalize"] == "mean-std"
+    # codec export carries it into the model card, so the deployed model is scored on normalised inputs
+    members = [str(run_dir / "opt/main.onnx"), str(run_dir / "opt/peer.onnx")]
+    assert main(["export", str(run_dir / "ensemble.onnx"), "-o", str(tmp_path / "deploy.onnx"),
+                 "--data", f"npz:{tabular / 'tab.npz'}", "--members", *members]) == 0
+    card = json.loads((tmp_path / "deploy.card.json").read_text())
+    assert card["input_normalization"] == report["normalization"]
 
 
 # --- the README's first worked example, as written ---------------------------------------------------
