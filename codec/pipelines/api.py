@@ -116,17 +116,29 @@ def compile(
     """
     run_dir = Path(out)
     if (run_dir / "config.json").exists() and not resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass resume=True to continue it, or choose another out")
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass resume=True to continue it, or choose another out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = _data_spec(data, run_dir, keep=resume)
     if peer is None:
         sources = {"model": str(_model_path(model, run_dir / "model.onnx", spec, keep=resume))}
     else:
-        sources = {"main": str(_model_path(model, run_dir / "main.onnx", spec, keep=resume)),
-                   "peer": str(_model_path(peer, run_dir / "peer.onnx", spec, keep=resume))}
+        sources = {
+            "main": str(_model_path(model, run_dir / "main.onnx", spec, keep=resume)),
+            "peer": str(_model_path(peer, run_dir / "peer.onnx", spec, keep=resume)),
+        }
     overrides = {
-        "max_epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience, "optimizer": optimizer,
-        "val_fraction": val_fraction, "n_train": n_train, "n_test": n_test, "num_threads": threads, "device": device,
+        "max_epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "patience": patience,
+        "optimizer": optimizer,
+        "val_fraction": val_fraction,
+        "n_train": n_train,
+        "n_test": n_test,
+        "num_threads": threads,
+        "device": device,
     }
     options = CompileOptions(
         **sources,
@@ -167,7 +179,9 @@ def _arrays(data) -> dict[str, np.ndarray]:
     if isinstance(data, Mapping):
         unknown = sorted(set(data) - set(_TUPLE_LAYOUT) - {"x", "y", "class_names"})
         if unknown:
-            raise DataError(f"data has unknown array name(s) {', '.join(unknown)}; use {', '.join(_TUPLE_LAYOUT)}")
+            raise DataError(
+                f"data has unknown array name(s) {', '.join(unknown)}; use {', '.join(_TUPLE_LAYOUT)}"
+            )
         return {k: _numpy(v, k) for k, v in data.items() if v is not None}
     if _is_torch_dataset(data):
         data = (data,)
@@ -221,7 +235,9 @@ def _from_torch(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
         ys.append(int(_numpy(item[1], f"y_{split}[{i}]")))
     shapes = {x.shape for x in xs}
     if len(shapes) != 1:
-        raise DataError(f"data ({split}): the torch Dataset's examples have different shapes {sorted(shapes)[:3]}")
+        raise DataError(
+            f"data ({split}): the torch Dataset's examples have different shapes {sorted(shapes)[:3]}"
+        )
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
@@ -248,7 +264,9 @@ def _model_path(model, path: Path, spec: str, keep: bool) -> Path:
             # "reconstruction": exported as is (no softmax appended); compile's output rule decides.
             return export_onnx(model, path, candidate, task="reconstruction")
         except Exception as exc:  # noqa: BLE001 - torch.onnx raises many kinds; the message below names them
-            failures.append(f"{list(candidate)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            failures.append(
+                f"{list(candidate)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
     raise ConfigError(
         f"could not export the model with torch.onnx for inputs shaped like the data ({'; '.join(failures)})"
     )

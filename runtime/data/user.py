@@ -65,7 +65,9 @@ def read_user_arrays(spec: str) -> tuple[dict[str, np.ndarray], str]:
     spec = str(spec).strip()
     prefix, _, rest = spec.partition(":")
     if not rest:
-        raise ConfigError(f"{prefix}: needs a path, e.g. {prefix}:data/my_set{'.npz' if prefix == 'npz' else ''}")
+        raise ConfigError(
+            f"{prefix}: needs a path, e.g. {prefix}:data/my_set{'.npz' if prefix == 'npz' else ''}"
+        )
     path = Path(rest).expanduser()
     if prefix == "npz":
         arrays = _read_npz(path, (), optional=(*SPLIT_KEYS, *SINGLE_KEYS, "class_names"))
@@ -93,12 +95,16 @@ def _read_npy_dir(path: Path) -> dict[str, np.ndarray]:
 
 
 def _class_folders(path: Path) -> list[Path]:
-    return sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    return sorted(
+        (d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+    )
 
 
 def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
     if not path.is_dir():
-        raise DataError(f"{path}: no such folder (folder:DIR names an ImageFolder layout: DIR/<class>/<image>)")
+        raise DataError(
+            f"{path}: no such folder (folder:DIR names an ImageFolder layout: DIR/<class>/<image>)"
+        )
     splits = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
     if "train" in splits:
         classes = [d.name for d in _class_folders(splits["train"])]
@@ -116,13 +122,17 @@ def _read_images(folder: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.n
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is installed where codec's tests run
-        raise DataError("folder: data needs Pillow to read images: pip install 'codec[images]' (or Pillow)") from None
+        raise DataError(
+            "folder: data needs Pillow to read images: pip install 'codec[images]' (or Pillow)"
+        ) from None
     if not classes:
         raise DataError(f"{folder}: no class subfolders (expected {folder}/<class>/<image>.png)")
     found = [d.name for d in _class_folders(folder)]
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not in train/ ({', '.join(classes)})")
+        raise DataError(
+            f"{folder}: class folder(s) {', '.join(unknown)} are not in train/ ({', '.join(classes)})"
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
         directory = folder / name
@@ -178,7 +188,9 @@ def _build(name: str, arrays: Mapping[str, np.ndarray], source: str, notes: Sequ
         changes["y_val"] = arrays["y_val"]
         top = int(np.max(arrays["y_val"])) if len(arrays["y_val"]) else -1
         if top >= dataset.num_classes:
-            raise DataError(f"{source}: y_val has label {top} but train and test have only {dataset.num_classes} classes")
+            raise DataError(
+                f"{source}: y_val has label {top} but train and test have only {dataset.num_classes} classes"
+            )
     return dataclasses.replace(dataset, **changes)
 
 
@@ -195,7 +207,12 @@ def load_user_dataset(spec: str) -> Dataset:
         _pair(arrays, "x_val", "y_val", source)
         return _build(spec, arrays, source)
     if _pair(arrays, "x", "y", source):
-        single = {"x_train": arrays["x"], "y_train": arrays["y"], "x_test": arrays["x"], "y_test": arrays["y"]}
+        single = {
+            "x_train": arrays["x"],
+            "y_train": arrays["y"],
+            "x_test": arrays["x"],
+            "y_test": arrays["y"],
+        }
         if "class_names" in arrays:
             single["class_names"] = arrays["class_names"]
         return _build(spec, single, source, notes=[f"{spec}: one split (x, y), used for both train and test"])
@@ -227,15 +244,19 @@ def load_training_set(spec: str, data_dir=None) -> Dataset:
     arrays = dict(arrays)
     y = np.asarray(arrays["y_train"])
     if y.ndim != 1 or len(y) < 2:
-        return _build(spec, {**arrays, "x_test": arrays["x_train"], "y_test": y}, source)  # let validation say why
+        return _build(
+            spec, {**arrays, "x_test": arrays["x_train"], "y_test": y}, source
+        )  # let validation say why
     n_test = max(1, round(HELD_OUT_TEST_FRACTION * len(y)))
     test = stratified_indices(y, n_test, seed=0, stream=_STREAM_HELD_OUT_TEST)
     keep = np.ones(len(y), dtype=bool)
     keep[test] = False
     x = np.asarray(arrays["x_train"])
     arrays.update(x_train=x[keep], y_train=y[keep], x_test=x[test], y_test=y[test])
-    note = (f"{spec}: no x_test, y_test; held out {n_test} of the {len(y)} training examples "
-            f"(stratified, seed 0) as the test split")
+    note = (
+        f"{spec}: no x_test, y_test; held out {n_test} of the {len(y)} training examples "
+        f"(stratified, seed 0) as the test split"
+    )
     return _build(spec, arrays, source, notes=[note])
 
 
@@ -260,8 +281,12 @@ class Normalization:
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
-            raise ConfigError(f"normalisation needs as many means as stds, got {len(self.mean)} and {len(self.std)}")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(math.isfinite(m) for m in self.mean):
+            raise ConfigError(
+                f"normalisation needs as many means as stds, got {len(self.mean)} and {len(self.std)}"
+            )
+        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(
+            math.isfinite(m) for m in self.mean
+        ):
             raise ConfigError(f"normalisation stds must be positive and finite, got {list(self.std)}")
 
     @classmethod
@@ -293,7 +318,13 @@ class Normalization:
         return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
 
     def to_dict(self) -> dict:
-        return {"mode": "mean-std", "axis": 1, "mean": list(self.mean), "std": list(self.std), "source": self.source}
+        return {
+            "mode": "mean-std",
+            "axis": 1,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "source": self.source,
+        }
 
 
 def parse_normalize(text: str | None) -> str | Normalization | None:
