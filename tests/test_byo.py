@@ -543,6 +543,15 @@ def test_source_options_refused_one_line(tmp_path, tabular, capsys):
     )
 
 
+def test_given_members_of_different_architectures_refused(tmp_path, tabular, capsys):
+    export_torch(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.zeros(2, 20),
+                 tmp_path / "small.onnx", dynamo=True)
+    run_dir = tmp_path / "run"
+    _refused(capsys, ["compile", "--main", str(tabular / "mlp.onnx"), "--peer", str(tmp_path / "small.onnx"),
+                      "--data", f"npz:{tabular / 'tab.npz'}", "-o", str(run_dir), *FAST], run_dir,
+             r"--main and --peer must have the same architecture: layer output shapes \[\[20\], \[32\]")
+
+
 def test_nan_and_empty_user_data_refused_before_training(tmp_path, tabular, capsys):
     x, y = _blobs(n=60)
     x[7, 3] = np.nan

@@ -294,10 +294,14 @@ def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source
             raise ShapeError(f"--main is a {task} model but --peer a {this_task} model")
         task = this_task
         notes += these
-    if options.main is not None and tuple(nets["main"].input_shape) != tuple(nets["peer"].input_shape):
-        raise ShapeError(
-            f"--main takes input {list(nets['main'].input_shape)} but --peer {list(nets['peer'].input_shape)}"
-        )
+    if options.main is not None:
+        # The passes compare main and peer neuron by neuron: refuse different architectures now.
+        shapes = {key: [list(net.input_shape), *(list(shape) for shape in net.shapes())] for key, net in nets.items()}
+        if shapes["main"] != shapes["peer"]:
+            raise ShapeError(
+                "--main and --peer must have the same architecture: layer output shapes "
+                f"{shapes['main']} vs {shapes['peer']} (input first)"
+            )
     overrides["loss"] = "mse" if task == "reconstruction" else "ce"
     config = TrainConfig.from_recipe(None, **overrides)
     if options.model is not None:
