@@ -1,7 +1,7 @@
 """Benchmark: Lee et al., "Why M Heads are Better than One" (arXiv 1511.06314), on codec's coupled ensembles.
 
 Trains M = 4 member ensembles of the `classifier_s` MLP (784-128-96-64-32-10) on the bundled MNIST subset
-(`mnist_small`) with `codec.runtime.training.coupled.train_ensemble_recipe`, several seeds per configuration, and
+(`mnist_small`) with `codec.pipelines.train_ensemble.train_ensemble_recipe`, several seeds per configuration, and
 checks the paper's qualitative findings:
 
 1. MCL with k = 1 raises the oracle accuracy far above a standard (independently trained, random-init)
@@ -68,7 +68,8 @@ def run_one(job: tuple[str, int, dict]) -> dict:
     """Train and score one configuration for one seed (in a worker process)."""
     import torch
 
-    from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+    from codec.pipelines.train_ensemble import train_ensemble_recipe
+    from codec.runtime.training.coupled import EnsembleOptions
 
     name, seed, settings = job
     torch.set_num_threads(1)

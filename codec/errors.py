@@ -40,6 +40,30 @@ class ShapeError(CodecError):
     """Shapes that do not fit together: data vs model input, or members that differ."""
 
 
+def positive_int(value: object, name: str, *, error: type[Exception] = ConfigError) -> int:
+    """`value` as an int when it is an integer >= 1 (numpy integers accepted; bools and floats refused).
+
+    Raises:
+        error: anything else (ConfigError by default; the kernels' input policy raises ValueError).
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__") or type(value).__name__ == "bool_":
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    number = value.__index__()
+    if number < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(number)
+
+
+def first_line(exc: object) -> str:
+    """The first line of an exception's message (its type name when the message is empty).
+
+    Third-party errors (onnx, onnxruntime, protobuf, zlib) often carry pages of text; a CodecError's
+    message is one readable line, so it quotes only this.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # --- interruption ---------------------------------------------------------------------------------------
 # The CLI turns SIGINT/SIGTERM into KeyboardInterrupt wherever the main thread is. Raised inside a module's
 # import (a C extension's initialisation) Python turns it into "ImportError: initialization failed", which

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from codec.errors import LiftError, ModelLoadError
+from codec.errors import first_line as _first_line
 from codec.ir.network import (
     MONOTONE_ACTIVATIONS,
     Activation,
@@ -105,11 +106,6 @@ def _check_text(model: ir.Model, where: str) -> None:
     bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
     if bad is not None:
         raise ModelLoadError(f"{where}the model holds a name or metadata entry that is not valid UTF-8: {bad!r}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _external_tensors(model: ir.Model):

@@ -27,7 +27,9 @@ class Role(enum.IntEnum):
 
     TRAINABLE = 0
     FROZEN_SHARED = 1  # part of the common sub-network: frozen, its weights shared between members
-    DEAD = 2  # found dead by DNA; DNE removes it
+    # Reserved; no pass sets it. DNA is an analysis: it reports dead neurons without editing the IR, and
+    # DNE removes them, so no network holds a dead neuron. The value stays so stored roles keep their codes.
+    DEAD = 2
 
 
 ACTIVATION_KINDS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "softmax")
@@ -359,6 +361,12 @@ class NetworkIR:
             if is_compute(a) and a.activation != b.activation:
                 return f"layer {i}: activation {a.activation.kind} vs {b.activation.kind}"
         return None
+
+    def verify(self) -> None:
+        """Raise IRVerificationError if the network breaks an IR invariant (see `codec.ir.verify`)."""
+        from codec.ir.verify import verify_network  # verify.py imports this module
+
+        verify_network(self)
 
 
 def replace(layer: Layer, **changes) -> Layer:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from codec.errors import ConfigError, ShapeError
+from codec.errors import ConfigError, ShapeError, positive_int
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,13 +79,10 @@ def _feature_shape(layers: Sequence[nn.Module], input_shape: tuple[int, ...]) ->
 
 def _positive_int(value: object) -> int | None:
     """`value` as an int when it is a positive integer (numpy integers included), else None."""
-    if isinstance(value, bool):
-        return None
     try:
-        number = operator.index(value)
-    except TypeError:
+        return positive_int(value, "value")
+    except ConfigError:
         return None
-    return number if number >= 1 else None
 
 
 def _hidden_widths(arch: str, hidden: Sequence[int]) -> tuple[int, ...]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from codec.passes.base import Analysis, EnsembleModule
+from codec.passes.base import Analysis, AnalysisManagerProtocol, EnsembleModule
 from codec.passes.registry import register_pass
 from codec.runtime.execution.profile import ActivationStats, PairStats, profile, profile_pair
 
 
 @dataclass
 class MemberActivations:
-    """Per-member ActivationStats, and PairStats for (main, peer) when the module has a peer."""
+    """Per-member ActivationStats (in the module's member order), and PairStats for (main, peer) when the
+    module has a peer."""
 
     members: dict[str, ActivationStats]
     pair: PairStats | None = None
@@ -31,17 +32,18 @@ class ActivationAnalysis(Analysis):
     name = "activations"
     progress: bool = False
 
-    def compute(self, module: EnsembleModule, am) -> MemberActivations:
-        names = list(module.members)
+    def compute(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> MemberActivations:
         stats: dict[str, ActivationStats] = {}
         pair = None
         batches = module.calibration.batch_size
-        if len(names) >= 2:
-            pair = profile_pair(module.members[names[0]], module.members[names[1]], module.calibration.x, batches, self.progress)
-            stats[names[0]], stats[names[1]] = pair.main, pair.peer
-        for name in names[len(stats):]:
-            stats[name] = profile(module.members[name], module.calibration.x, batches, self.progress)
-        return MemberActivations(stats, pair, len(module.calibration))
+        if module.has_peer:
+            pair = profile_pair(module.main, module.peer, module.calibration.x, batches, self.progress)
+            stats[module.main_name], stats[module.peer_name] = pair.main, pair.peer
+        for name, net in module.members.items():
+            if name not in stats:
+                stats[name] = profile(net, module.calibration.x, batches, self.progress)
+        ordered = {name: stats[name] for name in module.members}
+        return MemberActivations(ordered, pair, len(module.calibration))
 
     def summarize(self, result: MemberActivations) -> dict:
         return {

@@ -21,9 +21,17 @@ from typing import Literal
 
 import numpy as np
 
+from codec.errors import ConfigError
 from codec.ir.csn import CSN, CSNLayer, csn_network, rewrite_main
 from codec.passes.activations import ActivationAnalysis
-from codec.passes.base import EnsembleModule, PassError, PassResult, Transform, check_fraction
+from codec.passes.base import (
+    AnalysisManagerProtocol,
+    EnsembleModule,
+    PassError,
+    PassResult,
+    Transform,
+    check_fraction,
+)
 from codec.passes.nda import NeuronDependenceAnalysis
 from codec.passes.registry import register_pass
 
@@ -33,12 +41,6 @@ def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     from codec import kernels
 
     return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
-
-
-@dataclass
-class CSNEResult:
-    csn: CSN
-    iterations: int
 
 
 @register_pass
@@ -63,18 +65,17 @@ class CommonSubNetworkExtraction(Transform):
     def check_options(self) -> None:
         check_fraction(self.name, "fire", self.fire)
         if not -1.0 <= self.corr <= 1.0:
-            from codec.errors import ConfigError
-
             raise ConfigError(f"csne: option corr={self.corr} is impossible; a correlation lies in [-1, 1]")
         if self.max_iter < 1:
-            from codec.errors import ConfigError
-
             raise ConfigError(f"csne: option max_iter={self.max_iter} must be at least 1")
 
-    def find(self, module: EnsembleModule, am) -> tuple[CSN, int]:
-        acts = am.get(ActivationAnalysis, module)
-        if acts.pair is None:
+    def requires_module(self, module: EnsembleModule) -> None:
+        if not module.has_peer:
             raise PassError("csne needs two members: main and a peer (codec opt ... --peer peer.onnx)")
+
+    def find(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> tuple[CSN, int]:
+        self.requires_module(module)
+        acts = am.get(ActivationAnalysis, module)
         main, pair = module.main, acts.pair
         ndg = am.get(NeuronDependenceAnalysis, module)[module.main_name] if self.preds else None
         hidden = main.hidden_layers()
@@ -120,7 +121,7 @@ class CommonSubNetworkExtraction(Transform):
         options = {"fire": self.fire, "corr": self.corr, "cofire": self.cofire, "inputs": self.inputs, "preds": self.preds}
         return CSN(layers, self.inputs, options), iteration
 
-    def run(self, module: EnsembleModule, am) -> PassResult:
+    def run(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> PassResult:
         csn, iterations = self.find(module, am)
         acts = am.get(ActivationAnalysis, module)
         main = module.main
@@ -135,7 +136,8 @@ class CommonSubNetworkExtraction(Transform):
         }
         if csn.total == 0:
             details["note"] = "no equivalent neurons: the CSN is empty and main is unchanged"
-            return PassResult(module.replace(csn=csn), False, details)
+            # the members are unchanged, but the module now holds a (empty) CSN: that is a modification
+            return PassResult(module.replace(csn=csn), True, details)
         means = {name: s.mean for name, s in acts.members[module.main_name].layers.items()}
         rewritten = rewrite_main(main, csn, means)
         csn.network = csn_network(rewritten, csn)

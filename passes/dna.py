@@ -2,7 +2,10 @@
 
 By default (`scope=intersect`) a neuron position is dead only if it is dead in every member, which keeps
 the members' layer widths aligned; `scope=member` is the conventional single-model analysis (each
-member's own dead neurons), which removes more and is equally function-preserving.
+member's own dead neurons), which removes more and is equally function-preserving. With one member the
+two agree. Two independently trained members rarely share a dead position, so on a main/peer pair the
+default removes few of the dead neurons `codec profile` reports for each model (profile says so, and
+counts what the default removes when given `--peer`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,22 @@ from typing import Literal
 import numpy as np
 
 from codec.passes.activations import ActivationAnalysis
-from codec.passes.base import Analysis, EnsembleModule, PassError
+from codec.passes.base import Analysis, AnalysisManagerProtocol, EnsembleModule, PassError
 from codec.passes.registry import register_pass
+
+
+DeadNeurons = dict[str, dict[str, np.ndarray]]  # member -> hidden layer -> dead neuron indices
+
+
+def removable(dead: dict[str, dict[str, np.ndarray]], scope: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per member and hidden layer (in order), the dead-neuron mask DNA reports under `scope`: each
+    member's own (`member`), or the positions dead in every member (`intersect`; members of one
+    architecture). `codec profile` uses this too, to say what the default `codec opt` removes."""
+    if scope != "intersect" or len(dead) < 2:
+        return {member: dict(layers) for member, layers in dead.items()}
+    masks = [list(m.values()) for m in dead.values()]
+    common = [np.logical_and.reduce([m[i] for m in masks]) for i in range(len(masks[0]))]
+    return {member: dict(zip(layers, common)) for member, layers in dead.items()}
 
 
 @register_pass
@@ -29,15 +46,8 @@ class DeadNeuronAnalysis(Analysis):
     scope: Literal["intersect", "member"] = "intersect"
     criterion: Literal["zero", "never_fires"] = "zero"
 
-    def compute(self, module: EnsembleModule, am) -> dict[str, dict[str, np.ndarray]]:
-        acts = am.get(ActivationAnalysis, module)
-        dead: dict[str, dict[str, np.ndarray]] = {}
-        for member, stats in acts.members.items():
-            dead[member] = {
-                layer: (s.always_zero if self.criterion == "zero" else s.never_fires).copy()
-                for layer, s in stats.layers.items()
-            }
-        if self.scope == "intersect" and len(dead) > 1:
+    def requires_module(self, module: EnsembleModule) -> None:
+        if self.scope == "intersect" and len(module.members) > 1:
             nets = list(module.members.values())
             for other in nets[1:]:
                 difference = nets[0].same_architecture(other)
@@ -46,10 +56,17 @@ class DeadNeuronAnalysis(Analysis):
                         f"dna{{scope=intersect}} needs members of the same architecture ({difference}); "
                         "use dna{scope=member}"
                     )
-            masks = [list(m.values()) for m in dead.values()]
-            common = [np.logical_and.reduce([m[i] for m in masks]) for i in range(len(masks[0]))]
-            for member in dead:
-                dead[member] = dict(zip(dead[member], common))
+
+    def compute(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> DeadNeurons:
+        self.requires_module(module)
+        acts = am.get(ActivationAnalysis, module)
+        dead: dict[str, dict[str, np.ndarray]] = {}
+        for member, stats in acts.members.items():
+            dead[member] = {
+                layer: (s.always_zero if self.criterion == "zero" else s.never_fires).copy()
+                for layer, s in stats.layers.items()
+            }
+        dead = removable(dead, self.scope)
         return {member: {layer: np.flatnonzero(mask) for layer, mask in layers.items()} for member, layers in dead.items()}
 
     def summarize(self, result) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from codec.ir.surgery import select_neurons
 from codec.passes.activations import ActivationAnalysis, MemberActivations
-from codec.passes.base import EnsembleModule, PassResult, Transform
+from codec.passes.base import AnalysisManagerProtocol, EnsembleModule, PassResult, Transform
 from codec.passes.dna import DeadNeuronAnalysis
 from codec.passes.registry import register_pass
 
@@ -27,10 +27,10 @@ class DeadNeuronElimination(Transform):
     preserves = (ActivationAnalysis,)
     verify_function = True
 
-    def run(self, module: EnsembleModule, am) -> PassResult:
+    def run(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> PassResult:
         dead = am.get(DeadNeuronAnalysis, module)
         acts = _copy_activations(am.get(ActivationAnalysis, module))
-        names = list(module.members)
+        pair_members = {module.main_name: "main", module.peer_name: "peer"} if acts.pair is not None else {}
         members = {}
         removed: dict[str, dict[str, int]] = {}
         modified = False
@@ -45,7 +45,7 @@ class DeadNeuronElimination(Transform):
                 if len(idx):
                     keep = np.setdiff1d(np.arange(layer.num_neurons), idx)
                     select_neurons(new, layer.name, keep)
-                    _select_stats(acts, names, name, layer.name, keep)
+                    _select_stats(acts, pair_members, name, layer.name, keep)
                     modified = True
             members[name] = new
         params = {
@@ -62,8 +62,10 @@ def _copy_activations(acts: MemberActivations) -> MemberActivations:
     return copy.deepcopy(acts)
 
 
-def _select_stats(acts: MemberActivations, names: list[str], member: str, layer: str, keep: np.ndarray) -> None:
-    if acts.pair is not None and member in names[:2]:
-        acts.pair.select("main" if member == names[0] else "peer", layer, keep)  # edits the shared member stats too
+def _select_stats(
+    acts: MemberActivations, pair_members: dict[str, str], member: str, layer: str, keep: np.ndarray
+) -> None:
+    if member in pair_members:
+        acts.pair.select(pair_members[member], layer, keep)  # edits the shared member stats too
     else:
         acts.members[member].select(layer, keep)

@@ -20,7 +20,7 @@ import numpy as np
 
 from codec.ir.network import Conv, NetworkIR
 from codec.passes.activations import ActivationAnalysis
-from codec.passes.base import Analysis, EnsembleModule, check_fraction
+from codec.passes.base import Analysis, AnalysisManagerProtocol, EnsembleModule, check_fraction
 from codec.passes.registry import register_pass
 from codec.runtime.execution.profile import ActivationStats
 
@@ -106,7 +106,9 @@ class NeuronDependenceAnalysis(Analysis):
     def check_options(self) -> None:
         check_fraction(self.name, "fire", self.fire)
 
-    def compute(self, module: EnsembleModule, am) -> dict[str, NeuronDependenceGraph]:
+    def compute(
+        self, module: EnsembleModule, am: AnalysisManagerProtocol
+    ) -> dict[str, NeuronDependenceGraph]:
         acts = am.get(ActivationAnalysis, module)
         graphs = {}
         for member, net in module.members.items():

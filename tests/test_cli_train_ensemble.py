@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from codec import cli
-from codec.errors import ConfigError, ShapeError
-from codec.pipelines.plots import assignment_heatmap
+from codec.errors import ShapeError
+from codec.pipelines.report import assignment_svg
 from codec.runtime.data import load_dataset
 from codec.runtime.evaluation.metrics import assignment_table, combine, oracle_accuracy
 from codec.runtime.execution.session import predict
@@ -49,7 +49,7 @@ def test_run_writes_fused_ensemble_members_report_and_heatmap(mcl_run):
     assert report["treenet"]["trunk"] == ["flatten1", "fc1"] and report["treenet"]["fused_parameters"]["shared_layers"] == [1, 1, 1]
     assert report["n_train"] == 540 and report["n_val"] == 60 and report["n_test"] == 200
     assert report["epochs_run"] == 2 and len(report["history"]) == 2
-    assert (out / "assignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "assignment.svg").read_text().startswith("<svg ")
     assert (out / "ensemble.ckpt").is_file()
 
     # The report's numbers are those of the written files on the test subset.
@@ -83,7 +83,7 @@ def test_resume_continues_with_more_epochs_and_keeps_the_history(mcl_run, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert report["epochs_run"] == 3
     assert [e["train_loss"] for e in report["history"][:2]] == [e["train_loss"] for e in before]
-    assert report["files"]["assignment_png"] is None and not (out / "assignment.png").exists()
+    assert report["files"]["assignment_svg"] is None and not (out / "assignment.svg").exists()
     # a resumed run with other ensemble options is refused
     args = ["train-ensemble", *TINY, "--split", "fc1", "--loss", "independent", "--epochs", "3", "--resume",
             "--no-plot", "-o", str(out)]
@@ -130,22 +130,24 @@ def test_list_splits(capsys):
     assert "fc1" in capsys.readouterr().out
 
 
-def test_heatmap_png_and_errors(tmp_path, monkeypatch):
-    path = assignment_heatmap(np.array([[3, 0, 1], [0, 5, 2]]), tmp_path / "a.png", class_names=["a", "b", "c"],
-                              title="t")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+def test_heatmap_svg_and_errors(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    path = assignment_svg(np.array([[3, 0, 1], [0, 5, 2]]), tmp_path / "a.svg", class_names=["a", "b", "c"], title="t")
+    root = ET.fromstring(path.read_text())  # a well-formed standalone SVG
+    ns = "{http://www.w3.org/2000/svg}"
+    cells = [r for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]
+    assert [c.find(f"{ns}title").text for c in cells][:2] == ["member 0 / a: 3.000", "member 0 / b: 0"]
+    assert len(cells) == 6
     with pytest.raises(ShapeError, match="members, classes"):
-        assignment_heatmap(np.zeros(3), tmp_path / "b.png")
+        assignment_svg(np.zeros(3), tmp_path / "b.svg")
     with pytest.raises(ShapeError, match="2 class labels"):
-        assignment_heatmap(np.zeros((2, 3)), tmp_path / "b.png", class_names=["a", "b"])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
-    with pytest.raises(ConfigError, match=r"matplotlib.*pip install 'codec\[plot\]'"):
-        assignment_heatmap(np.zeros((2, 3)), tmp_path / "c.png")
-    assert not (tmp_path / "c.png").exists()
+        assignment_svg(np.zeros((2, 3)), tmp_path / "b.svg", class_names=["a", "b"])
+    assert not (tmp_path / "b.svg").exists()
 
 
-def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch, capsys):
+def test_heatmap_needs_no_matplotlib(tmp_path, monkeypatch):
+    # The heatmap was a matplotlib PNG behind an optional extra; it is the report's SVG now.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert cli.main(["train-ensemble", *TINY, "--epochs", "1", "-o", str(tmp_path / "x")]) == 2
-    assert "matplotlib" in capsys.readouterr().err
-    assert not (tmp_path / "x" / "ensemble.ckpt").exists()
+    assert cli.main(["train-ensemble", *TINY, "--epochs", "1", "-o", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "assignment.svg").is_file()

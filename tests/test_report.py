@@ -149,7 +149,9 @@ def test_compile_run_directory(compile_dir, tmp_path):
 
 def test_coupled_ensemble_heatmap(tmp_path):
     coupled = pytest.importorskip("codec.runtime.training.coupled")
-    report = coupled.train_ensemble_recipe("classifier_s", coupled.EnsembleOptions(members=2, loss="mcl"), tmp_path / "mcl",
+    from codec.pipelines.train_ensemble import train_ensemble_recipe
+
+    report = train_ensemble_recipe("classifier_s", coupled.EnsembleOptions(members=2, loss="mcl"), tmp_path / "mcl",
                                            overrides={**TINY, "num_threads": 1}, quiet=True, plot=False)
     page = render([tmp_path / "mcl"])
     heat = next(svg for svg in _svgs(page) if svg.attrib["aria-label"].startswith("test examples won"))

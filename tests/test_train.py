@@ -14,6 +14,7 @@ from codec.models import build_model, get_recipe
 from codec.runtime.data import load_dataset
 from codec.runtime.evaluation.metrics import accuracy
 from codec.runtime.execution.session import create_session, predict
+from codec.pipelines.train import train_recipe
 from codec.runtime.training.train import (
     TrainConfig,
     export_onnx,
@@ -21,7 +22,6 @@ from codec.runtime.training.train import (
     predict_torch,
     resolve_device,
     train_member,
-    train_recipe,
 )
 
 

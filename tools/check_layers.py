@@ -37,15 +37,16 @@ def mirror(dest: Path, root: Path = ROOT) -> None:
             shutil.copyfile(src, out)
 
 
-def main() -> int:
+def main(root: Path = ROOT) -> int:
+    """Check the contract of `root`'s pyproject.toml over `root`'s sources; the exit status."""
     with tempfile.TemporaryDirectory(prefix="codec-layers-") as tmp:
-        mirror(Path(tmp))
+        mirror(Path(tmp), root)
         env = {**os.environ, "PYTHONPATH": tmp}
         lint = shutil.which("lint-imports")
         if lint is None:
             print("lint-imports not found: pip install import-linter (it is in codec's test extra)", file=sys.stderr)
             return 2
-        return subprocess.run([lint, "--no-cache", str(ROOT / "pyproject.toml")], cwd=tmp, env=env).returncode
+        return subprocess.run([lint, "--no-cache", str(root / "pyproject.toml")], cwd=tmp, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from codec.errors import ShapeError
+from codec.pipelines.data import fit_to_model  # noqa: F401  (the commands' import of it)
 
 DATA_HELP = (
     "dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download), or your own: "
@@ -59,33 +59,44 @@ def add_normalize_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "learning rate",
+                           seed_help: str | None = None):
+    """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
+    values are the defaults); `seed_help` adds --seed to the group. `training_overrides` reads them back."""
+    group = parser.add_argument_group("training options (default: the recipe's)")
+    group.add_argument("--epochs", type=int, help="maximum number of epochs")
+    group.add_argument("--lr", type=float, help=lr_help)
+    group.add_argument("--batch-size", type=int, help="training batch size")
+    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    group.add_argument("--n-train", type=int, help="train on a subset of this many examples")
+    group.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
+    if seed_help is not None:
+        group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
+    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    return group
+
+
+def training_overrides(args) -> dict:
+    """The TrainConfig fields the training options set (None: keep the recipe's)."""
+    return {
+        "max_epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "device": args.device,
+        "num_threads": args.threads,
+        "verbose": bool(getattr(args, "verbose", False)),
+    }
+
+
 def load_split(args) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, dataset) for the split the command-line arguments name."""
-    from codec.runtime.data import load_dataset
+    from codec.pipelines.data import load_split as load
 
-    dataset = load_dataset(args.data, data_dir=args.data_dir)
-    split = getattr(args, "split", "test")
-    x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_test, dataset.y_test)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ShapeError(f"--limit must be positive, got {args.limit}")
-        x, y = x[: args.limit], y[: args.limit]
-    return x, y, dataset
-
-
-def fit_to_model(x: np.ndarray, input_shape: tuple[int, ...], what: str = "data") -> np.ndarray:
-    """Reshape examples to a model's input shape when only the layout differs (images fed to an MLP).
-
-    (N, 1, 28, 28) data becomes (N, 784) for a model whose input is (784,); anything else that does not
-    match is a ShapeError naming both shapes.
-    """
-    if tuple(x.shape[1:]) == tuple(input_shape):
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
-        return x.reshape((len(x), *input_shape))
-    raise ShapeError(
-        f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}"
-    )
+    return load(args.data, data_dir=args.data_dir, split=getattr(args, "split", "test"), limit=args.limit)
 
 
 def emit(args, payload: dict, human: str) -> None:

@@ -48,6 +48,10 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
     parser.add_argument("--seed", type=int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
     parser.add_argument("--passes", default="dna,dne,nda,csne", help="pass pipeline (see codec opt --list-passes)")
+    parser.add_argument(
+        "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
+        help="a Python file defining passes with @register_pass, for --passes (repeatable; also on --resume)",
+    )
     parser.add_argument("--calibration", type=int, default=10_000, help="training inputs profiled by the passes (default 10000)")
     parser.add_argument("--grow-init", choices=("random", "main"), default="random", help="grown members' fresh neurons: random init or main's weights (default random)")
     parser.add_argument("--grow-lr-scale", type=float, default=1.0, help="learning-rate multiplier for grown members (default 1)")
@@ -80,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     from codec.pipelines.compile import CompileOptions, compile_ensemble
     from codec.runtime.training import distributed
+    from codec.passes.registry import load_plugin_file
     from codec.runtime.training.grow import GrowOptions
 
+    for path in args.plugin:  # before launching workers: a bad plugin fails here, once (workers reload it)
+        load_plugin_file(path)
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
 

@@ -1,4 +1,7 @@
-"""`codec eval`: score ONNX ensemble members, alone and combined, on a dataset with onnxruntime."""
+"""`codec eval`: score ONNX ensemble members, alone and combined, on a dataset with onnxruntime.
+
+The scoring is `codec.pipelines.evaluate.evaluate_members`; this module is its flags and its report text.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from codec.errors import ConfigError, ShapeError
+from codec.errors import ConfigError
 
 SPLITS = ("test", "train")
 
@@ -59,7 +62,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Evaluate the members; print the report. Returns the exit code."""
-    from codec.runtime.evaluation.metrics import CRITERIA
+    from codec.ir.criteria import CRITERIA
+    from codec.pipelines.evaluate import evaluate_members
 
     if args.criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {args.criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -81,109 +85,6 @@ def run(args) -> int:
     else:
         print(format_report(report))
     return 0
-
-
-def _static_dims(shape) -> list:
-    """An onnxruntime shape without its batch dimension, symbolic dims as None."""
-    return [d if isinstance(d, int) else None for d in list(shape)[1:]]
-
-
-def _same_dims(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
-
-
-def _describe(dims: list) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
-
-
-def evaluate_members(
-    members: list[str],
-    data: str,
-    *,
-    data_dir=None,
-    criterion: str = "prod",
-    split: str = "test",
-    batch_size: int = 512,
-) -> dict:
-    """Run each member on a dataset split and compute the ensemble's metrics.
-
-    Returns:
-        A JSON-serialisable dict: task, dataset, split, n_examples, members (paths) and the metrics
-        (`evaluate_classifier`'s keys for classifiers; member_mse, cumulative_mse and mse for autoencoders).
-
-    Raises:
-        ModelLoadError: a member onnxruntime cannot load.
-        ShapeError: members whose input or output shapes differ, or data that does not fit them.
-    """
-    import numpy as np
-
-    from codec.runtime.data import load_dataset
-    from codec.runtime.evaluation import metrics
-    from codec.runtime.execution.session import create_session, predict
-
-    sessions = [create_session(path) for path in members]
-    first_in = _static_dims(sessions[0].get_inputs()[0].shape)
-    first_out = _static_dims(sessions[0].get_outputs()[0].shape)
-    for path, session in zip(members[1:], sessions[1:]):
-        dims_in = _static_dims(session.get_inputs()[0].shape)
-        dims_out = _static_dims(session.get_outputs()[0].shape)
-        if not _same_dims(dims_in, first_in):
-            raise ShapeError(
-                f"member {path} takes inputs {_describe(dims_in)}"
-                f" but {members[0]} takes {_describe(first_in)}"
-            )
-        if not _same_dims(dims_out, first_out):
-            raise ShapeError(
-                f"member {path} outputs {_describe(dims_out)} but {members[0]} outputs {_describe(first_out)}"
-            )
-
-    dataset = load_dataset(data, data_dir=data_dir)
-    x = dataset.x_test if split == "test" else dataset.x_train
-    y = dataset.y_test if split == "test" else dataset.y_train
-
-    outputs = []
-    for path, session in zip(members, sessions):
-        out = predict(session, x, batch_size=batch_size)
-        if outputs and out.shape != outputs[0].shape:
-            raise ShapeError(
-                f"member {path} outputs {out.shape[1:]} per example but {members[0]} outputs "
-                f"{outputs[0].shape[1:]}"
-            )
-        outputs.append(out)
-    stack = np.stack(outputs).astype(np.float64)  # (M, N, ...)
-
-    report = {"dataset": dataset.name, "split": split, "n_examples": len(x), "members": list(members)}
-    flat_inputs = int(np.prod(x.shape[1:]))
-    if stack.ndim == 3 and stack.shape[2] == flat_inputs and flat_inputs != dataset.num_classes:
-        target = x.reshape(len(x), -1)
-        member_mse = [metrics.mse(recon, target) for recon in stack]
-        cumulative = metrics.cumulative_mse(stack, target)
-        report.update(
-            task="reconstruction",
-            member_mse=member_mse,
-            cumulative_mse=[float(v) for v in cumulative],
-            mse=float(cumulative[-1]),
-        )
-        return report
-
-    if stack.ndim != 3 or stack.shape[2] != dataset.num_classes:
-        raise ShapeError(
-            f"the members output {tuple(stack.shape[2:])} values per example, which is neither one per class "
-            f"({dataset.num_classes} for {dataset.name})"
-            f" nor a reconstruction of the {flat_inputs} input values"
-        )
-    softmaxed = []
-    for index, path in enumerate(members):
-        member = stack[index]
-        if np.any(member < 0) or not np.allclose(member.sum(axis=1), 1.0, atol=1e-3):
-            # Scores (logits) rather than probabilities: the criteria combine probabilities.
-            shifted = np.exp(member - member.max(axis=1, keepdims=True))
-            stack[index] = shifted / shifted.sum(axis=1, keepdims=True)
-            softmaxed.append(path)
-    report["task"] = "classification"
-    report.update(metrics.evaluate_classifier(stack, y, criterion))
-    report["softmax_applied"] = softmaxed
-    return report
 
 
 def format_report(report: dict) -> str:

@@ -1,37 +1,17 @@
 """`codec export ensemble.onnx -o deploy.onnx`: check a fused ensemble and write the deployable model + card.
 
-The deployment step of the pipeline. It loads the model safely (`codec.ir.load_model`: external data must
-stay beside it), runs the full ONNX checker and strict shape inference, then checks *parity*: the fused
-model on a batch of inputs against its members run one by one with onnxruntime and combined by
-`codec.runtime.evaluation.metrics.combine` (the one definition of every criterion). Only when the largest absolute
-difference is within --atol does it write the deployable model (atomically; tensors inline, or in
-`<name>.data` beside it with --external-data) and a model card (JSON) describing it.
-
-Members come from --members, else from the ensemble's `codec.members` metadata (paths relative to the
-ensemble file), else, weaker, from the `member_i` outputs the fused graph exposes (then only the collect
-stage is checked). Parity inputs are --data (a dataset split) or seeded uniform [0, 1) noise.
+The checks and the writing are `codec.pipelines.export.export_ensemble`; this module is its flags and its
+summary line.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
-import numpy as np
-
-from codec.commands._common import emit, fit_to_model
-from codec.errors import CodecError, ConfigError, ModelLoadError, ShapeError
-from codec.runtime.evaluation.metrics import CRITERIA
-
-DEFAULT_ATOL = 1e-5
-DEFAULT_SAMPLES = 256
-DEPLOY_KEY = "codec.deploy"  # model metadata written into the deployable model: the parity it passed
-
-
-class ParityError(CodecError):
-    """The fused model does not compute its members combined by its criterion (exit status 2)."""
+from codec.commands._common import emit
+from codec.ir.criteria import CRITERIA
+from codec.pipelines.export import DEFAULT_ATOL, DEFAULT_SAMPLES, ExportOptions, ParityError  # noqa: F401
 
 
 def register(subparsers) -> None:
@@ -73,286 +53,17 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-# ----------------------------------------------------------------------------------------------------
-# checks
-# ----------------------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def check_onnx(path: Path) -> tuple[list[dict], list[dict]]:
-    """Full ONNX checker, then strict shape inference; returns the inferred graph's (inputs, outputs).
-
-    Raises:
-        ModelLoadError: the checker or shape inference refuses the model (its first line says why).
-    """
-    import onnx
-
-    try:
-        # the path form reads external data itself (and works past protobuf's 2 GB limit)
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # onnx raises several checker/inference error types
-        raise ModelLoadError(f"{path.name} fails the ONNX checker: {_first_line(exc)}") from exc
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{path.name} fails strict shape inference: {_first_line(exc)}") from exc
-    return [_value_info(v) for v in inferred.graph.input], [_value_info(v) for v in inferred.graph.output]
-
-
-def _value_info(value) -> dict:
-    import onnx
-
-    tensor = value.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-    return {"name": value.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
-
-
-# ----------------------------------------------------------------------------------------------------
-# parity
-# ----------------------------------------------------------------------------------------------------
-
-
-def parity_inputs(args, input_shape: tuple[int, ...]) -> tuple[np.ndarray, dict]:
-    """The inputs parity runs on, and how they were chosen (for the card)."""
-    if args.data is not None:
-        from codec.commands._common import load_split
-
-        x, _, dataset = load_split(args)
-        x = fit_to_model(x, input_shape, what=f"{dataset.name} {args.split}")
-        return np.ascontiguousarray(x, dtype=np.float32), {"source": dataset.name, "split": args.split, "examples": len(x)}
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be positive, got {args.samples}")
-    x = np.random.default_rng(args.seed).random((args.samples, *input_shape), dtype=np.float32)
-    return x, {"source": "uniform [0, 1)", "seed": args.seed, "examples": int(args.samples)}
-
-
-def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
-    if len(inputs) != 1:
-        raise ShapeError(f"{path.name} has {len(inputs)} inputs; a fused ensemble has one")
-    dims = inputs[0]["shape"][1:]
-    if not all(isinstance(d, int) and d > 0 for d in dims):
-        raise ShapeError(f"{path.name}: input {inputs[0]['name']!r} has shape {inputs[0]['shape']}; only the batch dimension may be dynamic")
-    return tuple(dims)
-
-
-def member_paths(args, model) -> tuple[list[Path], str]:
-    """The member files to check against (may be empty), and where they came from."""
-    from codec.ir.ensemble import MEMBERS_KEY
-
-    if args.members:
-        return list(args.members), "--members"
-    text = (model.metadata_props or {}).get(MEMBERS_KEY)
-    if not text:
-        return [], "none"
-    try:
-        listed = json.loads(text)
-        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-            raise ValueError("not a list of paths")
-    except ValueError as exc:
-        raise ModelLoadError(f"{args.ensemble.name}: its {MEMBERS_KEY} metadata is malformed: {exc}") from None
-    base = args.ensemble.resolve().parent
-    return [base / p for p in listed], f"{MEMBERS_KEY} metadata"
-
-
-def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
-    from codec.runtime.execution.session import run_batches
-
-    parts = list(run_batches(session, x, batch_size, outputs))
-    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(outputs))]
-
-
-def _run_member(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    from codec.ir.lift import load_model
-    from codec.runtime.execution.session import create_session
-
-    load_model(path)  # refuses missing files and external data outside the member's folder
-    session = create_session(path)
-    shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
-    if -1 in shape:
-        raise ShapeError(f"member {path.name}: its input shape {session.get_inputs()[0].shape} is not static beyond the batch")
-    return _run(session, fit_to_model(x, shape, what="parity"), [session.get_outputs()[0].name], batch_size)[0]
-
-
-def _reference(stack: np.ndarray, criterion: str, task: str) -> np.ndarray:
-    from codec.runtime.evaluation.metrics import combine
-
-    if task == "reconstruction":
-        return stack.astype(np.float64).mean(axis=0)  # outputs need not be probabilities
-    return combine(stack, criterion)
-
-
-def check_parity(args, model, description: dict, x: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Run the fused model and its members on `x`; the parity record for the card and the fused output.
-
-    Raises:
-        ParityError: the largest absolute difference exceeds --atol.
-    """
-    from codec.ir.ensemble import OUTPUT_NAME
-    from codec.runtime.execution.session import create_session
-
-    task = description.get("task", "classification")
-    criterion = args.criterion or description.get("criterion")
-    if criterion is None:
-        raise ConfigError(f"{args.ensemble.name} has no codec.ensemble metadata: give --criterion")
-    session = create_session(args.ensemble)
-    names = [o.name for o in session.get_outputs()]
-    output = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
-    in_graph = sorted((n for n in names if n.startswith("member_") and n[7:].isdigit()), key=lambda n: int(n[7:]))
-    values = _run(session, x, [output, *in_graph], args.batch_size)
-    fused, graph_members = values[0], values[1:]
-    paths, source = member_paths(args, model)
-    expected = len(description["members"]) if description.get("members") else None
-    if paths and expected is not None and len(paths) != expected:
-        raise ShapeError(f"{args.ensemble.name} has {expected} members but {len(paths)} member files were given ({source})")
-    record = {"criterion": criterion, "atol": args.atol, "examples": len(x)}
-    if paths:
-        outs = [_run_member(p, x, args.batch_size) for p in paths]
-        shapes = {o.shape for o in outs}
-        if len(shapes) != 1 or next(iter(shapes)) != fused.shape:
-            raise ShapeError(f"member outputs {sorted(map(list, shapes))} do not match the ensemble's output {list(fused.shape)}")
-        stack = np.stack(outs)
-        record.update(reference="member models", member_files=[str(p) for p in paths], members_from=source)
-    elif graph_members:
-        stack = np.stack(graph_members)
-        record.update(reference="member outputs inside the fused graph (collect stage only)", member_files=[], members_from="graph")
-    else:
-        raise ConfigError(
-            f"no members to check {args.ensemble.name} against: give --members (it has no codec.members metadata "
-            "and no member_i outputs)"
-        )
-    error = float(np.max(np.abs(fused.astype(np.float64) - _reference(stack, criterion, task))))
-    record["max_abs_error"] = error
-    if graph_members and paths:
-        # which member drifted, when the graph exposes each member's own output
-        record["member_max_abs_error"] = [float(np.max(np.abs(g.astype(np.float64) - m))) for g, m in zip(graph_members, stack)]
-    if not np.isfinite(error) or error > args.atol:
-        worst = ""
-        if record.get("member_max_abs_error"):
-            i = int(np.argmax(record["member_max_abs_error"]))
-            worst = f"; member {i} ({Path(record['member_files'][i]).name}) differs by {record['member_max_abs_error'][i]:.3g}"
-        raise ParityError(
-            f"parity failed: {args.ensemble.name} differs from its members combined by {criterion} by {error:.3g} "
-            f"(> --atol {args.atol:g}){worst}"
-        )
-    return record, fused
-
-
-def verify_written(path: Path, x: np.ndarray, fused: np.ndarray, batch_size: int) -> float:
-    """The written model's largest difference from the checked one on the parity inputs (0 when the
-    tensors survived serialisation intact)."""
-    from codec.ir.ensemble import OUTPUT_NAME
-    from codec.runtime.execution.session import create_session
-
-    session = create_session(path)
-    names = [o.name for o in session.get_outputs()]
-    written = _run(session, x, [OUTPUT_NAME if OUTPUT_NAME in names else names[0]], batch_size)[0]
-    return float(np.max(np.abs(written.astype(np.float64) - fused)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# the command
-# ----------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _normalization(model) -> dict | None:
-    """The input normalisation compile recorded in the ensemble's metadata (codec.normalization), if any."""
-    text = (model.metadata_props or {}).get("codec.normalization")
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise ModelLoadError("its codec.normalization metadata is not JSON") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError("its codec.normalization metadata is not a JSON object")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
-    from codec.io import write_json_atomic
-    from codec.ir.ensemble import ensemble_description
-    from codec.ir.lift import load_model
-    from codec.ir.lower import external_data_files, save_model
-    from codec.version import __version__
+    from codec.pipelines.export import export_ensemble
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be positive, got {args.limit}")
-    if args.atol < 0:
-        raise ConfigError(f"--atol must be >= 0, got {args.atol}")
-    model = load_model(args.ensemble)
-    inputs, outputs = check_onnx(args.ensemble)
-    description = ensemble_description(model) or {}
-    input_shape = _static_input_shape(inputs, args.ensemble)
-    x, data = parity_inputs(args, input_shape)
-    parity, fused = check_parity(args, model, description, x)
-    parity["data"] = data
-
-    model.metadata_props[DEPLOY_KEY] = json.dumps(
-        {"parity_max_abs_error": parity["max_abs_error"], "atol": args.atol, "data": data, "codec_version": __version__},
-        separators=(",", ":"),
-    )
-    if not args.external_data:
-        import onnx_ir as ir
-
-        # a single file must hold every tensor: without this, tensors the source kept in external data
-        # would be written as references to a file the deployable model does not ship with
-        ir.external_data.load_to_model(model)
-    out = save_model(model, args.output, external_data=args.external_data)
-    data_names = external_data_files(out) if args.external_data else []
-    data_file = out.parent / data_names[0] if data_names else None
-    parity["written_max_abs_error"] = verify_written(out, x, fused, args.batch_size)
-    if parity["written_max_abs_error"] > args.atol:
-        for written in (out, data_file):
-            if written is not None:
-                written.unlink(missing_ok=True)
-        raise ParityError(
-            f"the written {out.name} differs from {args.ensemble.name} by {parity['written_max_abs_error']:.3g}; removed it"
-        )
-    card_path = args.card or out.with_name(out.stem + ".card.json")
-    parameters = description.get("parameters", {})
-    stored = int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None))
-    card = {
-        "model": out.name,
-        "external_data": data_file.name if data_file is not None else None,
-        "file_size_bytes": out.stat().st_size + (data_file.stat().st_size if data_file is not None else 0),
-        "sha256": _sha256(out),
-        "external_data_sha256": _sha256(data_file) if data_file is not None else None,
-        "codec_version": __version__,
-        "source": str(args.ensemble),
-        "opset": {domain or "ai.onnx": version for domain, version in model.opset_imports.items()},
-        "ir_version": model.ir_version,
-        "task": description.get("task", "classification"),
-        "criterion": parity["criterion"],
-        "members": description.get("members"),
-        "csn": description.get("csn"),
-        "shared_layers": description.get("shared_layers"),
-        "parameters": {**parameters, "initializer_elements": stored},
-        "inputs": inputs,
-        # how inputs must be normalised before scoring (codec compile --normalize); None: as loaded, in [0, 1]
-        "input_normalization": _normalization(model),
-        "outputs": outputs,
-        "parity": parity,
-    }
-    write_json_atomic(card_path, card)
-    card["card"] = str(card_path)
+    options = ExportOptions(**{f: getattr(args, f) for f in ExportOptions.__dataclass_fields__})
+    card = export_ensemble(options)
+    parity, data, data_file = card["parity"], card["parity"]["data"], card["external_data"]
     human = (
-        f"{args.ensemble} -> {out}{f' (+ {data_file.name})' if data_file else ''}: {card['file_size_bytes']} bytes\n"
+        f"{args.ensemble} -> {args.output}{f' (+ {data_file})' if data_file else ''}: {card['file_size_bytes']} bytes\n"
         f"parity: max abs error {parity['max_abs_error']:.3g} <= {args.atol:g} on {data['examples']} inputs "
         f"({data['source']}) against {parity['reference']}, criterion {parity['criterion']}\n"
-        f"card: {card_path}"
+        f"card: {card['card']}"
     )
     emit(args, card, human)
     return 0

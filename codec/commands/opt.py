@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
 
 from codec.commands._common import add_data_arguments, emit, fit_to_model, load_split, table
@@ -25,7 +24,9 @@ def register(subparsers) -> None:
             "  nda   Neuron Dependence Analysis: the NDG of connected neurons that fire together\n"
             "  csne  Common Sub-Network Extraction: main's neurons equivalent to peer's, as a frozen CSN\n\n"
             "Options go in braces: --passes 'dna,dne,nda{fire=0.7},csne{corr=0.85,fire=0.8}'.\n"
-            "`codec opt --list-passes` shows every pass (plugins included) with its options.\n\n"
+            "`codec opt --list-passes` shows every pass (plugins included) with its options.\n"
+            "Your own passes: --plugin my_passes.py (passes decorated with @register_pass), or name a class\n"
+            "directly: --passes 'dna,dne,my_package.passes:MyPass{threshold=0.3}'.\n\n"
             "Writes to OUT: main.onnx (rewritten), peer.onnx, csn.onnx (the CSN; each CSN layer an output),\n"
             "csn.json (matched neuron pairs), ndg_<member>.graphml (when nda ran), report.json."
         ),
@@ -33,7 +34,15 @@ def register(subparsers) -> None:
     parser.add_argument("main", type=Path, nargs="?", help="the main member (ONNX)")
     parser.add_argument("--peer", type=Path, default=None, help="the peer member (needed by csne)")
     parser.add_argument("--member", type=Path, action="append", default=[], help="a further member (repeatable)")
-    parser.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"the pass pipeline (default {DEFAULT_PIPELINE})")
+    parser.add_argument(
+        "--passes",
+        default=DEFAULT_PIPELINE,
+        help=f"the pass pipeline (default {DEFAULT_PIPELINE}); a pass may be named by module.path:ClassName",
+    )
+    parser.add_argument(
+        "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
+        help="a Python file defining passes with @register_pass, loaded before the pipeline (repeatable)",
+    )
     add_data_arguments(parser, split=False)
     parser.add_argument("--split", choices=("train", "test"), default="train", help="calibration split (default train)")
     parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
@@ -48,20 +57,31 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def load_plugins(args) -> None:
+    from codec.passes.registry import load_plugin_file
+
+    for path in args.plugin:
+        load_plugin_file(path)
+
+
 def list_passes(args) -> int:
+    from codec.passes.base import Analysis
+    from codec.passes.options import format_value, option_types, type_name
     from codec.passes.registry import available_passes, get_pass
 
     entries = []
     for name, origin in available_passes().items():
         cls = get_pass(name)
-        hints = typing.get_type_hints(cls)
         options = []
-        for f in dataclasses.fields(cls):
-            kind = hints.get(f.name)
-            choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-            options.append({"name": f.name, "default": f.default, "type": "|".join(choices) if choices else getattr(kind, "__name__", str(kind))})
+        for f, kind in zip(dataclasses.fields(cls), option_types(cls).values()):
+            default = f.default
+            if default is dataclasses.MISSING:
+                default = "required" if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if not isinstance(default, (bool, int, float, str)):
+                default = format_value(default)
+            options.append({"name": f.name, "default": default, "type": type_name(kind)})
         doc = " ".join((cls.__doc__ or "").split())
-        kind = "analysis" if "Analysis" in [b.__name__ for b in cls.__mro__] else "transform"
+        kind = "analysis" if issubclass(cls, Analysis) else "transform"
         entries.append({"name": name, "kind": kind, "origin": origin, "options": options, "doc": doc})
     lines = []
     for e in entries:
@@ -72,16 +92,15 @@ def list_passes(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_plugins(args)
     if args.list_passes:
         return list_passes(args)
     if args.main is None:
         from codec.errors import ConfigError
 
         raise ConfigError("give the main member: codec opt [--passes ...] main.onnx --peer peer.onnx --data ...")
-    from codec.ir import lift
-    from codec.passes.base import Calibration, EnsembleModule
-    from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import lift_members, optimize
 
     passes = parse_pipeline(args.passes)  # bad pipelines fail before any model or data is read
     paths = {"main": args.main}
@@ -89,10 +108,9 @@ def run(args: argparse.Namespace) -> int:
         paths["peer"] = args.peer
     for i, path in enumerate(args.member, start=1):
         paths[f"member{i}"] = path
-    members = {name: lift(path, name=name) for name, path in paths.items()}
+    members = lift_members(paths)
     x, _, dataset = load_split(args)
     x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
-    module = EnsembleModule(members, Calibration(x, args.batch_size))
 
     def after_pass(p, mod, record):
         if not args.quiet:
@@ -102,51 +120,20 @@ def run(args: argparse.Namespace) -> int:
             for net in mod.members.values():
                 print(net.to_text(), file=sys.stderr)
 
-    manager = PassManager(passes, verify=args.verify, atol=args.atol, after_pass=after_pass,
-                          verify_inputs=args.verify_inputs or None)
-    module, report = manager.run(module)
+    module, manager, report = optimize(
+        members, passes, x, batch_size=args.batch_size, verify=args.verify, atol=args.atol,
+        verify_inputs=args.verify_inputs or None, after_pass=after_pass,
+    )
     report.update(
         members={name: str(path) for name, path in paths.items()},
         calibration={"data": dataset.name, "split": args.split, "inputs": len(x)},
     )
     if args.output is not None:
+        from codec.pipelines.opt import write_outputs
+
         report["outputs"] = write_outputs(args.output, module, manager, report)
     emit(args, report, summary(report))
     return 0
-
-
-def write_outputs(out: Path, module, manager, report) -> dict:
-    from codec.io import write_json_atomic
-    from codec.ir.lower import lower, save_model
-    from codec.passes.nda import NeuronDependenceAnalysis
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, net in module.members.items():
-        written[name] = str(save_model(lower(net), out / f"{name}.onnx"))
-    if module.csn is not None:
-        write_json_atomic(out / "csn.json", module.csn.to_dict())
-        written["csn.json"] = str(out / "csn.json")
-        if module.csn.network is not None:
-            csn_model = lower(module.csn.network, taps=True)
-            csn_model.metadata_props["codec.csn"] = "true"
-            written["csn"] = str(save_model(csn_model, out / "csn.onnx"))
-    if NeuronDependenceAnalysis.name in manager.results:
-        import networkx as nx
-
-        from codec.io import atomic_path
-
-        for member, ndg in manager.results[NeuronDependenceAnalysis.name].items():
-            graph = ndg.to_networkx()
-            # GraphML wants string node ids: "layer/index"
-            graph = nx.relabel_nodes(graph, {n: f"{n[0]}/{n[1]}" for n in graph.nodes})
-            path = out / f"ndg_{member}.graphml"
-            with atomic_path(path) as tmp:
-                nx.write_graphml(graph, tmp)
-            written[f"ndg_{member}"] = str(path)
-    write_json_atomic(out / "report.json", report)
-    written["report"] = str(out / "report.json")
-    return written
 
 
 def summary(report: dict) -> str:

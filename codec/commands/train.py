@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import add_training_arguments, training_overrides
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -38,15 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
     )
-    group = parser.add_argument_group("training options (default: the recipe's)")
-    group.add_argument("--epochs", type=int, help="maximum number of epochs")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--batch-size", type=int, help="training batch size")
-    group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    group.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    group.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
-    group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser)
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint when it exists")
@@ -73,21 +66,11 @@ def run(args) -> int:
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
 
-    from codec.runtime.training.train import train_recipe
+    from codec.pipelines.train import train_recipe
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
-    overrides = {
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = training_overrides(args)
     summary = train_recipe(
         args.recipe,
         args.seed,

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from codec.commands._common import add_training_arguments, training_overrides
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -32,7 +33,7 @@ the same command with --resume to continue after an interruption.
 
 Writes OUTPUT/ensemble.onnx (fused), OUTPUT/report.json (metrics: ensemble, oracle and member accuracy;
 the assignment of test examples to the member with the lowest loss, per class; options; times),
-OUTPUT/assignment.png (that table as a heatmap; needs matplotlib: pip install 'codec[plot]'),
+OUTPUT/assignment.svg (that table as a heatmap),
 OUTPUT/ensemble.ckpt, and with --export-members OUTPUT/members/member_<i>.onnx.
 
 examples:
@@ -83,16 +84,8 @@ def register(subparsers) -> None:
     group.add_argument("--criterion", default="mean",
                        help="how the fused ONNX combines members: mean (default), prod, vote or max")
     group.add_argument("--width", type=float, default=1.0, help="width multiplier of the network (default 1.0)")
-    train = parser.add_argument_group("training options (default: the recipe's)")
-    train.add_argument("--epochs", type=int, help="maximum number of epochs")
-    train.add_argument("--lr", type=float, help="learning rate (before --lr-scale-by-members)")
-    train.add_argument("--batch-size", type=int, help="training batch size")
-    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    train.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    train.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
-    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
-    train.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    train.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
+    add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
+                           seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
     parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
@@ -101,7 +94,7 @@ def register(subparsers) -> None:
                              "trunk and all-reduce its gradients; auto moves less data (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists")
     parser.add_argument("--export-members", action="store_true", help="also write each member as OUTPUT/members/member_<i>.onnx")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.png (no matplotlib needed)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.svg")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
@@ -123,8 +116,9 @@ def run(args) -> int:
 
     import os
 
+    from codec.pipelines.train_ensemble import train_ensemble_recipe
     from codec.runtime.training import distributed
-    from codec.runtime.training.coupled import EnsembleOptions, train_ensemble_recipe
+    from codec.runtime.training.coupled import EnsembleOptions
 
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
@@ -143,18 +137,7 @@ def run(args) -> int:
         criterion=args.criterion,
     )
     _check_split(recipe, args)  # a bad --split fails before any data is read
-    overrides = {
-        "seed": args.seed,
-        "max_epochs": args.epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "patience": args.patience,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "device": args.device,
-        "num_threads": args.threads,
-        "verbose": bool(getattr(args, "verbose", False)),
-    }
+    overrides = {"seed": args.seed, **training_overrides(args)}
     report = train_ensemble_recipe(
         recipe.name,
         options,
@@ -246,8 +229,8 @@ def format_report(report: dict) -> str:
         lines.append(f"    m{m:<3} " + " ".join(f"{v:>{width}}" for v in row))
     files = report["files"]
     written = f"  wrote {files['ensemble']}, {files['report']}"
-    if files["assignment_png"]:
-        written += f", {files['assignment_png']}"
+    if files["assignment_svg"]:
+        written += f", {files['assignment_svg']}"
     if files["members"]:
         written += f" and {len(files['members'])} member models"
     lines.append(written)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from codec.errors import positive_int
 from codec.kernels import _kernels
 
 __all__ = [
@@ -295,9 +296,7 @@ def _threads(n_threads: int | None) -> int:
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return positive_int(value, name, error=ValueError)  # the input policy above: bad arguments are ValueError
 
 
 def _non_negative_int(value, name: str) -> int:

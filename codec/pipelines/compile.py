@@ -43,6 +43,7 @@ import numpy as np
 
 from codec.errors import ConfigError, ShapeError, check_interrupt
 from codec.io import write_json_atomic
+from codec.pipelines.data import RecipeData, fit_data_to, split_for_training
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
 
@@ -150,72 +151,6 @@ class Run:
 
 
 @dataclass
-class _Data:
-    x_train: np.ndarray
-    y_train: np.ndarray | None
-    x_val: np.ndarray | None
-    y_val: np.ndarray | None
-    x_test: np.ndarray
-    y_test: np.ndarray
-    input_shape: tuple
-    num_outputs: int
-    name: str
-    num_classes: int = 0
-    notes: tuple = ()
-    normalization: dict | None = None
-
-    def fit_to(self, input_shape: tuple, what: str) -> None:
-        """Reshape every split to a model's input shape when only the layout differs (images fed to an MLP)."""
-        if tuple(self.input_shape) == tuple(input_shape):
-            return
-        if int(np.prod(self.input_shape)) != int(np.prod(input_shape)):
-            raise ShapeError(
-                f"{self.name} examples have shape {list(self.input_shape)} but {what} expects {list(input_shape)}"
-            )
-        for split in ("x_train", "x_val", "x_test"):
-            x = getattr(self, split)
-            if x is not None:
-                setattr(self, split, x.reshape((len(x), *input_shape)))
-        self.input_shape = tuple(input_shape)
-
-
-def _prepare_data(dataset, task: str, config, normalize: str | None) -> _Data:
-    from codec.runtime.data import Normalization, parse_normalize
-    from codec.runtime.training.train import DATA_SEED
-
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if dataset.x_val is not None:
-        train, x_val, y_val = dataset, dataset.x_val, dataset.y_val
-    elif config.val_fraction > 0:
-        train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train, x_val, y_val = dataset, None, None
-    x_train, x_test = train.x_train, dataset.x_test
-    norm = parse_normalize(normalize)
-    if norm is not None:
-        # Statistics of the examples training sees (after subsetting, without the validation split).
-        norm = Normalization.fit(x_train) if norm == "mean-std" else norm
-        x_train, x_val, x_test = norm.apply(x_train), norm.apply(x_val), norm.apply(x_test)
-    classify = task == "classification"
-    shape = tuple(dataset.input_shape)
-    return _Data(
-        x_train,
-        train.y_train if classify else None,
-        x_val,
-        y_val if classify else None,
-        x_test,
-        dataset.y_test,
-        shape,
-        dataset.num_classes if classify else int(np.prod(shape)),
-        dataset.name,
-        num_classes=dataset.num_classes,
-        notes=tuple(dataset.notes),
-        normalization=None if norm is None else norm.to_dict(),
-    )
-
-
-@dataclass
 class _Source:
     """Where main and peer come from, and how members train (resolved before any training)."""
 
@@ -316,38 +251,40 @@ def _existing(path: str, option: str) -> Path:
     return path
 
 
-def _check_before_training(source: _Source, data: _Data) -> None:
-    """What can be checked before anything trains: inputs against the model, labels against its outputs."""
+def _check_before_training(source: _Source, data: RecipeData) -> RecipeData:
+    """What can be checked before anything trains: inputs against the model, labels against its outputs.
+
+    Returns the data shaped for the model (images reshaped for a flat MLP).
+    """
     nets = [source.template] if source.template is not None else list(source.given.values())
     for net in nets:
-        data.fit_to(tuple(net.input_shape), f"the model ({net.name})")
+        data = fit_data_to(data, tuple(net.input_shape), f"the model ({net.name})")
         if source.task == "classification":
             width = int(np.prod(net.output_shape))
             top = int(max(data.y_train.max(), data.y_test.max()))
             if top >= width:
                 raise ShapeError(
-                    f"{data.name} has labels up to {top} ({data.num_classes} classes) but the model ({net.name}) "
-                    f"has only {width} outputs"
+                    f"{data.name} has labels up to {top} ({len(data.class_names)} classes) but the model "
+                    f"({net.name}) has only {width} outputs"
                 )
     if nets:
-        data.num_outputs = int(np.prod(nets[0].output_shape))
+        data = dataclasses.replace(data, num_outputs=int(np.prod(nets[0].output_shape)))
+    return data
 
 
-def _train_conventional(run: Run, name: str, seed: int, source: _Source, options: CompileOptions, data: _Data,
+def _train_conventional(run: Run, name: str, seed: int, source: _Source, options: CompileOptions, data: RecipeData,
                         quiet: bool) -> tuple[dict, bytes]:
     """Train main or peer the ordinary way; returns its facts and its ONNX bytes.
 
     A recipe's member is a zoo module (random init) exported with torch.onnx; a --model member is the
     lifted architecture as an IRModule: main from the file's weights unless init="random", peer afresh.
     """
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.train import train_member
 
     config = dataclasses.replace(source.config, seed=seed, quiet=quiet)
     if source.kind == "recipe":
-        from codec.models import build_model
-
-        recipe = source.recipe
-        module = build_model(recipe.arch, data.input_shape, data.num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
+        module = source.recipe.build(data.input_shape, data.num_outputs, seed=seed)
     else:
         from codec.runtime.training.torch_ir import IRModule, reinitialise_trainable
 
@@ -366,17 +303,8 @@ def _train_conventional(run: Run, name: str, seed: int, source: _Source, options
         from codec.ir import lower, to_bytes
 
         blob = to_bytes(lower(result.module.to_network(name)))
-    facts = {
-        "path": f"members/{name}.onnx",
-        "seed": seed,
-        "init": "random" if source.kind == "recipe" or name != "main" else options.init,
-        "epochs": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.train_seconds,
-        "parameters": sum(p.numel() for p in result.module.parameters()),
-        "trainable_parameters": sum(p.numel() for p in result.module.parameters() if p.requires_grad),
-    }
-    return facts, blob
+    init = "random" if source.kind == "recipe" or name != "main" else options.init
+    return {"path": f"members/{name}.onnx", "init": init, **member_facts(result, seed, parameters=True)}, blob
 
 
 def _given_member(name: str, net, path: str) -> tuple[dict, bytes]:
@@ -410,21 +338,17 @@ def _train_all(run: Run, world, names: list[str], task) -> None:
     run.state = distributed.broadcast(run.state)
 
 
-def _run_passes(run: Run, options: CompileOptions, data: _Data) -> dict:
+def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
     facts = run.done("passes")
     if facts is not None:
         return facts
-    from codec.commands.opt import write_outputs
-    from codec.ir import lift
-    from codec.passes.base import Calibration, EnsembleModule
-    from codec.passes.manager import PassManager
     from codec.passes.registry import parse_pipeline
+    from codec.pipelines.opt import lift_members, optimize, write_outputs
 
-    members = {name: lift(run.members / f"{name}.onnx", name=name) for name in ("main", "peer")}
+    members = lift_members({name: run.members / f"{name}.onnx" for name in ("main", "peer")})
     x_cal = data.x_train if options.calibration is None else data.x_train[: options.calibration]
     x_cal = x_cal.reshape((len(x_cal), *members["main"].input_shape))
-    manager = PassManager(parse_pipeline(options.passes))
-    module, report = manager.run(EnsembleModule(members, Calibration(x_cal)))
+    module, manager, report = optimize(members, parse_pipeline(options.passes), x_cal)
     report["calibration"] = {"data": data.name, "split": "train", "inputs": len(x_cal)}
     write_outputs(run.opt, module, manager, report)
     csn = module.csn
@@ -451,9 +375,10 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: _Data, quiet: bool) -> tuple[dict, bytes]:
+def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, config, data: RecipeData, quiet: bool) -> tuple[dict, bytes]:
     """Train one grown member around the CSN; returns its facts and its ONNX bytes."""
     from codec.ir import lower, to_bytes
+    from codec.pipelines.train import member_facts
     from codec.runtime.training.grow import train_grown
 
     config = dataclasses.replace(config, seed=seed, quiet=quiet, lr=config.lr * options.grow.lr_scale)
@@ -461,24 +386,17 @@ def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, con
         template, data.x_train, data.y_train, data.x_val, data.y_val, config,
         seed=seed, options=options.grow, checkpoint_path=run.checkpoints / f"{name}.ckpt", resume=True, desc=name,
     )
-    facts = {
-        "path": f"members/{name}.onnx",
-        "seed": seed,
-        "epochs": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.train_seconds,
-        **extra,
-    }
-    return facts, to_bytes(lower(net))
+    return {"path": f"members/{name}.onnx", **member_facts(result, seed), **extra}, to_bytes(lower(net))
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
                      ensemble_path: str | Path | None = None) -> dict:
     """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
     from codec.ir import lift, save_model
+    from codec.ir.criteria import default_criterion
     from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
     from codec.models import get_recipe
-    from codec.runtime.data import load_training_set
+    from codec.runtime.data import load_training_set, parse_normalize
     from codec.runtime.training import distributed
 
     options.validate()
@@ -488,8 +406,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     # Everything checkable is checked here, before the run directory is touched or anything trains.
     source = _resolve_source(options, spec, dataset.num_classes)
     config = source.config
-    data = _prepare_data(dataset, source.task, config, options.normalize)
-    _check_before_training(source, data)
+    data = split_for_training(dataset, source.task, config, normalize=parse_normalize(options.normalize))
+    data = _check_before_training(source, data)
     if source.task == "reconstruction" and options.criterion not in (None, "mean"):
         raise ConfigError(f"an autoencoder ensemble averages its members: --criterion must be mean, not {options.criterion}")
     run = Run(Path(run_dir))
@@ -535,7 +453,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                "peer": lift(run.opt / "peer.onnx", name="peer")}
     for i in range(1, options.members - 1):
         members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
-    criterion = options.criterion or ("prod" if source.task == "classification" else "mean")
+    criterion = options.criterion or default_criterion(source.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
     metadata = {"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})}
@@ -557,24 +475,16 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     return report
 
 
-def _evaluate(members: dict, criterion: str, task: str, data: _Data) -> dict:
+def _evaluate(members: dict, criterion: str, task: str, data: RecipeData) -> dict:
     """Every member's and the growing ensemble's quality on the test set (onnxruntime)."""
     from codec.ir import lower, to_bytes
-    from codec.runtime.evaluation import metrics
-    from codec.runtime.execution.session import predict
+    from codec.runtime.evaluation.scoring import member_outputs, score_members
 
-    x = data.x_test
-    outputs = np.stack([predict(to_bytes(lower(net)), x.reshape((len(x), *net.input_shape))) for net in members.values()])
-    if task == "classification":
-        result = metrics.evaluate_classifier(outputs, data.y_test, criterion)
-        result["members"] = dict(zip(members, result.pop("member_accuracies")))
-        return result
-    target = x.reshape(len(x), -1)
-    return {
-        "mse": metrics.mse(outputs.mean(axis=0), target),
-        "members": {n: metrics.mse(o, target) for n, o in zip(members, outputs)},
-        "cumulative_mse": metrics.cumulative_mse(outputs, target).tolist(),
-    }
+    outputs = member_outputs([to_bytes(lower(net)) for net in members.values()], data.x_test, names=list(members))
+    result = score_members(outputs, task, data.target("test"), criterion)
+    per_member = result.pop("member_accuracies" if task == "classification" else "member_mse")
+    result["members"] = dict(zip(members, per_member))
+    return result
 
 
 def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
@@ -600,7 +510,7 @@ def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts,
         "criterion": criterion,
         "ensemble": str(out),
         "options": options.to_dict(),
-        "data": {"train": len(data.x_train), "validation": 0 if data.x_val is None else len(data.x_val), "test": len(data.x_test)},
+        "data": {"train": len(data.x_train), "validation": data.n_val, "test": len(data.x_test)},
         "time": {
             "train_main": main_facts["train_seconds"],
             "train_peer": peer_facts["train_seconds"],

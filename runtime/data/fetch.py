@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from codec.errors import ConfigError, DataError
+from codec.errors import first_line as _one_line  # formats.py imports it from here
 from codec.io import atomic_path
 from codec.runtime.data.catalog import CHECKSUMS, DATASETS, MIRROR_ENV
 
@@ -196,8 +197,3 @@ def _file_digest(path: Path, algorithm: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _one_line(exc: object) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

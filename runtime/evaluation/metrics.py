@@ -19,12 +19,14 @@ Scalar metrics return python ``float`` and per-member metrics return 1-D float64
 `evaluate_classifier` can hand back plain JSON-serialisable python values.
 """
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 
 from codec.errors import ConfigError, DataError, ShapeError
+from codec.errors import positive_int as _positive_int
 from codec.ir.criteria import CRITERIA, PROD_EPS
+
+# the statistics live in stats.py; bootstrap_ci is re-exported where it was first defined
+from codec.runtime.evaluation.stats import bootstrap_ci  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------
 # Validation helpers: turn whatever the caller passed into float64/int64 arrays or raise one-line errors.
@@ -113,13 +115,6 @@ def _criterion(criterion: str) -> str:
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown ensemble criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     return criterion
-
-
-def _positive_int(value, name: str) -> int:
-    """An int >= 1 (numpy integers accepted, bools and floats refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -513,83 +508,3 @@ def evaluate_classifier(member_probs: np.ndarray, y: np.ndarray, criterion: str 
         "redundancy": redundancy(stack.argmax(axis=2)),
         "cumulative_accuracy": [float(value) for value in cumulative_accuracy(stack, labels, criterion)],
     }
-
-
-def bootstrap_ci(
-    values_fn: Callable[..., float],
-    *arrays: np.ndarray,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    axes: Sequence[int] | None = None,
-) -> tuple[float, float, float]:
-    """Point estimate and percentile bootstrap confidence interval of a metric, resampling examples.
-
-    Each bootstrap replicate draws N example indices with replacement (``np.random.default_rng(seed)``)
-    and applies the same indices to every array along its example axis, so members, labels and inputs
-    stay aligned. The example axis of each array is `axes[i]` when given; otherwise the rule is: a 3-D
-    array is a member stack (M, N, K) and is resampled along axis 1, any other array along axis 0
-    (labels (N,), inputs (N, ...)). Pass `axes` for anything else, e.g. (M, N) member losses or 3-D
-    inputs such as (N, H, W) images. All example axes must have the same length N.
-
-    Args:
-        values_fn: ``values_fn(*arrays) -> float``, e.g. ``lambda p, y: accuracy(combine(p), y)``.
-        *arrays: the arrays `values_fn` takes.
-        n_boot: number of bootstrap replicates, >= 1.
-        alpha: 1 - confidence level, in (0, 1); the interval is the alpha/2 and 1 - alpha/2 percentiles
-            (numpy's linear interpolation) of the replicates.
-        seed: seed of the resampling; the same seed gives the same interval.
-        axes: the example axis of each array (one per array), or None for the rule above.
-
-    Returns:
-        (point, low, high), where point is ``values_fn(*arrays)`` on the full data. A percentile
-        interval need not contain the point estimate for skewed statistics; it is not forced to.
-    """
-    n_boot = _positive_int(n_boot, "n_boot")
-    if not (isinstance(alpha, (int, float, np.floating)) and 0.0 < float(alpha) < 1.0):
-        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    if not arrays:
-        raise DataError("bootstrap_ci needs at least one array to resample")
-    arrays = tuple(np.asarray(array) for array in arrays)
-    if axes is None:
-        axes = tuple(1 if array.ndim == 3 else 0 for array in arrays)
-    else:
-        axes = tuple(axes)
-        if len(axes) != len(arrays):
-            raise ConfigError(f"axes has {len(axes)} entries but {len(arrays)} arrays were given")
-    lengths = []
-    for index, (array, axis) in enumerate(zip(arrays, axes, strict=True)):
-        if not isinstance(axis, (int, np.integer)) or not -array.ndim <= axis < array.ndim:
-            raise ShapeError(f"array {index} of shape {array.shape} has no axis {axis!r}")
-        lengths.append(array.shape[axis])
-    if len(set(lengths)) != 1:
-        described = ", ".join(
-            f"array {i}: {n} (axis {a})" for i, (n, a) in enumerate(zip(lengths, axes, strict=True))
-        )
-        raise ShapeError(f"arrays disagree on the number of examples: {described}")
-    n_examples = lengths[0]
-    if n_examples == 0:
-        raise DataError("bootstrap_ci: there are no examples to resample")
-
-    point = _scalar(values_fn(*arrays), "the full data")
-    rng = np.random.default_rng(seed)
-    replicates = np.empty(n_boot, dtype=np.float64)
-    for b in range(n_boot):
-        indices = rng.integers(0, n_examples, size=n_examples)
-        resampled = [np.take(array, indices, axis=axis) for array, axis in zip(arrays, axes, strict=True)]
-        replicates[b] = _scalar(values_fn(*resampled), f"bootstrap replicate {b}")
-    low, high = np.percentile(replicates, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
-    return point, float(low), float(high)
-
-
-def _scalar(value, where: str) -> float:
-    """A finite float from what `values_fn` returned."""
-    array = np.asarray(value)
-    if array.ndim != 0 or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise ConfigError(f"values_fn must return a number, got {type(value).__name__} on {where}")
-    result = float(array)
-    if not np.isfinite(result):
-        raise DataError(f"values_fn returned {result} on {where}")
-    return result

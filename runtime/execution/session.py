@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from codec.errors import ModelLoadError, ShapeError
+from codec.errors import ModelLoadError, ShapeError, first_line
 
 
 def providers() -> list[str]:
@@ -37,8 +37,7 @@ def create_session(model: str | os.PathLike | bytes, intra_op_threads: int | Non
         return ort.InferenceSession(source, sess_options=opts, providers=providers())
     except Exception as exc:  # onnxruntime raises its own exception types for every refusal
         name = "<in-memory model>" if isinstance(model, bytes) else Path(model).name
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"onnxruntime cannot run {name}: {first_line}") from exc
+        raise ModelLoadError(f"onnxruntime cannot run {name}: {first_line(exc)}") from exc
 
 
 def _check_batch(session, x: np.ndarray) -> None:

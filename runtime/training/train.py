@@ -12,8 +12,8 @@ values (the history is stored as a JSON string), never pickled objects, so a che
 cannot run code when loaded.
 
 `export_onnx` writes a member as a single-file ONNX model with a dynamic batch dimension; classifiers get
-a Softmax appended so every codec member outputs probabilities. `train_recipe` ties data, model zoo,
-training and export together for one named recipe.
+a Softmax appended so every codec member outputs probabilities. `codec.pipelines.train.train_recipe`
+ties data, model zoo, training and export together for one named recipe.
 """
 
 from __future__ import annotations
@@ -810,125 +810,6 @@ def export_onnx(
     return path
 
 
-# --------------------------------------------------------------------------------------------------------
-# A member from a recipe, end to end
-# --------------------------------------------------------------------------------------------------------
-
-
-def train_recipe(
-    recipe_name: str,
-    seed: int,
-    *,
-    out_path: str | os.PathLike,
-    data_dir: str | os.PathLike | None = None,
-    overrides: dict | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_path: str | os.PathLike | None = None,
-    resume: bool = False,
-    quiet: bool = False,
-) -> dict:
-    """Train one member of a named recipe and export it to ONNX.
-
-    Loads the recipe's dataset, takes its n_train/n_test subsets and validation split (with `DATA_SEED`,
-    so all members of an ensemble share the data), builds the network with `seed`, trains it, exports it
-    to `out_path`, and scores the exported ONNX model with onnxruntime on the test set.
-
-    Args:
-        recipe_name: a name from `codec.models.RECIPES`.
-        seed: the member's seed (initialisation, shuffling, dropout).
-        out_path: the .onnx file to write.
-        data_dir: where datasets live (None: the loader's default).
-        overrides: TrainConfig fields replacing the recipe's (None values are ignored).
-        checkpoint_dir: write the checkpoint as ``<checkpoint_dir>/<out name>.ckpt``.
-        checkpoint_path: the checkpoint file itself (wins over `checkpoint_dir`); neither: no checkpoint.
-        resume: continue from the checkpoint when it exists.
-        quiet: no progress bar.
-
-    Returns:
-        A JSON-serialisable summary: recipe, arch, dataset, task, seed, output, checkpoint, device,
-        n_train/n_val/n_test, epochs_run, best_epoch, stopped_early, train_seconds, val_loss, val_metric,
-        metric ("accuracy" or "mse"), test_metric, config and history.
-    """
-    from codec.models import build_model, get_recipe
-    from codec.runtime.data import load_dataset
-    from codec.runtime.evaluation.metrics import accuracy, mse
-    from codec.runtime.execution.session import predict
-
-    recipe = get_recipe(recipe_name)
-    overrides = dict(overrides or {})
-    overrides.update(seed=seed, quiet=quiet or overrides.get("quiet", False))
-    config = TrainConfig.from_recipe(recipe, **overrides)
-    task = recipe.task
-    if task == "reconstruction" and config.loss != "mse":
-        raise ConfigError(
-            f"recipe {recipe.name!r} reconstructs its input, so its loss must be 'mse', not {config.loss!r}"
-        )
-    if task == "classification" and config.loss != "ce":
-        raise ConfigError(
-            f"recipe {recipe.name!r} is a classifier, so its loss must be 'ce', not {config.loss!r}"
-        )
-
-    dataset = load_dataset(recipe.dataset, data_dir=data_dir)
-    if config.n_train is not None or config.n_test is not None:
-        dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
-        train_set, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    else:
-        train_set, x_val, y_val = dataset, None, None
-
-    input_shape = tuple(dataset.input_shape)
-    num_outputs = dataset.num_classes if task == "classification" else int(np.prod(input_shape))
-    module = build_model(recipe.arch, input_shape, num_outputs, seed=seed, **dict(recipe.arch_kwargs or {}))
-
-    out_path = Path(out_path)
-    if checkpoint_path is None and checkpoint_dir is not None:
-        checkpoint_path = Path(checkpoint_dir) / f"{out_path.name}.ckpt"
-    result = train_member(
-        module,
-        train_set.x_train,
-        train_set.y_train if task == "classification" else None,
-        x_val,
-        y_val if task == "classification" else None,
-        config,
-        checkpoint_path=checkpoint_path,
-        resume=resume,
-        desc=f"{recipe.name} seed {seed}",
-    )
-    export_onnx(result.module, out_path, input_shape, task=task)
-
-    # Score the exported file, not the torch module: the ONNX model is what gets deployed and ensembled.
-    outputs = predict(out_path, dataset.x_test)
-    if task == "classification":
-        metric_name, test_metric = "accuracy", accuracy(outputs, dataset.y_test)
-    else:
-        metric_name = "mse"
-        test_metric = mse(outputs, dataset.x_test.reshape(len(dataset.x_test), -1))
-    best = result.best or {}
-    return {
-        "recipe": recipe.name,
-        "arch": recipe.arch,
-        "dataset": dataset.name,
-        "task": task,
-        "seed": seed,
-        "output": str(out_path),
-        "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
-        "device": str(resolve_device(config.device)),
-        "n_train": len(train_set.x_train),
-        "n_val": len(x_val) if x_val is not None else 0,
-        "n_test": len(dataset.x_test),
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "train_seconds": result.train_seconds,
-        "val_loss": best.get("val_loss"),
-        "val_metric": best.get("val_metric"),
-        "metric": metric_name,
-        "test_metric": float(test_metric),
-        "config": config.to_dict(),
-        "history": result.history,
-    }
-
-
 __all__ = [
     "DATA_SEED",
     "EarlyStopping",
@@ -940,5 +821,4 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "train_member",
-    "train_recipe",
 ]
