@@ -2,10 +2,26 @@
 
 from codec.ir.lift import lift, load_model
 from codec.ir.lower import lower, save_model, tap_name, to_bytes
-from codec.ir.network import Activation, Conv, Dense, Flatten, Layer, NetworkIR, Pool, Role, is_compute
+from codec.ir.network import (
+    INPUT,
+    Activation,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    Layer,
+    NetworkIR,
+    Pool,
+    Role,
+    is_compute,
+)
 
 __all__ = [
+    "INPUT",
     "Activation",
+    "Add",
+    "Concat",
     "Conv",
     "Dense",
     "Flatten",

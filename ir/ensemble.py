@@ -16,6 +16,36 @@ The fused graph has four stages:
      the lowest class index, numpy's rule);
    - ``max``: Max of the p_i divided by its row sum (an all-zero row becomes uniform, as in combine).
 
+Packed inference (`packed=True`, the default): members with the same architecture, activations and sharing
+(`_pack_signature`) form a pack of K members computed together, so a layer costs a few nodes for all K
+instead of a few per member (at batch 1 a graph's cost is mostly per-node overhead):
+- a layer reading a value every member has (the input, or a whole CSN layer) is ONE Gemm (Conv) over the
+  members' rows (filters) concatenated, [K*out, in]: every member reads the same input;
+- a layer reading the members' own values is ONE Conv with group=K on the members' features side by side:
+  for Dense a 1x1 Conv on [1, K*in, batch, 1] (the batch on a spatial axis: W_i @ h_i for every member,
+  bias and activation in the same kernel), for Conv the members' channels [batch, K*c, h, w];
+  Pool and Flatten run once on the packed value (per channel and channel-major, so per member);
+- a sharing member's layer reads [CSN part, own part] of the layer below: its own rows are the sum of both
+  terms above, with the weights' columns split between the parts; the CSN part is the CSN's value,
+  computed once, and [CSN, own] is never concatenated;
+- the packs' outputs [K, batch, ...] and the other members' outputs are stacked [M, batch, ...] and the
+  collect stage reduces over the member axis (`_collect_stacked`: one node per step, not one per member;
+  the same arithmetic summed in another order); the ``member_i`` outputs are split from it only when asked.
+Every weight is stored once either way (the split columns add up to the per-member rows), so
+`ensemble_parameter_count` is the same. The packed graph agrees with the per-member one to float32
+rounding (the same dot products, another blocking order; tests/test_ensemble.py records the
+differences). Not packed: members of a unique architecture (e.g. of different widths: the first layers of
+members of different widths are not concatenated), DAG members (residual Adds, Concats: packing walks a
+chain), and a Conv with a softmax (it normalises over channels,
+which a packed Conv holds for K members); those members get their own nodes as with `packed=False`.
+Why packed is the default, and when it is not the faster graph (`python bench/inference.py`, bench/README.md):
+at batch 1 it saves per-node overhead (10 members: 31 nodes instead of 112; 1.18x the per-member graph's
+throughput with `classifier_m`'s widths, 1.60x with `classifier_s`'s, in bench/inference_full_busy.json); at
+batch 256 the per-member graph can be faster (there 0.80x wall, 0.90x CPU time for `classifier_m`, even for
+`classifier_s`), because onnxruntime prepacks a Gemm's 2-D constant weights (GemmPackBFp32) into a FusedGemm
+with bias and activation, which a grouped Conv does not get. For throughput with wide members at large
+batches use `packed=False`.
+
 Precision: the graph computes in float32, `combine` in float64. For prod this matters twice:
 - the clipping constant: combine clips to the smallest normal float64 (PROD_EPS ~2.2e-308), so an exact
   0 costs log(PROD_EPS) ~ -708 while a non-zero float32 probability costs at least log(1.4e-45) ~ -103:
@@ -30,7 +60,7 @@ Precision: the graph computes in float32, `combine` in float64. For prod this ma
   vote agree to ~1e-7). `precision="float64"` runs the prod stage in double with combine's own clip
   (agreement ~3e-8: the final cast to float32).
 
-Members must be chains with the same input shape and the same output shape; classifiers must output
+Members may be chains or DAGs (residual Adds, Concats: `_emit_dag_member`), with the same input shape and the same output shape; classifiers must output
 probabilities (a softmax or sigmoid output layer), because every criterion combines probabilities.
 """
 
@@ -45,7 +75,19 @@ import onnx_ir as ir
 from codec.errors import ConfigError, ShapeError
 from codec.ir.criteria import CRITERIA, PROD_EPS, TASKS, default_criterion
 from codec.ir.lower import OPSET, GraphBuilder, input_value, make_model
-from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute, replace
+from codec.ir.network import (
+    INPUT,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    NetworkIR,
+    Pool,
+    Role,
+    is_compute,
+    replace,
+)
 
 __all__ = ["CRITERIA", "check_shares_csn", "emit_ensemble", "ensemble_description", "ensemble_parameter_count"]
 ENSEMBLE_KEY = "codec.ensemble"  # model metadata: JSON describing the fused ensemble
@@ -236,6 +278,10 @@ class _FusedBuilder(GraphBuilder):
                 self.prefix = prefix
         return self._structural[key]
 
+    def shape_const(self, name: str, array: np.ndarray) -> ir.Value:
+        """An int64 shape or axes constant as a Constant node, so that initializers stay the parameters."""
+        return self.node("Constant", [], name, {"value": ir.tensor(np.asarray(array, np.int64), name=name)})
+
     def const(self, name: str, array) -> ir.Value:
         # at least 1-D: GraphBuilder.initializer's np.ascontiguousarray turns a 0-d array into shape (1,)
         return self.initializer(name, np.atleast_1d(np.asarray(array)))
@@ -302,6 +348,8 @@ def _emit_csn(builder: _FusedBuilder, csn: NetworkIR, depth: int, x: ir.Value) -
 
 def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
     """Member `index` on input `x`; its shared layers take the CSN's values. Returns its output value."""
+    if not plan.net.is_chain:
+        return _emit_dag_member(builder, plan, index, x, csn_values)
     prefix = f"m{index}/"
     builder.prefix = prefix
     # from_csn: the value is the same for every member (the input, or a whole CSN layer)
@@ -330,6 +378,335 @@ def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, c
             value, from_csn = builder.layer(layer, value), False
         l += 1
     return value
+
+
+def _emit_dag_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+    """`_emit_member` for a DAG member (residual Adds, Concats): each layer reads its sources' values.
+
+    The CSN covers only a DAG's leading chain (`codec.passes.csne.shareable_prefix`), so the shared
+    layers come first, exactly as in a chain; the rest is emitted layer by layer from a value table."""
+    prefix = f"m{index}/"
+    builder.prefix = prefix
+    net = plan.net
+    values: dict[str, ir.Value] = {INPUT: x}
+    shared_value = {INPUT}  # values that are the same for every member (the input, whole CSN layers)
+    l = 0
+    for layer in net.layers:
+        ins = [values[source] for source in net.inputs_of(layer.name)]
+        from_csn = all(source in shared_value for source in net.inputs_of(layer.name))
+        if isinstance(layer, (Add, Concat)):
+            value = builder.merge(layer, ins)
+        elif not is_compute(layer):
+            value = builder.structural(layer, ins[0], shared_prefix="csn/" if from_csn else None)
+            if from_csn:
+                shared_value.add(layer.name)
+        elif l < plan.depth:
+            k = int((layer.roles == Role.FROZEN_SHARED).sum())
+            if k < layer.num_neurons:
+                own = replace(layer, name=f"{layer.name}.own", weight=layer.weight[k:], bias=layer.bias[k:], roles=layer.roles[k:])
+                own_value = builder.layer(own, ins[0])
+                value = builder.node("Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1})
+            else:
+                value = csn_values[l]
+                shared_value.add(layer.name)
+        else:
+            value = builder.layer(layer, ins[0])
+        if is_compute(layer):
+            l += 1
+        values[layer.name] = value
+    return values[net.layers[-1].name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packed emission: members of the same architecture computed together
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PackValue:
+    """A pack's running value between two layers of its K members.
+
+    `common` is the part every member has (the input, or a CSN layer), `own` the members' own parts
+    stored together, in one of two layouts:
+    - ``channels``: [batch, K*f, ...], member i's f features (channels) the i-th block (Conv and its
+      Pool/Flatten: a grouped Conv keeps the members apart);
+    - ``rows``: [1, K*f, batch, 1] (Dense: the batch on a spatial axis, see `_emit_packed_dense`).
+    Either part may be None (no CSN part after the shared layers; no own part in a whole-layer trunk).
+    """
+
+    common: ir.Value | None
+    common_from_csn: bool
+    own: ir.Value | None
+    layout: str | None
+
+
+def _shared_counts(plan: _Plan) -> list[int]:
+    """k_l per compute layer: the FROZEN_SHARED neurons the member takes from the CSN (0 past its depth)."""
+    return [int((layer.roles == Role.FROZEN_SHARED).sum()) if l < plan.depth else 0
+            for l, layer in enumerate(plan.net.compute_layers())]
+
+
+def _common_columns(plan: _Plan, layer, l: int, shared: list[int]) -> int | None:
+    """How many leading input columns (features, or channels for a Conv) of compute layer `l` the CSN
+    supplies: all for the first layer, those of the CSN neurons below for a layer above a shared one,
+    none otherwise; None when the CSN's columns are not the leading ones (not packable)."""
+    if l == 0:
+        return int(layer.weight.shape[1])
+    if not shared[l - 1]:
+        return 0
+    columns = plan.net.input_neuron_map(layer.name) < shared[l - 1]
+    n = int(columns.sum())
+    return n if columns[:n].all() else None
+
+
+def _pack_signature(plan: _Plan) -> tuple | None:
+    """What members must have in common to be packed (layer kinds, settings, weight shapes, sharing), or
+    None when the member cannot be packed (a softmax Conv: its softmax runs over the channel axis, which
+    a packed Conv shares between members, or a DAG: packing walks a chain)."""
+    if not plan.net.is_chain:
+        return None
+    shared = _shared_counts(plan)
+    signature, l = [plan.depth], 0
+    for layer in plan.net.layers:
+        if not is_compute(layer):
+            signature.append(_structure(layer))
+            continue
+        if isinstance(layer, Conv) and layer.activation.kind == "softmax":
+            return None
+        common = _common_columns(plan, layer, l, shared)
+        if common is None:
+            return None
+        signature.append((_structure(layer), layer.activation.alpha, layer.weight.shape, shared[l], common))
+        l += 1
+    return tuple(signature)
+
+
+def _packs(plans: list[_Plan]) -> list[list[int]]:
+    """Member indices grouped into packs of the same signature (first-seen order); unpackable members and
+    members of a unique architecture form packs of one."""
+    groups: dict[tuple, list[int]] = {}
+    singles = []
+    for i, plan in enumerate(plans):
+        signature = _pack_signature(plan)
+        if signature is None:
+            singles.append([i])
+        else:
+            groups.setdefault(signature, []).append(i)
+    return [*groups.values(), *singles]
+
+
+def _to_rows(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
+    """A channels-layout [batch, K*f] value in the rows layout [1, K*f, batch, 1]; a rows one as it is."""
+    if layout == "rows":
+        return value
+    columns = builder.node("Transpose", [value], f"{name}.transposed", {"perm": [1, 0]})
+    shape = builder.shape_const(f"{name}.shape", np.array([1, k * features, -1, 1]))  # -1: the batch size
+    return builder.node("Reshape", [columns, shape], f"{name}.rows")
+
+
+def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_features: int, name: str) -> ir.Value:
+    """K members' Dense rows `rows` (slice of each weight): one Gemm on the common part (weights concatenated,
+    [K*out, n]) plus one grouped 1x1 Conv (group=K, filters [K*out, in, 1, 1]) on the own part; returns the
+    rows layout [1, K*out, batch, 1].
+
+    Why a Conv: the rows layout keeps the batch on a spatial axis, so a grouped 1x1 Conv is member i's
+    W_i @ h_i for all K members in one node, with the bias and (fused by onnxruntime) the activation in
+    the same kernel, and the activations are never transposed between two packed layers. The first version,
+    a batched MatMul over [K, in, out] weights on [K, batch, in], used more CPU time at batch 1 and 256 (in
+    comparisons during development, not committed): onnxruntime prepacks only 2-D constant weights, and its
+    bias, activation and the transposes between layers were separate passes.
+    """
+    k = len(layers)
+    out = rows.stop - rows.start
+    terms = []
+    b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
+    if value.common is not None and common_n:
+        w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
+        z = builder.node("Gemm", [value.common, builder.initializer(f"{name}.common.weight", w), b], f"{name}.common",
+                         {"transB": 1})
+        terms.append(_to_rows(builder, z, "channels", k, out, f"{name}.common"))
+    if value.own is not None:
+        own = _to_rows(builder, value.own, value.layout, k, own_features, f"{name}.in")
+        w = np.concatenate([layer.weight[rows, common_n:] for layer in layers])[:, :, None, None]
+        inputs = [own, builder.initializer(f"{name}.own.weight", w)] + ([] if terms else [b])
+        terms.append(builder.node("Conv", inputs, f"{name}.own", {"kernel_shape": [1, 1], "group": k}))
+    return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
+
+
+def _rows_softmax(builder: _FusedBuilder, z: ir.Value, k: int, out: int, name: str) -> ir.Value:
+    """Softmax over each member's neurons of a rows-layout value [1, K*out, batch, 1]."""
+    grouped = builder.node("Reshape", [z, builder.shape_const(f"{name}.softmax_in", np.array([k, out, -1]))], f"{name}.grouped")
+    p = builder.node("Softmax", [grouped], f"{name}.softmax", {"axis": 1})
+    return builder.node("Reshape", [p, builder.shape_const(f"{name}.softmax_out", np.array([1, k * out, -1, 1]))],
+                        f"{name}.softmax_rows")
+
+
+def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: str) -> ir.Value:
+    """K members' Conv filters `rows` as one Conv on the common part (filters concatenated) plus one
+    grouped Conv (group=K) on the own part; returns [batch, K*out, H, W]."""
+    first = layers[0]
+    attrs = {"kernel_shape": list(first.kernel_shape), "strides": list(first.strides), "pads": list(first.pads),
+             "dilations": list(first.dilations)}
+    b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
+    terms = []
+    if value.common is not None and common_n:
+        w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
+        terms.append(builder.node("Conv", [value.common, builder.initializer(f"{name}.common.weight", w), b],
+                                  f"{name}.common", attrs))
+    if value.own is not None:
+        w = np.concatenate([layer.weight[rows, common_n:] for layer in layers])
+        inputs = [value.own, builder.initializer(f"{name}.own.weight", w)] + ([] if terms else [b])
+        terms.append(builder.node("Conv", inputs, f"{name}.own", {**attrs, "group": len(layers)}))
+    return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
+
+
+def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+    """Members `plans` (same `_pack_signature`) computed together; returns their outputs [K, batch, ...].
+
+    Layer by layer, a member's layer reads [CSN part, own part] of the layer below; its own rows are
+    computed from both parts at once for all K members (`_emit_packed_dense`, `_emit_packed_conv`) and its
+    CSN rows are the CSN's value, which is computed once. Structural layers run on the common part once
+    (shared with every member and the CSN) and on the packed own part as one node.
+    """
+    k = len(plans)
+    prefix = f"pack{first}/"
+    builder.prefix = prefix
+    nets = [plan.net for plan in plans]
+    shared = _shared_counts(plans[0])
+    value = _PackValue(common=x, common_from_csn=True, own=None, layout=None)
+    l = 0
+    for index, layer in enumerate(nets[0].layers):
+        if not is_compute(layer):
+            common = own = None
+            if value.common is not None:
+                common = builder.structural(layer, value.common, shared_prefix="csn/" if value.common_from_csn else None)
+            if value.own is not None and not (isinstance(layer, Flatten) and value.layout == "rows"):
+                own = builder.layer(layer, value.own)  # per channel (Pool) or channel-major (Flatten): per member
+            elif value.own is not None:
+                own = value.own  # a Flatten of a [batch, f] member value changes nothing
+            value = _PackValue(common, value.common_from_csn, own, value.layout)
+            continue
+        layers = [net.layers[index] for net in nets]
+        common_n = _common_columns(plans[0], layer, l, shared)
+        own_in = layer.weight.shape[1] - common_n
+        k_l = shared[l]
+        rows = slice(k_l, layer.num_neurons)
+        name = f"{prefix}{layer.name}"
+        own = None
+        if rows.stop > rows.start:
+            if isinstance(layer, Dense):
+                z = _emit_packed_dense(builder, layers, rows, common_n, value, own_in, name)
+                layout = "rows"
+            else:
+                z = _emit_packed_conv(builder, layers, rows, common_n, value, name)
+                layout = "channels"
+            if layout == "rows" and layer.activation.kind == "softmax":
+                own = _rows_softmax(builder, z, len(layers), rows.stop - rows.start, name)
+            else:
+                own = builder.activation(layer, z)
+        else:
+            layout = None
+        if k_l:
+            value = _PackValue(csn_values[l], True, own, layout)
+        else:
+            value = _PackValue(None, False, own, layout)
+        l += 1
+    if value.layout == "rows":
+        shape = builder.shape_const(f"{prefix}output.shape", np.array([k, plans[0].net.output_shape[0], -1]))
+        grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
+        return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [0, 2, 1]})  # [K, batch, out]
+    # a Conv output [batch, K*c, h, w]: member i's channels are the i-th block
+    c, *spatial = plans[0].net.output_shape
+    shape = builder.shape_const(f"{prefix}output.shape", np.array([0, k, c, *spatial]))
+    grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
+    return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [1, 0, *range(2, 3 + len(spatial))]})
+
+
+def _emit_members_stacked(builder: _FusedBuilder, plans: list[_Plan], packs: list[list[int]], x: ir.Value,
+                          csn_values: list[ir.Value]) -> tuple[ir.Value, list[int]]:
+    """Every member's output stacked [M, batch, ...]: each pack's as one value, the other members'
+    unsqueezed; returns it and the member index of each row (pack by pack, not member order)."""
+    parts, order = [], []
+    for pack in packs:
+        if len(pack) == 1:
+            axes = builder.shape_const(f"m{pack[0]}/stack_axes", np.array([0]))
+            own = _emit_member(builder, plans[pack[0]], pack[0], x, csn_values)
+            parts.append(builder.node("Unsqueeze", [own, axes], f"m{pack[0]}/stacked"))
+        else:
+            parts.append(_emit_pack(builder, [plans[i] for i in pack], pack[0], x, csn_values))
+        order += pack
+    stacked = parts[0] if len(parts) == 1 else builder.node("Concat", parts, "collect/members", {"axis": 0})
+    return stacked, order
+
+
+def _unstack(builder: _FusedBuilder, stacked: ir.Value, order: list[int]) -> list[ir.Value]:
+    """The member outputs of a stacked [M, batch, ...] value, in member order."""
+    builder.prefix = ""
+    axes = builder.shape_const("collect/unstack_axes", np.array([0]))
+    if len(order) == 1:
+        parts = [stacked]
+    else:
+        node = ir.node("Split", [stacked], {"axis": 0, "num_outputs": len(order)}, num_outputs=len(order),
+                       name=builder.unique("collect/unstack"))
+        for i, out in enumerate(node.outputs):
+            out.name = builder.unique(f"collect/unstack.{i}")
+        builder.nodes.append(node)
+        parts = list(node.outputs)
+    outputs = [None] * len(order)
+    for member, part in zip(order, parts):
+        outputs[member] = builder.node("Squeeze", [part, axes], member_output_name(member))
+    return outputs
+
+
+def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, num_classes: int, precision: str) -> ir.Value:
+    """`_collect` on members stacked [M, batch, classes]: each step one node for all members, reducing
+    over axis 0 where `_collect` sums a list (the same arithmetic in another summation order)."""
+    builder.prefix = "collect/"
+    members = builder.const("collect/member_axis", np.array([0], np.int64))
+    if criterion == "mean":
+        return builder.node("ReduceMean", [stacked, members], OUTPUT_NAME, {"keepdims": 0})
+    if criterion == "vote":
+        depth = builder.const("collect/classes", np.array([num_classes], np.int64))
+        on_off = builder.const("collect/one_hot_values", np.array([0.0, 1.0], np.float32))
+        choice = builder.node("ArgMax", [stacked], "collect/argmax", {"axis": -1, "keepdims": 0, "select_last_index": 0})
+        votes = builder.node("OneHot", [choice, depth, on_off], "collect/votes", {"axis": -1})
+        return builder.node("ReduceMean", [votes, members], OUTPUT_NAME, {"keepdims": 0})
+    axes = builder.const("collect/axes", np.array([1], np.int64))
+    if criterion == "prod":
+        if precision == "float64":
+            eps = builder.const("collect/prod_eps", np.array([PROD_EPS], np.float64))
+            p64 = builder.node("Cast", [stacked], "collect/float64", {"to": ir.DataType.DOUBLE})
+            logs = builder.node("Log", [builder.node("Max", [p64, eps], "collect/clip")], "collect/logs")
+            log_scores = builder.node("ReduceSum", [logs, members], "collect/log_scores", {"keepdims": 0})
+        else:  # as `_prod_log_scores`: count the zeros instead of clipping them
+            one = builder.const("collect/one", np.array([1.0], np.float32))
+            zero = builder.const("collect/zero", np.array([0.0], np.float32))
+            is_zero = builder.node("Equal", [stacked, zero], "collect/is_zero")
+            logs = builder.node("Log", [builder.node("Where", [is_zero, one, stacked], "collect/nonzero")], "collect/logs")
+            zeros = builder.node("Cast", [is_zero], "collect/zeros", {"to": ir.DataType.FLOAT})
+            log_sum = builder.node("ReduceSum", [logs, members], "collect/log_sum", {"keepdims": 0})
+            zero_count = builder.node("ReduceSum", [zeros, members], "collect/zero_count", {"keepdims": 0})
+            fewest = builder.node("ReduceMin", [zero_count, axes], "collect/fewest_zeros", {"keepdims": 1})
+            extra = builder.node("Sub", [zero_count, fewest], "collect/extra_zeros")
+            log_eps = builder.const("collect/log_prod_eps", np.array([np.log(PROD_EPS)], np.float32))
+            penalty = builder.node("Mul", [extra, log_eps], "collect/veto_penalty")
+            log_scores = builder.node("Add", [log_sum, penalty], "collect/log_scores")
+        log_max = builder.node("ReduceMax", [log_scores, axes], "collect/log_max", {"keepdims": 1})
+        scores = builder.node("Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores")
+        total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
+        if precision == "float32":
+            return builder.node("Div", [scores, total], OUTPUT_NAME)
+        probs = builder.node("Div", [scores, total], "collect/probs")
+        return builder.node("Cast", [probs], OUTPUT_NAME, {"to": ir.DataType.FLOAT})
+    scores = builder.node("ReduceMax", [stacked, members], "collect/max", {"keepdims": 0})
+    total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
+    zero = builder.const("collect/zero", np.array([0.0], np.float32))
+    one = builder.const("collect/one", np.array([1.0], np.float32))
+    classes = builder.const("collect/classes_float", np.array([float(num_classes)], np.float32))
+    empty = builder.node("Equal", [total, zero], "collect/empty_row")
+    scores = builder.node("Where", [empty, one, scores], "collect/max_safe")
+    total = builder.node("Where", [empty, classes, total], "collect/total_safe")
+    return builder.node("Div", [scores, total], OUTPUT_NAME)
 
 
 def _prod_log_scores(builder: _FusedBuilder, outputs: list[ir.Value]) -> ir.Value:
@@ -416,6 +793,7 @@ def emit_ensemble(
     task: str = "classification",
     metadata: dict[str, str] | None = None,
     precision: str = "float32",
+    packed: bool = True,
 ) -> ir.Model:
     """Build the fused ensemble: dispatch, CSN once, members, collect (see the module docstring).
 
@@ -432,6 +810,8 @@ def emit_ensemble(
         precision: "float32" (default: every runtime runs it) or "float64": the prod collect stage in
             double precision with combine's own clipping constant, for bit-level agreement with `combine`
             when many members disagree strongly (float32 sums of large logs lose ~1e-6 there).
+        packed: compute members of the same architecture together (one Gemm/Conv per layer for all of
+            them, see "Packed inference" in the module docstring); False emits each member's own nodes.
 
     Returns:
         An onnx_ir Model (opset 18) with one input (members[0]'s input name) and the output "output".
@@ -453,12 +833,20 @@ def emit_ensemble(
     x = input_value(members[0], "input" if members[0].input_name in reserved else None)
     builder.unique(x.name)
     csn_values = _emit_csn(builder, csn, csn_depth, x) if csn_depth else []
-    outputs = [_emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
+    packs = [pack for pack in _packs(plans) if len(pack) > 1] if packed else []
     out_shape = tuple(members[0].output_shape)
-    graph_outputs = [_collect(builder, outputs, criterion, int(out_shape[0]) if task == "classification" else 0, precision)]
-    if member_outputs:
-        builder.prefix = ""
-        graph_outputs += [builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)]
+    num_classes = int(out_shape[0]) if task == "classification" else 0
+    if packs:
+        stacked, order = _emit_members_stacked(builder, plans, _packs(plans), x, csn_values)
+        graph_outputs = [_collect_stacked(builder, stacked, criterion, num_classes, precision)]
+        if member_outputs:
+            graph_outputs += _unstack(builder, stacked, order)
+    else:
+        outputs = [_emit_member(builder, plan, i, x, csn_values) for i, plan in enumerate(plans)]
+        graph_outputs = [_collect(builder, outputs, criterion, num_classes, precision)]
+        if member_outputs:
+            builder.prefix = ""
+            graph_outputs += [builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)]
     for value in graph_outputs:
         value.shape = ir.Shape(["batch", *out_shape])
         value.type = ir.TensorType(ir.DataType.FLOAT)
@@ -476,6 +864,7 @@ def emit_ensemble(
         "shared_layers": params["shared_layers"],
         "parameters": {k: v for k, v in params.items() if k != "shared_layers"},
         "precision": precision,
+        "packed": packs,
         "prod_eps": PROD_EPS if criterion == "prod" else None,
     }
     props = dict(metadata or {})

@@ -1,13 +1,19 @@
 """Lift an ONNX graph into NetworkIR.
 
-Accepted: what torch's dynamo and legacy exporters emit for MLPs and CNNs — Gemm (either transB, any
-alpha/beta), MatMul + Add, Conv (groups = 1), Flatten or Reshape to (batch, features), Relu, LeakyRelu,
-Sigmoid, Tanh, Softmax (last axis), MaxPool, AveragePool, GlobalAveragePool, BatchNormalization (folded
-into the layer before it), Dropout and Identity (dropped: inference semantics). Everything else is refused
-with a `LiftError` naming the node, its op type and the reason.
+Accepted: what torch's dynamo and legacy exporters (and skl2onnx, for MLPs) emit for MLPs, CNNs and
+residual networks — Gemm (either transB, any alpha/beta), MatMul + Add, Conv (any stride, padding,
+dilation and groups), Flatten or Reshape to (batch, features), the activations Relu, LeakyRelu, Sigmoid,
+Tanh, Softmax (last axis), Elu, Softplus, HardSwish, Gelu — and GELU, SiLU, HardSwish written out as
+element-wise nodes (`_Lifter._match_activation`), MaxPool, AveragePool, GlobalAveragePool,
+BatchNormalization (folded into the layer before it), Add of two layers (a residual connection), Concat
+on the neuron axis, Dropout, Identity and a float-to-float Cast (dropped: inference semantics).
+Everything else is refused with a `LiftError` naming the node, its op type and the reason.
 
-The walk follows the chain from the graph's one input to its one output; a value consumed by more than
-one node (a branch) is refused, as is any node left off that chain.
+The walk visits the nodes in graph (topological) order, tracking which layer computes each value, so a
+value may feed several branches; activations and BatchNormalization are folded into the layer before
+them only when nothing else reads that layer's output. A graph with a label output beside its
+probabilities (skl2onnx's classifiers) is lifted on the probabilities, the label's tail dropped and
+listed in the network's `codec.lift.dropped` metadata.
 """
 
 from __future__ import annotations
@@ -24,23 +30,38 @@ import onnx_ir as ir
 from codec.errors import LiftError, ModelLoadError
 from codec.errors import first_line as _first_line
 from codec.ir.network import (
-    MONOTONE_ACTIVATIONS,
+    INPUT,
     Activation,
+    Add,
+    Concat,
     Conv,
     Dense,
     Flatten,
     Layer,
     NetworkIR,
     Pool,
+    erf,
     is_compute,
 )
 
-_ACTIVATION_OPS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
+_ACTIVATION_OPS = {
+    "Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax", "Elu": "elu",
+    "Softplus": "softplus", "HardSwish": "hardswish", "Gelu": "gelu",
+}
 _DROPPED_OPS = ("Dropout", "Identity")
+# Ops an activation written out node by node is made of (see `_Lifter._match_activation`).
+_ELEMENTWISE_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Exp", "Log", "Neg", "Sqrt", "Relu", "Clip",
+     "HardSigmoid", "Softplus", "Min", "Max", "Greater", "Less", "Where"}
+)
+_MAX_PATTERN_NODES = 12
 SUPPORTED_OPS = frozenset(
     {"Gemm", "MatMul", "Add", "Conv", "BatchNormalization", "Flatten", "Reshape", "MaxPool", "AveragePool",
-     "GlobalAveragePool", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS}
+     "GlobalAveragePool", "ReduceMean", "Concat", "Cast", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS}
 )
+# Ops lifted only as part of an activation written out node by node (Erf in GELU's Div/Erf/Add/Mul, ...):
+# not in SUPPORTED_OPS, which lists what lifts on its own (`codec inspect` reports it per op).
+PATTERN_OPS = _ELEMENTWISE_OPS - SUPPORTED_OPS
 # A tensor larger than this is refused before it is read: no MLP/CNN codec targets comes near it, and a
 # hostile file could otherwise make codec allocate arbitrary memory.
 MAX_TENSOR_ELEMENTS = 1 << 31
@@ -168,12 +189,48 @@ def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None) 
         ModelLoadError: the file cannot be read.
         LiftError: the graph is not a network codec can lift; names the node, op and reason.
     """
-    model = load_model(source)
+    notes: list[str] = []
+    try:
+        model = load_model(source)
+    except ModelLoadError as exc:
+        model = _load_without_zipmap(source, exc, notes)
     if name is None:
         name = Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
-    net = _Lifter(model.graph, name).run()
+    lifter = _Lifter(model.graph, name)
+    lifter.notes.extend(notes)
+    net = lifter.run()
     _restore_roles(net, model)
     return net
+
+
+def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.Model:
+    """skl2onnx's classifiers end in a ZipMap, whose output is a sequence of maps, a type onnx_ir cannot
+    read. Such a model is read with onnx instead, the ZipMap removed and the probabilities tensor it reads
+    made a graph output (and noted), then loaded as usual. Any other load error is raised as it was."""
+    cause = error.__cause__
+    while cause is not None and "Map types are not supported" not in str(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(source, ir.Model):
+        raise error
+    import onnx
+    from onnx import helper
+
+    try:
+        proto = onnx.load_model_from_string(bytes(source)) if isinstance(source, (bytes, bytearray)) else onnx.load(
+            os.fspath(source), load_external_data=False
+        )
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+        raise error from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise error
+    graph = proto.graph
+    outputs = {o.name: o for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "ZipMap" and n.output[0] in outputs]:
+        graph.node.remove(node)
+        graph.output.remove(outputs[node.output[0]])
+        graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+        notes.append(f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor {node.input[0]!r} it reads")
+    return load_model(proto.SerializeToString())
 
 
 def _restore_roles(net: NetworkIR, model: ir.Model) -> None:
@@ -206,35 +263,105 @@ class _Lifter:
         self.shape: tuple[int, ...] = ()
         self.visited: set[int] = set()
         self.used_names: set[str] = set()
+        # the walk: which layer (or INPUT) computes each value, with its shape, and each layer's latest value
+        self.refs: dict[int, tuple[str, tuple[int, ...]]] = {}
+        self.current: dict[str, ir.Value] = {}
+        self.sources: dict[str, tuple[str, ...]] = {}
+        self.source = INPUT  # the layer the node being visited reads
+        self.needed: set[int] = set()  # nodes the kept output depends on
+        self.notes: list[str] = []
 
     # -- the walk ---------------------------------------------------------------------------------------
     def run(self) -> NetworkIR:
         graph_inputs = [v for v in self.graph.inputs if v.name not in self.graph.initializers]
         if len(graph_inputs) != 1:
             raise LiftError(f"the graph has {len(graph_inputs)} data inputs; codec lifts single-input networks")
-        if len(self.graph.outputs) != 1:
-            raise LiftError(f"the graph has {len(self.graph.outputs)} outputs; codec lifts single-output networks")
+        output = self._kept_output()
         x = graph_inputs[0]
         self.input_shape = self._input_shape(x)
-        self.shape = self.input_shape
-        value = x
-        output = self.graph.outputs[0]
-        while value is not output:
-            node = self._sole_consumer(value)
-            value = self._visit(node)
+        self.refs[id(x)] = (INPUT, self.input_shape)
+        if not self._consumers(x):
+            raise LiftError(f"value {x.name!r} is consumed by no node but is not the graph output")
         for node in self.graph:
-            if id(node) not in self.visited and node.op_type != "Constant":
+            if id(node) in self.visited or node.op_type == "Constant":
+                continue
+            if id(node) not in self.needed:
+                if self.notes:
+                    continue  # part of a dropped output's tail (listed in the notes)
                 raise LiftError("node is not on the path from the input to the output", node.name, node.op_type)
+            self._visit(node)
+        if id(output) not in self.refs:
+            raise LiftError(f"output {output.name!r} is not computed from the input {x.name!r}")
         if not any(is_compute(layer) for layer in self.layers):
             raise LiftError("the graph has no Gemm, MatMul or Conv layer to lift")
+        if self.refs[id(output)][0] != self.layers[-1].name:
+            raise LiftError(f"output {output.name!r} is not computed by the graph's last layer")
+        for layer in self.layers[:-1]:
+            if not any(layer.name in srcs for srcs in self._all_sources().values()):
+                raise LiftError(f"layer {layer.name!r} does not lead to the output {output.name!r}")
+        metadata = {"codec.lift.dropped": "\n".join(self.notes)} if self.notes else {}
         return NetworkIR(
             name=self.name,
             input_name=x.name,
             output_name=output.name,
             input_shape=self.input_shape,
             layers=self.layers,
-            metadata={},
+            metadata=metadata,
+            sources=self.sources,
         )
+
+    def _all_sources(self) -> dict[str, tuple[str, ...]]:
+        out, previous = {}, INPUT
+        for layer in self.layers:
+            out[layer.name] = self.sources.get(layer.name, (previous,))
+            previous = layer.name
+        return out
+
+    def _kept_output(self) -> ir.Value:
+        """The graph output to lift, and the nodes it needs (`self.needed`).
+
+        One output is lifted as is. A classifier exported by skl2onnx has two, a label and the class
+        probabilities (a float tensor, or a ZipMap of it): the probabilities are lifted and the label's
+        tail (ArgMax, ArrayFeatureExtractor, Cast, ...) is dropped, with a note saying so (a ZipMap was
+        already taken off by `_load_without_zipmap`)."""
+        outputs = list(self.graph.outputs)
+        kept = outputs[0] if len(outputs) == 1 else None
+        if kept is None:
+            candidates = []
+            for value in outputs:
+                if isinstance(value.type, ir.TensorType) and value.dtype == ir.DataType.FLOAT:
+                    candidates.append(value)
+            if len({id(c) for c in candidates}) != 1:
+                names = ", ".join(repr(v.name) for v in outputs)
+                raise LiftError(
+                    f"the graph has {len(outputs)} outputs ({names}); codec lifts single-output networks, or a "
+                    "classifier with a label output and one float probabilities output"
+                )
+            kept = candidates[0]
+        # an output no node computes: walk every node, so that a broken graph is refused at its first bad node
+        stack = [kept.producer()] if kept.producer() is not None else list(self.graph)
+        while stack:
+            node = stack.pop()
+            if id(node) in self.needed:
+                continue
+            self.needed.add(id(node))
+            stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+        if len(outputs) > 1:
+            for value in outputs:
+                if value is not kept:
+                    self.notes.append(f"dropped output {value.name!r} ({' -> '.join(self._tail(value)) or 'no node'})")
+        return kept
+
+    def _tail(self, value: ir.Value) -> list[str]:
+        """Op types of the nodes computing `value` that the kept output does not need, in graph order."""
+        seen, stack = set(), [value.producer()]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen or id(node) in self.needed:
+                continue
+            seen.add(id(node))
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+        return [n.op_type for n in self.graph if id(n) in seen and n.op_type != "Constant"]
 
     def _input_shape(self, x: ir.Value) -> tuple[int, ...]:
         if x.dtype != ir.DataType.FLOAT:
@@ -254,23 +381,63 @@ class _Lifter:
             raise LiftError(f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond codec's limit")
         return tuple(int(d) for d in rest)
 
-    def _sole_consumer(self, value: ir.Value) -> ir.Node:
-        users = {id(use.node): use.node for use in value.uses()}
-        if value in self.graph.outputs:
-            raise LiftError(f"value {value.name!r} is both a graph output and used inside the graph")
-        if not users:
-            raise LiftError(f"value {value.name!r} is consumed by no node but is not the graph output")
-        if len(users) > 1:
-            names = ", ".join(f"{n.name} ({n.op_type})" for n in users.values())
-            raise LiftError(f"value {value.name!r} branches into {len(users)} nodes ({names}); codec lifts chains only")
-        return next(iter(users.values()))
+    def _consumers(self, value: ir.Value) -> list[ir.Node]:
+        """The nodes the kept output needs that read `value` (a dropped label tail does not count)."""
+        users = {id(use.node): use.node for use in value.uses() if id(use.node) in self.needed}
+        return list(users.values())
 
-    def _visit(self, node: ir.Node) -> ir.Value:
+    def _data_inputs(self, node: ir.Node) -> list[ir.Value]:
+        return [v for v in node.inputs if v is not None and ir.convenience.get_const_tensor(v) is None]
+
+    def _visit(self, node: ir.Node) -> None:
         if id(node) in self.visited:
             raise LiftError("the graph has a cycle through this node", node.name, node.op_type)
         self.visited.add(id(node))
         if node.domain not in ("", "ai.onnx"):
             raise LiftError(f"custom-domain op ({node.domain}) is not supported", node.name, node.op_type)
+        if not node.outputs or node.outputs[0] is None:
+            raise LiftError("node has no output", node.name, node.op_type)
+        try:
+            out, count = self._dispatch(node)
+        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as exc:
+            # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
+            # inputs, inconsistent shapes; onnx_ir asserts on tensor data stored in the wrong field): whatever
+            # the specific checks miss is still a refusal of this node.
+            raise LiftError(f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type) from exc
+        if len(self.layers) > count:
+            first = self.layers[count]
+            default = self.layers[count - 1].name if count else INPUT
+            if first.name not in self.sources and self.source != default:
+                self.sources[first.name] = (self.source,)
+            owner = self.layers[-1].name
+        else:
+            owner = self.source  # fused into its source (activation, BatchNormalization) or dropped
+        self.refs[id(out)] = (owner, self.shape)
+        self.current[owner] = out
+        if not self._consumers(out) and out not in self.graph.outputs:
+            raise LiftError(f"its output {out.name!r} is used by no node and is not the graph output", node.name, node.op_type)
+
+    def _dispatch(self, node: ir.Node) -> tuple[ir.Value, int]:
+        """Run the node's handler on its data inputs; returns its output and the layer count before it."""
+        data = self._data_inputs(node)
+        if not data:
+            raise LiftError("node reads no value computed from the network input", node.name, node.op_type)
+        for value in data:
+            if id(value) not in self.refs:
+                raise LiftError(
+                    f"it reads {value.name!r}, which is not computed from the network input by a node before it",
+                    node.name,
+                    node.op_type,
+                )
+        self.source, self.shape = self.refs[id(data[0])]
+        count = len(self.layers)
+        return self._handler(node, data)(node), count
+
+    def _handler(self, node: ir.Node, data: list[ir.Value]):
+        if node.op_type in _ELEMENTWISE_OPS and len({id(v) for v in data}) == 1:
+            match = self._match_activation(node, data[0])
+            if match is not None:
+                return lambda node: self._fuse_pattern(node, *match)
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
             if node.op_type in _ACTIVATION_OPS:
@@ -279,15 +446,7 @@ class _Lifter:
                 handler = self._dropped
             else:
                 raise LiftError("unsupported op", node.name, node.op_type)
-        if not node.outputs or node.outputs[0] is None:
-            raise LiftError("node has no output", node.name, node.op_type)
-        try:
-            return handler(node)
-        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as exc:
-            # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
-            # inputs, inconsistent shapes; onnx_ir asserts on tensor data stored in the wrong field): whatever
-            # the specific checks miss is still a refusal of this node.
-            raise LiftError(f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type) from exc
+        return handler
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _const(self, node: ir.Node, index: int, what: str, required: bool = False) -> np.ndarray | None:
@@ -378,8 +537,30 @@ class _Lifter:
         self.used_names.add(name)
         return name
 
-    def _last_compute(self) -> Dense | Conv | None:
-        return self.layers[-1] if self.layers and is_compute(self.layers[-1]) else None
+    def _layer(self, name: str) -> Layer | None:
+        return next((layer for layer in self.layers if layer.name == name), None)
+
+    def _fusion_target(self, node: ir.Node, pattern: list[ir.Node] | None = None) -> Layer | None:
+        """The compute or Add layer the node (with the rest of its `pattern`) can be folded into: the
+        layer its input comes from, provided nothing else reads that value (another branch would see
+        the value before the fold). None when the input is not such a layer's."""
+        layer = self._layer(self.source)
+        if not (is_compute(layer) or isinstance(layer, Add)):
+            return None
+        self._check_unbranched(node, self.current[layer.name], pattern or [node])
+        return layer
+
+    def _check_unbranched(self, node: ir.Node, value: ir.Value, pattern: list[ir.Node]) -> None:
+        inside = {id(n) for n in pattern}
+        others = [n for n in self._consumers(value) if id(n) not in inside]
+        if others or value in self.graph.outputs:
+            what = f"{others[0].name} ({others[0].op_type})" if others else "the graph output"
+            raise LiftError(
+                f"it would be folded into the layer computing {value.name!r}, but {what} reads that value too; "
+                "codec folds activations and BatchNormalization only into a layer nothing else reads",
+                node.name,
+                node.op_type,
+            )
 
     # -- compute layers ---------------------------------------------------------------------------------
     def _add_dense(self, node: ir.Node, weight: np.ndarray, bias: np.ndarray | None) -> None:
@@ -427,7 +608,7 @@ class _Lifter:
             raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
         out = node.outputs[0]
         bias = None
-        users = [u.node for u in out.uses()]
+        users = self._consumers(out)
         if len(users) == 1 and users[0].op_type == "Add" and out not in self.graph.outputs:
             add = users[0]
             other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
@@ -443,15 +624,20 @@ class _Lifter:
         attrs = self._attrs(node)
         if len(self.shape) != 3:
             raise LiftError(f"convolution reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
-        if attrs.get("group", 1) != 1:
-            raise LiftError(f"group={attrs['group']} convolutions are not supported", node.name, node.op_type)
+        groups = attrs.get("group", 1)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise LiftError(f"group={groups!r} is not a positive integer", node.name, node.op_type)
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
         weight = self._const(node, 1, "weight", required=True)
         if weight.ndim != 4:
             raise LiftError(f"weight has rank {weight.ndim}; codec supports 2-D convolutions", node.name, node.op_type)
-        if weight.shape[1] != self.shape[0]:
-            raise LiftError(f"weight expects {weight.shape[1]} input channels but receives {self.shape[0]}", node.name, node.op_type)
+        if weight.shape[1] * groups != self.shape[0] or weight.shape[0] % groups:
+            raise LiftError(
+                f"weight of shape {list(weight.shape)} in {groups} groups does not fit {self.shape[0]} input channels",
+                node.name,
+                node.op_type,
+            )
         bias = self._const(node, 2, "bias")
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
         conv = Conv(
@@ -461,6 +647,7 @@ class _Lifter:
             strides=self._ints(node, "strides", (1, 1), 2, 1),
             pads=self._ints(node, "pads", (0, 0, 0, 0), 4, 0),
             dilations=self._ints(node, "dilations", (1, 1), 2, 1),
+            groups=groups,
         )
         shape = self._check_size(node, conv.output_shape(self.shape))
         self.layers.append(conv)
@@ -468,8 +655,11 @@ class _Lifter:
         return self._out(node)
 
     def _op_BatchNormalization(self, node: ir.Node) -> ir.Value:
-        layer = self._last_compute()
-        if layer is None or layer.activation.kind != "identity":
+        """Fold inference-mode BN into the layer before it: y = scale (z - mean) / sqrt(var + eps) + shift
+        for z = W x + b is W' x + b' with W' = W * f (row-wise), b' = (b - mean) * f + shift, f = scale /
+        sqrt(var + eps) (onnxscript's fuse_batchnorm rule computes the same, in float32)."""
+        layer = self._fusion_target(node)
+        if not is_compute(layer) or layer.activation.kind != "identity":
             raise LiftError("BatchNormalization is supported only right after a Gemm/MatMul/Conv (it is folded into it)", node.name, node.op_type)
         attrs = self._attrs(node)
         if attrs.get("training_mode", 0):
@@ -491,25 +681,109 @@ class _Lifter:
     def _activation(self, node: ir.Node) -> ir.Value:
         kind = _ACTIVATION_OPS[node.op_type]
         attrs = self._attrs(node)
-        alpha = self._float(node, "alpha", 0.01) if kind == "leaky_relu" else 0.01
+        alpha = 0.01
+        if kind == "leaky_relu":
+            alpha = self._float(node, "alpha", 0.01)
+        elif kind == "elu":
+            alpha = self._float(node, "alpha", 1.0)
+        elif node.op_type == "Gelu":
+            approximate = attrs.get("approximate", "none")
+            if approximate not in ("none", "tanh"):
+                raise LiftError(f"approximate={approximate!r} is not a GELU form codec knows", node.name, node.op_type)
+            kind = "gelu" if approximate == "none" else "gelu_tanh"
+        elif node.op_type == "HardSigmoid":
+            raise LiftError("HardSigmoid is not supported (only as part of HardSwish)", node.name, node.op_type)
         if kind == "softmax":
             rank = len(self.shape) + 1
             axis = attrs.get("axis", -1)
             if axis not in (-1, rank - 1) or rank != 2:
                 raise LiftError(f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature axis of (batch, features)", node.name, node.op_type)
-        activation = Activation(kind, alpha)
-        target = self._last_compute()
-        if target is None and self.layers and isinstance(self.layers[-1], Pool) and self.layers[-1].mode == "max":
+        self._set_activation(node, Activation(kind, alpha), [node])
+        return self._out(node)
+
+    def _set_activation(self, node: ir.Node, activation: Activation, pattern: list[ir.Node]) -> None:
+        target = self._fusion_target(node, pattern)
+        pool = self._layer(self.source)
+        if target is None and isinstance(pool, Pool) and pool.mode == "max":
             # act(maxpool(z)) == maxpool(act(z)) for monotone non-decreasing act: move it onto the conv.
-            before = self.layers[-2] if len(self.layers) > 1 else None
-            if kind in MONOTONE_ACTIVATIONS and before is not None and is_compute(before):
+            self._check_unbranched(node, self.current[pool.name], pattern)
+            sources = self._all_sources()[pool.name]
+            before = self._layer(sources[0])
+            if activation.monotone and before is not None and is_compute(before):
+                pool_node = self.current[pool.name].producer()
+                self._check_unbranched(pool_node, self.current[before.name], [pool_node])
                 target = before
+            elif not activation.monotone:
+                raise LiftError(
+                    f"{activation.kind} after a max pool: it is not monotone, so it cannot be moved onto the layer "
+                    "before the pool (max and the activation do not commute)",
+                    node.name,
+                    node.op_type,
+                )
         if target is None:
-            raise LiftError("activation must follow a Gemm/MatMul/Conv layer (or a max pool right after one)", node.name, node.op_type)
+            raise LiftError("activation must follow a Gemm/MatMul/Conv layer, an Add (or a max pool right after a layer)", node.name, node.op_type)
         if target.activation.kind != "identity":
             raise LiftError(f"a second activation after {target.activation.kind} on layer {target.name!r} is not supported", node.name, node.op_type)
+        if activation.kind == "softmax" and isinstance(target, Add):
+            raise LiftError("softmax after an Add is not supported", node.name, node.op_type)
         target.activation = activation
-        return self._out(node)
+
+    # -- element-wise activation patterns ---------------------------------------------------------------
+    def _match_activation(self, node: ir.Node, v: ir.Value) -> tuple[Activation, list[ir.Node], ir.Value] | None:
+        """Recognise an activation written as several element-wise nodes of one value `v` (the GELU
+        Div/Erf/Add/Mul of the exporters, SiLU's Sigmoid*x, HardSwish's x*HardSigmoid(x), ...).
+
+        The region grows from `v` node by node (graph order) over element-wise nodes whose inputs are `v`,
+        region values or scalar constants. Once nothing outside the region reads `v` or any region value
+        but the last, the region is evaluated on a grid of pre-activations and compared with each known
+        activation: a match within float32 rounding is that activation."""
+        if self.refs[id(v)][0] == INPUT:
+            return None
+        order = {id(n): i for i, n in enumerate(self.graph)}
+        region: list[ir.Node] = []
+        values = {id(v)}
+        for _ in range(_MAX_PATTERN_NODES):
+            candidates = []
+            for value in [v, *(n.outputs[0] for n in region)]:
+                for user in self._consumers(value):
+                    if id(user) in {id(n) for n in region} or id(user) in self.visited and user is not node:
+                        continue
+                    if self._elementwise_of(user, values):
+                        candidates.append(user)
+            if not candidates:
+                return None
+            nxt = min(candidates, key=lambda n: order[id(n)])
+            region.append(nxt)
+            values.add(id(nxt.outputs[0]))
+            if len(region) < 2 or not self._closed(v, region):
+                continue
+            activation = _identify(region, v, self)
+            if activation is not None:
+                return activation, region, region[-1].outputs[0]
+        return None
+
+    def _elementwise_of(self, node: ir.Node, values: set[int]) -> bool:
+        if node.op_type not in _ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx") or not node.outputs:
+            return False
+        for value in node.inputs:
+            if value is None or id(value) in values:
+                continue
+            tensor = ir.convenience.get_const_tensor(value)
+            if tensor is None or tensor.size != 1:
+                return False
+        return True
+
+    def _closed(self, v: ir.Value, region: list[ir.Node]) -> bool:
+        inside = {id(n) for n in region}
+        for value in [v, *(n.outputs[0] for n in region[:-1])]:
+            if value in self.graph.outputs or any(id(n) not in inside for n in self._consumers(value)):
+                return False
+        return True
+
+    def _fuse_pattern(self, node: ir.Node, activation: Activation, region: list[ir.Node], out: ir.Value) -> ir.Value:
+        self._set_activation(node, activation, region)
+        self.visited.update(id(n) for n in region)
+        return out
 
     def _dropped(self, node: ir.Node) -> ir.Value:
         if node.op_type == "Dropout":
@@ -518,6 +792,53 @@ class _Lifter:
                 mode = ir.convenience.get_const_tensor(training)
                 if mode is None or mode.size != 1 or bool(mode.numpy().reshape(-1)[0]):
                     raise LiftError("training-mode Dropout is not supported; export in eval mode", node.name, node.op_type)
+        return self._out(node)
+
+    def _op_Add(self, node: ir.Node) -> ir.Value:
+        """A residual connection: the sum of two layers' outputs (a bias Add is folded by `_op_MatMul`)."""
+        data = self._data_inputs(node)
+        if len(data) != 2 or len(node.inputs) != 2:
+            raise LiftError("Add of a constant is supported only as a MatMul's bias", node.name, node.op_type)
+        refs = [self.refs[id(v)] for v in data]
+        for (source, _), value in zip(refs, data):
+            layer = self._layer(source)
+            if not (is_compute(layer) or isinstance(layer, Add)):
+                what = "the network input" if source == INPUT else f"{type(layer).__name__} layer {source!r}"
+                raise LiftError(
+                    f"it adds {value.name!r}, the output of {what}; codec adds outputs of Gemm/MatMul/Conv layers "
+                    "and of other Adds only (their neurons are tied)",
+                    node.name,
+                    node.op_type,
+                )
+        if refs[0][1] != refs[1][1]:
+            raise LiftError(f"it adds shapes {list(refs[0][1])} and {list(refs[1][1])}; codec adds equal shapes only", node.name, node.op_type)
+        add = Add(self._layer_name(node, "add"), int(self.shape[0]))
+        self.sources[add.name] = (refs[0][0], refs[1][0])
+        self.layers.append(add)
+        return self._out(node)
+
+    def _op_Concat(self, node: ir.Node) -> ir.Value:
+        data = self._data_inputs(node)
+        if len(data) != len(node.inputs) or len(data) < 2:
+            raise LiftError("Concat of constants is not supported", node.name, node.op_type)
+        refs = [self.refs[id(v)] for v in data]
+        rank = len(self.shape) + 1
+        axis = self._attrs(node).get("axis")
+        if axis not in (1, 1 - rank):
+            raise LiftError(f"Concat on axis {axis}; codec concatenates on the neuron axis (1)", node.name, node.op_type)
+        if any(len(shape) != len(self.shape) or shape[1:] != self.shape[1:] for _, shape in refs):
+            shapes = ", ".join(str(list(shape)) for _, shape in refs)
+            raise LiftError(f"it concatenates shapes {shapes}, which differ beyond the neuron axis", node.name, node.op_type)
+        concat = Concat(self._layer_name(node, "concat"))
+        self.sources[concat.name] = tuple(source for source, _ in refs)
+        self.layers.append(concat)
+        self.shape = (sum(shape[0] for _, shape in refs), *self.shape[1:])
+        return self._out(node)
+
+    def _op_Cast(self, node: ir.Node) -> ir.Value:
+        """A Cast to float32 of a float32 value (skl2onnx starts with one) changes nothing: dropped."""
+        if self._attrs(node).get("to") != ir.DataType.FLOAT:
+            raise LiftError("only a Cast to float32 of a float32 value is supported", node.name, node.op_type)
         return self._out(node)
 
     def _op_Flatten(self, node: ir.Node) -> ir.Value:
@@ -595,10 +916,109 @@ class _Lifter:
     def _op_AveragePool(self, node: ir.Node) -> ir.Value:
         return self._pool(node, "avg")
 
+    def _op_ReduceMean(self, node: ir.Node) -> ir.Value:
+        """The mean over the spatial axes (what dynamo exports for AdaptiveAvgPool2d(1)): a global average
+        pool, followed by a flatten when keepdims=0."""
+        attrs = self._attrs(node)
+        axes = self._const(node, 1, "axes") if len(node.inputs) > 1 else attrs.get("axes")
+        axes = sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) if axes is not None else None
+        if len(self.shape) != 3 or axes != [2, 3]:
+            raise LiftError(
+                f"ReduceMean over axes {axes} of shape {['batch', *self.shape]}; codec supports the mean over the "
+                "spatial axes (2, 3) of (batch, channels, height, width)",
+                node.name,
+                node.op_type,
+            )
+        self._global_pool(node)
+        if not attrs.get("keepdims", 1):
+            self.layers.append(Flatten(self._layer_name(node, "flatten")))
+            self.shape = (self.shape[0],)
+        return self._out(node)
+
     def _op_GlobalAveragePool(self, node: ir.Node) -> ir.Value:
         if len(self.shape) != 3:
             raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+        self._global_pool(node)
+        return self._out(node)
+
+    def _global_pool(self, node: ir.Node) -> None:
         c, h, w = self.shape
         self.layers.append(Pool(self._layer_name(node, "gap"), "avg", (h, w), (1, 1), is_global=True))
         self.shape = (c, 1, 1)
-        return self._out(node)
+
+
+# Pre-activations on which an element-wise pattern is compared with the known activations: dense around 0,
+# where they differ most, and out to where exp() saturates.
+_GRID = np.concatenate([np.linspace(-12.0, 12.0, 961), np.linspace(-3.0, 3.0, 601)])
+_CANDIDATES = (
+    Activation("gelu"), Activation("gelu_tanh"), Activation("silu"), Activation("hardswish"), Activation("softplus"),
+    Activation("elu", 1.0), Activation("sigmoid"), Activation("tanh"), Activation("relu"),
+)
+
+
+def _identify(region: list[ir.Node], v: ir.Value, lifter: _Lifter) -> Activation | None:
+    """The known activation the element-wise `region` computes of `v`, or None (see `_match_activation`)."""
+    values = {id(v): _GRID}
+    with np.errstate(all="ignore"):
+        try:
+            for node in region:
+                args = []
+                for value in node.inputs:
+                    if value is None:
+                        args.append(None)
+                    elif id(value) in values:
+                        args.append(values[id(value)])
+                    else:
+                        args.append(float(ir.convenience.get_const_tensor(value).numpy().reshape(-1)[0]))
+                values[id(node.outputs[0])] = _evaluate(node, args, lifter)
+        except (KeyError, ValueError, TypeError, IndexError):
+            return None
+    result = values[id(region[-1].outputs[0])]
+    if np.asarray(result).dtype == bool:
+        return None
+    result = np.asarray(result, np.float64)
+    if result.shape != _GRID.shape or not np.all(np.isfinite(result)):
+        return None
+    for candidate in _CANDIDATES:
+        expected = candidate.apply(_GRID)
+        if np.all(np.abs(result - expected) <= 1e-5 * (1.0 + np.abs(expected))):
+            return candidate
+    return None
+
+
+def _evaluate(node: ir.Node, args: list, lifter: _Lifter):
+    op, attrs = node.op_type, lifter._attrs(node)
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    if op == "Add":
+        return a + b
+    if op == "Sub":
+        return a - b
+    if op == "Mul":
+        return a * b
+    if op == "Div":
+        return a / b
+    if op == "Pow":
+        return np.power(a, b)
+    if op == "Greater":
+        return np.broadcast_to(a > b, _GRID.shape)
+    if op == "Less":
+        return np.broadcast_to(a < b, _GRID.shape)
+    if op == "Where":
+        return np.where(a, b, args[2])
+    if op == "Min":
+        return np.minimum.reduce([np.broadcast_to(x, _GRID.shape) for x in args])
+    if op == "Max":
+        return np.maximum.reduce([np.broadcast_to(x, _GRID.shape) for x in args])
+    if op == "Clip":
+        low = b if b is not None else -np.inf
+        high = args[2] if len(args) > 2 and args[2] is not None else np.inf
+        return np.clip(a, low, high)
+    if op == "HardSigmoid":
+        return np.clip(float(attrs.get("alpha", 0.2)) * a + float(attrs.get("beta", 0.5)), 0.0, 1.0)
+    if op == "Erf":
+        return erf(a)
+    if op in ("Sigmoid", "Relu", "Softplus", "Tanh"):
+        return Activation(op.lower()).apply(a)
+    unary = {"Exp": np.exp, "Log": np.log, "Neg": np.negative, "Sqrt": np.sqrt}
+    return unary[op](a)

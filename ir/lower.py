@@ -2,13 +2,15 @@
 
 `lower(net)` builds a graph that computes the same function as the model `net` was lifted from:
 Dense -> Gemm(transB=1), Conv -> Conv, Pool -> MaxPool/AveragePool/GlobalAveragePool, Flatten -> Flatten,
-each compute layer followed by its activation node. With `taps=True` every hidden compute layer's
-post-activation output is also a graph output named `tap_name(layer)`, which is how profiling observes
-neurons with onnxruntime.
+Add -> Add, Concat -> Concat (axis 1), each compute layer and Add followed by its activation node(s)
+(GELU and SiLU as element-wise opset-18 nodes). With `taps=True` every profiled layer's (hidden compute
+layers, and hidden Adds of a DAG) post-activation output is also a graph output named `tap_name(layer)`,
+which is how profiling observes neurons with onnxruntime.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -19,13 +21,17 @@ import numpy as np
 import onnx_ir as ir
 
 from codec.io import atomic_path
-from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool
+from codec.ir.network import INPUT, Add, Concat, Conv, Dense, Flatten, NetworkIR, Pool
 from codec.version import __version__
 
 OPSET = 18
 IR_VERSION = 9
 TAP_PREFIX = "codec.tap."
-_ACTIVATION_OPS = {"relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}
+_ACTIVATION_OPS = {
+    "relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax", "elu": "Elu",
+    "softplus": "Softplus", "hardswish": "HardSwish",
+}
+_DECOMPOSED_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
 
 def tap_name(layer_name: str) -> str:
@@ -74,6 +80,7 @@ class GraphBuilder:
                         "strides": list(layer.strides),
                         "pads": list(layer.pads),
                         "dilations": list(layer.dilations),
+                        **({"group": int(layer.groups)} if layer.groups != 1 else {}),
                     },
                 )
             return self.activation(layer, z)
@@ -95,14 +102,58 @@ class GraphBuilder:
             return self.node("Flatten", [x], name, {"axis": 1})
         raise TypeError(f"cannot lower layer of type {type(layer).__name__}")
 
-    def activation(self, layer: Dense | Conv, z: ir.Value) -> ir.Value:
+    def merge(self, layer: Add | Concat, inputs: list[ir.Value]) -> ir.Value:
+        """Emit a layer with several sources: Add (then its activation) or Concat on the neuron axis."""
+        name = self.prefix + layer.name
+        if isinstance(layer, Add):
+            return self.activation(layer, self.node("Add", inputs, name))
+        return self.node("Concat", inputs, name, {"axis": 1})
+
+    def network(self, net: NetworkIR, x: ir.Value, taps: set[int] | None = None) -> tuple[ir.Value, list[ir.Value]]:
+        """Emit all of `net`'s layers (a chain or a DAG) reading `x`; returns the output value and, for
+        the layers whose ids are in `taps`, their values in layer order."""
+        values = {INPUT: x}
+        tapped = []
+        value = x
+        for layer in net.layers:
+            ins = [values[source] for source in net.inputs_of(layer.name)] if not net.is_chain else [value]
+            value = self.merge(layer, ins) if isinstance(layer, (Add, Concat)) else self.layer(layer, ins[0])
+            values[layer.name] = value
+            if taps is not None and id(layer) in taps:
+                tapped.append((layer, value))
+        return (values[net.layers[-1].name] if net.layers else x), tapped
+
+    def activation(self, layer, z: ir.Value) -> ir.Value:
         kind = layer.activation.kind
         if kind == "identity":
             return z
-        attrs = {"alpha": float(layer.activation.alpha)} if kind == "leaky_relu" else {}
+        name = f"{self.prefix}{layer.name}.{kind}"
+        if kind in _DECOMPOSED_ACTIVATIONS:
+            return self._decomposed_activation(kind, z, name)
+        attrs = {"alpha": float(layer.activation.alpha)} if kind in ("leaky_relu", "elu") else {}
         if kind == "softmax":
             attrs = {"axis": -1}
-        return self.node(_ACTIVATION_OPS[kind], [z], f"{self.prefix}{layer.name}.{kind}", attrs)
+        return self.node(_ACTIVATION_OPS[kind], [z], name, attrs)
+
+    def _decomposed_activation(self, kind: str, z: ir.Value, name: str) -> ir.Value:
+        """GELU and SiLU as opset-18 element-wise nodes (ONNX's Gelu op needs opset 20)."""
+
+        def const(suffix: str, value: float) -> ir.Value:
+            return self.initializer(f"{name}.const_{suffix}", np.array(value, np.float32))
+
+        if kind == "silu":
+            s = self.node("Sigmoid", [z], f"{name}.sigmoid")
+            return self.node("Mul", [z, s], name)
+        if kind == "gelu":  # z * (1 + erf(z / sqrt 2)) / 2
+            inner = self.node("Mul", [z, const("inv_sqrt2", 1.0 / math.sqrt(2.0))], f"{name}.scaled")
+            inner = self.node("Erf", [inner], f"{name}.erf")
+        else:  # gelu_tanh: z * (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) / 2
+            cube = self.node("Mul", [self.node("Mul", [z, z], f"{name}.square"), z], f"{name}.cube")
+            poly = self.node("Add", [z, self.node("Mul", [cube, const("c", 0.044715)], f"{name}.cubic")], f"{name}.poly")
+            inner = self.node("Tanh", [self.node("Mul", [poly, const("k", math.sqrt(2.0 / math.pi))], f"{name}.arg")], f"{name}.tanh")
+        gate = self.node("Add", [inner, const("one", 1.0)], f"{name}.gate")
+        half = self.node("Mul", [z, const("half", 0.5)], f"{name}.half")
+        return self.node("Mul", [half, gate], name)
 
 
 def input_value(net: NetworkIR, name: str | None = None) -> ir.Value:
@@ -123,14 +174,8 @@ def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
     """Build an ONNX model (onnx_ir) computing `net`; with `taps`, hidden activations are extra outputs."""
     builder = GraphBuilder()
     x = input_value(net)
-    value = x
-    tap_outputs = []
-    hidden = {id(layer) for layer in net.hidden_layers()}
-    for layer in net.layers:
-        value = builder.layer(layer, value)
-        if taps and id(layer) in hidden:
-            tap = builder.node("Identity", [value], tap_name(layer.name))
-            tap_outputs.append(tap)
+    value, tapped = builder.network(net, x, {id(layer) for layer in net.profiled_layers()} if taps else None)
+    tap_outputs = [builder.node("Identity", [v], tap_name(layer.name)) for layer, v in tapped]
     if value is x:
         value = builder.node("Identity", [x], net.output_name)
     value.name = net.output_name

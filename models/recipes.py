@@ -416,6 +416,18 @@ _ALL = (
         "~0.22 GMAC per image: meant for a GPU.",
     ),
     Recipe(
+        name="resnet_cj",
+        arch="resnet",
+        dataset="cifar10_jpeg",
+        task="classification",
+        arch_kwargs={"channels": (16, 32, 64), "blocks_per_stage": 1},
+        train=_train(max_epochs=30, lr_decay=0.95),
+        description="A small ResNet with BatchNorm (stem + 3 stages of one basic block, 16/32/64 channels, "
+        "78,042 parameters) on the local CIFAR-10 JPEG copy; Adam 1e-3 with a 0.95 per-epoch decay (chosen "
+        "here, not tuned). Its residual blocks are lifted as a DAG; CSNE shares only a leading chain, so "
+        "its CSN is empty (see docs/decisions.md).",
+    ),
+    Recipe(
         name="classifier_s",
         arch="classifier",
         dataset="mnist_small",
@@ -424,6 +436,16 @@ _ALL = (
         train=_train(batch_size=64, max_epochs=15),
         description="Small MLP classifier (784-128-96-64-32-10) on the bundled mnist_small data; trains in "
         "seconds (tests, README example).",
+    ),
+    Recipe(
+        name="resnet_s",
+        arch="resnet",
+        dataset="mnist_small",
+        task="classification",
+        arch_kwargs={"channels": (4, 8, 8), "blocks_per_stage": 1},
+        train=_train(batch_size=64, max_epochs=3),
+        description="A tiny ResNet with BatchNorm (4/8/8 channels) on the bundled mnist_small data: the "
+        "residual recipe for tests.",
     ),
     Recipe(
         name="autoenc_s",

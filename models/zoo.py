@@ -1,4 +1,5 @@
-"""The architecture zoo: every benchmark network of CODE and of Lee et al. as a flat `nn.Sequential`.
+"""The architecture zoo: every benchmark network of CODE and of Lee et al. as a flat `nn.Sequential`,
+and a small residual network (`resnet`, the one exception: see below).
 
 CODE (Trainiti et al., MLSys 2021) evaluates a fully connected classifier, a fully connected denoising
 autoencoder and AlexNet; Lee et al. ("Why M heads are better than one", 2015) use Caffe's CIFAR10-Quick,
@@ -6,6 +7,8 @@ Network-in-Network and VGG-16. Every network here is a plain `nn.Sequential` of 
 activations, MaxPool2d/AvgPool2d and Dropout, with no custom `forward`, because codec exports members with
 `torch.onnx.export(..., dynamo=True)` and lifts the ONNX graph neuron by neuron: anything fancier (adaptive
 pooling, grouped convolutions, in-graph softmax) would either not lift or hide neurons from the passes.
+`resnet` is an `nn.Module` with residual Adds and BatchNorm, lifted as a DAG (see its docstring); TreeNets
+(`codec.runtime.training.coupled`) split Sequentials only, so they do not take it.
 
 Classifiers output logits (the ensemble exporter appends the Softmax); the autoencoder outputs sigmoid
 reconstructions flattened to (N, D). Sizes that depend on the input (flatten widths, the kernel of the
@@ -456,13 +459,49 @@ def nin(
     return nn.Sequential(*features)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Sequential]] = {
+def resnet(
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    *,
+    width: float = 1.0,
+    channels: Sequence[int] = (16, 32, 64),
+    blocks_per_stage: int = 1,
+) -> nn.Module:
+    """A small ResNet with BatchNorm for CIFAR-10-sized images (He et al. 2016's CIFAR design, shallow).
+
+    A 3x3 stem convolution (BN, ReLU), then one stage per entry of `channels`, each of `blocks_per_stage`
+    basic blocks (conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU); every stage after the first
+    starts at stride 2 with a 1x1 convolution + BN on the shortcut; global average pooling; a linear layer
+    to logits. The default is 3 stages of one block, 16/32/64 channels (78,042 parameters on CIFAR-10).
+
+    The only zoo network that is not an `nn.Sequential`: its residual Adds need a `forward`. codec lifts
+    the exported graph as a DAG, BatchNorm folded into the convolutions (`codec.ir.lift`).
+
+    Args:
+        input_shape: (channels, height, width).
+        num_outputs: number of classes (logits).
+        width: multiplier of every channel count.
+        channels: the width of each stage.
+        blocks_per_stage: basic blocks per stage.
+    """
+    from codec.models.resnet import ResNet
+
+    _image_shape("resnet", input_shape)
+    widths = _hidden_widths("resnet", channels)
+    blocks = _positive_int(blocks_per_stage)
+    if blocks is None:
+        raise ConfigError(f"resnet: blocks_per_stage must be a positive integer, got {blocks_per_stage!r}")
+    return ResNet(input_shape[0], [_scaled(c, width) for c in widths], blocks, num_outputs)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "classifier": classifier,
     "autoencoder": autoencoder,
     "alexnet": alexnet,
     "vgg16": vgg16,
     "cifar10_quick": cifar10_quick,
     "nin": nin,
+    "resnet": resnet,
 }
 
 

@@ -10,6 +10,9 @@ and the sweep repeats until nothing changes (a fixed point; with the predecessor
 layer down, the second sweep confirms the first). A layer can hold CSN neurons only if the layer below
 does (the CSN is a sub-network; the input counts as fully shared).
 
+On a DAG only the leading chain is shared (`shareable_prefix`); the layers after it are left alone and
+listed with the reason under `left_alone` in the report.
+
 The pass sets `module.csn` (the CSN, its matches, and the CSN as a NetworkIR) and replaces main by its
 rewrite: each hidden layer ordered [CSN neurons, frozen and shared] ++ [the rest].
 """
@@ -23,6 +26,7 @@ import numpy as np
 
 from codec.errors import ConfigError
 from codec.ir.csn import CSN, CSNLayer, csn_network, rewrite_main
+from codec.ir.network import NetworkIR
 from codec.passes.activations import ActivationAnalysis
 from codec.passes.base import (
     AnalysisManagerProtocol,
@@ -34,6 +38,39 @@ from codec.passes.base import (
 )
 from codec.passes.nda import NeuronDependenceAnalysis
 from codec.passes.registry import register_pass
+
+
+def shareable_prefix(net: NetworkIR) -> tuple[list[str], dict[str, str]]:
+    """The hidden layers CSNE may share (the leading chain of the network) and, for the others, why not.
+
+    The CSN is a chain of leading layers. On a DAG, CSNE stops at the first layer that branches, adds or
+    concatenates, or is tied to others by a residual Add: sharing tied neurons would need the CSN and each
+    member to agree on every tied layer at once, which the predecessor rule does not establish, so CSNE
+    leaves those layers (and everything after them) alone. A grouped convolution stops it too (its
+    channels cannot be reordered into [CSN] ++ [own])."""
+    from codec.ir.network import Add, Concat, Conv
+
+    shareable: list[str] = []
+    left_alone: dict[str, str] = {}
+    reason = None
+    hidden = {id(layer) for layer in net.hidden_layers()}
+    tied = {name for group in net.tied_groups() for name in group}
+    for layer in net.layers:
+        if reason is None:
+            if isinstance(layer, (Add, Concat)) or layer.name in net.sources:
+                reason = f"it is in or after the {type(layer).__name__.lower()} {layer.name!r}, where the network stops being a chain"
+            elif layer.name in tied:
+                reason = f"its neurons are tied by a residual Add; CSNE shares leading chain layers only (from {layer.name!r} on)"
+            elif isinstance(layer, Conv) and layer.groups > 1:
+                reason = f"{layer.name!r} is a grouped convolution, whose channels cannot be reordered"
+        if id(layer) in hidden:
+            if reason is None:
+                shareable.append(layer.name)
+            else:
+                left_alone[layer.name] = reason
+        if reason is None and len(net.consumers(layer.name)) > 1:
+            reason = f"it is after {layer.name!r}, whose output feeds several layers"
+    return shareable, left_alone
 
 
 def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -79,6 +116,7 @@ class CommonSubNetworkExtraction(Transform):
         main, pair = module.main, acts.pair
         ndg = am.get(NeuronDependenceAnalysis, module)[module.main_name] if self.preds else None
         hidden = main.hidden_layers()
+        left_alone = shareable_prefix(main)[1]
         criteria = {}
         for layer in hidden:
             if self.cofire == "agreement":
@@ -97,6 +135,8 @@ class CommonSubNetworkExtraction(Transform):
             for layer in hidden:
                 together, correlation, eligible = criteria[layer.name]
                 eligible = eligible.copy()
+                if layer.name in left_alone:
+                    eligible[:] = False
                 if below is not None:
                     if not below.any():
                         eligible[:] = False
@@ -134,6 +174,9 @@ class CommonSubNetworkExtraction(Transform):
             },
             "main_hidden_neurons": sum(l.num_neurons for l in main.hidden_layers()),
         }
+        left_alone = shareable_prefix(main)[1]
+        if left_alone:
+            details["left_alone"] = left_alone
         if csn.total == 0:
             details["note"] = "no equivalent neurons: the CSN is empty and main is unchanged"
             # the members are unchanged, but the module now holds a (empty) CSN: that is a modification

@@ -1,5 +1,8 @@
 """DNA, Dead Neuron Analysis: neurons whose output is zero on every calibration input.
 
+On a DAG, neurons tied by a residual Add (same index in the Add and in each layer it adds) count as one:
+dead only if dead in every tied layer, so that DNE can remove them from all of them together.
+
 By default (`scope=intersect`) a neuron position is dead only if it is dead in every member, which keeps
 the members' layer widths aligned; `scope=member` is the conventional single-model analysis (each
 member's own dead neurons), which removes more and is equally function-preserving. With one member the
@@ -66,6 +69,7 @@ class DeadNeuronAnalysis(Analysis):
                 layer: (s.always_zero if self.criterion == "zero" else s.never_fires).copy()
                 for layer, s in stats.layers.items()
             }
+            _tie(module.members[member], dead[member])
         dead = removable(dead, self.scope)
         return {member: {layer: np.flatnonzero(mask) for layer, mask in layers.items()} for member, layers in dead.items()}
 
@@ -74,3 +78,14 @@ class DeadNeuronAnalysis(Analysis):
             "dead_per_layer": {m: {l: int(len(idx)) for l, idx in layers.items()} for m, layers in result.items()},
             "dead_total": {m: int(sum(len(idx) for idx in layers.values())) for m, layers in result.items()},
         }
+
+
+def _tie(net, masks: dict[str, np.ndarray]) -> None:
+    """Neurons tied by residual Adds are one unit: dead only where dead in every tied layer (the Add's
+    post-activation output included), and never when the group reaches the output layer."""
+    for group in net.tied_groups():
+        present = [masks[name] for name in group if name in masks]
+        common = np.logical_and.reduce(present) if len(present) == len(group) else np.zeros_like(present[0])
+        for name in group:
+            if name in masks:
+                masks[name] = common.copy()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codec.ir.surgery import select_neurons
+from codec.ir.surgery import removal_blocker, select_neurons
 from codec.passes.activations import ActivationAnalysis, MemberActivations
 from codec.passes.base import AnalysisManagerProtocol, EnsembleModule, PassResult, Transform
 from codec.passes.dna import DeadNeuronAnalysis
@@ -18,7 +18,9 @@ from codec.passes.registry import register_pass
 @dataclass(frozen=True)
 class DeadNeuronElimination(Transform):
     """Remove dead neurons (per DNA) from every member. A layer whose neurons are all dead keeps one, so
-    no layer becomes empty (its output is then the constant the dead layer produced anyway)."""
+    no layer becomes empty (its output is then the constant the dead layer produced anyway). Neurons tied
+    by residual Adds are removed from every tied layer together; grouped convolutions (and layers feeding
+    one) are left alone, with the reason under `left_alone` in the report."""
 
     name = "dne"
     requires = (DeadNeuronAnalysis,)
@@ -33,19 +35,31 @@ class DeadNeuronElimination(Transform):
         pair_members = {module.main_name: "main", module.peer_name: "peer"} if acts.pair is not None else {}
         members = {}
         removed: dict[str, dict[str, int]] = {}
+        left_alone: dict[str, dict[str, str]] = {}
         modified = False
         for name, net in module.members.items():
             new = net.copy()
             removed[name] = {}
-            for layer in net.hidden_layers():
+            done: set[str] = set()
+            for layer in net.profiled_layers():
+                if layer.name in done:
+                    continue
+                group = net.tied_group(layer.name)  # [layer] unless residual Adds tie it to others
+                done.update(group)
                 idx = dead.get(name, {}).get(layer.name, np.zeros(0, np.int64))
                 if len(idx) == layer.num_neurons:
                     idx = idx[1:]  # keep one neuron: an empty layer cannot be lowered
-                removed[name][layer.name] = int(len(idx))
+                blocker = removal_blocker(net, layer.name) if len(idx) else None
+                if blocker is not None:
+                    left_alone.setdefault(name, {}).update({g: f"{len(idx)} dead neurons kept: {blocker}" for g in group})
+                    idx = idx[:0]
+                for g in group:
+                    removed[name][g] = int(len(idx))
                 if len(idx):
                     keep = np.setdiff1d(np.arange(layer.num_neurons), idx)
-                    select_neurons(new, layer.name, keep)
-                    _select_stats(acts, pair_members, name, layer.name, keep)
+                    select_neurons(new, layer.name, keep)  # the whole tied group at once
+                    for g in group:
+                        _select_stats(acts, pair_members, name, g, keep)
                     modified = True
             members[name] = new
         params = {
@@ -53,7 +67,10 @@ class DeadNeuronElimination(Transform):
             for name, net in members.items()
         }
         am.update(ActivationAnalysis, acts)
-        return PassResult(module.replace(members=members), modified, {"removed_per_layer": removed, "parameters": params})
+        details = {"removed_per_layer": removed, "parameters": params}
+        if left_alone:
+            details["left_alone"] = left_alone
+        return PassResult(module.replace(members=members), modified, details)
 
 
 def _copy_activations(acts: MemberActivations) -> MemberActivations:

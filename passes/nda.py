@@ -71,9 +71,13 @@ class NeuronDependenceGraph:
 def connectivity(net: NetworkIR, layer_name: str) -> np.ndarray:
     """(neurons, previous-layer neurons) bool: True where some weight links the two."""
     layer = net.layer(layer_name)
-    previous = net.previous_compute(layer_name)
+    previous = net.previous_neuron_layer(layer_name)
     if isinstance(layer, Conv):
-        return np.abs(layer.weight).sum(axis=(2, 3)) > 0
+        return np.abs(layer.full_weight()).sum(axis=(2, 3)) > 0
+    if not net.is_chain:
+        owner = net.input_neuron_map(layer_name)
+        linked = np.abs(layer.weight) > 0
+        return np.stack([linked[:, owner == j].any(axis=1) for j in range(previous.num_neurons)], axis=1)
     # a Dense layer's inputs are channel-major: each previous neuron owns a contiguous run of features
     per_neuron = layer.in_features // previous.num_neurons
     return np.abs(layer.weight).reshape(layer.num_neurons, previous.num_neurons, per_neuron).sum(axis=2) > 0

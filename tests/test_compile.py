@@ -65,6 +65,36 @@ def test_report_fields(compiled):
     assert set(report["options"]["grow"]) == {"init", "lr_scale", "cache", "cache_limit_mb"}
 
 
+def test_member_outputs_in_compile_and_export(compiled, tmp_path):
+    """--member-outputs on a resumed copy of the run (only the emit step reruns): each member_i output is that
+    member's own model's output, report.json names them, and `codec export` keeps them."""
+    import shutil
+
+    source, _ = compiled
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    passes = ["--passes", "dna,dne,nda,csne{fire=0.7,corr=0.7}"]
+    assert main(["compile", *SMALL, "--members", "4", "-o", str(run_dir), *passes, "--resume", "--member-outputs"]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    names = ["main", "peer", "grown_1", "grown_2"]
+    assert report["outputs"] == {"ensemble": "output", "members": {n: f"member_{i}" for i, n in enumerate(names)}}
+    files = [run_dir / f for f in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx", "members/grown_2.onnx")]
+    x = load_dataset("mnist_small").subset(None, 400, seed=0).x_test[:100]
+    deploy = tmp_path / "deploy.onnx"
+    assert main(["export", str(run_dir / "ensemble.onnx"), "-o", str(deploy), "--members", *map(str, files)]) == 0
+    import onnxruntime as ort
+
+    for model in (run_dir / "ensemble.onnx", deploy):
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == ["output", *report["outputs"]["members"].values()]
+        fused, *own = session.run(None, {session.get_inputs()[0].name: x})
+        for path, value in zip(files, own):
+            np.testing.assert_allclose(value, run_onnx(path, x), rtol=0, atol=1e-6, err_msg=path.name)
+        np.testing.assert_allclose(fused, combine(np.stack(own), "prod"), atol=1e-5)
+    # without the flag the fused graph has the ensemble's output only
+    assert [o.name for o in onnx.load(str(source / "ensemble.onnx")).graph.output] == ["output"]
+
+
 def test_existing_run_needs_resume(compiled, capsys):
     run_dir, _ = compiled
     assert main(["compile", *SMALL, "--members", "4", "-o", str(run_dir)]) == 2

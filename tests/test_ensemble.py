@@ -44,21 +44,42 @@ def member_probs(members, x) -> np.ndarray:
     return np.stack([run_all(lower(m), x)["output"] for m in members])
 
 
+# Packed vs per-member graph: a packed layer computes each output element as the same dot product over
+# the same inputs (a concatenated Gemm is per row, a grouped Conv per member), so the results differ by
+# float32 rounding of another blocking order at most, and a layer reading [CSN part, own part] sums the
+# two parts' dot products separately (one more rounding). Measured on these tests: independent MLPs
+# exact (0.0), CSN-sharing members up to 5.1e-7 on member probabilities, so 1e-6. prod's collect sums
+# logs of probabilities down to ~1e-22, whose logits carry float32 errors of ~4e-6 (the ulp at |z| ~ 50),
+# so the same rounding moves its output by up to 2.7e-6 (measured): 1e-5 there, as for prod vs combine.
+PACKED_ATOL = 1e-6
+PACKED_PROD_ATOL = 1e-5
+
+
 def assert_fused_matches(members, csn, x, criteria=CRITERIA, atol=1e-5, **kw) -> dict:
-    """For every criterion: the fused graph passes the full ONNX check, its member outputs equal the
-    members run alone, and its output equals combine() of those. Returns the models by criterion."""
+    """For every criterion, packed and per-member: the fused graph passes the full ONNX check, its member
+    outputs equal the members run alone, its output equals combine() of those, and the packed graph's
+    outputs equal the per-member graph's within PACKED_ATOL. Returns the per-member models by criterion."""
     reference = member_probs(members, x)
     models = {}
     for criterion in criteria:
-        model = emit_ensemble(members, csn, criterion=criterion, member_outputs=True, **kw)
-        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
-        outs = run_all(model, x)
-        assert list(outs) == ["output"] + [f"member_{i}" for i in range(len(members))]
-        for i in range(len(members)):
-            np.testing.assert_allclose(outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}")
-        np.testing.assert_allclose(outs["output"], combine(outs_stack(outs, len(members)), criterion), atol=atol, err_msg=criterion)
-        np.testing.assert_allclose(outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion)
-        models[criterion] = model
+        arms = {}
+        for packed in (False, True):
+            model = emit_ensemble(members, csn, criterion=criterion, member_outputs=True, packed=packed, **kw)
+            onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+            outs = run_all(model, x)
+            assert list(outs) == ["output"] + [f"member_{i}" for i in range(len(members))]
+            for i in range(len(members)):
+                np.testing.assert_allclose(outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}")
+            np.testing.assert_allclose(outs["output"], combine(outs_stack(outs, len(members)), criterion), atol=atol,
+                                       err_msg=criterion)
+            np.testing.assert_allclose(outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion)
+            assert stored_parameters(model) == ensemble_parameter_count(members, csn)["total_stored"]
+            arms[packed] = (model, outs)
+        for name in arms[False][1]:
+            tolerance = PACKED_PROD_ATOL if criterion == "prod" and name == "output" else PACKED_ATOL
+            np.testing.assert_allclose(arms[True][1][name], arms[False][1][name], rtol=0, atol=tolerance,
+                                       err_msg=f"{criterion} {name}: packed vs per-member")
+        models[criterion] = arms[False][0]
     return models
 
 
@@ -128,11 +149,12 @@ def test_prod_with_vetoes_between_confident_members_in_both_precisions():
     probs = member_probs(members, x)
     assert (probs == 0).mean() > 0.3
     reference = combine(probs, "prod")
-    out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64"), x)["output"]
-    out32 = run_all(emit_ensemble(members, criterion="prod"), x)["output"]
-    np.testing.assert_allclose(out64, reference, atol=1e-7)
-    np.testing.assert_allclose(out32, reference, atol=1e-5)
-    np.testing.assert_array_equal(out32.argmax(axis=1), reference.argmax(axis=1))
+    for packed in (True, False):  # the stacked collect stage (one pack) and the per-member one
+        out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64", packed=packed), x)["output"]
+        out32 = run_all(emit_ensemble(members, criterion="prod", packed=packed), x)["output"]
+        np.testing.assert_allclose(out64, reference, atol=1e-7)
+        np.testing.assert_allclose(out32, reference, atol=1e-5)
+        np.testing.assert_array_equal(out32.argmax(axis=1), reference.argmax(axis=1))
     assert ensemble_description(emit_ensemble(members, precision="float64"))["precision"] == "float64"
 
 
@@ -389,6 +411,94 @@ def test_treenet_trunk_of_two_whole_dense_layers():
 
 
 # ----------------------------------------------------------------------------------------------------
+# (e) packed inference: members of one architecture computed together
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_grouped_conv():
+    rng = np.random.default_rng(14)
+    members = [_mlp(rng, f"m{i}") for i in range(10)]
+    x = _normal(rng, 50, 20)
+    assert_fused_matches(members, None, x)
+    model = emit_ensemble(members)  # packed is the default
+    assert ensemble_description(model)["packed"] == [list(range(10))]
+    assert op_count(model, "Gemm") == 1  # fc1 of all ten members: weights [10*16, 20]
+    assert model.graph.initializers["pack0/fc1.common.weight"].const_value.numpy().shape == (10 * 16, 20)
+    # fc2 and out: one 1x1 Conv each over the ten members' rows side by side, group=10
+    convs = [node for node in model.graph if node.op_type == "Conv"]
+    assert [node.attributes.get_int("group") for node in convs] == [10, 10]
+    assert model.graph.initializers["pack0/out.own.weight"].const_value.numpy().shape == (10 * 5, 12, 1, 1)
+    assert op_count(model, "Softmax") == 1 and op_count(model, "Relu") == 2
+    unpacked = emit_ensemble(members, packed=False)
+    assert op_count(unpacked, "Gemm") == 30 and ensemble_description(unpacked)["packed"] == []
+    assert stored_parameters(model) == stored_parameters(unpacked) == ensemble_parameter_count(members)["total_stored"]
+
+
+def test_packs_keep_member_order_and_leave_unique_architectures_alone():
+    rng = np.random.default_rng(15)
+    wide, narrow = (20, 16, 12, 5), (20, 9, 5)
+    members = [_mlp(rng, "a0", wide), _mlp(rng, "b0", narrow), _mlp(rng, "single", (20, 7, 7, 5)), _mlp(rng, "a1", wide),
+               _mlp(rng, "b1", narrow), _mlp(rng, "a2", wide, out=SIGMOID)]  # another output activation: its own
+    x = _normal(rng, 40, 20)
+    assert_fused_matches(members, None, x)
+    model = emit_ensemble(members)
+    assert ensemble_description(model)["packed"] == [[0, 3], [1, 4]]
+    assert op_count(model, "Gemm") == 2 + 3 + 3  # one per pack (first layers) + the two single members' layers
+
+
+def test_packed_cnn_members_with_partly_shared_channels():
+    rng = np.random.default_rng(16)
+    parts = (_normal(rng, 3, 2, 3, 3, scale=0.5), _normal(rng, 3, scale=0.2), _normal(rng, 2, 3, 3, 3, scale=0.3),
+             _normal(rng, 2, scale=0.2), _normal(rng, 4, 32, scale=0.2), _normal(rng, 4, scale=0.2))
+    csn = NetworkIR("csn", "input", "csn", (2, 8, 8), [
+        Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
+        Pool("p1", "max", (2, 2), (2, 2)),
+        Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
+        Flatten("flat"),
+        Dense("fc", parts[4], parts[5], RELU),
+    ])
+    members = [_cnn_member(rng, f"{kind}{i}", parts, share=share) for i in range(2) for kind, share in (("a", 3), ("c", 2), ("d", 0))]
+    assert [check_shares_csn(m, csn) for m in members] == [3, 2, 0] * 2
+    x = rng.random((48, 2, 8, 8), dtype=np.float32)
+    assert_fused_matches(members, csn, x)
+    model = emit_ensemble(members, csn, criterion="mean")
+    assert ensemble_description(model)["packed"] == [[0, 3], [1, 4], [2, 5]]
+    assert_csn_stored_once(model, csn)
+    grouped = [node.name for node in model.graph if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2]
+    # each pack's c2 reads its members' own c1 channels (grouped), as do its Dense layers past the Flatten
+    # (1x1 Conv): fc (not in the CSN for pack 2) and out
+    assert sorted(grouped) == sorted([*(f"pack{i}/{name}.own" for i in range(3) for name in ("c2", "out")), "pack2/fc.own",
+                                      "pack0/fc.own", "pack1/fc.own"])
+    # c1 reads the input only: one Conv over concatenated filters per pack (and the CSN's), no per-member Conv
+    convs = 2 + 3 + 3 + 2  # CSN c1, c2; each pack's c1; grouped c2s; the common part of c2 in the two sharing packs
+    assert op_count(model, "Conv") == convs + 3 + 3  # + grouped 1x1 fc and out
+    # [CSN part, own part] is never materialised: the one Concat stacks the three packs for the collect stage
+    assert [node.name for node in model.graph if node.op_type == "Concat"] == ["collect/members"]
+
+
+def test_conv_output_members_packed_and_a_softmax_conv_left_unpacked():
+    rng = np.random.default_rng(17)
+
+    def conv_net(name, activation):  # outputs the conv's (3, 2, 2) map: the pack's output is split on channels
+        return NetworkIR(name, "input", "output", (1, 4, 4), [
+            Conv("c1", _normal(rng, 4, 1, 2, 2), _normal(rng, 4), RELU),
+            Conv("c2", _normal(rng, 3, 4, 2, 2), _normal(rng, 3), activation, pads=(0, 0, 1, 1))])
+
+    x = rng.random((16, 1, 4, 4), dtype=np.float32)
+    # a softmax over channels cannot run on the channels of several members
+    for activation, packs in ((SIGMOID, [[0, 1, 2]]), (SOFTMAX, [])):
+        members = [conv_net(f"m{i}", activation) for i in range(3)]
+        reference = member_probs(members, x)
+        model = emit_ensemble(members, task="reconstruction", member_outputs=True)
+        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+        assert ensemble_description(model)["packed"] == packs
+        outs = run_all(model, x)
+        for i in range(3):
+            np.testing.assert_allclose(outs[f"member_{i}"], reference[i], rtol=0, atol=PACKED_ATOL)
+        np.testing.assert_allclose(outs["output"], reference.mean(axis=0), rtol=0, atol=PACKED_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------
 # collect-stage edge cases, reconstruction, errors
 # ----------------------------------------------------------------------------------------------------
 
@@ -410,19 +520,21 @@ def test_collect_edge_cases_ties_vetoes_and_all_zero_rows():
     assert member_probs([veto], x)[0, 0, 0] == 0.0 and not member_probs([zeros], x).any()
     assert_fused_matches([veto, zeros, varying], None, x)
     assert_fused_matches([zeros, zeros], None, x)  # max and prod: an all-zero row is uniform
-    outs = run_all(emit_ensemble([zeros, uniform], criterion="vote"), x)
-    np.testing.assert_array_equal(outs["output"], np.tile([1.0, 0.0, 0.0], (8, 1)))  # ties: lowest index
-    np.testing.assert_allclose(run_all(emit_ensemble([zeros, zeros], criterion="max"), x)["output"], 1 / 3)
+    for packed in (True, False):
+        outs = run_all(emit_ensemble([zeros, uniform], criterion="vote", packed=packed), x)
+        np.testing.assert_array_equal(outs["output"], np.tile([1.0, 0.0, 0.0], (8, 1)))  # ties: lowest index
+        np.testing.assert_allclose(run_all(emit_ensemble([zeros, zeros], criterion="max", packed=packed), x)["output"], 1 / 3)
 
 
 def test_reconstruction_ensemble_is_the_mean():
     rng = np.random.default_rng(11)
     members = [_mlp(rng, f"ae{i}", widths=(12, 6, 12), out=SIGMOID) for i in range(3)]
     x = rng.random((20, 12), dtype=np.float32)
-    model = emit_ensemble(members, task="reconstruction", member_outputs=True)
-    onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
-    outs = run_all(model, x)
-    np.testing.assert_allclose(outs["output"], member_probs(members, x).mean(axis=0), atol=1e-6)
+    for packed in (False, True):
+        model = emit_ensemble(members, task="reconstruction", member_outputs=True, packed=packed)
+        onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
+        outs = run_all(model, x)
+        np.testing.assert_allclose(outs["output"], member_probs(members, x).mean(axis=0), atol=1e-6)
     assert ensemble_description(model)["criterion"] == "mean" and ensemble_description(model)["task"] == "reconstruction"
     with pytest.raises(ConfigError, match="criterion must be mean"):
         emit_ensemble(members, task="reconstruction", criterion="prod")
@@ -464,3 +576,41 @@ def test_metadata_is_json_and_user_metadata_is_kept():
     assert description["parameters"]["total_stored"] == sum(m.num_parameters for m in members)
     assert description["parameters"]["members"] == [m.num_parameters for m in members]
     assert description["prod_eps"] is None and description["member_outputs"] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# onnxruntime's CUDA provider
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_sessions_put_cuda_first_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime as ort
+
+    from codec.runtime.execution.session import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers() == ["CPUExecutionProvider"]
+
+
+def test_packed_ensemble_runs_on_cuda_like_on_cpu():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    from codec.runtime.execution.session import create_session
+
+    rng = np.random.default_rng(18)
+    members = [_mlp(rng, f"m{i}") for i in range(4)]
+    x = _normal(rng, 64, 20)
+    model = to_bytes(emit_ensemble(members, member_outputs=True))
+    session = create_session(model)
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        pytest.skip("onnxruntime has a CUDA provider but no usable GPU")
+    on_gpu = session.run(None, {"input": x})
+    on_cpu = run_all(emit_ensemble(members, member_outputs=True), x)
+    # GPU GEMMs sum in another order (and may use TF32 on recent GPUs): agreement to 1e-3, not bit level
+    for gpu, (name, cpu) in zip(on_gpu, on_cpu.items()):
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3, err_msg=name)
+

@@ -81,14 +81,16 @@ def test_weight_shape_mismatch_names_node():
     assert err.value.node == "fc"
 
 
-def test_branching_graph_refused():
+def test_activation_of_a_branched_value_refused():
+    # relu(h) + h: folding the ReLU into fc would change what the Add reads
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
         helper.make_node("Add", ["h", "r"], ["y"], name="skip"),
     ]
-    with pytest.raises(LiftError, match="branches"):
+    with pytest.raises(LiftError, match="skip \\(Add\\) reads that value too") as err:
         lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node == "relu"
 
 
 def test_nan_weights_refused():
@@ -114,11 +116,12 @@ def test_activation_without_layer_refused():
     assert err.value.node == "early"
 
 
-def test_grouped_conv_refused():
+def test_grouped_conv_that_does_not_split_refused():
+    # 4 filters cannot be split into 3 groups (grouped convolutions themselves lift: test_ir_roundtrip)
     w = np.ones((4, 1, 3, 3), np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=2)]
-    with pytest.raises(LiftError, match="group") as err:
-        lift(_model(nodes, {"w": w}, in_shape=("n", 2, 5, 5), out_shape=("n", 4, 3, 3)))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=3)]
+    with pytest.raises(LiftError, match="in 3 groups does not fit") as err:
+        lift(_model(nodes, {"w": w}, in_shape=("n", 3, 5, 5), out_shape=("n", 4, 3, 3)))
     assert err.value.op_type == "Conv"
 
 
@@ -151,3 +154,34 @@ def test_cyclic_graph_refused():
     with pytest.raises(LiftError) as err:
         lift(_model(nodes, {"w": W, "b": B}))
     assert err.value.node in ("add_loop", "back")
+
+
+def test_residual_add_of_the_network_input_refused():
+    # x + fc(x): the input's features cannot be tied to (or removed with) a layer's neurons
+    w = np.ones((4, 4), np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Add", ["x", "h"], ["y"], name="skip")]
+    with pytest.raises(LiftError, match="the network input") as err:
+        lift(_model(nodes, {"w": w, "b": np.zeros(4, np.float32)}, out_shape=("n", 4)))
+    assert (err.value.node, err.value.op_type) == ("skip", "Add")
+
+
+def test_concat_off_the_neuron_axis_refused():
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc2", transB=1),
+        helper.make_node("Concat", ["h", "g"], ["y"], name="join", axis=0),
+    ]
+    with pytest.raises(LiftError, match="neuron axis") as err:
+        lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node == "join"
+
+
+def test_dead_branch_refused():
+    # fc2 reads the input but nothing reads fc2: refused, naming the node
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1),
+        helper.make_node("Gemm", ["x", "w", "b"], ["unused"], name="fc2", transB=1),
+    ]
+    with pytest.raises(LiftError, match="not on the path") as err:
+        lift(_model(nodes, {"w": W, "b": B}))
+    assert err.value.node == "fc2"

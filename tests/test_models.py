@@ -63,7 +63,7 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"resnet"}))  # resnet is a DAG: tests/test_ir_dag.py
 def test_output_shape_and_allowed_modules(arch, shape):
     model = build_model(arch, shape, 7, width=TINY, seed=0)
     assert isinstance(model, nn.Sequential)
@@ -168,8 +168,8 @@ def test_cifar10_quick_matches_caffe_layout():
 
 
 def test_bad_arguments_raise_one_line_codec_errors():
-    with pytest.raises(ConfigError, match="unknown architecture 'resnet'; known: classifier"):
-        build_model("resnet", MNIST, 10)
+    with pytest.raises(ConfigError, match="unknown architecture 'densenet'; known: classifier"):
+        build_model("densenet", MNIST, 10)
     with pytest.raises(ConfigError, match="no option 'depth'"):
         build_model("classifier", MNIST, 10, depth=3)
     with pytest.raises(ConfigError, match="width"):

@@ -58,6 +58,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
     parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
     parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
+    parser.add_argument("--member-outputs", action="store_true",
+                        help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
+                        "of report.json's outputs), e.g. to report member disagreement")
     parser.add_argument("--loss", choices=("ce", "mse"), default=None,
                         help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer (default: the recipe's; adam for --model)")
@@ -82,9 +85,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from codec.passes.registry import load_plugin_file
     from codec.pipelines.compile import CompileOptions, compile_ensemble
     from codec.runtime.training import distributed
-    from codec.passes.registry import load_plugin_file
     from codec.runtime.training.grow import GrowOptions
 
     for path in args.plugin:  # before launching workers: a bad plugin fails here, once (workers reload it)
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir, ensemble = out.with_suffix(".run"), out
     else:
         run_dir, ensemble = out, None
-    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble)
+    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble,
+                              member_outputs=args.member_outputs)
     if report:  # ranks other than 0 have nothing to print
         emit(args, report, summary(report, run_dir))
     return 0

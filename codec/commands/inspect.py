@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         "hidden_neurons": sum(layer.num_neurons for layer in net.hidden_layers()),
         "layers": rows,
     }
+    dropped = net.metadata.get("codec.lift.dropped")
+    if dropped:
+        payload["dropped"] = dropped.splitlines()
     body = table(
         [
             [r["name"], r["kind"], r.get("neurons", ""), r.get("activation", ""), "x".join(map(str, r["output_shape"])), r.get("parameters", "")]
@@ -65,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     human = (
         f"{args.model}: input {net.input_name} {list(net.input_shape)} -> output {net.output_name} "
         f"{list(net.output_shape)}\n{len(net.compute_layers())} compute layers, {payload['hidden_neurons']} hidden "
-        f"neurons, {net.num_parameters:,} parameters\n\n{body}"
+        f"neurons, {net.num_parameters:,} parameters\n"
+        + "".join(f"{line}\n" for line in payload.get("dropped", []))
+        + f"\n{body}"
     )
     emit(args, payload, human)
     return 0

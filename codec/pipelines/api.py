@@ -80,6 +80,7 @@ def compile(
     resume: bool = False,
     quiet: bool = True,
     peer=None,
+    member_outputs: bool = False,
 ) -> CompileResult:
     """Compile an ensemble of `members` networks like `model`, trained on `data`.
 
@@ -107,6 +108,7 @@ def compile(
         quiet: No progress bars.
         peer: A second trained network (module or ONNX path): then `model` and `peer` are main and peer
             as they are (`codec compile --main --peer`: no training of either, straight to the passes).
+        member_outputs: The fused graph also outputs each member's own output (`--member-outputs`).
 
     Returns:
         The `CompileResult`.
@@ -155,7 +157,7 @@ def compile(
         loss=loss,
         normalize=normalize,
     )
-    report = compile_ensemble(options, run_dir, resume=resume, quiet=quiet)
+    report = compile_ensemble(options, run_dir, resume=resume, quiet=quiet, member_outputs=member_outputs)
     return CompileResult(report=report, ensemble=Path(report["ensemble"]), run_dir=run_dir)
 
 

@@ -390,11 +390,16 @@ def _grow(run: Run, name: str, seed: int, template, options: CompileOptions, con
 
 
 def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-                     ensemble_path: str | Path | None = None) -> dict:
-    """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json)."""
+                     ensemble_path: str | Path | None = None, member_outputs: bool = False) -> dict:
+    """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json).
+
+    `member_outputs` also makes each member's own output a graph output (``member_{i}``, named in the
+    report's "outputs"); like `ensemble_path` it only shapes the emitted graph, so it is not one of the
+    run's options and a resumed run may change it.
+    """
     from codec.ir import lift, save_model
     from codec.ir.criteria import default_criterion
-    from codec.ir.ensemble import emit_ensemble, ensemble_parameter_count
+    from codec.ir.ensemble import OUTPUT_NAME, emit_ensemble, ensemble_parameter_count, member_output_name
     from codec.models import get_recipe
     from codec.runtime.data import load_training_set, parse_normalize
     from codec.runtime.training import distributed
@@ -461,7 +466,7 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
         # Inputs must be normalised like this before the model sees them (export puts it in the card).
         metadata[NORMALIZATION_KEY] = json.dumps(data.normalization)
     model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=source.task,
-                          metadata=metadata)
+                          member_outputs=member_outputs, metadata=metadata)
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
@@ -470,6 +475,8 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     report = _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
                      criterion, emit_seconds, time.perf_counter() - started)
     report["world_size"] = world.size
+    report["outputs"] = {"ensemble": OUTPUT_NAME,
+                         "members": {n: member_output_name(i) for i, n in enumerate(members)} if member_outputs else {}}
     write_json_atomic(run.path / "report.json", report)
     distributed.barrier()
     return report

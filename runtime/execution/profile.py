@@ -4,7 +4,8 @@ Statistics are accumulated batch by batch, so memory is O(neurons^2) per layer w
 calibration inputs (the calibration set itself may be a memory-mapped array or any iterable of batches).
 
 Per input, a Dense neuron's *activation* is its post-activation output. A Conv neuron is a channel: its
-activation on an input is the spatial mean of its post-activation map, and it *fires* on that input when
+activation on an input is the spatial mean of its post-activation map (an Add's channels alike: a DAG's
+hidden Adds are profiled too, since the neurons they tie must be dead in every tied layer to be removed), and it *fires* on that input when
 its firing condition holds at any position (so "never fires" means "zero everywhere, on every input" for
 ReLU, which is what dead-neuron elimination needs). The firing condition is per activation function, see
 `codec.ir.Activation.fire_threshold`.
@@ -21,7 +22,7 @@ import numpy as np
 
 from codec.errors import ConfigError, DataError, ShapeError
 from codec.ir.lower import lower, tap_name, to_bytes
-from codec.ir.network import Conv, NetworkIR
+from codec.ir.network import Add, NetworkIR
 
 
 @dataclass
@@ -196,14 +197,14 @@ class _Tapped:
         from codec.runtime.execution.session import create_session
 
         self.net = net
-        self.hidden = net.hidden_layers()
+        self.hidden = net.profiled_layers()
         self.session = create_session(to_bytes(lower(net, taps=True)), intra_op_threads)
         self.outputs = [tap_name(layer.name) for layer in self.hidden]
 
     def new_stats(self) -> ActivationStats:
         stats = ActivationStats(network=self.net.name)
-        previous = None
         for layer in self.hidden:
+            previous = _previous(self.net, layer)
             s = LayerStats(
                 name=layer.name,
                 activation=layer.activation.kind,
@@ -214,7 +215,6 @@ class _Tapped:
             if previous is not None:
                 s.cofire = np.zeros((layer.num_neurons, previous.num_neurons), np.int64)
             stats.layers[layer.name] = s
-            previous = layer
         return stats
 
     def views(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -223,7 +223,7 @@ class _Tapped:
         views = []
         for layer, out in zip(self.hidden, outs):
             thr = layer.activation.fire_threshold(layer.num_neurons)
-            if isinstance(layer, Conv):
+            if out.ndim == 4:  # a Conv's (or an Add's) channels
                 flat = out.reshape(out.shape[0], out.shape[1], -1)
                 act = flat.mean(axis=2, dtype=np.float64)
                 fires = (flat > thr).any(axis=2)
@@ -236,10 +236,29 @@ class _Tapped:
         return views
 
 
+def _is_chain(net) -> bool:
+    return getattr(net, "is_chain", True)  # the budget check also takes stand-ins with hidden_layers() only
+
+
+def _profiled(net) -> list:
+    return net.hidden_layers() if _is_chain(net) else net.profiled_layers()
+
+
+def _previous(net: NetworkIR, layer):
+    """The profiled layer whose neurons are all of `layer`'s inputs (its co-firing partner), or None: the
+    first hidden layer (its inputs are the network's), an Add (it has no weights), or a layer reading a
+    Concat of several layers' neurons."""
+    if isinstance(layer, Add):
+        return None
+    previous = net.previous_neuron_layer(layer.name)
+    return previous if previous is not None and previous in net.profiled_layers() else None
+
+
 def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None:
     """Add one batch. `packed[i]` is layer i's fire matrix bit-packed by `kernels.pack_fires`."""
     from codec import kernels
 
+    position = {name: i for i, name in enumerate(stats.layers)}
     for i, (s, (act, fires, nonzero)) in enumerate(zip(stats.layers.values(), views)):
         s.count += act.shape[0]
         s.fire += fires.sum(axis=0)
@@ -248,7 +267,7 @@ def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None
         s.sumsq += np.einsum("bi,bi->i", act, act)
         if s.cofire is not None:
             # popcount(a_i & b_j) over bit-packed inputs: exact, and ~5x a float32 GEMM (bench/kernels.json)
-            kernels.cofire_counts(packed[i], packed[i - 1], out=s.cofire, n_threads=_threads_for(s.cofire, packed[i]))
+            kernels.cofire_counts(packed[i], packed[position[s.previous]], out=s.cofire, n_threads=_threads_for(s.cofire, packed[i]))
     stats.count += views[0][0].shape[0] if views else 0
 
 
@@ -264,12 +283,15 @@ def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for net in nets:
         previous = None
-        for layer in net.hidden_layers():
+        for layer in _profiled(net):
             n = layer.num_neurons
+            if not _is_chain(net):
+                previous = _previous(net, layer)
             sizes[f"{net.name}/{layer.name}"] = 4 * 8 * n + (8 * n * previous.num_neurons if previous is not None else 0)
-            previous = layer
+            if _is_chain(net):
+                previous = layer  # a chain's hidden layer co-fires with the one before it
     if pair:
-        for a, b in zip(nets[0].hidden_layers(), nets[1].hidden_layers()):
+        for a, b in zip(_profiled(nets[0]), _profiled(nets[1])):
             sizes[f"{nets[0].name}/{a.name}"] += 2 * 8 * a.num_neurons * b.num_neurons
     return sizes
 
@@ -358,7 +380,7 @@ def profile_pair(
     stats_main, stats_peer, cross = _run(
         [main, peer], data, batch_size, progress, intra_op_threads, pair=True, max_stats_bytes=max_stats_bytes
     )
-    names = {a.name: b.name for a, b in zip(main.hidden_layers(), peer.hidden_layers())}
+    names = {a.name: b.name for a, b in zip(main.profiled_layers(), peer.profiled_layers())}
     return PairStats(stats_main, stats_peer, cross, names)
 
 

@@ -156,7 +156,8 @@ def train_grown(
     frozen = sum(int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in module.blocks if isinstance(b, IRLayer))
     # Autoencoders reconstruct their input: the training loop takes the (augmented) input as the target,
     # so they train without the cache.
-    use_cache = bool(shared_layers(module)) and config.loss != "mse" and (
+    # The cached forward below walks the layers as a chain: a DAG member (residual Adds) trains uncached.
+    use_cache = bool(shared_layers(module)) and module.is_chain and config.loss != "mse" and (
         options.cache == "on"
         or (options.cache == "auto" and cache_bytes(module, len(x_train) + (0 if x_val is None else len(x_val))) <= options.cache_limit_mb * 2**20)
     )

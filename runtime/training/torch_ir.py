@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.errors import ShapeError
-from codec.ir.network import Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
+from codec.ir.network import INPUT, Add, Concat, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
 
 
 def activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,21 @@ def activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(z)
     if kind == "tanh":
         return torch.tanh(z)
-    return F.softmax(z, dim=1)
+    if kind == "gelu":
+        return F.gelu(z)
+    if kind == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if kind == "silu":
+        return F.silu(z)
+    if kind == "elu":
+        return F.elu(z, alpha)
+    if kind == "softplus":
+        return F.softplus(z)
+    if kind == "hardswish":
+        return F.hardswish(z)
+    if kind == "softmax":
+        return F.softmax(z, dim=1)
+    raise ValueError(f"unknown activation {kind!r}")
 
 
 def frozen_count(layer: Dense | Conv) -> int:
@@ -60,7 +74,11 @@ class IRLayer(nn.Module):
         self.register_buffer("frozen_bias", bias[: self.k].clone())
         self.weight = nn.Parameter(weight[self.k :].clone())
         self.bias = nn.Parameter(bias[self.k :].clone())
+        self.groups = 1
         if isinstance(layer, Conv):
+            self.groups = layer.groups
+            if self.groups > 1 and self.k:
+                raise ShapeError(f"layer {layer.name!r}: a grouped convolution cannot hold frozen shared neurons")
             self.stride = tuple(layer.strides)
             self.dilation = tuple(layer.dilations)
             top, left, bottom, right = layer.pads
@@ -73,7 +91,7 @@ class IRLayer(nn.Module):
             return F.linear(x, weight, bias)
         if not self.symmetric:
             x = F.pad(x, self.pad4)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def pre_activation(self, x: torch.Tensor, frozen_out: torch.Tensor | None = None) -> torch.Tensor:
         parts = []
@@ -114,8 +132,26 @@ class IRPool(nn.Module):
         return F.avg_pool2d(x, p.kernel_shape, p.strides, padding, ceil_mode=p.ceil_mode, count_include_pad=p.count_include_pad)
 
 
+class IRAdd(nn.Module):
+    """A residual Add: the sum of its two sources, then its activation."""
+
+    def __init__(self, layer: Add):
+        super().__init__()
+        self.activation = layer.activation.kind
+        self.alpha = layer.activation.alpha
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return activation(self.activation, self.alpha, a + b)
+
+
+class IRConcat(nn.Module):
+    def forward(self, *parts: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts, dim=1)
+
+
 class IRModule(nn.Module):
-    """An nn.Module computing a NetworkIR; frozen shared neurons are buffers, the rest parameters."""
+    """An nn.Module computing a NetworkIR (a chain or a DAG); frozen shared neurons are buffers, the rest
+    parameters."""
 
     def __init__(self, net: NetworkIR, probabilities: bool = False):
         super().__init__()
@@ -129,15 +165,38 @@ class IRModule(nn.Module):
                 self.blocks.append(IRPool(layer))
             elif isinstance(layer, Flatten):
                 self.blocks.append(nn.Flatten())
+            elif isinstance(layer, Add):
+                self.blocks.append(IRAdd(layer))
+            elif isinstance(layer, Concat):
+                self.blocks.append(IRConcat())
             else:  # pragma: no cover - NetworkIR has no other layer kinds
                 raise TypeError(type(layer).__name__)
         self.input_shape = tuple(net.input_shape)
+        self.is_chain = net.is_chain
+        self.names = [layer.name for layer in net.layers]
+        self.sources = [net.inputs_of(layer.name) for layer in net.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_chain:
+            return self._forward_dag(x)
         h = x
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = block(h, apply_softmax=self.probabilities) if isinstance(block, IRLayer) and i == last else block(h)
+        return h
+
+    def _forward_dag(self, x: torch.Tensor) -> torch.Tensor:
+        values = {INPUT: x}
+        last = len(self.blocks) - 1
+        for i, (block, name, sources) in enumerate(zip(self.blocks, self.names, self.sources)):
+            ins = [values[source] for source in sources]
+            if isinstance(block, IRLayer):
+                h = block(ins[0], apply_softmax=self.probabilities or i != last)
+            elif isinstance(block, (IRAdd, IRConcat)):
+                h = block(*ins)
+            else:
+                h = block(ins[0])
+            values[name] = h
         return h
 
     def trainable_parameters(self) -> int:

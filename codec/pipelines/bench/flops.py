@@ -11,17 +11,17 @@ def layer_macs(net) -> list[dict]:
     from codec.ir.network import Conv, Dense, Role
 
     out = []
-    shapes = [tuple(net.input_shape)] + net.shapes()
-    for index, layer in enumerate(net.layers):
+    shapes = net.shape_map()  # by layer name: a DAG's layer may read another layer than the one before it
+    for layer in net.layers:
         if not isinstance(layer, (Dense, Conv)):
             continue
         frozen = int(np.sum(layer.roles == Role.FROZEN_SHARED))
         if isinstance(layer, Dense):
             per_neuron = layer.in_features
         else:
-            _, oh, ow = layer.output_shape(shapes[index])
+            _, oh, ow = shapes[layer.name]
             kh, kw = layer.kernel_shape
-            per_neuron = layer.in_channels * kh * kw * oh * ow
+            per_neuron = layer.weight.shape[1] * kh * kw * oh * ow  # a grouped conv's filter reads in/groups channels
         out.append({"layer": layer.name, "own": (layer.num_neurons - frozen) * per_neuron, "frozen": frozen * per_neuron,
                     "neurons": layer.num_neurons, "frozen_neurons": frozen})
     return out
