@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 
+from codec.commands._common import data_options_epilog
 from codec.errors import CodecError, clear_interrupt, interrupt_requested, request_interrupt
 from codec.version import __version__
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
             "profiles their activations, and removes the redundancy between ensemble members."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=data_options_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"codec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")

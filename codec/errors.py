@@ -14,14 +14,15 @@ class CodecError(Exception):
 class LiftError(CodecError):
     """An ONNX graph codec cannot lift into its IR; names the node and op type when there is one."""
 
-    def __init__(self, reason: str, node: str | None = None, op_type: str | None = None):
+    def __init__(self, reason: str, node: str | None = None, op_type: str | None = None, source: str | None = None):
         self.reason = reason
         self.node = node
         self.op_type = op_type
+        self.source = source  # which model, when a command lifts several (e.g. "peer member peer.onnx")
         where = ""
         if node is not None or op_type is not None:
             where = f"node {node!r} (op {op_type}): "
-        super().__init__(f"cannot lift: {where}{reason}")
+        super().__init__(f"{f'{source}: ' if source else ''}cannot lift: {where}{reason}")
 
 
 class ModelLoadError(CodecError):

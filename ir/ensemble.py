@@ -67,12 +67,14 @@ probabilities (a softmax or sigmoid output layer), because every criterion combi
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from codec.errors import ConfigError, ShapeError
+from codec.errors import ConfigError, ModelLoadError, ShapeError
 from codec.ir.criteria import CRITERIA, PROD_EPS, TASKS, default_criterion
 from codec.ir.lower import OPSET, GraphBuilder, input_value, make_model
 from codec.ir.network import (
@@ -89,10 +91,19 @@ from codec.ir.network import (
     replace,
 )
 
-__all__ = ["CRITERIA", "check_shares_csn", "emit_ensemble", "ensemble_description", "ensemble_parameter_count"]
+__all__ = [
+    "CRITERIA",
+    "check_shares_csn",
+    "emit_ensemble",
+    "ensemble_description",
+    "ensemble_parameter_count",
+    "member_files",
+    "members_metadata",
+]
 ENSEMBLE_KEY = "codec.ensemble"  # model metadata: JSON describing the fused ensemble
 # Model metadata a pipeline may set (through `metadata=`): a JSON list of the member model files, relative to
-# the ensemble file's folder, in member order. `codec export` checks parity against them.
+# the ensemble file's folder, in member order. `codec export` checks parity against them. Written only by
+# `members_metadata` and read only by `member_files`.
 MEMBERS_KEY = "codec.members"
 OUTPUT_NAME = "output"
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
@@ -806,7 +817,7 @@ def emit_ensemble(
         member_outputs: also output each member's own output as ``member_{i}`` (for oracle metrics).
         names: member names for the metadata (default each network's name).
         task: "classification" (members output probabilities) or "reconstruction" (autoencoders).
-        metadata: extra model metadata (e.g. `MEMBERS_KEY`); `ENSEMBLE_KEY` is always codec's own.
+        metadata: extra model metadata (e.g. `members_metadata(...)`); `ENSEMBLE_KEY` is always codec's own.
         precision: "float32" (default: every runtime runs it) or "float64": the prod collect stage in
             double precision with combine's own clipping constant, for bit-level agreement with `combine`
             when many members disagree strongly (float32 sums of large logs lose ~1e-6 there).
@@ -870,6 +881,44 @@ def emit_ensemble(
     props = dict(metadata or {})
     props[ENSEMBLE_KEY] = json.dumps(description, separators=(",", ":"))
     return make_model(graph, props)
+
+
+def members_metadata(files: list[str | os.PathLike], ensemble_file: str | os.PathLike) -> dict[str, str]:
+    """The `MEMBERS_KEY` metadata naming a fused ensemble's member files, for `emit_ensemble(metadata=...)`.
+
+    Args:
+        files: the files holding exactly the members the fused graph computes, in member order.
+        ensemble_file: where the fused ensemble will be written; the paths are stored relative to its folder,
+            so a run folder can be moved or copied whole.
+    """
+    base = Path(ensemble_file).resolve().parent
+    relative = [Path(os.path.relpath(Path(f).resolve(), base)).as_posix() for f in files]
+    return {MEMBERS_KEY: json.dumps(relative)}
+
+
+def member_files(model: ir.Model, ensemble_file: str | os.PathLike) -> list[Path] | None:
+    """The member files a fused ensemble's `MEMBERS_KEY` metadata names (written by `members_metadata`).
+
+    Returns:
+        The paths, resolved against the ensemble file's folder, or None when the model names no members.
+
+    Raises:
+        ModelLoadError: the metadata is not a JSON list of relative paths.
+    """
+    text = (model.metadata_props or {}).get(MEMBERS_KEY)
+    if not text:
+        return None
+    name = Path(ensemble_file).name
+    try:
+        listed = json.loads(text)
+    except ValueError as exc:
+        raise ModelLoadError(f"{name}: its {MEMBERS_KEY} metadata is not JSON: {exc}") from None
+    if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
+        raise ModelLoadError(f"{name}: its {MEMBERS_KEY} metadata is malformed: not a list of paths")
+    if any(Path(p).is_absolute() for p in listed):
+        raise ModelLoadError(f"{name}: its {MEMBERS_KEY} metadata names an absolute path; they are relative to it")
+    base = Path(ensemble_file).resolve().parent
+    return [base / p for p in listed]
 
 
 def ensemble_description(model: ir.Model) -> dict | None:

@@ -159,7 +159,7 @@ def verify_outputs(
     """Max abs output difference per member between two modules, on the calibration inputs (the first
     `limit` of them; None: all)."""
     from codec.ir.lower import lower, to_bytes
-    from codec.runtime.execution.session import create_session
+    from codec.runtime.execution.session import create_session, run_batches
 
     errors = {}
     for name, net in after.members.items():
@@ -174,9 +174,9 @@ def verify_outputs(
                 break
             batch = batch[: None if limit is None else limit - seen]
             seen += len(batch)
-            batch = np.ascontiguousarray(batch, dtype=np.float32)
-            ya = a.run(None, {a.get_inputs()[0].name: batch})[0]
-            yb = b.run(None, {b.get_inputs()[0].name: batch})[0]
+            # fed by the one input rule (codec.runtime.execution.inputs), like every other run
+            ya = np.concatenate([out[0] for out in run_batches(a, batch, len(batch), model=name)])
+            yb = np.concatenate([out[0] for out in run_batches(b, batch, len(batch), model=name)])
             worst = max(worst, float(np.abs(ya - yb).max()))
         errors[name] = worst
     return errors

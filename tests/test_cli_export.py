@@ -185,3 +185,30 @@ def test_errors_are_one_line(ensemble, tmp_path, capsys):
     assert code == 2 and "expects [20]" in err
     code, _, err = export([path, "-o", tmp_path / "x.onnx", "--members", *member_files[:3], tmp_path / "missing.onnx"], capsys)
     assert code == 2 and "missing.onnx" in err and err.count("\n") == 1
+
+
+def test_members_metadata_round_trips_relative_to_the_ensemble(tmp_path):
+    # members_metadata writes what member_files reads, wherever the ensemble sits relative to its members
+    from codec.ir.ensemble import member_files, members_metadata
+
+    members, csn = _members(np.random.default_rng(0), 20)
+    files = [tmp_path / "run" / "opt" / "main.onnx", tmp_path / "run" / "members" / "grown_1.onnx"]
+    for ensemble_file in (tmp_path / "run" / "ensemble.onnx", tmp_path / "elsewhere" / "deep" / "e.onnx"):
+        model = emit_ensemble(members[:2], csn, criterion="mean", metadata=members_metadata(files, ensemble_file))
+        assert [p.resolve() for p in member_files(model, ensemble_file)] == [f.resolve() for f in files]
+        assert all(not p.startswith("/") for p in json.loads(model.metadata_props[MEMBERS_KEY]))
+    assert member_files(emit_ensemble(members[:2], csn, criterion="mean"), tmp_path / "e.onnx") is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [('{"main": "members/main.onnx"}', "not a list of paths"), ('["/etc/m.onnx"]', "absolute path"), ("[", "not JSON")],
+)
+def test_malformed_members_metadata_is_one_line(tmp_path, text, message):
+    from codec.errors import ModelLoadError
+    from codec.ir.ensemble import member_files
+
+    members, csn = _members(np.random.default_rng(0), 20)
+    model = emit_ensemble(members[:2], csn, criterion="mean", metadata={MEMBERS_KEY: text})
+    with pytest.raises(ModelLoadError, match=message):
+        member_files(model, tmp_path / "e.onnx")

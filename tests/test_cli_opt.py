@@ -93,3 +93,20 @@ def test_opt_mismatched_members(members, tmp_path, capsys):
     other_path = save_model(lower(other), tmp_path / "other.onnx")
     assert main(["opt", str(main_path), "--peer", str(other_path), "--data", data, "--quiet"]) == 2
     assert "architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["main", "peer"])
+def test_a_lift_failure_names_the_member_and_its_file(members, tmp_path, capsys, broken):
+    import onnx
+    from onnx import TensorProto, helper
+
+    main_path, peer_path, data = members
+    graph = helper.make_graph([helper.make_node("Sin", ["input"], ["output"])], "sin",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 20])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 20])])
+    bad = tmp_path / "unliftable.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(bad))
+    paths = {"main": main_path, "peer": peer_path, broken: bad}
+    assert main(["opt", str(paths["main"]), "--peer", str(paths["peer"]), "--data", data, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"codec opt: error: {broken} member {bad}: cannot lift"), err

@@ -143,9 +143,9 @@ def test_eval_softmaxes_score_outputs(tmp_path, capsys):
             lambda m, t: [m, str(_onnx_model(t / "five.onnx", [1, 28, 28], 5)), "--data", "mnist_small"],
             "outputs (5)",
         ),
-        (lambda m, t: [str(_onnx_model(t / "flat.onnx", [784], 10)), "--data", "mnist_small"], "expects 784"),
+        (lambda m, t: [str(_onnx_model(t / "flat.onnx", [780], 10)), "--data", "mnist_small"], "flat.onnx expects [780]"),
         (lambda m, t: [str(t / "missing.onnx"), "--data", "mnist_small"], "missing.onnx"),
-        (lambda m, t: [m, "--data", "mnist_small", "--split", "validation"], "unknown split"),
+        (lambda m, t: [m, "--data", "mnist_small", "--limit", "0"], "--limit must be positive"),
     ],
 )
 def test_eval_errors_are_one_line_exit_2(tmp_path, capsys, make_args, message):
@@ -156,6 +156,21 @@ def test_eval_errors_are_one_line_exit_2(tmp_path, capsys, make_args, message):
     assert len(lines) == 1 and lines[0].startswith("codec eval: error:"), captured.err
     assert message in lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_eval_split_choices_are_the_shared_ones(tmp_path, capsys):
+    # --split comes from commands/_common.py as in profile/opt/export: argparse refuses other names
+    member = str(_onnx_model(tmp_path / "ten.onnx", [1, 28, 28], 10))
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", member, "--data", "mnist_small", "--split", "validation"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'validation'" in capsys.readouterr().err
+
+
+def test_eval_limit_scores_the_first_n_examples(tmp_path, capsys):
+    member = str(_onnx_model(tmp_path / "ten.onnx", [1, 28, 28], 10))
+    assert main(["eval", member, "--data", "mnist_small", "--limit", "37", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_examples"] == 37
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,6 +42,17 @@ def test_fused_graph_equals_members_combined(compiled):
     np.testing.assert_allclose(fused, combine(probs, "prod"), atol=1e-5)
     assert report["quality"]["accuracy"] > 0.8
     assert len(report["quality"]["members"]) == 4
+
+
+def test_compile_then_export_checks_parity_against_the_run_members(compiled, tmp_path, capsys):
+    # the README's step 5: the members named in the ensemble's metadata are the ones its graph computes
+    run_dir, _ = compiled
+    assert main(["export", str(run_dir / "ensemble.onnx"), "-o", str(tmp_path / "deploy.onnx"), "--data", "mnist_small",
+                 "--limit", "200", "--json"]) == 0, capsys.readouterr().err
+    parity = json.loads(capsys.readouterr().out)["parity"]
+    assert parity["members_from"] == "codec.members metadata" and parity["max_abs_error"] <= 1e-5
+    named = [Path(p).relative_to(run_dir.resolve()).as_posix() for p in parity["member_files"]]
+    assert named == ["opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx", "members/grown_2.onnx"]
 
 
 def test_csn_stored_once_and_footprint_matches_graph(compiled):

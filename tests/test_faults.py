@@ -102,7 +102,7 @@ DATA_FAULTS = {
     "eval-one-hot-labels": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.eye(10)[np.arange(40) % 10]}, "1-D array of class indices"),
     "eval-length-mismatch": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.arange(30) % 10}, "40 examples but 30 labels"),
     "eval-fewer-classes": ("eval", ["{a}", "--data", "{data}"], {"y_train": np.arange(40) % 3, "y_test": np.arange(40) % 3}, "neither one per class"),
-    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "takes inputs"),
+    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "small.onnx expects [20] per example"),
     "eval-shape": ("eval", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 9), np.float32), "x_test": np.zeros((40, 9), np.float32)}, "expects"),
 }
 

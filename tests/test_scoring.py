@@ -57,13 +57,15 @@ def test_softmax_scores_only_touches_members_that_output_scores():
     np.testing.assert_allclose(stack[1].sum(axis=1), 1.0)
 
 
-def test_model_outputs_reshapes_only_when_asked(tmp_path):
+def test_model_outputs_reshapes_by_the_input_rule(tmp_path):
+    # the one rule of runtime/execution/inputs.py: layouts with the same number of values are reshaped
     flat = _linear(tmp_path / "flat.onnx", [12], 2)
     images = RNG.random((5, 1, 3, 4)).astype(np.float32)
     out = model_outputs(flat, images)
     np.testing.assert_allclose(out, model_outputs(flat, images.reshape(5, 12)), rtol=1e-6)
-    with pytest.raises(ShapeError, match="expects 12"):
-        model_outputs(flat, images, reshape=False)
+    wide = _linear(tmp_path / "wide.onnx", [13], 2)
+    with pytest.raises(ShapeError, match=r"wide.onnx expects \[13\] per example"):
+        model_outputs(wide, images)
 
 
 def test_member_outputs_stacks_and_refuses_members_that_disagree(tmp_path):
@@ -75,7 +77,7 @@ def test_member_outputs_stacks_and_refuses_members_that_disagree(tmp_path):
     with pytest.raises(ShapeError, match=r"outputs \(3\) but .* outputs \(2\)"):
         member_outputs([a, three], x, names=["a", "three"])
     wide = _linear(tmp_path / "wide.onnx", [13], 2)
-    with pytest.raises(ShapeError, match=r"takes inputs \(13\)"):
+    with pytest.raises(ShapeError, match=r"wide.onnx expects \[13\] per example, but the data's .* \[12\]"):
         member_outputs([a, wide], x)
 
 

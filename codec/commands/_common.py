@@ -4,47 +4,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 
 import numpy as np
 
 from codec.pipelines.data import fit_to_model  # noqa: F401  (the commands' import of it)
 
+# The data options, defined once: every command that reads a dataset shows them in these words (a test checks
+# that `--help` agrees across commands); only the defaults differ, and each is printed after the words.
 DATA_HELP = (
-    "dataset: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small (bundled, no download), or your own: "
+    "dataset: mnist_small (bundled, no download), mnist, fashion_mnist, cifar10, cifar10_jpeg, or your own: "
     "npz:PATH (arrays x, y for one split; or x_train, y_train with optional x_val, y_val, x_test, y_test), "
     "npy:DIR (the same arrays as DIR/<name>.npy) or folder:DIR (ImageFolder layout: DIR/<class>/*.png|jpg, "
-    "or DIR/train/, DIR/val/, DIR/test/ of class folders); uint8 pixels are scaled to [0, 1]"
+    "or DIR/train/, DIR/val/, DIR/test/ of class folders)"
 )
+DATA_DIR_HELP = (
+    "where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+)
+SPLIT_HELP = "which split of the dataset to use"
+LIMIT_HELP = "use only the first N examples of the split"
+N_TRAIN_HELP = "train on a subset of this many training examples"
+N_TEST_HELP = "score on a subset of this many test examples"
 
 
 def add_data_arguments(
     parser: argparse.ArgumentParser,
     default: str | None = "mnist_small",
-    split: bool = True,
-    limit: bool = True,
-    required: bool | None = None,
+    split: str = "test",
+    limit: int | None = None,
     default_text: str | None = None,
 ) -> None:
-    """The data options: --data and --data-dir, and (for commands reading one split) --split, --limit.
+    """Add --data, --data-dir, --split and --limit, in the words every data-reading command shares.
 
-    `required` defaults to "no default"; `default_text` describes a default computed later (compile's
-    "the recipe's dataset").
+    Args:
+        parser: the subcommand's parser.
+        default: the dataset used without --data.
+        split: the split used without --split.
+        limit: how many examples are used without --limit (None: all).
+        default_text: how to describe a --data default that is not a dataset (e.g. export's noise).
     """
-    default_text = default_text or default
+    parser.add_argument("--data", default=default, help=f"{DATA_HELP} (default {default_text or default})")
+    add_data_dir_argument(parser)
     parser.add_argument(
-        "--data",
-        default=default,
-        required=default is None if required is None else required,
-        help=DATA_HELP + (f"; default {default_text}" if default_text else ""),
+        "--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})"
     )
     parser.add_argument(
-        "--data-dir", default=None, help="where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
+        "--limit", type=int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit or 'all'})"
     )
-    if split:
-        parser.add_argument("--split", choices=("train", "test"), default="test", help="which split to use (default test)")
-    if limit:
-        parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N examples of the split")
 
 
 def add_normalize_argument(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +67,63 @@ def add_normalize_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_dir_argument(parser) -> None:
+    """Add --data-dir (commands whose dataset comes from a recipe take only this one)."""
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+
+
+def add_subset_arguments(parser) -> None:
+    """Add --n-train and --n-test (commands that train on a recipe's dataset)."""
+    parser.add_argument("--n-train", type=int, default=None, metavar="N", help=N_TRAIN_HELP)
+    parser.add_argument("--n-test", type=int, default=None, metavar="N", help=N_TEST_HELP)
+
+
+def data_options_epilog() -> str:
+    """The data options as `codec --help` lists them: the same words as each subcommand's help."""
+    rows = [
+        ("--data", DATA_HELP),
+        ("--data-dir", DATA_DIR_HELP),
+        ("--split", SPLIT_HELP + " (train or test)"),
+        ("--limit N", LIMIT_HELP),
+        ("--n-train N", N_TRAIN_HELP),
+        ("--n-test N", N_TEST_HELP),
+    ]
+    lines = [
+        "data options (profile, eval, opt and export read --data; compile reads --data or its recipe's",
+        "dataset; train, train-ensemble and bench read their recipe's dataset):",
+    ]
+    for flag, text in rows:
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {flag:<13}", subsequent_indent=" " * 15)
+    return "\n".join(lines)
+
+
+# CODEC_SMALL=1 makes the training commands (train, compile, train-ensemble) cap their work, so that the
+# README's commands run exactly as printed in seconds (tests/test_readme.py, CI). A capped run says so on
+# stderr, and the caps are in its recorded options like any --epochs/--n-train: its numbers cannot pass for a
+# real run's.
+SMALL_ENV = "CODEC_SMALL"
+SMALL_CAPS = {"max_epochs": 1, "n_train": 600, "n_test": 300}
+
+
+def small_overrides(overrides: dict, command: str) -> dict:
+    """`overrides` (TrainConfig fields) capped by `SMALL_CAPS` when $CODEC_SMALL is set, else unchanged.
+
+    A value the user gave that is already smaller is kept.
+    """
+    if os.environ.get(SMALL_ENV, "").strip() in ("", "0"):
+        return overrides
+    capped = dict(overrides)
+    for key, cap in SMALL_CAPS.items():
+        given = capped.get(key)
+        capped[key] = cap if given is None else min(given, cap)
+    print(
+        f"codec {command}: {SMALL_ENV} is set: at most {capped['max_epochs']} epoch(s), "
+        f"{capped['n_train']} training and {capped['n_test']} test examples (unset it for real results)",
+        file=sys.stderr,
+    )
+    return capped
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "learning rate",
                            seed_help: str | None = None):
     """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
@@ -68,8 +133,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "l
     group.add_argument("--lr", type=float, help=lr_help)
     group.add_argument("--batch-size", type=int, help="training batch size")
     group.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    group.add_argument("--n-train", type=int, help="train on a subset of this many examples")
-    group.add_argument("--n-test", type=int, help="score on a subset of this many test examples")
+    add_subset_arguments(group)
     if seed_help is not None:
         group.add_argument("--seed", type=int, default=0, help=seed_help)
     group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from codec.commands._common import emit, table
+from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, table
 
 
 def register(subparsers) -> None:
@@ -30,13 +30,12 @@ def register(subparsers) -> None:
     parser.add_argument("--profile", choices=("quick", "full"), default="quick", help="which benchmark (default quick)")
     parser.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE", help="recipes to run (default: the profile's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S", help="replicate seeds (default 0 1 2)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
+    add_data_dir_argument(parser)
     parser.add_argument("--max-members", type=int, default=None, help="largest ensemble tried (default: the profile's)")
     parser.add_argument("--sweep-members", type=int, default=None, help="ensemble size the sweep compares at (default 4, at most --max-members)")
     parser.add_argument("--min-gain", type=float, default=None, help="validation accuracy a member must add to count as an improvement of the baseline (default 0.002)")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs per member (default: the profile's)")
-    parser.add_argument("--n-train", type=int, default=None, help="train on a subset of this many examples")
-    parser.add_argument("--n-test", type=int, default=None, help="evaluate on a subset of this many test examples")
+    add_subset_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime/BLAS threads (quick default 1)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates per interval (default 1000)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep over CODE's open choices")

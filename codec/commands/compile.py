@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import add_data_arguments, add_normalize_argument, emit, table
+from codec.commands._common import (
+    DATA_HELP,
+    add_data_dir_argument,
+    add_normalize_argument,
+    add_subset_arguments,
+    emit,
+    small_overrides,
+    table,
+)
 
 
 def register(subparsers) -> None:
@@ -41,8 +49,9 @@ def register(subparsers) -> None:
     source.add_argument("--peer", default=None, metavar="B.onnx", help="your trained peer member (with --main)")
     parser.add_argument("--init", choices=("onnx", "random"), default="onnx",
                         help="--model: main starts from the file's weights (onnx, default) or afresh (random)")
-    add_data_arguments(parser, default=None, split=False, limit=False, required=False,
-                       default_text="the recipe's dataset (required with --model and --main/--peer)")
+    parser.add_argument("--data", default=None,
+                        help=f"{DATA_HELP} (default the recipe's dataset; required with --model and --main/--peer)")
+    add_data_dir_argument(parser)
     add_normalize_argument(parser)
     parser.add_argument("--members", type=int, default=4, help="ensemble size N, at least 2 (default 4)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
@@ -71,8 +80,7 @@ def register(subparsers) -> None:
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="share of the training split held out for early stopping when the data has no x_val "
                         "(default: the recipe's; 0.1 for --model)")
-    parser.add_argument("--n-train", type=int, default=None, help="train on a subset of this many examples")
-    parser.add_argument("--n-test", type=int, default=None, help="evaluate on a subset of this many test examples")
+    add_subset_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
     parser.add_argument("--nproc", type=int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         grow=GrowOptions(init=args.grow_init, lr_scale=args.grow_lr_scale, cache=args.cache),
         keep_main=args.keep_main,
         criterion=args.criterion,
-        train_overrides={k: v for k, v in overrides.items() if v is not None},
+        train_overrides={k: v for k, v in small_overrides(overrides, "compile").items() if v is not None},
         data_dir=args.data_dir,
         data=args.data,
         model=args.model,

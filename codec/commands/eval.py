@@ -10,9 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from codec.commands._common import add_data_arguments
 from codec.errors import ConfigError
-
-SPLITS = ("test", "train")
 
 DESCRIPTION = """\
 Run every member (ONNX) on a dataset split with onnxruntime and report the ensemble.
@@ -41,17 +40,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("members", nargs="+", metavar="MEMBER.onnx", help="the ensemble's members")
-    parser.add_argument("--data", required=True, help="dataset spec, e.g. mnist_small")
-    parser.add_argument(
-        "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
-    )
+    add_data_arguments(parser)
     parser.add_argument(
         "--criterion",
         default="prod",
         help="how member probabilities combine: prod, mean, vote or max (default prod)",
-    )
-    parser.add_argument(
-        "--split", default="test", help=f"which split to score: {', '.join(SPLITS)} (default test)"
     )
     parser.add_argument(
         "--batch-size", type=int, default=512, help="examples per onnxruntime call (default 512)"
@@ -67,8 +60,8 @@ def run(args) -> int:
 
     if args.criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {args.criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if args.split not in SPLITS:
-        raise ConfigError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     report = evaluate_members(
@@ -78,6 +71,7 @@ def run(args) -> int:
         criterion=args.criterion,
         split=args.split,
         batch_size=args.batch_size,
+        limit=args.limit,
     )
     if args.json:
         json.dump(report, sys.stdout, indent=2)

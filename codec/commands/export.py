@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import emit
+from codec.commands._common import add_data_arguments, emit
 from codec.ir.criteria import CRITERIA
 from codec.pipelines.export import DEFAULT_ATOL, DEFAULT_SAMPLES, ExportOptions, ParityError  # noqa: F401
 
@@ -24,7 +24,9 @@ def register(subparsers) -> None:
             "check parity (the fused model vs. its members run one by one and combined by the ensemble's\n"
             "criterion, with runtime.metrics.combine), then write the deployable model and a model card.\n\n"
             "Members: --members, else the ensemble's codec.members metadata (paths relative to it), else the\n"
-            "member_i outputs of the fused graph (checks only the collect stage).\n"
+            "member_i outputs of the fused graph (checks only the collect stage). The members of a `codec compile`\n"
+            "run are the files its graph computes: opt/main.onnx and opt/peer.onnx (as the passes left them)\n"
+            "and members/grown_<i>.onnx (members/main.onnx with --keep-main whole); its ensemble.onnx names them.\n"
             "Parity fails (exit status 2, nothing written) when the largest absolute error exceeds --atol.\n\n"
             "Example:\n"
             "  codec export out/ensemble.onnx -o deploy/model.onnx --data mnist_small --limit 512"
@@ -36,12 +38,8 @@ def register(subparsers) -> None:
                         help="the member models, in the ensemble's member order (default: its codec.members metadata)")
     parser.add_argument("--criterion", choices=CRITERIA, default=None,
                         help="how members are combined (default: the ensemble's codec.ensemble metadata)")
-    parser.add_argument("--data", default=None,
-                        help="parity inputs: mnist, fashion_mnist, cifar10, cifar10_jpeg, mnist_small or npz:PATH "
-                        "(default: seeded uniform noise)")
-    parser.add_argument("--data-dir", default=None, help="where dataset files live (default $CODEC_DATA_DIR or ~/.cache/codec/data)")
-    parser.add_argument("--split", choices=("train", "test"), default="test", help="which split of --data (default test)")
-    parser.add_argument("--limit", type=int, default=512, metavar="N", help="parity examples from --data (default 512)")
+    # parity inputs: a dataset split, or without --data seeded noise
+    add_data_arguments(parser, default=None, limit=512, default_text="seeded uniform noise, see --samples")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
                         help=f"random parity inputs when no --data is given (default {DEFAULT_SAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs (default 0)")

@@ -43,8 +43,7 @@ def register(subparsers) -> None:
         "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
         help="a Python file defining passes with @register_pass, loaded before the pipeline (repeatable)",
     )
-    add_data_arguments(parser, split=False)
-    parser.add_argument("--split", choices=("train", "test"), default="train", help="calibration split (default train)")
+    add_data_arguments(parser, split="train")  # calibration data: the members' training split
     parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: print the report only)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs")
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         paths[f"member{i}"] = path
     members = lift_members(paths)
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, members["main"].input_shape, what=f"{dataset.name} {args.split}")
+    x = fit_to_model(x, members["main"].input_shape, model=args.main.name)
 
     def after_pass(p, mod, record):
         if not args.quiet:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     net = lift(args.model)
     peer = lift(args.peer, name="peer") if args.peer is not None else None
     x, _, dataset = load_split(args)
-    x = fit_to_model(x, net.input_shape, what=f"{dataset.name} {getattr(args, 'split', 'test')}")
+    x = fit_to_model(x, net.input_shape, model=args.model.name)
     stats = profile(net, x, batch_size=args.batch_size, progress=not args.quiet)
     peer_stats = None
     if peer is not None:

@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_training_arguments, training_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -36,9 +41,7 @@ def register(subparsers) -> None:
         "--seed", type=int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
-    parser.add_argument(
-        "--data-dir", help="where datasets are stored or downloaded to (default: the loader's)"
-    )
+    add_data_dir_argument(parser)
     add_training_arguments(parser)
     parser.add_argument("--checkpoint", help="checkpoint file (default: <output>.ckpt)")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
@@ -70,7 +73,7 @@ def run(args) -> int:
 
     output = Path(args.output)
     checkpoint = None if args.no_checkpoint else Path(args.checkpoint or f"{output}.ckpt")
-    overrides = training_overrides(args)
+    overrides = small_overrides(training_overrides(args), "train")
     summary = train_recipe(
         args.recipe,
         args.seed,

@@ -7,7 +7,12 @@ import argparse
 import json
 import sys
 
-from codec.commands._common import add_training_arguments, training_overrides
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_training_arguments,
+    small_overrides,
+    training_overrides,
+)
 from codec.errors import ConfigError
 
 DESCRIPTION = """\
@@ -86,7 +91,7 @@ def register(subparsers) -> None:
     group.add_argument("--width", type=float, default=1.0, help="width multiplier of the network (default 1.0)")
     add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
                            seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
-    parser.add_argument("--data-dir", help="where datasets are stored (default: the loader's)")
+    add_data_dir_argument(parser)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
     parser.add_argument("--trunk-exchange", choices=("broadcast", "replicate", "auto"), default="auto",
@@ -137,7 +142,7 @@ def run(args) -> int:
         criterion=args.criterion,
     )
     _check_split(recipe, args)  # a bad --split fails before any data is read
-    overrides = {"seed": args.seed, **training_overrides(args)}
+    overrides = small_overrides({"seed": args.seed, **training_overrides(args)}, "train-ensemble")
     report = train_ensemble_recipe(
         recipe.name,
         options,

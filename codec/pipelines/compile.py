@@ -399,7 +399,13 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     """
     from codec.ir import lift, save_model
     from codec.ir.criteria import default_criterion
-    from codec.ir.ensemble import OUTPUT_NAME, emit_ensemble, ensemble_parameter_count, member_output_name
+    from codec.ir.ensemble import (
+        OUTPUT_NAME,
+        emit_ensemble,
+        ensemble_parameter_count,
+        member_output_name,
+        members_metadata,
+    )
     from codec.models import get_recipe
     from codec.runtime.data import load_training_set, parse_normalize
     from codec.runtime.training import distributed
@@ -454,20 +460,21 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     grown_facts = [run.done(f"train:{n}") for n in grown]
     csn = _load_csn(run, rewritten)
 
-    members = {"main": rewritten if options.keep_main == "rewritten" else lift(run.members / "main.onnx", name="main"),
-               "peer": lift(run.opt / "peer.onnx", name="peer")}
-    for i in range(1, options.members - 1):
-        members[f"grown_{i}"] = lift(run.members / f"grown_{i}.onnx", name=f"grown_{i}")
+    # the files of exactly the members the fused graph computes: export checks parity against them
+    files = {"main": run.opt / "main.onnx" if options.keep_main == "rewritten" else run.members / "main.onnx",
+             "peer": run.opt / "peer.onnx",
+             **{name: run.members / f"{name}.onnx" for name in grown}}
+    members = {name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name) for name, path in files.items()}
     criterion = options.criterion or default_criterion(source.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
-    metadata = {"codec.members": json.dumps({n: f"members/{n}.onnx" for n in members})}
+    out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
+    metadata = dict(members_metadata(list(files.values()), out))
     if data.normalization is not None:
         # Inputs must be normalised like this before the model sees them (export puts it in the card).
         metadata[NORMALIZATION_KEY] = json.dumps(data.normalization)
     model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=source.task,
                           member_outputs=member_outputs, metadata=metadata)
-    out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
     quality = _evaluate(members, criterion, source.task, data)

@@ -146,14 +146,14 @@ def load_split(data: str, *, data_dir: str | os.PathLike | None = None, split: s
     return x, y, dataset
 
 
-def fit_to_model(x: np.ndarray, input_shape: tuple[int, ...], what: str = "data") -> np.ndarray:
-    """Reshape examples to a model's input shape when only the layout differs (images fed to an MLP).
+def fit_to_model(x: np.ndarray, input_shape: tuple[int, ...], model: str = "the model") -> np.ndarray:
+    """Examples reshaped to a model's per-example input shape by the one input-adaptation rule
+    (`codec.runtime.execution.inputs`): (N, 1, 28, 28) data becomes (N, 784) for a model whose input is
+    (784,), and the reverse.
 
-    (N, 1, 28, 28) data becomes (N, 784) for a model whose input is (784,); anything else that does not
-    match is a ShapeError naming both shapes.
+    Raises:
+        ShapeError: examples that cannot take that shape; the message names `model` and both shapes.
     """
-    if tuple(x.shape[1:]) == tuple(input_shape):
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
-        return x.reshape((len(x), *input_shape))
-    raise ShapeError(f"{what} examples have shape {list(x.shape[1:])} but the model expects {list(input_shape)}")
+    from codec.runtime.execution.inputs import fit_shape
+
+    return fit_shape(x, tuple(input_shape), model)

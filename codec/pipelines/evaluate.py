@@ -17,6 +17,7 @@ def evaluate_members(
     criterion: str = "prod",
     split: str = "test",
     batch_size: int = 512,
+    limit: int | None = None,
 ) -> dict:
     """Run each member on a dataset split and compute the ensemble's metrics.
 
@@ -32,16 +33,13 @@ def evaluate_members(
         ModelLoadError: a member onnxruntime cannot load.
         ShapeError: members whose input or output shapes differ, or data that does not fit them.
     """
-    from codec.runtime.data import load_dataset
+    from codec.pipelines.data import load_split
     from codec.runtime.evaluation.scoring import member_outputs, score_members, softmax_scores
     from codec.runtime.execution.session import create_session
 
     sessions = [create_session(path) for path in members]  # unloadable members fail before the data is read
-    dataset = load_dataset(data, data_dir=data_dir)
-    x = dataset.x_test if split == "test" else dataset.x_train
-    y = dataset.y_test if split == "test" else dataset.y_train
-    # no reshaping: `codec eval` scores the members on the data exactly as given
-    stack = member_outputs(sessions, x, names=members, batch_size=batch_size, reshape=False)
+    x, y, dataset = load_split(data, data_dir=data_dir, split=split, limit=limit)
+    stack = member_outputs(sessions, x, names=members, batch_size=batch_size)
 
     report = {"dataset": dataset.name, "split": split, "n_examples": len(x), "members": list(members)}
     flat_inputs = int(np.prod(x.shape[1:]))

@@ -113,7 +113,7 @@ def parity_inputs(options: ExportOptions, input_shape: tuple[int, ...]) -> tuple
     """The inputs parity runs on, and how they were chosen (for the card)."""
     if options.data is not None:
         x, _, dataset = load_split(options.data, data_dir=options.data_dir, split=options.split, limit=options.limit)
-        x = fit_to_model(x, input_shape, what=f"{dataset.name} {options.split}")
+        x = fit_to_model(x, input_shape, model=options.ensemble.name)
         return np.ascontiguousarray(x, dtype=np.float32), {"source": dataset.name, "split": options.split, "examples": len(x)}
     if options.samples < 1:
         raise ConfigError(f"--samples must be positive, got {options.samples}")
@@ -132,21 +132,14 @@ def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
 
 def member_paths(options: ExportOptions, model) -> tuple[list[Path], str]:
     """The member files to check against (may be empty), and where they came from."""
-    from codec.ir.ensemble import MEMBERS_KEY
+    from codec.ir.ensemble import MEMBERS_KEY, member_files
 
     if options.members:
         return list(options.members), "--members"
-    text = (model.metadata_props or {}).get(MEMBERS_KEY)
-    if not text:
+    listed = member_files(model, options.ensemble)
+    if listed is None:
         return [], "none"
-    try:
-        listed = json.loads(text)
-        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-            raise ValueError("not a list of paths")
-    except ValueError as exc:
-        raise ModelLoadError(f"{options.ensemble.name}: its {MEMBERS_KEY} metadata is malformed: {exc}") from None
-    base = options.ensemble.resolve().parent
-    return [base / p for p in listed], f"{MEMBERS_KEY} metadata"
+    return listed, f"{MEMBERS_KEY} metadata"
 
 
 def _run(session, x: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
@@ -162,10 +155,8 @@ def _run_member(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
 
     load_model(path)  # refuses missing files and external data outside the member's folder
     session = create_session(path)
-    shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
-    if -1 in shape:
-        raise ShapeError(f"member {path.name}: its input shape {session.get_inputs()[0].shape} is not static beyond the batch")
-    return _run(session, fit_to_model(x, shape, what="parity"), [session.get_outputs()[0].name], batch_size)[0]
+    # the member gets the parity inputs by the rule every command uses (layout, dtype, a fixed batch)
+    return _run(session, x, [session.get_outputs()[0].name], batch_size)[0]
 
 
 def _reference(stack: np.ndarray, criterion: str, task: str) -> np.ndarray:

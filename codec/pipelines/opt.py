@@ -13,10 +13,21 @@ import numpy as np
 
 
 def lift_members(paths: dict[str, Path]) -> dict:
-    """{role: NetworkIR} for {role: ONNX path}; the first entry is the main member, the second the peer."""
+    """{role: NetworkIR} for {role: ONNX path}; the first entry is the main member, the second the peer.
+
+    Raises:
+        LiftError: a member codec cannot lift, naming its role and file (main or peer?) first.
+    """
+    from codec.errors import LiftError
     from codec.ir import lift
 
-    return {name: lift(path, name=name) for name, path in paths.items()}
+    members = {}
+    for name, path in paths.items():
+        try:
+            members[name] = lift(path, name=name)
+        except LiftError as exc:
+            raise LiftError(exc.reason, exc.node, exc.op_type, source=f"{name} member {path}") from exc
+    return members
 
 
 def optimize(

@@ -91,7 +91,7 @@ def optimize(
             if limit < 1:
                 raise ShapeError(f"limit must be positive, got {limit}")
             x = x[:limit]
-    x = fit_to_model(x, networks["main"].input_shape, what=source)
+    x = fit_to_model(x, networks["main"].input_shape, model=f"main member {networks['main'].name!r}")
     module, _, report = run_passes(
         networks, pipeline, x, batch_size=batch_size, verify=verify, atol=atol, verify_inputs=verify_inputs
     )

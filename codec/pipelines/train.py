@@ -86,7 +86,7 @@ def train_recipe(
     export_onnx(result.module, out_path, input_shape, task=task)
 
     # Score the exported file, not the torch module: the ONNX model is what gets deployed and ensembled.
-    outputs = model_outputs(out_path, data.x_test, reshape=False)
+    outputs = model_outputs(out_path, data.x_test)
     scores = score_members(outputs[None], task, data.target("test"), "mean")
     if task == "classification":
         metric_name, test_metric = "accuracy", scores["member_accuracies"][0]

@@ -38,7 +38,7 @@ def _describe(dims: list) -> str:
 
 
 def model_outputs(model, x: np.ndarray, *, batch_size: int = BATCH_SIZE, threads: int | None = None,
-                  reshape: bool = True) -> np.ndarray:
+                  name: str | None = None) -> np.ndarray:
     """A single-output ONNX model's outputs on `x`, (N, ...).
 
     Args:
@@ -46,23 +46,22 @@ def model_outputs(model, x: np.ndarray, *, batch_size: int = BATCH_SIZE, threads
         x: the examples.
         batch_size: examples per onnxruntime call.
         threads: onnxruntime's intra-op threads (None: its default).
-        reshape: reshape `x` to the model's static input shape first (images fed to an MLP); without it, a
-            layout that differs is a ShapeError.
+        name: the model's name in messages (default its file name).
+
+    `x` is adapted to the model by the one input rule (`codec.runtime.execution.inputs`: flat <-> image
+    layouts, the input's dtype, a fixed batch size).
     """
     from codec.runtime.execution.session import predict
 
-    session = _session(model, threads)
-    dims = session.get_inputs()[0].shape[1:]
-    if reshape and all(isinstance(d, int) for d in dims) and int(np.prod(dims)) == int(np.prod(x.shape[1:])):
-        x = x.reshape((len(x), *dims))
-    return predict(session, x, batch_size=batch_size)
+    return predict(_session(model, threads), x, batch_size=batch_size, name=name)
 
 
 def member_outputs(models: Sequence, x: np.ndarray, *, names: Sequence[str] | None = None,
-                   batch_size: int = BATCH_SIZE, threads: int | None = None, reshape: bool = True) -> np.ndarray:
+                   batch_size: int = BATCH_SIZE, threads: int | None = None) -> np.ndarray:
     """Every member's outputs on `x`, stacked (M, N, ...) as float64.
 
-    The members' declared input and output shapes are checked against the first member's before any runs.
+    The members' declared output shapes are checked against the first member's before any runs; each
+    member gets `x` by the one input rule (see `model_outputs`), so members may differ in input layout.
 
     Raises:
         ModelLoadError: a member onnxruntime cannot load.
@@ -70,18 +69,14 @@ def member_outputs(models: Sequence, x: np.ndarray, *, names: Sequence[str] | No
     """
     names = [str(m) for m in models] if names is None else list(names)
     sessions = [_session(m, threads) for m in models]
-    first_in = _static_dims(sessions[0].get_inputs()[0].shape)
     first_out = _static_dims(sessions[0].get_outputs()[0].shape)
     for name, session in zip(names[1:], sessions[1:]):
-        dims_in = _static_dims(session.get_inputs()[0].shape)
         dims_out = _static_dims(session.get_outputs()[0].shape)
-        if not _same_dims(dims_in, first_in):
-            raise ShapeError(f"member {name} takes inputs {_describe(dims_in)} but {names[0]} takes {_describe(first_in)}")
         if not _same_dims(dims_out, first_out):
             raise ShapeError(f"member {name} outputs {_describe(dims_out)} but {names[0]} outputs {_describe(first_out)}")
     outputs = []
     for name, session in zip(names, sessions):
-        out = model_outputs(session, x, batch_size=batch_size, reshape=reshape)
+        out = model_outputs(session, x, batch_size=batch_size, name=name)
         if outputs and out.shape != outputs[0].shape:
             raise ShapeError(
                 f"member {name} outputs {out.shape[1:]} per example but {names[0]} outputs {outputs[0].shape[1:]}"

@@ -23,6 +23,7 @@ import numpy as np
 from codec.errors import ConfigError, DataError, ShapeError
 from codec.ir.lower import lower, tap_name, to_bytes
 from codec.ir.network import Add, NetworkIR
+from codec.runtime.execution.inputs import fit_examples
 
 
 @dataclass
@@ -334,11 +335,8 @@ def _batches(data, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def _check_batch(batch: np.ndarray, net: NetworkIR, seen: int) -> np.ndarray:
-    batch = np.ascontiguousarray(batch, dtype=np.float32)
-    if batch.shape[1:] != tuple(net.input_shape):
-        raise ShapeError(
-            f"calibration examples have shape {list(batch.shape[1:])} but {net.name!r} expects {list(net.input_shape)}"
-        )
+    # the one input rule (inputs.py): flat <-> image layouts; the lowered, tapped network computes in float32
+    batch = fit_examples(batch, tuple(net.input_shape), np.float32, model=repr(net.name))
     if not np.all(np.isfinite(batch)):
         bad = int(np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))[0])
         raise DataError(f"calibration input {seen + bad} contains NaN or infinite values")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from codec.errors import ModelLoadError, ShapeError, first_line
+from codec.runtime.execution.inputs import InputSpec, batches
 
 
 def providers() -> list[str]:
@@ -40,33 +41,45 @@ def create_session(model: str | os.PathLike | bytes, intra_op_threads: int | Non
         raise ModelLoadError(f"onnxruntime cannot run {name}: {first_line(exc)}") from exc
 
 
-def _check_batch(session, x: np.ndarray) -> None:
-    inp = session.get_inputs()[0]
-    expected = inp.shape[1:]
-    got = x.shape[1:]
-    ok = len(expected) == len(got) and all(not isinstance(e, int) or e == g for e, g in zip(expected, got))
-    if not ok:
-        want = "x".join(str(e) if isinstance(e, int) else "?" for e in expected)
-        raise ShapeError(
-            f"data examples have shape {'x'.join(map(str, got))} but the model input {inp.name!r} expects {want}"
-        )
+def model_name(session) -> str:
+    """The file name of the model a session runs, for messages ("the model" for one built from bytes)."""
+    path = getattr(session, "_model_path", None)  # onnxruntime keeps the path it was given
+    return Path(path).name if path else "the model"
 
 
-def run_batches(session, x: np.ndarray, batch_size: int = 256, outputs: list[str] | None = None) -> Iterator[list]:
-    """Run `session` over `x` in batches, yielding each batch's list of outputs."""
+def run_batches(
+    session,
+    x: np.ndarray,
+    batch_size: int = 256,
+    outputs: list[str] | None = None,
+    *,
+    model: str | None = None,
+) -> Iterator[list]:
+    """Run `session` over `x` in batches, yielding each batch's list of outputs.
+
+    The examples are adapted to the model by the one rule of `codec.runtime.execution.inputs` (reshaped
+    flat <-> image, cast to the input's type, a fixed batch run in chunks of its size with the padding's
+    outputs dropped).
+
+    Raises:
+        ShapeError: data that does not fit the model, naming `model` (default: the session's file name).
+    """
     if len(x) == 0:
         return
-    _check_batch(session, x)
-    name = session.get_inputs()[0].name
-    for start in range(0, len(x), batch_size):
-        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-        yield session.run(outputs, {name: batch})
+    model = model or model_name(session)
+    spec = InputSpec.of_session(session, model)
+    for batch, real in batches(x, spec, batch_size, model):
+        values = session.run(outputs, {spec.name: batch})
+        yield values if real == len(batch) else [v[:real] for v in values]
 
 
-def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run a single-output model over `x` and return its outputs stacked, (N, ...)."""
+def predict(model, x: np.ndarray, batch_size: int = 256, *, name: str | None = None) -> np.ndarray:
+    """Run a single-output model (a path, bytes or a session) over `x`; its outputs stacked, (N, ...).
+
+    `x` is adapted to the model as in `run_batches`; `name` is the model's name in messages.
+    """
     session = model if hasattr(model, "run") else create_session(model)
-    parts = [outs[0] for outs in run_batches(session, x, batch_size)]
+    parts = [outs[0] for outs in run_batches(session, x, batch_size, model=name)]
     if not parts:
         raise ShapeError("no inputs to run the model on (empty data)")
     return np.concatenate(parts, axis=0)
