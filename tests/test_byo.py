@@ -590,9 +590,30 @@ def test_nan_and_empty_user_data_refused_before_training(tmp_path, tabular, caps
     )
 
 
-# TODO(irnet): once GELU, BatchNormalization and residual Add lift (engineer irnet's branch), add here the
-# issue's end-to-end cases: a user nn.Module with BatchNorm and a residual block, and an MLP with GELU and
-# Dropout from the dynamo exporter, each compiled with --model to a fused ensemble equal to its members.
+class _ResidualBN(nn.Module):
+    """A user network with BatchNorm and a residual block (lifted since engineer irnet's branch)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn, self.b, self.out = nn.Linear(20, 32), nn.BatchNorm1d(32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.a(x)))
+        return self.out(torch.relu(h + self.b(h)))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Sequential(nn.Linear(20, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 3)), _ResidualBN()],
+    ids=["gelu-dropout-mlp", "batchnorm-residual"],
+)
+def test_model_gelu_and_residual_batchnorm_networks_compile(tmp_path, tabular, module):
+    export_torch(module.eval(), torch.zeros(2, 20), tmp_path / "m.onnx", dynamo=True)
+    run_dir = tmp_path / "run"
+    assert main(["compile", "--model", str(tmp_path / "m.onnx"), "--data", f"npz:{tabular / 'tab.npz'}",
+                 "--members", "3", "-o", str(run_dir), *FAST]) == 0
+    _assert_fused_is_members_combined(run_dir, np.load(tabular / "tab.npz")["x_test"], 3)
 
 
 # --- data formats ------------------------------------------------------------------------------------
