@@ -38,6 +38,8 @@ _API = {
     "PassManager": "codec.passes.manager:PassManager",
     # pipelines
     "optimize": "codec.pipelines.optimize:optimize",
+    "compile": "codec.pipelines.api:compile",
+    "CompileResult": "codec.pipelines.api:CompileResult",
     "load_dataset": "codec.runtime.data:load_dataset",
 }
 

@@ -17,8 +17,10 @@ from codec.pipelines.data import fit_to_model  # noqa: F401  (the commands' impo
 # The data options, defined once: every command that reads a dataset shows them in these words (a test checks
 # that `--help` agrees across commands); only the defaults differ, and each is printed after the words.
 DATA_HELP = (
-    "dataset: mnist_small (bundled, no download), mnist, fashion_mnist, cifar10, cifar10_jpeg, or npz:PATH "
-    "with arrays x_train, y_train, x_test, y_test"
+    "dataset: mnist_small (bundled, no download), mnist, fashion_mnist, cifar10, cifar10_jpeg, or your own: "
+    "npz:PATH (arrays x, y for one split; or x_train, y_train with optional x_val, y_val, x_test, y_test), "
+    "npy:DIR (the same arrays as DIR/<name>.npy) or folder:DIR (ImageFolder layout: DIR/<class>/*.png|jpg, "
+    "or DIR/train/, DIR/val/, DIR/test/ of class folders)"
 )
 DATA_DIR_HELP = (
     "where dataset files live or are downloaded to (default $CODEC_DATA_DIR or ~/.cache/codec/data)"
@@ -123,6 +125,18 @@ def add_data_arguments(
     )
 
 
+def add_normalize_argument(parser: argparse.ArgumentParser) -> None:
+    """--normalize: per-channel mean/std standardisation of the inputs, recorded in the run and the model."""
+    parser.add_argument(
+        "--normalize",
+        default=None,
+        metavar="MODE",
+        help="input normalisation per channel (axis 1): none (default: inputs as loaded, pixels in [0, 1]), "
+        "mean-std (mean and std of the training split), or MEAN/STD values, e.g. 0.1307/0.3081 or "
+        "0.49,0.48,0.45/0.25,0.24,0.26; recorded in report.json and the ensemble's metadata",
+    )
+
+
 def add_data_dir_argument(parser) -> None:
     """Add --data-dir (commands whose dataset comes from a recipe take only this one)."""
     parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
@@ -145,8 +159,8 @@ def data_options_epilog() -> str:
         ("--n-test N", N_TEST_HELP),
     ]
     lines = [
-        "data options (profile, eval, opt and export read --data; train, compile, train-ensemble and",
-        "bench read their recipe's dataset):",
+        "data options (profile, eval, opt and export read --data; compile reads --data or its recipe's",
+        "dataset; train, train-ensemble and bench read their recipe's dataset):",
     ]
     for flag, text in rows:
         lines += textwrap.wrap(text, 100, initial_indent=f"  {flag:<13}", subsequent_indent=" " * 15)

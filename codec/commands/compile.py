@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, finite_positive_float, non_negative_int, positive_int, small_overrides, table
+from codec.commands._common import (
+    DATA_HELP,
+    add_data_dir_argument,
+    add_normalize_argument,
+    add_subset_arguments,
+    emit,
+    finite_positive_float,
+    fraction,
+    non_negative_int,
+    positive_int,
+    small_overrides,
+    table,
+)
 
 
 def register(subparsers) -> None:
@@ -15,17 +27,36 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "The whole CODE pipeline in one command:\n"
-            "  1. train main and peer conventionally (recipe defaults; early stopping)\n"
+            "  1. train main and peer conventionally (early stopping), or take the given --main/--peer\n"
             "  2. passes (default dna,dne,nda,csne) on calibration inputs from the training set\n"
             "  3. grow members 3..N: the CSN frozen and shared, fresh neurons trained\n"
             "  4. emit ensemble.onnx: input dispatched, CSN computed once, members, collect\n"
             "  5. evaluate members and the ensemble on the test set; write report.json\n\n"
+            "Main and peer come from one of:\n"
+            "  --recipe NAME            a zoo architecture with its training settings (codec train --list-recipes)\n"
+            "  --model ARCH.onnx        your architecture (lifted, trained through the torch backend; main starts\n"
+            "                           from its weights, or afresh with --init random; peer always afresh)\n"
+            "  --main A.onnx --peer B.onnx  two members you already trained (no training: straight to the passes)\n"
+            "--model and --main/--peer need --data. The loss follows the output: a softmax output trains with\n"
+            "cross-entropy; logits (no activation, one output per class) get a softmax appended, with a note\n"
+            "(the rule codec eval applies to logits); an output as wide as the input is an autoencoder (MSE).\n"
+            "--loss overrides. All of this, and the data against the model, is checked before training.\n\n"
             "-o is the run directory (ensemble.onnx goes inside it), or a path ending in .onnx for the\n"
             "ensemble itself, with the run directory beside it (<name>.run/). Interrupted? Run the same\n"
             "command with --resume: finished members are never trained again."
         ),
     )
-    parser.add_argument("--recipe", required=True, help="a recipe name (codec train --list-recipes)")
+    source = parser.add_argument_group("where main and peer come from (exactly one)")
+    source.add_argument("--recipe", default=None, help="a recipe name (codec train --list-recipes)")
+    source.add_argument("--model", default=None, metavar="ARCH.onnx", help="your architecture as an ONNX file")
+    source.add_argument("--main", default=None, metavar="A.onnx", help="your trained main member (with --peer)")
+    source.add_argument("--peer", default=None, metavar="B.onnx", help="your trained peer member (with --main)")
+    parser.add_argument("--init", choices=("onnx", "random"), default="onnx",
+                        help="--model: main starts from the file's weights (onnx, default) or afresh (random)")
+    parser.add_argument("--data", default=None,
+                        help=f"{DATA_HELP} (default the recipe's dataset; required with --model and --main/--peer)")
+    add_data_dir_argument(parser)
+    add_normalize_argument(parser)
     parser.add_argument("--members", type=positive_int, default=4, help="ensemble size N, at least 2 (default 4)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
@@ -43,14 +74,19 @@ def register(subparsers) -> None:
     parser.add_argument("--member-outputs", action="store_true",
                         help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
                         "of report.json's outputs), e.g. to report member disagreement")
-    parser.add_argument("--epochs", type=positive_int, default=None, help="max epochs per member (default: the recipe's)")
-    parser.add_argument("--lr", type=finite_positive_float, default=None, help="learning rate (default: the recipe's)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
-    parser.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience (default: the recipe's)")
+    parser.add_argument("--loss", choices=("ce", "mse"), default=None,
+                        help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer (default: the recipe's; adam for --model)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="max epochs per member (default: the recipe's; 20 for --model)")
+    parser.add_argument("--lr", type=finite_positive_float, default=None, help="learning rate (default: the recipe's; 1e-3 for --model)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's; 128 for --model)")
+    parser.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience in epochs (default: the recipe's; 5 for --model)")
+    parser.add_argument("--val-fraction", type=fraction, default=None,
+                        help="share of the training split held out for early stopping when the data has no x_val "
+                        "(default: the recipe's; 0.1 for --model)")
     add_subset_arguments(parser)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads while training (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
-    add_data_dir_argument(parser)
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -61,9 +97,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from codec.passes.registry import load_plugin_file
     from codec.pipelines.compile import CompileOptions, compile_ensemble
     from codec.runtime.training import distributed
-    from codec.passes.registry import load_plugin_file
     from codec.runtime.training.grow import GrowOptions
 
     for path in args.plugin:  # before launching workers: a bad plugin fails here, once (workers reload it)
@@ -73,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {
         "max_epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "patience": args.patience,
+        "optimizer": args.optimizer, "val_fraction": args.val_fraction,
         "n_train": args.n_train, "n_test": args.n_test, "num_threads": args.threads, "device": args.device,
     }
     options = CompileOptions(
@@ -86,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         criterion=args.criterion,
         train_overrides={k: v for k, v in small_overrides(overrides, "compile").items() if v is not None},
         data_dir=args.data_dir,
+        data=args.data,
+        model=args.model,
+        main=args.main,
+        peer=args.peer,
+        init=args.init,
+        loss=args.loss,
+        normalize=args.normalize,
     )
     out = args.output
     if out.suffix == ".onnx":
@@ -106,7 +150,9 @@ def summary(report: dict, run_dir: Path) -> str:
     rows = [[name, f"{value:.4f}"] for name, value in q["members"].items()]
     ensemble_value = q["accuracy"] if metric == "accuracy" else q["mse"]
     rows.append([f"ensemble ({report['criterion']})", f"{ensemble_value:.4f}"])
-    text = table(rows, ["member", f"test {metric}"])
+    source = report["recipe"] and f"recipe {report['recipe']}" or report["model"] or "given main and peer"
+    text = f"{source} on {report['dataset']}; loss {report['loss']['name']} ({report['loss']['why']})\n\n"
+    text += table(rows, ["member", f"test {metric}"])
     csn = report["csn"]
     text += (
         f"\n\nCSN: {csn['total']} neurons ({', '.join(f'{k} {v}' for k, v in csn['per_layer'].items())}), {csn['parameters']:,} parameters"

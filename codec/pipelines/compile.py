@@ -3,6 +3,19 @@
 train main and peer -> passes (dna, dne, nda, csne) -> grow N-2 members around the frozen CSN -> fused
 ensemble ONNX -> evaluation and report.
 
+Where main and peer come from (exactly one):
+    --recipe NAME          a zoo architecture and its training settings (torch modules, exported to ONNX)
+    --model arch.onnx      the user's architecture: lifted to NetworkIR and trained through the torch
+                           backend (runtime.training.torch_ir.IRModule); main starts from the file's
+                           weights (or afresh with init="random"), peer always afresh (seed + 1)
+    --main a --peer b      two members the user already trained: no training, straight to the passes
+
+The output rule, checked before anything trains: a member whose output layer is a softmax is a
+classifier (cross-entropy); one whose output is neither a softmax nor as wide as its input but has one
+value per class outputs logits, and gets a softmax appended (printed, and recorded in report.json's
+notes) — the rule `codec eval` applies when it softmaxes a logits member's scores itself; one as wide as
+its input is an autoencoder (MSE). `loss` ("ce" / "mse") overrides the inference.
+
 The run directory:
     config.json            what was asked (a resumed run must ask the same)
     state.json             what is done, with each finished step's facts (times, epochs, scores)
@@ -26,20 +39,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.errors import ConfigError, check_interrupt
+import numpy as np
+
+from codec.errors import ConfigError, ShapeError, check_interrupt
 from codec.io import regular_file, write_json_atomic
-from codec.pipelines.data import RecipeData, load_recipe_data
+from codec.pipelines.data import RecipeData, fit_data_to, split_for_training
 from codec.runtime.training.grow import GrowOptions
 from codec.version import __version__
 
 log = logging.getLogger("codec.pipelines.compile")
+
+NORMALIZATION_KEY = "codec.normalization"  # fused-model metadata: the input normalisation, JSON
 
 
 @dataclass
 class CompileOptions:
     """Everything that decides a compile's result (saved as config.json)."""
 
-    recipe: str
+    recipe: str | None = None
     members: int = 4
     seed: int = 0
     passes: str = "dna,dne,nda,csne"
@@ -49,8 +66,33 @@ class CompileOptions:
     criterion: str | None = None  # default: prod for classifiers, mean for autoencoders
     train_overrides: dict = field(default_factory=dict)  # TrainConfig fields replacing the recipe's
     data_dir: str | None = None
+    data: str | None = None  # dataset spec; default the recipe's
+    model: str | None = None  # the user's architecture (ONNX), instead of a recipe
+    main: str | None = None  # with peer: two members the user already trained (ONNX)
+    peer: str | None = None
+    init: str = "onnx"  # --model: main starts from the file's weights ("onnx") or afresh ("random")
+    loss: str | None = None  # "ce" / "mse"; default inferred from the output layer (or the recipe's)
+    normalize: str | None = None  # None, "mean-std" (fit on the training split) or "MEAN/STD" values
 
     def validate(self) -> None:
+        sources = [name for name, given in (("--recipe", self.recipe), ("--model", self.model),
+                                             ("--main/--peer", self.main or self.peer)) if given]
+        if len(sources) != 1:
+            raise ConfigError(
+                "give exactly one of --recipe NAME, --model ARCH.onnx, or --main A.onnx --peer B.onnx"
+                + (f" (got {' and '.join(sources)})" if sources else "")
+            )
+        if (self.main is None) != (self.peer is None):
+            raise ConfigError("--main and --peer go together: the two members the passes compare")
+        if self.recipe is None and self.data is None:
+            raise ConfigError(f"{sources[0]} needs --data (a dataset spec, e.g. npz:my_data.npz)")
+        if self.init not in ("onnx", "random"):
+            raise ConfigError(f"init={self.init!r}; choose onnx (the file's weights) or random")
+        if self.loss not in (None, "ce", "mse"):
+            raise ConfigError(f"loss={self.loss!r}; choose ce (cross-entropy) or mse")
+        from codec.runtime.data import parse_normalize
+
+        parse_normalize(self.normalize)
         if self.members < 2:
             raise ConfigError(f"--members must be at least 2 (main and peer), got {self.members}")
         if self.keep_main not in ("rewritten", "whole"):
@@ -67,7 +109,7 @@ class CompileOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompileOptions":
+    def from_dict(cls, d: dict) -> CompileOptions:
         d = dict(d)
         d["grow"] = GrowOptions(**d.get("grow", {}))
         return cls(**d)
@@ -110,31 +152,6 @@ class Run:
         check_interrupt()  # between artifacts: honour a stop that an import turned into another exception
 
 
-def _train_conventional(run: Run, names: list[str], seeds: dict, recipe, config, data: RecipeData,
-                        quiet: bool) -> dict[str, tuple[dict, bytes]]:
-    """Train members the ordinary way (random init), together in one engine run (stacked when the
-    architecture allows); returns each one's facts and ONNX bytes."""
-    from codec.pipelines.train import member_facts
-    from codec.runtime.training.engine import train_members
-    from codec.runtime.training.train import export_onnx
-
-    config = dataclasses.replace(config, quiet=quiet)
-    modules = [recipe.build(data.input_shape, data.num_outputs, seed=seeds[name]) for name in names]
-    trained = train_members(modules, data.x_train, data.y_train, data.x_val, data.y_val, config,
-                            seeds=[seeds[name] for name in names], checkpoint_path=_group_checkpoint(run, names),
-                            resume=True, names=names, desc="+".join(names))
-    out = {}
-    for name, result in zip(names, trained.members):
-        part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=recipe.task)
-        blob = part.read_bytes()
-        part.unlink()
-        stacked = names.index(name) in trained.stacked
-        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name], parameters=True),
-                 **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble)}
-        out[name] = (facts, blob)
-    return out
-
-
 def _group_facts(result, names: list[str], *, stacked: bool = False, ensemble: dict | None = None) -> dict:
     """What training a member together with others adds to its facts."""
     facts = {
@@ -155,6 +172,185 @@ def _group_facts(result, names: list[str], *, stacked: bool = False, ensemble: d
 def _group_checkpoint(run: Run, names: list[str]) -> Path:
     """One checkpoint per group of members trained together (the group a rank trains)."""
     return run.checkpoints / f"{'+'.join(names)}.ckpt"
+@dataclass
+class _Source:
+    """Where main and peer come from, and how members train (resolved before any training)."""
+
+    kind: str  # "recipe", "model" or "members"
+    task: str
+    config: object  # TrainConfig
+    recipe: object | None = None
+    template: object | None = None  # NetworkIR of --model (softmax appended when it outputs logits)
+    given: dict = field(default_factory=dict)  # --main/--peer: name -> NetworkIR
+    loss_reason: str = ""
+    notes: list = field(default_factory=list)
+
+
+def _output_rule(net, options: CompileOptions, spec: str, num_classes: int, what: str) -> tuple[str, str, list]:
+    """(task, why, notes) for a user network, softmax appended in place when it outputs logits.
+
+    See the module docstring for the rule. Raises ShapeError for an output that fits neither task.
+    """
+    from codec.ir import Activation, Dense
+
+    last = net.compute_layers()[-1] if net.compute_layers() else None
+    if last is None:
+        raise ShapeError(f"{what} has no Dense or Conv layer to train")
+    width = int(np.prod(net.output_shape))
+    inputs = int(np.prod(net.input_shape))
+    kind = last.activation.kind
+    ends_in_last = net.layers[-1] is last
+    if options.loss == "mse" or (options.loss is None and kind != "softmax" and width == inputs and width != num_classes):
+        if width != inputs:
+            raise ShapeError(f"{what} outputs {width} values per example; MSE reconstruction needs its {inputs} inputs")
+        why = "--loss mse" if options.loss == "mse" else f"the output is not a softmax and as wide as the input ({inputs})"
+        return "reconstruction", why, []
+    if kind == "softmax":
+        return "classification", "--loss ce" if options.loss == "ce" else "the output layer is a softmax", []
+    if kind != "identity" or not isinstance(last, Dense) or not ends_in_last:
+        raise ShapeError(
+            f"{what} ends in {kind} ({type(last).__name__} {last.name!r}"
+            f"{'' if ends_in_last else ', followed by other layers'}): a classifier must end in a Dense layer "
+            "with a softmax or no activation (logits)"
+        )
+    if options.loss is None and width != num_classes:
+        raise ShapeError(
+            f"{what} outputs {width} values per example: neither one per class ({num_classes} in {spec}) "
+            f"nor a reconstruction of its {inputs} inputs"
+        )
+    last.activation = Activation("softmax")
+    note = f"{what} outputs logits (no softmax): appended a softmax, as codec eval does with logits"
+    return "classification", ("--loss ce" if options.loss == "ce" else "the output is logits, one per class"), [note]
+
+
+def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source:
+    """Lift and check the user's members (`classes`: how many the data's labels name), or take the recipe."""
+    from codec.ir import lift
+    from codec.models import get_recipe
+    from codec.runtime.training.train import TrainConfig
+
+    overrides = dict(options.train_overrides)
+    if options.recipe is not None:
+        recipe = get_recipe(options.recipe)
+        if options.loss is not None:
+            overrides["loss"] = options.loss
+        config = TrainConfig.from_recipe(recipe, **overrides)
+        task = "reconstruction" if config.loss == "mse" else "classification"
+        why = "--loss" if options.loss else f"recipe {recipe.name}"
+        return _Source("recipe", task, config, recipe=recipe, loss_reason=why)
+    if options.model is not None:
+        nets = {"model": lift(_existing(options.model, "--model"), name="main")}
+    else:
+        nets = {"main": lift(_existing(options.main, "--main"), name="main"),
+                "peer": lift(_existing(options.peer, "--peer"), name="peer")}
+    task, why, notes = None, "", []
+    for key, net in nets.items():
+        path = getattr(options, key)
+        this_task, why, these = _output_rule(net, options, spec, classes, f"{Path(path).name} (--{key})")
+        if task is not None and this_task != task:
+            raise ShapeError(f"--main is a {task} model but --peer a {this_task} model")
+        task = this_task
+        notes += these
+    if options.main is not None:
+        # The passes compare main and peer neuron by neuron: refuse different architectures now.
+        shapes = {key: [list(net.input_shape), *(list(shape) for shape in net.shapes())] for key, net in nets.items()}
+        if shapes["main"] != shapes["peer"]:
+            raise ShapeError(
+                "--main and --peer must have the same architecture: layer output shapes "
+                f"{shapes['main']} vs {shapes['peer']} (input first)"
+            )
+    overrides["loss"] = "mse" if task == "reconstruction" else "ce"
+    config = TrainConfig.from_recipe(None, **overrides)
+    if options.model is not None:
+        return _Source("model", task, config, template=nets["model"], loss_reason=why, notes=notes)
+    return _Source("members", task, config, given=nets, loss_reason=why, notes=notes)
+
+
+def _existing(path: str, option: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+    return path
+
+
+def _check_before_training(source: _Source, data: RecipeData) -> RecipeData:
+    """What can be checked before anything trains: inputs against the model, labels against its outputs.
+
+    Returns the data shaped for the model (images reshaped for a flat MLP).
+    """
+    nets = [source.template] if source.template is not None else list(source.given.values())
+    for net in nets:
+        data = fit_data_to(data, tuple(net.input_shape), f"the model ({net.name})")
+        if source.task == "classification":
+            width = int(np.prod(net.output_shape))
+            top = int(max(data.y_train.max(), data.y_test.max()))
+            if top >= width:
+                raise ShapeError(
+                    f"{data.name} has labels up to {top} ({len(data.class_names)} classes) but the model "
+                    f"({net.name}) has only {width} outputs"
+                )
+    if nets:
+        data = dataclasses.replace(data, num_outputs=int(np.prod(nets[0].output_shape)))
+    return data
+
+
+def _train_conventional(run: Run, names: list[str], seeds: dict, source: _Source, options: CompileOptions,
+                        data: RecipeData, quiet: bool) -> dict[str, tuple[dict, bytes]]:
+    """Train members the ordinary way, together in one engine run (stacked when the architecture allows);
+    returns each one's facts and ONNX bytes.
+
+    A recipe's member is a zoo module (random init) exported with torch.onnx; a --model member is the
+    lifted architecture as an IRModule: main from the file's weights unless init="random", peer afresh.
+    """
+    from codec.pipelines.train import member_facts
+    from codec.runtime.training.engine import train_members
+
+    config = dataclasses.replace(source.config, quiet=quiet)
+    modules = [_initial_module(name, seeds[name], source, options, data) for name in names]
+    trained = train_members(modules, data.x_train, data.y_train, data.x_val, data.y_val, config,
+                            seeds=[seeds[name] for name in names], checkpoint_path=_group_checkpoint(run, names),
+                            resume=True, names=names, desc="+".join(names))
+    out = {}
+    for name, result in zip(names, trained.members):
+        if source.kind == "recipe":
+            from codec.runtime.training.train import export_onnx
+
+            part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape,
+                               task=source.task)
+            blob = part.read_bytes()
+            part.unlink()
+        else:
+            from codec.ir import lower, to_bytes
+
+            blob = to_bytes(lower(result.module.to_network(name)))
+        init = "random" if source.kind == "recipe" or name != "main" else options.init
+        stacked = names.index(name) in trained.stacked
+        facts = {"path": f"members/{name}.onnx", "init": init, **member_facts(result, seeds[name], parameters=True),
+                 **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble)}
+        out[name] = (facts, blob)
+    return out
+
+
+def _initial_module(name: str, seed: int, source: _Source, options: CompileOptions, data: RecipeData):
+    """The module member `name` starts training from."""
+    if source.kind == "recipe":
+        return source.recipe.build(data.input_shape, data.num_outputs, seed=seed)
+    from codec.runtime.training.torch_ir import IRModule, reinitialise_trainable
+
+    module = IRModule(source.template)
+    if name != "main" or options.init == "random":
+        reinitialise_trainable(module, seed)
+    return module
+
+
+def _given_member(name: str, net, path: str) -> tuple[dict, bytes]:
+    """A member the user trained (--main/--peer): stored as lifted (softmax appended if it gave logits)."""
+    from codec.ir import lower, to_bytes
+
+    facts = {"path": f"members/{name}.onnx", "source": str(path), "seed": None, "init": "given", "epochs": 0,
+             "best_epoch": None, "train_seconds": 0.0, "parameters": net.num_parameters,
+             "trainable_parameters": net.num_parameters}
+    return facts, to_bytes(lower(net))
 
 
 def _store_member(run: Run, name: str, facts: dict, blob: bytes) -> None:
@@ -280,24 +476,42 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
         members_metadata,
     )
     from codec.models import get_recipe
+    from codec.runtime.data import load_training_set, parse_normalize
     from codec.runtime.training import distributed
-    from codec.runtime.training.train import TrainConfig
 
     options.validate()
     world = distributed.init(threads=options.train_overrides.get("num_threads"))
-    recipe = get_recipe(options.recipe)
-    config = TrainConfig.from_recipe(recipe, **options.train_overrides)
+    spec = options.data or get_recipe(options.recipe).dataset
+    dataset = load_training_set(spec, data_dir=options.data_dir)
+    # Everything checkable is checked here, before the run directory is touched or anything trains.
+    source = _resolve_source(options, spec, dataset.num_classes)
+    config = source.config
+    data = split_for_training(dataset, source.task, config, normalize=parse_normalize(options.normalize))
+    data = _check_before_training(source, data)
+    if source.task == "reconstruction" and options.criterion not in (None, "mean"):
+        raise ConfigError(f"an autoencoder ensemble averages its members: --criterion must be mean, not {options.criterion}")
     run = Run(Path(run_dir))
     if world.is_main:
         run.prepare(options, resume)
+        for note in (*data.notes, *source.notes):
+            log.warning("%s", note)
+        if source.kind != "recipe":
+            log.warning("loss: %s (%s)", "cross-entropy" if config.loss == "ce" else "MSE", source.loss_reason)
     run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
     run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
-    data = load_recipe_data(recipe, config, options.data_dir)
     started = time.perf_counter()
     quiet = quiet or not world.is_main
 
     seeds = {"main": options.seed, "peer": options.seed + 1}
-    _train_all(run, world, ["main", "peer"], lambda part: _train_conventional(run, part, seeds, recipe, config, data, quiet))
+    if source.kind == "members":
+        if world.is_main:
+            for name in ("main", "peer"):
+                if run.done(f"train:{name}") is None:
+                    _store_member(run, name, *_given_member(name, source.given[name], getattr(options, name)))
+        run.state = distributed.broadcast(run.state)
+    else:
+        _train_all(run, world, ["main", "peer"],
+                   lambda part: _train_conventional(run, part, seeds, source, options, data, quiet))
     if world.is_main:
         _run_passes(run, options, data)
     # every rank grows around the same rewritten main: rank 0 sends it (no shared filesystem needed)
@@ -320,17 +534,21 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
              "peer": run.opt / "peer.onnx",
              **{name: run.members / f"{name}.onnx" for name in grown}}
     members = {name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name) for name, path in files.items()}
-    criterion = options.criterion or default_criterion(recipe.task)
+    criterion = options.criterion or default_criterion(source.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
     out = Path(ensemble_path) if ensemble_path is not None else run.path / "ensemble.onnx"
-    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=recipe.task,
-                          member_outputs=member_outputs, metadata=members_metadata(list(files.values()), out))
+    metadata = dict(members_metadata(list(files.values()), out))
+    if data.normalization is not None:
+        # Inputs must be normalised like this before the model sees them (export puts it in the card).
+        metadata[NORMALIZATION_KEY] = json.dumps(data.normalization)
+    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=source.task,
+                          member_outputs=member_outputs, metadata=metadata)
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
-    quality = _evaluate(members, criterion, recipe.task, data)
+    quality = _evaluate(members, criterion, source.task, data)
     counts = ensemble_parameter_count(list(members.values()), csn_net)
-    report = _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+    report = _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
                      criterion, emit_seconds, time.perf_counter() - started)
     report["world_size"] = world.size
     report["outputs"] = {"ensemble": OUTPUT_NAME,
@@ -352,7 +570,7 @@ def _evaluate(members: dict, criterion: str, task: str, data: RecipeData) -> dic
     return result
 
 
-def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
+def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
             criterion, emit_seconds, wall) -> dict:
     from codec.runtime.evaluation.metrics import memory_footprint
 
@@ -363,9 +581,14 @@ def _report(options, recipe, run, out, data, main_facts, peer_facts, pass_facts,
     train_seconds = main_facts["train_seconds"] + peer_facts["train_seconds"] + sum(g["train_seconds"] for g in grown_facts)
     return {
         "codec_version": __version__,
-        "recipe": recipe.name,
+        "recipe": source.recipe.name if source.recipe is not None else None,
+        "model": options.model,
+        "given_members": {"main": options.main, "peer": options.peer} if source.kind == "members" else None,
         "dataset": data.name,
-        "task": recipe.task,
+        "task": source.task,
+        "loss": {"name": source.config.loss, "why": source.loss_reason},
+        "normalization": data.normalization,
+        "notes": [*data.notes, *source.notes],
         "members": n,
         "criterion": criterion,
         "ensemble": str(out),

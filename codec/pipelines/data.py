@@ -35,6 +35,8 @@ class RecipeData:
     num_outputs: int  # classes for a classifier, flattened input values for an autoencoder
     class_names: tuple[str, ...]
     classify: bool
+    notes: tuple[str, ...] = ()  # how the splits were assembled when not plain (a held-out test split, ...)
+    normalization: dict | None = None  # the per-channel normalisation applied to every split (Normalization.to_dict)
 
     @property
     def n_val(self) -> int:
@@ -60,32 +62,70 @@ def load_recipe_data(recipe, config, data_dir: str | os.PathLike | None = None, 
         ConfigError: `need_validation` and no validation split.
     """
     from codec.runtime.data import load_dataset
-    from codec.runtime.training.train import DATA_SEED  # imported here: it pulls in torch
 
     dataset = load_dataset(recipe.dataset, data_dir=data_dir)
+    if config.val_fraction <= 0 and need_validation:
+        raise ConfigError(f"recipe {recipe.name!r}: the benchmark needs a validation split (val_fraction > 0)")
+    return split_for_training(dataset, recipe.task, config)
+
+
+def split_for_training(dataset, task: str, config, *, normalize=None) -> RecipeData:
+    """Cut a loaded `Dataset` for training as `config` says, optionally normalised.
+
+    The n_train/n_test subsets and the validation split are drawn with `DATA_SEED`; a validation split the
+    data brings (`dataset.x_val`, user data) is used as it is instead. `normalize` is None, "mean-std"
+    (per channel, fitted on the training examples after subsetting and without the validation split) or
+    a `codec.runtime.data.Normalization`; it is applied to every split and recorded in the result.
+    """
+    from codec.runtime.data import Normalization
+    from codec.runtime.training.train import DATA_SEED  # imported here: it pulls in torch
+
     if config.n_train is not None or config.n_test is not None:
         dataset = dataset.subset(config.n_train, config.n_test, seed=DATA_SEED)
-    if config.val_fraction > 0:
+    if dataset.x_val is not None:
+        train, x_val, y_val = dataset, dataset.x_val, dataset.y_val
+    elif config.val_fraction > 0:
         train, (x_val, y_val) = dataset.split_validation(config.val_fraction, seed=DATA_SEED)
-    elif need_validation:
-        raise ConfigError(f"recipe {recipe.name!r}: the benchmark needs a validation split (val_fraction > 0)")
     else:
         train, x_val, y_val = dataset, None, None
-    classify = recipe.task == "classification"
+    x_train, x_test = train.x_train, dataset.x_test
+    if normalize is not None:
+        normalize = Normalization.fit(x_train) if normalize == "mean-std" else normalize
+        x_train, x_val, x_test = normalize.apply(x_train), normalize.apply(x_val), normalize.apply(x_test)
+    classify = task == "classification"
     shape = tuple(dataset.input_shape)
     return RecipeData(
         name=dataset.name,
-        x_train=train.x_train,
+        x_train=x_train,
         y_train=train.y_train if classify else None,
         x_val=x_val,
         y_val=y_val if classify else None,
-        x_test=dataset.x_test,
+        x_test=x_test,
         y_test=dataset.y_test if classify else None,
         input_shape=shape,
         num_outputs=dataset.num_classes if classify else int(np.prod(shape)),
         class_names=tuple(dataset.class_names),
         classify=classify,
+        notes=tuple(dataset.notes),
+        normalization=None if normalize is None else normalize.to_dict(),
     )
+
+
+def fit_data_to(data: RecipeData, input_shape: tuple[int, ...], what: str) -> RecipeData:
+    """`data` with every split reshaped to a model's input shape when only the layout differs.
+
+    Raises:
+        ShapeError: the example sizes differ (names both shapes).
+    """
+    import dataclasses
+
+    if tuple(data.input_shape) == tuple(input_shape):
+        return data
+    if int(np.prod(data.input_shape)) != int(np.prod(input_shape)):
+        raise ShapeError(f"{data.name} examples have shape {list(data.input_shape)} but {what} expects {list(input_shape)}")
+    reshaped = {split: None if getattr(data, split) is None else getattr(data, split).reshape((-1, *input_shape))
+                for split in ("x_train", "x_val", "x_test")}
+    return dataclasses.replace(data, input_shape=tuple(input_shape), **reshaped)
 
 
 def load_split(data: str, *, data_dir: str | os.PathLike | None = None, split: str = "test",

@@ -284,6 +284,20 @@ def verify_written(path: Path, x: np.ndarray, fused: np.ndarray, batch_size: int
 # ----------------------------------------------------------------------------------------------------
 
 
+def _normalization(model) -> dict | None:
+    """The input normalisation compile recorded in the ensemble's metadata (codec.normalization), if any."""
+    text = (model.metadata_props or {}).get("codec.normalization")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ModelLoadError("its codec.normalization metadata is not JSON") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError("its codec.normalization metadata is not a JSON object")
+    return value
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -367,6 +381,8 @@ def export_ensemble(options: ExportOptions) -> dict:
         "shared_layers": description.get("shared_layers"),
         "parameters": {**parameters, "initializer_elements": stored},
         "inputs": inputs,
+        # how inputs must be normalised before scoring (codec compile --normalize); None: as loaded, in [0, 1]
+        "input_normalization": _normalization(model),
         "outputs": outputs,
         "parity": parity,
     }

@@ -10,8 +10,10 @@
   unpickle downloaded files.
 - `cifar10_jpeg`: a local JPEG-q75 copy of CIFAR-10 (`cifar10_jpeg_train8k.npz`, `cifar10_jpeg_test.npz`).
 - `mnist_small`: 5,000 + 1,000 MNIST images bundled inside the package; needs no data directory.
-- `npz:PATH`: user data (PATH as given, relative to the working directory) with arrays
-  `x_train, y_train, x_test, y_test` and optionally `class_names`.
+- `npz:PATH`, `npy:DIR`, `folder:DIR`: the user's own data (paths as given, relative to the working
+  directory): arrays `x_train, y_train` (optional `x_val, y_val, x_test, y_test`, `class_names`) or `x, y`
+  alone, or images in torchvision's ImageFolder layout; see `codec.runtime.data.user`.
+  `load_training_set(spec)` is what `codec compile` reads (it needs a training split).
 
 Images come out NCHW (`(N, 1, 28, 28)`, `(N, 3, 32, 32)`); tabular user data stays `(N, D)`.
 
@@ -35,25 +37,37 @@ from codec.runtime.data.catalog import (
 from codec.runtime.data.dataset import Dataset, iter_batches, stratified_indices, validate_arrays
 from codec.runtime.data.fetch import dataset_urls, extract_tar_safely, fetch_file
 from codec.runtime.data.formats import default_data_dir, known_specs, load_dataset, read_idx
+from codec.runtime.data.user import (
+    Normalization,
+    is_user_spec,
+    load_training_set,
+    load_user_dataset,
+    parse_normalize,
+)
 
 __all__ = [
     "CHECKSUMS",
     "CIFAR10_CLASSES",
-    "DATA_DIR_ENV",
     "DATASETS",
+    "DATA_DIR_ENV",
     "DEFAULT_DATA_DIR",
     "FASHION_MNIST_CLASSES",
     "MIRROR_ENV",
     "MNIST_CLASSES",
     "Dataset",
     "DatasetInfo",
+    "Normalization",
     "dataset_urls",
     "default_data_dir",
     "extract_tar_safely",
     "fetch_file",
+    "is_user_spec",
     "iter_batches",
     "known_specs",
     "load_dataset",
+    "load_training_set",
+    "load_user_dataset",
+    "parse_normalize",
     "read_idx",
     "stratified_indices",
     "validate_arrays",

@@ -29,6 +29,11 @@ class Dataset:
         y_test: Like `y_train`.
         num_classes: Number of classes; every label is below it.
         class_names: One name per class.
+        x_val: A validation split the user gave (user data only), or None: then training holds one out
+            of `x_train`.
+        y_val: Its labels (given exactly when `x_val` is).
+        notes: How the splits were assembled when that is not plain (a held-out test split, one array
+            pair serving every split), one line each, for the run's output and report.
     """
 
     name: str
@@ -38,6 +43,9 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     class_names: tuple[str, ...]
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = tuple(str(c) for c in self.class_names)
@@ -57,6 +65,18 @@ class Dataset:
                 f"{self.name}: train examples have shape {self.x_train.shape[1:]} but test examples "
                 f"{self.x_test.shape[1:]}"
             )
+        if (self.x_val is None) != (self.y_val is None):
+            raise DataError(f"{self.name}: a validation split needs both x_val and y_val")
+        if self.x_val is not None:
+            validate_arrays(self.x_val, self.y_val, self.num_classes, name=f"{self.name} val")
+            object.__setattr__(self, "x_val", np.asarray(self.x_val, dtype=np.float32))
+            object.__setattr__(self, "y_val", np.asarray(self.y_val).astype(np.int64, copy=False))
+            if self.x_val.shape[1:] != self.x_train.shape[1:]:
+                raise DataError(
+                    f"{self.name}: train examples have shape {self.x_train.shape[1:]} but validation examples "
+                    f"{self.x_val.shape[1:]}"
+                )
+        object.__setattr__(self, "notes", tuple(str(n) for n in self.notes))
 
     def __repr__(self) -> str:
         return (

@@ -59,7 +59,8 @@ def load_dataset(
     """Load a dataset by spec (see the module docstring for the specs and file layouts).
 
     Args:
-        spec: `mnist`, `fashion_mnist`, `cifar10`, `cifar10_jpeg`, `mnist_small` or `npz:PATH`.
+        spec: `mnist`, `fashion_mnist`, `cifar10`, `cifar10_jpeg`, `mnist_small`, or the user's own data
+            `npz:PATH`, `npy:DIR`, `folder:DIR` (see `codec.runtime.data.user`).
         data_dir: Where the standard datasets live; default `$CODEC_DATA_DIR` or `~/.cache/codec/data`.
         download: Fetch missing files from the canonical sources (checksum-verified).
         mirrors: Dataset name -> base URLs that replace the canonical ones (files are fetched from
@@ -73,14 +74,13 @@ def load_dataset(
         ConfigError: An unknown spec.
         DataError: Missing, unreadable or malformed files, a failed download or a checksum mismatch.
     """
+    from codec.runtime.data.user import is_user_spec, load_user_dataset
+
     spec = str(spec).strip()
-    if spec.startswith("npz:"):
-        path = spec[len("npz:") :]
-        if not path:
-            raise ConfigError("npz: needs a path, e.g. npz:data/my_set.npz")
-        return _load_user_npz(Path(path).expanduser(), name=spec)
+    if is_user_spec(spec):
+        return load_user_dataset(spec)
     name = spec.lower().replace("-", "_")
-    if name not in DATASETS or name == "npz":
+    if name not in DATASETS or name in ("npz", "npy", "folder"):
         raise ConfigError(f"unknown dataset {spec!r}; known: {known_specs()}")
     if name == "mnist_small":
         return _load_bundled_mnist_small()
@@ -90,11 +90,6 @@ def load_dataset(
     if name == "cifar10":
         return _load_cifar10(root, download, mirrors)
     return _load_cifar10_jpeg(root)
-
-
-def _load_user_npz(path: Path, name: str) -> Dataset:
-    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"), optional=("class_names",))
-    return _dataset_from_arrays(name, arrays, class_names=None, source=path)
 
 
 def _dataset_from_arrays(

@@ -528,7 +528,8 @@ def compile_section(source: Source) -> str:
     run_dir = source.path.parent
     metric = "accuracy" if r["task"] == "classification" else "mse"
     q = r["quality"]
-    out = [f'<h2 id="compile-{esc(run_dir.name)}">compile run {esc(run_dir)}: {esc(r["recipe"])} on {esc(r["dataset"])}</h2>']
+    source_name = r["recipe"] or r.get("model") or "the given main and peer"  # --recipe, --model or --main/--peer
+    out = [f'<h2 id="compile-{esc(run_dir.name)}">compile run {esc(run_dir)}: {esc(source_name)} on {esc(r["dataset"])}</h2>']
     t = r["time"]
     rows = [[esc(name), esc(quality(value, metric))] for name, value in q["members"].items()]
     rows.append([f"ensemble ({esc(r['criterion'])})", esc(quality(q.get("accuracy", q.get("mse")), metric))])
