@@ -21,8 +21,25 @@ import time
 
 
 def run(nproc: int, threads: int, out: str, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "codec", "compile", "--recipe", "classifier_s", "--members", "4", "--quiet", "--json",
-           "-o", out, "--nproc", str(nproc), "--threads", str(threads), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codec",
+        "compile",
+        "--recipe",
+        "classifier_s",
+        "--members",
+        "4",
+        "--quiet",
+        "--json",
+        "-o",
+        out,
+        "--nproc",
+        str(nproc),
+        "--threads",
+        str(threads),
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -33,7 +50,9 @@ def run(nproc: int, threads: int, out: str, extra: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more codec compile options")
     parser.add_argument("-o", "--output", default=None)
@@ -43,16 +62,27 @@ def main() -> None:
         for r in range(args.repeats):
             for nproc, threads in ((1, 2), (2, 1)):
                 seconds, report = run(nproc, threads, os.path.join(tmp, f"n{nproc}_{r}"), args.extra)
-                rows[nproc].append({"wall_seconds": seconds, "training_seconds": report["time"]["training_total"],
-                                    "accuracy": report["quality"]["accuracy"], "world_size": report["world_size"]})
+                rows[nproc].append(
+                    {
+                        "wall_seconds": seconds,
+                        "training_seconds": report["time"]["training_total"],
+                        "accuracy": report["quality"]["accuracy"],
+                        "world_size": report["world_size"],
+                    }
+                )
                 print(nproc, json.dumps(rows[nproc][-1]), file=sys.stderr)
     med = {n: statistics.median(r["wall_seconds"] for r in rows[n]) for n in rows}
     result = {
         "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+        },
         # the compile command as run (options in --extra override the defaults before them)
-        "workload": " ".join(["codec compile --recipe classifier_s --members 4 --nproc N --threads T", *args.extra]),
+        "workload": " ".join(
+            ["codec compile --recipe classifier_s --members 4 --nproc N --threads T", *args.extra]
+        ),
         "runs": rows,
         "median_wall_seconds": med,
         "speedup_2_ranks_over_1": med[1] / med[2],

@@ -31,8 +31,12 @@ from codec import kernels as K
 class BlasThreads:
     """Set OpenBLAS's thread count through the library numpy loaded (what threadpoolctl does)."""
 
-    _SYMBOLS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                "scipy_openblas_set_num_threads_64_", "openblas_set_num_threads64_")
+    _SYMBOLS = (
+        "openblas_set_num_threads",
+        "scipy_openblas_set_num_threads64_",
+        "scipy_openblas_set_num_threads_64_",
+        "openblas_set_num_threads64_",
+    )
 
     def __init__(self) -> None:
         np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # make sure BLAS is loaded
@@ -73,8 +77,12 @@ def cpu_flags() -> list[str]:
 
 
 def summary(seconds: list[float]) -> dict:
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "repeats": len(seconds),
-            "all_s": [round(s, 6) for s in seconds]}
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "repeats": len(seconds),
+        "all_s": [round(s, 6) for s in seconds],
+    }
 
 
 def greedy_python(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -99,8 +107,12 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=10_000, help="B (default 10000)")
     parser.add_argument("--rate", type=float, default=0.4, help="firing rate of the random flags")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--int64-repeats", type=int, default=3,
-                        help="runs of the int64 matmul, ~90 s each at the default size (0 skips it)")
+    parser.add_argument(
+        "--int64-repeats",
+        type=int,
+        default=3,
+        help="runs of the int64 matmul, ~90 s each at the default size (0 skips it)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
@@ -196,22 +208,40 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "bench/kernels.py", *sys.argv[1:]]),
         "machine": {
-            "nproc": os.cpu_count(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
-            "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "nproc": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "cpu_flags": cpu_flags(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
             "note": "cores shared with other processes; load averages show how busy the machine was",
         },
-        "kernels": {"openmp_enabled": K.openmp_enabled(), "omp_max_threads": K.num_threads(),
-                    "popcount_isa": isa, "blas_library": blas.library,
-                    "blas_threads_controlled": blas.controllable},
-        "problem": {"neurons": n, "inputs": n_inputs, "firing_rate": args.rate,
-                    "words_per_row": K.packed_words(n_inputs)},
+        "kernels": {
+            "openmp_enabled": K.openmp_enabled(),
+            "omp_max_threads": K.num_threads(),
+            "popcount_isa": isa,
+            "blas_library": blas.library,
+            "blas_threads_controlled": blas.controllable,
+        },
+        "problem": {
+            "neurons": n,
+            "inputs": n_inputs,
+            "firing_rate": args.rate,
+            "words_per_row": K.packed_words(n_inputs),
+        },
         "cofire_counts": cofire,
         "speedup_codec_vs_float32_gemm_1_thread_median": gemm1 / codec1,
-        "speedup_codec_vs_int64_matmul_median":
-            statistics.median(int64_times) / codec1 if int64_times else None,
-        "greedy_match": {"shape": [n, n], "eligible_pairs": int(eligible.sum()),
-                         "codec": summary(greedy), "numpy_sort_python_sweep": summary(greedy_py)},
+        "speedup_codec_vs_int64_matmul_median": statistics.median(int64_times) / codec1
+        if int64_times
+        else None,
+        "greedy_match": {
+            "shape": [n, n],
+            "eligible_pairs": int(eligible.sum()),
+            "codec": summary(greedy),
+            "numpy_sort_python_sweep": summary(greedy_py),
+        },
         "ndg_edges": {"shape": [n, n], "threshold": 0.4, **ndg},
     }
     if args.output:
@@ -219,11 +249,17 @@ def main() -> None:
 
         write_json_atomic(args.output, result)
     for key, parts in cofire.items():
-        figures = (f"{part} median {v['median_s'] * 1e3:9.2f} ms min {v['min_s'] * 1e3:9.2f} ms"
-                   for part, v in parts.items())
+        figures = (
+            f"{part} median {v['median_s'] * 1e3:9.2f} ms min {v['min_s'] * 1e3:9.2f} ms"
+            for part, v in parts.items()
+        )
         print(f"{key:40s} " + "  ".join(figures))
-    shown = ("speedup_codec_vs_float32_gemm_1_thread_median", "speedup_codec_vs_int64_matmul_median",
-             "greedy_match", "ndg_edges")
+    shown = (
+        "speedup_codec_vs_float32_gemm_1_thread_median",
+        "speedup_codec_vs_int64_matmul_median",
+        "greedy_match",
+        "ndg_edges",
+    )
     print(json.dumps({key: result[key] for key in shown}))
 
 

@@ -74,8 +74,13 @@ def run_one(job: tuple[str, int, dict]) -> dict:
     name, seed, settings = job
     torch.set_num_threads(1)
     options = EnsembleOptions(members=settings["members"], **CONFIGS[name])
-    overrides = {"seed": seed, "num_threads": 1, "n_train": settings["n_train"], "max_epochs": settings["epochs"],
-                 "device": "cpu"}
+    overrides = {
+        "seed": seed,
+        "num_threads": 1,
+        "n_train": settings["n_train"],
+        "max_epochs": settings["epochs"],
+        "device": "cpu",
+    }
     with tempfile.TemporaryDirectory() as out:
         report = train_ensemble_recipe(RECIPE, options, out, overrides=overrides, quiet=True, plot=False)
     metrics = report["metrics"]
@@ -109,9 +114,20 @@ def summarise(runs: list[dict]) -> dict:
         if not rows:
             continue
         entry = {"seeds": [r["seed"] for r in rows]}
-        for key in ("accuracy", "logit_mean_accuracy", "oracle_accuracy", "mean_member_accuracy", "nll", "epochs_run", "train_seconds"):
+        for key in (
+            "accuracy",
+            "logit_mean_accuracy",
+            "oracle_accuracy",
+            "mean_member_accuracy",
+            "nll",
+            "epochs_run",
+            "train_seconds",
+        ):
             values = np.array([r[key] for r in rows], dtype=np.float64)
-            entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+            entry[key] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            }
         entry["parameters_stored"] = rows[0]["parameters_stored"]
         summary[name] = entry
     return summary
@@ -130,15 +146,21 @@ def verdict(diff: dict, sign: int, margin: float = 0.0) -> dict:
     `margin`, "not worse than b by more than margin"): on average and in how many seeds."""
     agreeing = sum((d * sign > 0) if margin == 0 else (d > -margin) for d in diff["differences"])
     n = len(diff["differences"])
-    mean_ok = diff["mean"] is not None and ((diff["mean"] * sign > 0) if margin == 0 else diff["mean"] > -margin)
+    mean_ok = diff["mean"] is not None and (
+        (diff["mean"] * sign > 0) if margin == 0 else diff["mean"] > -margin
+    )
     if mean_ok and agreeing == n:
         text = f"reproduced (every seed, {agreeing} of {n})"
     elif mean_ok:
         text = f"on average only ({agreeing} of {n} seeds)"
     else:
         text = f"not reproduced ({agreeing} of {n} seeds agree)"
-    return {"reproduced": bool(mean_ok and agreeing == n), "on_average": bool(mean_ok), "seeds_agreeing": agreeing,
-            "verdict": text}
+    return {
+        "reproduced": bool(mean_ok and agreeing == n),
+        "on_average": bool(mean_ok),
+        "seeds_agreeing": agreeing,
+        "verdict": text,
+    }
 
 
 def findings(runs: list[dict], summary: dict) -> list[dict]:
@@ -149,23 +171,34 @@ def findings(runs: list[dict], summary: dict) -> list[dict]:
         return summary[config][key]["mean"]
 
     def add(claim: str, measured: str, diff: dict, sign: int, margin: float = 0.0) -> None:
-        out.append({"claim": claim, "measured": measured, "paired_difference": diff, **verdict(diff, sign, margin)})
+        out.append(
+            {"claim": claim, "measured": measured, "paired_difference": diff, **verdict(diff, sign, margin)}
+        )
 
     if {"mcl_k1", "standard"} <= set(summary):
         error_std, error_mcl = 1 - mean("standard", "oracle_accuracy"), 1 - mean("mcl_k1", "oracle_accuracy")
-        add("MCL (k=1) raises oracle accuracy far above the standard ensemble",
+        add(
+            "MCL (k=1) raises oracle accuracy far above the standard ensemble",
             f"oracle {mean('mcl_k1', 'oracle_accuracy'):.4f} vs {mean('standard', 'oracle_accuracy'):.4f} (oracle "
             f"error {error_mcl:.4f} vs {error_std:.4f}: {error_std / max(error_mcl, 1e-12):.2f}x fewer)",
-            paired(runs, "mcl_k1", "standard", "oracle_accuracy"), +1)
-        add("while the members' own accuracy drops (members specialise)",
+            paired(runs, "mcl_k1", "standard", "oracle_accuracy"),
+            +1,
+        )
+        add(
+            "while the members' own accuracy drops (members specialise)",
             f"mean member accuracy {mean('mcl_k1', 'mean_member_accuracy'):.4f} vs "
             f"{mean('standard', 'mean_member_accuracy'):.4f}",
-            paired(runs, "mcl_k1", "standard", "mean_member_accuracy"), -1)
+            paired(runs, "mcl_k1", "standard", "mean_member_accuracy"),
+            -1,
+        )
     for bagged, what in BAGGED.items():
         if {bagged, "standard"} <= set(summary):
-            add(f"bagging lowers ensemble-mean accuracy vs random initialisation: {what}",
+            add(
+                f"bagging lowers ensemble-mean accuracy vs random initialisation: {what}",
                 f"ensemble-mean accuracy {mean(bagged, 'accuracy'):.4f} vs {mean('standard', 'accuracy'):.4f}",
-                paired(runs, bagged, "standard", "accuracy"), -1)
+                paired(runs, bagged, "standard", "accuracy"),
+                -1,
+            )
     for coupled in ("score_avg", "prob_avg", "score_avg_lrxM", "prob_avg_lrxM"):
         if {coupled, "standard"} <= set(summary):
             # Each loss is judged by the combination it trains (mean logits for score averaging, mean
@@ -173,26 +206,41 @@ def findings(runs: list[dict], summary: dict) -> list[dict]:
             key = "logit_mean_accuracy" if coupled.startswith("score") else "accuracy"
             scaled = " with the learning rate x M" if coupled.endswith("lrxM") else ""
             combination = "mean-logit" if key == "logit_mean_accuracy" else "ensemble-mean"
-            add(f"(context) {coupled.split('_lr')[0]} training{scaled} is below independent training",
+            add(
+                f"(context) {coupled.split('_lr')[0]} training{scaled} is below independent training",
                 f"{combination} accuracy {mean(coupled, key):.4f} vs {mean('standard', 'accuracy'):.4f} "
                 "(standard, ensemble-mean)",
-                paired(runs, coupled, "standard", key, "accuracy"), -1)
+                paired(runs, coupled, "standard", key, "accuracy"),
+                -1,
+            )
     if {"treenet_fc1", "standard"} <= set(summary):
-        add("(context) a TreeNet sharing only the lowest layer is within 0.5 points of the independent ensemble, "
+        add(
+            "(context) a TreeNet sharing only the lowest layer is within 0.5 points of the independent ensemble, "
             "with fewer parameters",
             f"ensemble-mean accuracy {mean('treenet_fc1', 'accuracy'):.4f} vs {mean('standard', 'accuracy'):.4f}, "
             f"{summary['treenet_fc1']['parameters_stored']} vs {summary['standard']['parameters_stored']} parameters",
-            paired(runs, "treenet_fc1", "standard", "accuracy"), +1, margin=0.005)
+            paired(runs, "treenet_fc1", "standard", "accuracy"),
+            +1,
+            margin=0.005,
+        )
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--workers", type=int, default=2, help="worker processes, 1 torch thread each (default 2)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes, 1 torch thread each (default 2)"
+    )
     parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--n-train", type=int, default=1000,
-                        help="mnist_small training subset before the 10 %% validation split (default 1000)")
+    parser.add_argument(
+        "--n-train",
+        type=int,
+        default=1000,
+        help="mnist_small training subset before the 10 %% validation split (default 1000)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="max epochs (early stopping, patience 5)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("-o", "--output", default=str(Path(__file__).with_name("lee_results.json")))
@@ -209,9 +257,12 @@ def main() -> int:
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
         for result in pool.map(run_one, jobs):
             runs.append(result)
-            print(f"{result['config']:<18} seed {result['seed']}: acc {result['accuracy']:.4f} "
-                  f"(mean logits {result['logit_mean_accuracy']:.4f}) oracle {result['oracle_accuracy']:.4f} member {result['mean_member_accuracy']:.4f} "
-                  f"({result['epochs_run']} epochs, {result['train_seconds']:.1f} s)", flush=True)
+            print(
+                f"{result['config']:<18} seed {result['seed']}: acc {result['accuracy']:.4f} "
+                f"(mean logits {result['logit_mean_accuracy']:.4f}) oracle {result['oracle_accuracy']:.4f} member {result['mean_member_accuracy']:.4f} "
+                f"({result['epochs_run']} epochs, {result['train_seconds']:.1f} s)",
+                flush=True,
+            )
     wall = time.perf_counter() - started
     summary = summarise(runs)
     results = {
@@ -226,7 +277,7 @@ def main() -> int:
             "members": args.members,
             "max_epochs": args.epochs,
             "training": "recipe defaults: Adam lr 1e-3, batch 64, early stopping patience 5 on the validation "
-                        "objective, best weights restored",
+            "objective, best weights restored",
             "criterion": "mean (ensemble-mean of member probabilities)",
             "seeds": args.seeds,
         },

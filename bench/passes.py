@@ -17,21 +17,28 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="mnist")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--calibration", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=20, help="max epochs per member (early stopping, patience 5)")
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="max epochs per member (early stopping, patience 5)"
+    )
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="pass pipeline repeats (median reported)")
     parser.add_argument("--passes", default="dna,dne,nda,csne")
     parser.add_argument("-o", "--output", default=None)
     parser.add_argument("--work", default="/tmp/codec-bench-passes")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse the members and training times a previous run left in --work (the ratio then "
-                             "compares times from two runs: say so when reporting it)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the members and training times a previous run left in --work (the ratio then "
+        "compares times from two runs: say so when reporting it)",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -60,14 +67,28 @@ def main() -> None:
     for name, seed in (("main", 0), ("peer", 1)):
         if name in members:
             continue
-        config = TrainConfig(max_epochs=args.epochs, patience=5, batch_size=128, lr=1e-3, seed=seed, quiet=True,
-                             num_threads=args.threads, device="cpu")
+        config = TrainConfig(
+            max_epochs=args.epochs,
+            patience=5,
+            batch_size=128,
+            lr=1e-3,
+            seed=seed,
+            quiet=True,
+            num_threads=args.threads,
+            device="cpu",
+        )
         module = build_model("classifier", dataset.input_shape, dataset.num_classes, seed=seed, hidden=hidden)
         result = train_member(module, train.x_train, train.y_train, x_val, y_val, config, desc=name)
-        training[name] = {"seconds": result.train_seconds, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
-                          "val_accuracy": (result.best or {}).get("val_metric")}
+        training[name] = {
+            "seconds": result.train_seconds,
+            "epochs": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "val_accuracy": (result.best or {}).get("val_metric"),
+        }
         print(name, json.dumps(training[name]), file=sys.stderr)
-        members[name] = lift(export_onnx(result.module, work / f"{name}.onnx", dataset.input_shape), name=name)
+        members[name] = lift(
+            export_onnx(result.module, work / f"{name}.onnx", dataset.input_shape), name=name
+        )
 
     saved.write_text(json.dumps(training))
     x_cal = train.x_train[: args.calibration]
@@ -76,14 +97,23 @@ def main() -> None:
         module = EnsembleModule({k: v.copy() for k, v in members.items()}, Calibration(x_cal, 512))
         start = time.perf_counter()
         _, report = PassManager(parse_pipeline(args.passes)).run(module)
-        runs.append({"seconds": time.perf_counter() - start, "per_pass": {r["pass"]: r["seconds"] for r in report["passes"]},
-                     "csn_per_layer": report["passes"][-1]["details"].get("csn_per_layer")})
+        runs.append(
+            {
+                "seconds": time.perf_counter() - start,
+                "per_pass": {r["pass"]: r["seconds"] for r in report["passes"]},
+                "csn_per_layer": report["passes"][-1]["details"].get("csn_per_layer"),
+            }
+        )
         print("passes", json.dumps(runs[-1]), file=sys.stderr)
     pass_seconds = float(np.median([r["seconds"] for r in runs]))
     one_member = training["main"]["seconds"]
     result = {
         "command": "python bench/passes.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": __import__("os").cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "network": f"MLP 784-{'-'.join(map(str, hidden))}-10",
         "calibration_inputs": len(x_cal),
         "training": training,

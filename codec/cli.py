@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     args.argv = list(argv if argv is not None else sys.argv[1:])  # for commands that relaunch themselves
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="codec: %(message)s", stream=sys.stderr
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="codec: %(message)s",
+        stream=sys.stderr,
     )
     if not getattr(args, "func", None):
         parser.print_help()

@@ -17,7 +17,9 @@ class CodecError(Exception):
 class LiftError(CodecError):
     """An ONNX graph codec cannot lift into its IR; names the node and op type when there is one."""
 
-    def __init__(self, reason: str, node: str | None = None, op_type: str | None = None, source: str | None = None):
+    def __init__(
+        self, reason: str, node: str | None = None, op_type: str | None = None, source: str | None = None
+    ):
         self.reason = reason
         self.node = node
         self.op_type = op_type

@@ -41,7 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             except OSError as exc:  # a folder that is a file, no permission, a full disk: nothing written yet
-                raise _write_error(path, exc, f"its folder {path.parent} cannot be created or written to") from exc
+                raise _write_error(
+                    path, exc, f"its folder {path.parent} cannot be created or written to"
+                ) from exc
             tmp_path = Path(tmp)
             os.close(fd)
         yield tmp_path
@@ -97,7 +99,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    write_bytes_atomic(
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -138,10 +142,14 @@ def regular_file(path: str | os.PathLike, what: str = "file", error: type[CodecE
         raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
         kind = (
-            "a folder" if stat.S_ISDIR(mode)
-            else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode)
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
             else "not a regular file"
         )
         raise error(f"{path}: the {what} is {kind}, not a regular file; codec reads only regular files")
@@ -166,12 +174,18 @@ def refuse_alias(outputs, inputs, error: type[CodecError] = CodecError) -> None:
     outs = [Path(p) for p in outputs if p is not None]
     ins = [Path(p) for p in inputs if p is not None]
     for k, out in enumerate(outs):
-        for other, role in [(inp, "the input") for inp in ins] + [(o, "another output") for o in outs[k + 1 :]]:
+        for other, role in [(inp, "the input") for inp in ins] + [
+            (o, "another output") for o in outs[k + 1 :]
+        ]:
             same = out.resolve() == other.resolve()
             if not same and out.exists() and other.exists():
                 with contextlib.suppress(OSError):
                     same = os.path.samefile(out, other)
-            if same or other.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(other.resolve()):
+            if (
+                same
+                or other.resolve().is_relative_to(out.resolve())
+                or out.resolve().is_relative_to(other.resolve())
+            ):
                 raise error(f"the output {out} is (or overlaps) {role} {other}; choose another output path")
 
 
@@ -207,7 +221,9 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise WriteError(f"cannot write {path}: a file is in the way of the output folder; nothing was written")
+        raise WriteError(
+            f"cannot write {path}: a file is in the way of the output folder; nothing was written"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.stage-", dir=path.parent))

@@ -97,7 +97,9 @@ class CSN:
         }
 
 
-def _fold_inputs(net: NetworkIR, layer_name: str, keep_inputs: np.ndarray, input_means: np.ndarray | None, inputs: str) -> None:
+def _fold_inputs(
+    net: NetworkIR, layer_name: str, keep_inputs: np.ndarray, input_means: np.ndarray | None, inputs: str
+) -> None:
     """Restrict `layer_name`'s inputs to previous-layer neurons `keep_inputs` (in order), folding the rest."""
     layer = net.layer(layer_name)
     previous = net.previous_compute(layer_name)
@@ -106,12 +108,18 @@ def _fold_inputs(net: NetworkIR, layer_name: str, keep_inputs: np.ndarray, input
     if inputs == "fold_mean" and len(dropped) and input_means is not None:
         if isinstance(layer, Conv):
             # each dropped channel contributes mean * sum of its kernel (positions inside the padding aside)
-            layer.bias = layer.bias + layer.weight[:, dropped].sum(axis=(2, 3)) @ input_means[dropped].astype(np.float32)
+            layer.bias = layer.bias + layer.weight[:, dropped].sum(axis=(2, 3)) @ input_means[dropped].astype(
+                np.float32
+            )
         else:
             feature_means = input_means[owner].astype(np.float32)
             mask = np.isin(owner, dropped)
             layer.bias = layer.bias + layer.weight[:, mask] @ feature_means[mask]
-    columns = np.concatenate([np.flatnonzero(owner == n) for n in keep_inputs]) if len(keep_inputs) else np.zeros(0, np.int64)
+    columns = (
+        np.concatenate([np.flatnonzero(owner == n) for n in keep_inputs])
+        if len(keep_inputs)
+        else np.zeros(0, np.int64)
+    )
     # zero, not cut: main keeps its full width; csn_network cuts the columns afterwards
     kept = np.zeros(layer.weight.shape[1], bool)
     kept[columns] = True
@@ -136,7 +144,12 @@ def rewrite_main(main: NetworkIR, csn: CSN, means: dict[str, np.ndarray] | None 
     for spec in csn.layers:
         if previous is not None and spec.size:
             _restrict_rows_inputs(
-                net, spec.name, np.arange(spec.size), np.arange(previous.size), reordered_means.get(previous.name), csn.inputs
+                net,
+                spec.name,
+                np.arange(spec.size),
+                np.arange(previous.size),
+                reordered_means.get(previous.name),
+                csn.inputs,
             )
         previous = spec
     return net
@@ -160,7 +173,14 @@ def csn_network(rewritten_main: NetworkIR, csn: CSN) -> NetworkIR:
         raise ValueError("the CSN is empty")
     net = rewritten_main.copy()
     layers = net.layers[: net.index(csn.layers[csn.depth - 1].name) + 1]
-    sub = NetworkIR(f"{rewritten_main.name}.csn", rewritten_main.input_name, "csn", tuple(rewritten_main.input_shape), layers, {})
+    sub = NetworkIR(
+        f"{rewritten_main.name}.csn",
+        rewritten_main.input_name,
+        "csn",
+        tuple(rewritten_main.input_shape),
+        layers,
+        {},
+    )
     for spec in csn.layers[: csn.depth]:
         layer = sub.layer(spec.name)
         k = spec.size

@@ -133,7 +133,9 @@ def _frozen_prefix(member: NetworkIR) -> list[int]:
             )
         sizes.append(k)
     if sizes and sizes[-1]:
-        raise ShapeError(f"member {member.name!r}: its output layer {member.compute_layers()[-1].name!r} has frozen-shared neurons")
+        raise ShapeError(
+            f"member {member.name!r}: its output layer {member.compute_layers()[-1].name!r} has frozen-shared neurons"
+        )
     hidden = sizes[:-1]
     depth = next((i for i, k in enumerate(hidden) if k == 0), len(hidden))
     if any(hidden[depth:]):
@@ -150,10 +152,25 @@ def _structure(layer) -> tuple:
     if isinstance(layer, Dense):
         return ("dense", layer.activation)
     if isinstance(layer, Conv):
-        return ("conv", layer.activation, layer.kernel_shape, tuple(layer.strides), tuple(layer.pads), tuple(layer.dilations))
+        return (
+            "conv",
+            layer.activation,
+            layer.kernel_shape,
+            tuple(layer.strides),
+            tuple(layer.pads),
+            tuple(layer.dilations),
+        )
     if isinstance(layer, Pool):
-        return ("pool", layer.mode, tuple(layer.kernel_shape), tuple(layer.strides), tuple(layer.pads), layer.ceil_mode,
-                layer.count_include_pad, layer.is_global)
+        return (
+            "pool",
+            layer.mode,
+            tuple(layer.kernel_shape),
+            tuple(layer.strides),
+            tuple(layer.pads),
+            layer.ceil_mode,
+            layer.count_include_pad,
+            layer.is_global,
+        )
     if isinstance(layer, Flatten):
         return ("flatten",)
     raise TypeError(f"unknown layer type {type(layer).__name__}")
@@ -181,14 +198,20 @@ def check_shares_csn(member: NetworkIR, csn: NetworkIR) -> int:
             f"member {member.name!r} has frozen-shared neurons in {depth} layers but the CSN has {len(csn_compute)}"
         )
     if tuple(member.input_shape) != tuple(csn.input_shape):
-        raise ShapeError(f"member {member.name!r} takes input {list(member.input_shape)} but the CSN takes {list(csn.input_shape)}")
+        raise ShapeError(
+            f"member {member.name!r} takes input {list(member.input_shape)} but the CSN takes {list(csn.input_shape)}"
+        )
     member_span = member.layers[: member.index(member.hidden_layers()[depth - 1].name) + 1]
     csn_span = csn.layers[: csn.index(csn_compute[depth - 1].name) + 1]
     if len(member_span) != len(csn_span):
-        raise ShapeError(f"member {member.name!r}: its first {depth} shared layers and the CSN's have different structural layers between them")
+        raise ShapeError(
+            f"member {member.name!r}: its first {depth} shared layers and the CSN's have different structural layers between them"
+        )
     for mine, theirs in zip(member_span, csn_span):
         if _structure(mine) != _structure(theirs):
-            raise ShapeError(f"member {member.name!r}: layer {mine.name!r} differs from CSN layer {theirs.name!r} in kind or settings")
+            raise ShapeError(
+                f"member {member.name!r}: layer {mine.name!r} differs from CSN layer {theirs.name!r} in kind or settings"
+            )
     previous_k = None
     for l, (k, layer, shared) in enumerate(zip(sizes, member.hidden_layers(), csn_compute)):
         if k != shared.num_neurons:
@@ -201,17 +224,25 @@ def check_shares_csn(member: NetworkIR, csn: NetworkIR) -> int:
         else:
             csn_columns = np.flatnonzero(member.input_neuron_map(layer.name) < previous_k)
         other = np.setdiff1d(np.arange(layer.weight.shape[1]), csn_columns)
-        if rows[:, csn_columns].shape != shared.weight.shape or not np.array_equal(rows[:, csn_columns], shared.weight):
-            raise ShapeError(f"member {member.name!r}: the frozen-shared rows of layer {layer.name!r} differ from the CSN's weights")
+        if rows[:, csn_columns].shape != shared.weight.shape or not np.array_equal(
+            rows[:, csn_columns], shared.weight
+        ):
+            raise ShapeError(
+                f"member {member.name!r}: the frozen-shared rows of layer {layer.name!r} differ from the CSN's weights"
+            )
         if np.any(rows[:, other] != 0):
             raise ShapeError(
                 f"member {member.name!r}: frozen-shared neurons of layer {layer.name!r} read non-CSN inputs (non-zero weights)"
             )
         if not np.array_equal(layer.bias[:k], shared.bias):
-            raise ShapeError(f"member {member.name!r}: the frozen-shared biases of layer {layer.name!r} differ from the CSN's")
+            raise ShapeError(
+                f"member {member.name!r}: the frozen-shared biases of layer {layer.name!r} differ from the CSN's"
+            )
         if layer.activation.kind == "softmax" and k < layer.num_neurons:
             # softmax normalises over all neurons of the layer, so CSN and own parts cannot be computed apart
-            raise ShapeError(f"member {member.name!r}: layer {layer.name!r} is a softmax layer only partly shared with the CSN")
+            raise ShapeError(
+                f"member {member.name!r}: layer {layer.name!r} is a softmax layer only partly shared with the CSN"
+            )
         previous_k = k
     return depth
 
@@ -314,7 +345,9 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown ensemble criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if task == "reconstruction" and criterion != "mean":
-        raise ConfigError(f"a reconstruction ensemble averages its members: criterion must be mean, not {criterion!r}")
+        raise ConfigError(
+            f"a reconstruction ensemble averages its members: criterion must be mean, not {criterion!r}"
+        )
     if not members:
         raise ConfigError("an ensemble needs at least one member")
     names = list(names) if names is not None else [m.name for m in members]
@@ -325,12 +358,18 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
         if not member.compute_layers():
             raise ShapeError(f"member {name!r} has no compute layer")
         if tuple(member.input_shape) != tuple(first.input_shape):
-            raise ShapeError(f"member {name!r} takes input {list(member.input_shape)} but member {names[0]!r} takes {list(first.input_shape)}")
+            raise ShapeError(
+                f"member {name!r} takes input {list(member.input_shape)} but member {names[0]!r} takes {list(first.input_shape)}"
+            )
         if tuple(member.output_shape) != tuple(first.output_shape):
-            raise ShapeError(f"member {name!r} outputs {list(member.output_shape)} but member {names[0]!r} outputs {list(first.output_shape)}")
+            raise ShapeError(
+                f"member {name!r} outputs {list(member.output_shape)} but member {names[0]!r} outputs {list(first.output_shape)}"
+            )
         if task == "classification":
             if len(member.output_shape) != 1:
-                raise ShapeError(f"member {name!r} outputs shape {list(member.output_shape)}, not one score per class")
+                raise ShapeError(
+                    f"member {name!r} outputs shape {list(member.output_shape)}, not one score per class"
+                )
             kind = member.compute_layers()[-1].activation.kind
             if kind not in _PROBABILITY_ACTIVATIONS or not is_compute(member.layers[-1]):
                 raise ConfigError(
@@ -338,7 +377,9 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
                     "the ensemble criteria combine probabilities: end classifiers with a softmax"
                 )
     if csn is not None and tuple(csn.input_shape) != tuple(first.input_shape):
-        raise ShapeError(f"the CSN takes input {list(csn.input_shape)} but the members take {list(first.input_shape)}")
+        raise ShapeError(
+            f"the CSN takes input {list(csn.input_shape)} but the members take {list(first.input_shape)}"
+        )
     return criterion, names
 
 
@@ -357,7 +398,9 @@ def _emit_csn(builder: _FusedBuilder, csn: NetworkIR, depth: int, x: ir.Value) -
     return values
 
 
-def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+def _emit_member(
+    builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]
+) -> ir.Value:
     """Member `index` on input `x`; its shared layers take the CSN's values. Returns its output value."""
     if not plan.net.is_chain:
         return _emit_dag_member(builder, plan, index, x, csn_values)
@@ -381,7 +424,9 @@ def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, c
                     roles=layer.roles[k:],
                 )
                 own_value = builder.layer(own, value)
-                value = builder.node("Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1})
+                value = builder.node(
+                    "Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1}
+                )
                 from_csn = False
             else:
                 value, from_csn = csn_values[l], True
@@ -391,7 +436,9 @@ def _emit_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, c
     return value
 
 
-def _emit_dag_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+def _emit_dag_member(
+    builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Value, csn_values: list[ir.Value]
+) -> ir.Value:
     """`_emit_member` for a DAG member (residual Adds, Concats): each layer reads its sources' values.
 
     The CSN covers only a DAG's leading chain (`codec.passes.csne.shareable_prefix`), so the shared
@@ -414,9 +461,17 @@ def _emit_dag_member(builder: _FusedBuilder, plan: _Plan, index: int, x: ir.Valu
         elif l < plan.depth:
             k = int((layer.roles == Role.FROZEN_SHARED).sum())
             if k < layer.num_neurons:
-                own = replace(layer, name=f"{layer.name}.own", weight=layer.weight[k:], bias=layer.bias[k:], roles=layer.roles[k:])
+                own = replace(
+                    layer,
+                    name=f"{layer.name}.own",
+                    weight=layer.weight[k:],
+                    bias=layer.bias[k:],
+                    roles=layer.roles[k:],
+                )
                 own_value = builder.layer(own, ins[0])
-                value = builder.node("Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1})
+                value = builder.node(
+                    "Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1}
+                )
             else:
                 value = csn_values[l]
                 shared_value.add(layer.name)
@@ -453,8 +508,10 @@ class _PackValue:
 
 def _shared_counts(plan: _Plan) -> list[int]:
     """k_l per compute layer: the FROZEN_SHARED neurons the member takes from the CSN (0 past its depth)."""
-    return [int((layer.roles == Role.FROZEN_SHARED).sum()) if l < plan.depth else 0
-            for l, layer in enumerate(plan.net.compute_layers())]
+    return [
+        int((layer.roles == Role.FROZEN_SHARED).sum()) if l < plan.depth else 0
+        for l, layer in enumerate(plan.net.compute_layers())
+    ]
 
 
 def _common_columns(plan: _Plan, layer, l: int, shared: list[int]) -> int | None:
@@ -506,7 +563,9 @@ def _packs(plans: list[_Plan]) -> list[list[int]]:
     return [*groups.values(), *singles]
 
 
-def _to_rows(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str) -> ir.Value:
+def _to_rows(
+    builder: _FusedBuilder, value: ir.Value, layout: str, k: int, features: int, name: str
+) -> ir.Value:
     """A channels-layout [batch, K*f] value in the rows layout [1, K*f, batch, 1]; a rows one as it is."""
     if layout == "rows":
         return value
@@ -515,7 +574,9 @@ def _to_rows(builder: _FusedBuilder, value: ir.Value, layout: str, k: int, featu
     return builder.node("Reshape", [columns, shape], f"{name}.rows")
 
 
-def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_features: int, name: str) -> ir.Value:
+def _emit_packed_dense(
+    builder, layers, rows, common_n, value: _PackValue, own_features: int, name: str
+) -> ir.Value:
     """K members' Dense rows `rows` (slice of each weight): one Gemm on the common part (weights concatenated,
     [K*out, n]) plus one grouped 1x1 Conv (group=K, filters [K*out, in, 1, 1]) on the own part; returns the
     rows layout [1, K*out, batch, 1].
@@ -533,8 +594,12 @@ def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_f
     b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
     if value.common is not None and common_n:
         w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
-        z = builder.node("Gemm", [value.common, builder.initializer(f"{name}.common.weight", w), b], f"{name}.common",
-                         {"transB": 1})
+        z = builder.node(
+            "Gemm",
+            [value.common, builder.initializer(f"{name}.common.weight", w), b],
+            f"{name}.common",
+            {"transB": 1},
+        )
         terms.append(_to_rows(builder, z, "channels", k, out, f"{name}.common"))
     if value.own is not None:
         own = _to_rows(builder, value.own, value.layout, k, own_features, f"{name}.in")
@@ -546,24 +611,39 @@ def _emit_packed_dense(builder, layers, rows, common_n, value: _PackValue, own_f
 
 def _rows_softmax(builder: _FusedBuilder, z: ir.Value, k: int, out: int, name: str) -> ir.Value:
     """Softmax over each member's neurons of a rows-layout value [1, K*out, batch, 1]."""
-    grouped = builder.node("Reshape", [z, builder.shape_const(f"{name}.softmax_in", np.array([k, out, -1]))], f"{name}.grouped")
+    grouped = builder.node(
+        "Reshape", [z, builder.shape_const(f"{name}.softmax_in", np.array([k, out, -1]))], f"{name}.grouped"
+    )
     p = builder.node("Softmax", [grouped], f"{name}.softmax", {"axis": 1})
-    return builder.node("Reshape", [p, builder.shape_const(f"{name}.softmax_out", np.array([1, k * out, -1, 1]))],
-                        f"{name}.softmax_rows")
+    return builder.node(
+        "Reshape",
+        [p, builder.shape_const(f"{name}.softmax_out", np.array([1, k * out, -1, 1]))],
+        f"{name}.softmax_rows",
+    )
 
 
 def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: str) -> ir.Value:
     """K members' Conv filters `rows` as one Conv on the common part (filters concatenated) plus one
     grouped Conv (group=K) on the own part; returns [batch, K*out, H, W]."""
     first = layers[0]
-    attrs = {"kernel_shape": list(first.kernel_shape), "strides": list(first.strides), "pads": list(first.pads),
-             "dilations": list(first.dilations)}
+    attrs = {
+        "kernel_shape": list(first.kernel_shape),
+        "strides": list(first.strides),
+        "pads": list(first.pads),
+        "dilations": list(first.dilations),
+    }
     b = builder.initializer(f"{name}.bias", np.concatenate([layer.bias[rows] for layer in layers]))
     terms = []
     if value.common is not None and common_n:
         w = np.concatenate([layer.weight[rows, :common_n] for layer in layers])
-        terms.append(builder.node("Conv", [value.common, builder.initializer(f"{name}.common.weight", w), b],
-                                  f"{name}.common", attrs))
+        terms.append(
+            builder.node(
+                "Conv",
+                [value.common, builder.initializer(f"{name}.common.weight", w), b],
+                f"{name}.common",
+                attrs,
+            )
+        )
     if value.own is not None:
         w = np.concatenate([layer.weight[rows, common_n:] for layer in layers])
         inputs = [value.own, builder.initializer(f"{name}.own.weight", w)] + ([] if terms else [b])
@@ -571,7 +651,9 @@ def _emit_packed_conv(builder, layers, rows, common_n, value: _PackValue, name: 
     return terms[0] if len(terms) == 1 else builder.node("Add", terms, name)
 
 
-def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]) -> ir.Value:
+def _emit_pack(
+    builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Value, csn_values: list[ir.Value]
+) -> ir.Value:
     """Members `plans` (same `_pack_signature`) computed together; returns their outputs [K, batch, ...].
 
     Layer by layer, a member's layer reads [CSN part, own part] of the layer below; its own rows are
@@ -590,9 +672,13 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
         if not is_compute(layer):
             common = own = None
             if value.common is not None:
-                common = builder.structural(layer, value.common, shared_prefix="csn/" if value.common_from_csn else None)
+                common = builder.structural(
+                    layer, value.common, shared_prefix="csn/" if value.common_from_csn else None
+                )
             if value.own is not None and not (isinstance(layer, Flatten) and value.layout == "rows"):
-                own = builder.layer(layer, value.own)  # per channel (Pool) or channel-major (Flatten): per member
+                own = builder.layer(
+                    layer, value.own
+                )  # per channel (Pool) or channel-major (Flatten): per member
             elif value.own is not None:
                 own = value.own  # a Flatten of a [batch, f] member value changes nothing
             value = _PackValue(common, value.common_from_csn, own, value.layout)
@@ -625,16 +711,25 @@ def _emit_pack(builder: _FusedBuilder, plans: list[_Plan], first: int, x: ir.Val
     if value.layout == "rows":
         shape = builder.shape_const(f"{prefix}output.shape", np.array([k, plans[0].net.output_shape[0], -1]))
         grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
-        return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [0, 2, 1]})  # [K, batch, out]
+        return builder.node(
+            "Transpose", [grouped], f"{prefix}output.stacked", {"perm": [0, 2, 1]}
+        )  # [K, batch, out]
     # a Conv output [batch, K*c, h, w]: member i's channels are the i-th block
     c, *spatial = plans[0].net.output_shape
     shape = builder.shape_const(f"{prefix}output.shape", np.array([0, k, c, *spatial]))
     grouped = builder.node("Reshape", [value.own, shape], f"{prefix}output.grouped")
-    return builder.node("Transpose", [grouped], f"{prefix}output.stacked", {"perm": [1, 0, *range(2, 3 + len(spatial))]})
+    return builder.node(
+        "Transpose", [grouped], f"{prefix}output.stacked", {"perm": [1, 0, *range(2, 3 + len(spatial))]}
+    )
 
 
-def _emit_members_stacked(builder: _FusedBuilder, plans: list[_Plan], packs: list[list[int]], x: ir.Value,
-                          csn_values: list[ir.Value]) -> tuple[ir.Value, list[int]]:
+def _emit_members_stacked(
+    builder: _FusedBuilder,
+    plans: list[_Plan],
+    packs: list[list[int]],
+    x: ir.Value,
+    csn_values: list[ir.Value],
+) -> tuple[ir.Value, list[int]]:
     """Every member's output stacked [M, batch, ...]: each pack's as one value, the other members'
     unsqueezed; returns it and the member index of each row (pack by pack, not member order)."""
     parts, order = [], []
@@ -657,8 +752,13 @@ def _unstack(builder: _FusedBuilder, stacked: ir.Value, order: list[int]) -> lis
     if len(order) == 1:
         parts = [stacked]
     else:
-        node = ir.node("Split", [stacked], {"axis": 0, "num_outputs": len(order)}, num_outputs=len(order),
-                       name=builder.unique("collect/unstack"))
+        node = ir.node(
+            "Split",
+            [stacked],
+            {"axis": 0, "num_outputs": len(order)},
+            num_outputs=len(order),
+            name=builder.unique("collect/unstack"),
+        )
         for i, out in enumerate(node.outputs):
             out.name = builder.unique(f"collect/unstack.{i}")
         builder.nodes.append(node)
@@ -669,7 +769,9 @@ def _unstack(builder: _FusedBuilder, stacked: ir.Value, order: list[int]) -> lis
     return outputs
 
 
-def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, num_classes: int, precision: str) -> ir.Value:
+def _collect_stacked(
+    builder: _FusedBuilder, stacked: ir.Value, criterion: str, num_classes: int, precision: str
+) -> ir.Value:
     """`_collect` on members stacked [M, batch, classes]: each step one node for all members, reducing
     over axis 0 where `_collect` sums a list (the same arithmetic in another summation order)."""
     builder.prefix = "collect/"
@@ -679,7 +781,9 @@ def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, 
     if criterion == "vote":
         depth = builder.const("collect/classes", np.array([num_classes], np.int64))
         on_off = builder.const("collect/one_hot_values", np.array([0.0, 1.0], np.float32))
-        choice = builder.node("ArgMax", [stacked], "collect/argmax", {"axis": -1, "keepdims": 0, "select_last_index": 0})
+        choice = builder.node(
+            "ArgMax", [stacked], "collect/argmax", {"axis": -1, "keepdims": 0, "select_last_index": 0}
+        )
         votes = builder.node("OneHot", [choice, depth, on_off], "collect/votes", {"axis": -1})
         return builder.node("ReduceMean", [votes, members], OUTPUT_NAME, {"keepdims": 0})
     axes = builder.const("collect/axes", np.array([1], np.int64))
@@ -693,7 +797,9 @@ def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, 
             one = builder.const("collect/one", np.array([1.0], np.float32))
             zero = builder.const("collect/zero", np.array([0.0], np.float32))
             is_zero = builder.node("Equal", [stacked, zero], "collect/is_zero")
-            logs = builder.node("Log", [builder.node("Where", [is_zero, one, stacked], "collect/nonzero")], "collect/logs")
+            logs = builder.node(
+                "Log", [builder.node("Where", [is_zero, one, stacked], "collect/nonzero")], "collect/logs"
+            )
             zeros = builder.node("Cast", [is_zero], "collect/zeros", {"to": ir.DataType.FLOAT})
             log_sum = builder.node("ReduceSum", [logs, members], "collect/log_sum", {"keepdims": 0})
             zero_count = builder.node("ReduceSum", [zeros, members], "collect/zero_count", {"keepdims": 0})
@@ -703,7 +809,9 @@ def _collect_stacked(builder: _FusedBuilder, stacked: ir.Value, criterion: str, 
             penalty = builder.node("Mul", [extra, log_eps], "collect/veto_penalty")
             log_scores = builder.node("Add", [log_sum, penalty], "collect/log_scores")
         log_max = builder.node("ReduceMax", [log_scores, axes], "collect/log_max", {"keepdims": 1})
-        scores = builder.node("Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores")
+        scores = builder.node(
+            "Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores"
+        )
         total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
         if precision == "float32":
             return builder.node("Div", [scores, total], OUTPUT_NAME)
@@ -754,11 +862,15 @@ def _prod_log_scores_float64(builder: _FusedBuilder, outputs: list[ir.Value]) ->
     logs = []
     for i, p in enumerate(outputs):
         p64 = builder.node("Cast", [p], f"collect/m{i}.float64", {"to": ir.DataType.DOUBLE})
-        logs.append(builder.node("Log", [builder.node("Max", [p64, eps], f"collect/m{i}.clip")], f"collect/m{i}.log"))
+        logs.append(
+            builder.node("Log", [builder.node("Max", [p64, eps], f"collect/m{i}.clip")], f"collect/m{i}.log")
+        )
     return builder.node("Sum", logs, "collect/log_scores")
 
 
-def _collect(builder: _FusedBuilder, outputs: list[ir.Value], criterion: str, num_classes: int, precision: str) -> ir.Value:
+def _collect(
+    builder: _FusedBuilder, outputs: list[ir.Value], criterion: str, num_classes: int, precision: str
+) -> ir.Value:
     """The collect stage: combine member outputs per `criterion` into the value named OUTPUT_NAME."""
     builder.prefix = "collect/"
     if criterion == "mean":
@@ -768,15 +880,23 @@ def _collect(builder: _FusedBuilder, outputs: list[ir.Value], criterion: str, nu
         on_off = builder.const("collect/one_hot_values", np.array([0.0, 1.0], np.float32))
         votes = []
         for i, p in enumerate(outputs):
-            choice = builder.node("ArgMax", [p], f"collect/m{i}.argmax", {"axis": 1, "keepdims": 0, "select_last_index": 0})
+            choice = builder.node(
+                "ArgMax", [p], f"collect/m{i}.argmax", {"axis": 1, "keepdims": 0, "select_last_index": 0}
+            )
             votes.append(builder.node("OneHot", [choice, depth, on_off], f"collect/m{i}.vote", {"axis": -1}))
         return builder.node("Mean", votes, OUTPUT_NAME)
     axes = builder.const("collect/axes", np.array([1], np.int64))
     if criterion == "prod":
-        log_scores = _prod_log_scores_float64(builder, outputs) if precision == "float64" else _prod_log_scores(builder, outputs)
+        log_scores = (
+            _prod_log_scores_float64(builder, outputs)
+            if precision == "float64"
+            else _prod_log_scores(builder, outputs)
+        )
         # subtract the row maximum so the best class is exp(0) = 1 and the row sum never underflows to 0
         log_max = builder.node("ReduceMax", [log_scores, axes], "collect/log_max", {"keepdims": 1})
-        scores = builder.node("Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores")
+        scores = builder.node(
+            "Exp", [builder.node("Sub", [log_scores, log_max], "collect/log_shifted")], "collect/scores"
+        )
         total = builder.node("ReduceSum", [scores, axes], "collect/total", {"keepdims": 1})
         if precision == "float32":
             return builder.node("Div", [scores, total], OUTPUT_NAME)
@@ -857,12 +977,19 @@ def emit_ensemble(
         graph_outputs = [_collect(builder, outputs, criterion, num_classes, precision)]
         if member_outputs:
             builder.prefix = ""
-            graph_outputs += [builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)]
+            graph_outputs += [
+                builder.node("Identity", [v], member_output_name(i)) for i, v in enumerate(outputs)
+            ]
     for value in graph_outputs:
         value.shape = ir.Shape(["batch", *out_shape])
         value.type = ir.TensorType(ir.DataType.FLOAT)
     graph = ir.Graph(
-        [x], graph_outputs, nodes=builder.nodes, initializers=builder.initializers, opset_imports={"": OPSET}, name="ensemble"
+        [x],
+        graph_outputs,
+        nodes=builder.nodes,
+        initializers=builder.initializers,
+        opset_imports={"": OPSET},
+        name="ensemble",
     )
     params = ensemble_parameter_count(members, csn)
     csn_layers = csn.compute_layers()[:csn_depth] if csn is not None else []
@@ -916,7 +1043,9 @@ def member_files(model: ir.Model, ensemble_file: str | os.PathLike) -> list[Path
     if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
         raise ModelLoadError(f"{name}: its {MEMBERS_KEY} metadata is malformed: not a list of paths")
     if any(Path(p).is_absolute() for p in listed):
-        raise ModelLoadError(f"{name}: its {MEMBERS_KEY} metadata names an absolute path; they are relative to it")
+        raise ModelLoadError(
+            f"{name}: its {MEMBERS_KEY} metadata names an absolute path; they are relative to it"
+        )
     base = Path(ensemble_file).resolve().parent
     return [base / p for p in listed]
 

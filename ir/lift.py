@@ -46,19 +46,63 @@ from codec.ir.network import (
 )
 
 _ACTIVATION_OPS = {
-    "Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax", "Elu": "elu",
-    "Softplus": "softplus", "HardSwish": "hardswish", "Gelu": "gelu",
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Softmax": "softmax",
+    "Elu": "elu",
+    "Softplus": "softplus",
+    "HardSwish": "hardswish",
+    "Gelu": "gelu",
 }
 _DROPPED_OPS = ("Dropout", "Identity")
 # Ops an activation written out node by node is made of (see `_Lifter._match_activation`).
 _ELEMENTWISE_OPS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Exp", "Log", "Neg", "Sqrt", "Relu", "Clip",
-     "HardSigmoid", "Softplus", "Min", "Max", "Greater", "Less", "Where"}
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Exp",
+        "Log",
+        "Neg",
+        "Sqrt",
+        "Relu",
+        "Clip",
+        "HardSigmoid",
+        "Softplus",
+        "Min",
+        "Max",
+        "Greater",
+        "Less",
+        "Where",
+    }
 )
 _MAX_PATTERN_NODES = 12
 SUPPORTED_OPS = frozenset(
-    {"Gemm", "MatMul", "Add", "Conv", "BatchNormalization", "Flatten", "Reshape", "MaxPool", "AveragePool",
-     "GlobalAveragePool", "ReduceMean", "Concat", "Cast", "Constant", *_ACTIVATION_OPS, *_DROPPED_OPS}
+    {
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Conv",
+        "BatchNormalization",
+        "Flatten",
+        "Reshape",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "ReduceMean",
+        "Concat",
+        "Cast",
+        "Constant",
+        *_ACTIVATION_OPS,
+        *_DROPPED_OPS,
+    }
 )
 # Ops lifted only as part of an activation written out node by node (Erf in GELU's Div/Erf/Add/Mul, ...):
 # not in SUPPORTED_OPS, which lists what lifts on its own (`codec inspect` reports it per op).
@@ -108,7 +152,9 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         # Serialized bytes have no directory for external data to live in: onnx_ir would resolve the
         # location against the working directory (or take it as absolute) and read any file there.
         for owner, _ in _external_tensors(model):
-            raise ModelLoadError(f"{owner} of an in-memory model points at external data; refusing to read it")
+            raise ModelLoadError(
+                f"{owner} of an in-memory model points at external data; refusing to read it"
+            )
         _check_text(model, "")
         _check_model(model, "")
         return model
@@ -117,7 +163,9 @@ def load_model(source: str | os.PathLike | bytes | ir.Model) -> ir.Model:
         with _quiet_onnx_ir():
             model = ir.load(path)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}"
+        ) from exc
     _check_external_data(model, path.resolve().parent, path)
     _check_text(model, f"{path.name}: ")
     _check_model(model, f"{path.name}: ")
@@ -142,7 +190,9 @@ def _check_model(model: ir.Model, where: str) -> None:
     opsets = model.opset_imports
     version = opsets.get("", opsets.get("ai.onnx"))
     if version is None:
-        raise ModelLoadError(f"{where}the model imports no opset of the default ONNX domain (onnxruntime refuses it)")
+        raise ModelLoadError(
+            f"{where}the model imports no opset of the default ONNX domain (onnxruntime refuses it)"
+        )
     if isinstance(version, bool) or not isinstance(version, int) or not MIN_OPSET <= version <= max_opset():
         raise ModelLoadError(
             f"{where}the model's ONNX opset is {version}; codec (like onnxruntime) reads opsets {MIN_OPSET} to {max_opset()}"
@@ -164,7 +214,9 @@ def _check_text(model: ir.Model, where: str) -> None:
         texts += [node.name, node.op_type, node.domain, *(v.name for v in node.outputs if v is not None)]
     bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
     if bad is not None:
-        raise ModelLoadError(f"{where}the model holds a name or metadata entry that is not valid UTF-8: {bad!r}")
+        raise ModelLoadError(
+            f"{where}the model holds a name or metadata entry that is not valid UTF-8: {bad!r}"
+        )
 
 
 def _external_tensors(model: ir.Model):
@@ -216,7 +268,9 @@ def _declared_nbytes(tensor: ir.ExternalTensor) -> int:
         return 0
 
 
-def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None, check: bool | None = None) -> NetworkIR:
+def lift(
+    source: str | os.PathLike | bytes | ir.Model, name: str | None = None, check: bool | None = None
+) -> NetworkIR:
     """Lift an ONNX model into NetworkIR.
 
     Every lifted network is then lowered and compared with the original under onnxruntime on random
@@ -241,7 +295,9 @@ def lift(source: str | os.PathLike | bytes | ir.Model, name: str | None = None, 
     except ModelLoadError as exc:
         model = _load_without_zipmap(source, exc, notes)
     if name is None:
-        name = Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
+        name = (
+            Path(source).stem if isinstance(source, (str, os.PathLike)) else (model.graph.name or "network")
+        )
     lifter = _Lifter(model.graph, name)
     lifter.notes.extend(notes)
     net = lifter.run()
@@ -316,7 +372,9 @@ def check_lift(net: NetworkIR, original: str | os.PathLike | bytes | ir.Model, e
     if batch * widest > LIFT_CHECK_MAX_VALUES:
         import warnings
 
-        warnings.warn(f"{net.name}: post-lift parity check skipped ({batch} x {widest} activation values)", stacklevel=3)
+        warnings.warn(
+            f"{net.name}: post-lift parity check skipped ({batch} x {widest} activation values)", stacklevel=3
+        )
         net.metadata[LIFT_CHECK_KEY] = "skipped"
         return
     x = np.random.default_rng(0).standard_normal((batch, *net.input_shape)).astype(np.float32)
@@ -329,8 +387,10 @@ def check_lift(net: NetworkIR, original: str | os.PathLike | bytes | ir.Model, e
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime refuses the model: {_ort_reason(exc)}") from exc
     try:
-        expected = reference.run([net.output_name] if net.output_name in [o.name for o in reference.get_outputs()]
-                                 else None, {net.input_name: x})[0]
+        expected = reference.run(
+            [net.output_name] if net.output_name in [o.name for o in reference.get_outputs()] else None,
+            {net.input_name: x},
+        )[0]
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime cannot run the model: {_ort_reason(exc)}") from exc
     try:
@@ -404,8 +464,10 @@ def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.
     from onnx import helper
 
     try:
-        proto = onnx.load_model_from_string(bytes(source)) if isinstance(source, (bytes, bytearray)) else onnx.load(
-            os.fspath(source), load_external_data=False
+        proto = (
+            onnx.load_model_from_string(bytes(source))
+            if isinstance(source, (bytes, bytearray))
+            else onnx.load(os.fspath(source), load_external_data=False)
         )
     except Exception:  # noqa: BLE001 - the first error is the one to report
         raise error from None
@@ -417,7 +479,9 @@ def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.
         graph.node.remove(node)
         graph.output.remove(outputs[node.output[0]])
         graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-        notes.append(f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor {node.input[0]!r} it reads")
+        notes.append(
+            f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor {node.input[0]!r} it reads"
+        )
     return load_model(proto.SerializeToString())
 
 
@@ -440,7 +504,9 @@ def _restore_roles(net: NetworkIR, model: ir.Model) -> None:
                 layer.roles[indices] = Role[role.upper()]
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
         raise ModelLoadError(f"the model's codec.roles metadata is malformed: {exc}") from exc
-    net.metadata.update({k: v for k, v in model.metadata_props.items() if k.startswith("codec.") and k != "codec.roles"})
+    net.metadata.update(
+        {k: v for k, v in model.metadata_props.items() if k.startswith("codec.") and k != "codec.roles"}
+    )
 
 
 class _Lifter:
@@ -463,7 +529,9 @@ class _Lifter:
     def run(self) -> NetworkIR:
         graph_inputs = [v for v in self.graph.inputs if v.name not in self.graph.initializers]
         if len(graph_inputs) != 1:
-            raise LiftError(f"the graph has {len(graph_inputs)} data inputs; codec lifts single-input networks")
+            raise LiftError(
+                f"the graph has {len(graph_inputs)} data inputs; codec lifts single-input networks"
+            )
         output = self._kept_output()
         x = graph_inputs[0]
         self.input_shape = self._input_shape(x)
@@ -476,7 +544,9 @@ class _Lifter:
             if id(node) not in self.needed:
                 if self.notes:
                     continue  # part of a dropped output's tail (listed in the notes)
-                raise LiftError("node is not on the path from the input to the output", node.name, node.op_type)
+                raise LiftError(
+                    "node is not on the path from the input to the output", node.name, node.op_type
+                )
             self._visit(node)
         if id(output) not in self.refs:
             raise LiftError(f"output {output.name!r} is not computed from the input {x.name!r}")
@@ -537,7 +607,9 @@ class _Lifter:
         if len(outputs) > 1:
             for value in outputs:
                 if value is not kept:
-                    self.notes.append(f"dropped output {value.name!r} ({' -> '.join(self._tail(value)) or 'no node'})")
+                    self.notes.append(
+                        f"dropped output {value.name!r} ({' -> '.join(self._tail(value)) or 'no node'})"
+                    )
         return kept
 
     def _tail(self, value: ir.Value) -> list[str]:
@@ -564,9 +636,13 @@ class _Lifter:
             )
         rest = dims[1:]
         if not all(isinstance(d, int) and d > 0 for d in rest):
-            raise LiftError(f"input {x.name!r} has shape {x.shape}; all but the batch dimension must be fixed")
+            raise LiftError(
+                f"input {x.name!r} has shape {x.shape}; all but the batch dimension must be fixed"
+            )
         if math.prod(rest) > MAX_TENSOR_ELEMENTS:
-            raise LiftError(f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond codec's limit")
+            raise LiftError(
+                f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond codec's limit"
+            )
         return tuple(int(d) for d in rest)
 
     def _consumers(self, value: ir.Value) -> list[ir.Node]:
@@ -587,11 +663,21 @@ class _Lifter:
             raise LiftError("node has no output", node.name, node.op_type)
         try:
             out, count = self._dispatch(node)
-        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as exc:
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            ArithmeticError,
+            AttributeError,
+            AssertionError,
+        ) as exc:
             # A hostile or corrupt file can put anything in a node (attributes of the wrong type, missing
             # inputs, inconsistent shapes; onnx_ir asserts on tensor data stored in the wrong field): whatever
             # the specific checks miss is still a refusal of this node.
-            raise LiftError(f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type) from exc
+            raise LiftError(
+                f"malformed node ({type(exc).__name__}: {_first_line(exc)})", node.name, node.op_type
+            ) from exc
         if len(self.layers) > count:
             first = self.layers[count]
             default = self.layers[count - 1].name if count else INPUT
@@ -603,7 +689,11 @@ class _Lifter:
         self.refs[id(out)] = (owner, self.shape)
         self.current[owner] = out
         if not self._consumers(out) and out not in self.graph.outputs:
-            raise LiftError(f"its output {out.name!r} is used by no node and is not the graph output", node.name, node.op_type)
+            raise LiftError(
+                f"its output {out.name!r} is used by no node and is not the graph output",
+                node.name,
+                node.op_type,
+            )
 
     def _dispatch(self, node: ir.Node) -> tuple[ir.Value, int]:
         """Run the node's handler on its data inputs; returns its output and the layer count before it."""
@@ -652,7 +742,11 @@ class _Lifter:
                 node.op_type,
             )
         if tensor.size > MAX_TENSOR_ELEMENTS:
-            raise LiftError(f"its {what} {value.name!r} has {tensor.size} elements, beyond codec's limit", node.name, node.op_type)
+            raise LiftError(
+                f"its {what} {value.name!r} has {tensor.size} elements, beyond codec's limit",
+                node.name,
+                node.op_type,
+            )
         proto = getattr(tensor, "raw", None)
         if hasattr(proto, "ByteSize") and _declared_nbytes(tensor) > 8 * proto.ByteSize() + 64:
             # Well-formed inline data takes at least 1 byte per 8 bytes of tensor (int64 zeros as varints);
@@ -665,18 +759,28 @@ class _Lifter:
         try:
             array = tensor.numpy()
         except Exception as exc:
-            raise LiftError(f"cannot read {what} {value.name!r}: {_first_line(exc)}", node.name, node.op_type) from exc
+            raise LiftError(
+                f"cannot read {what} {value.name!r}: {_first_line(exc)}", node.name, node.op_type
+            ) from exc
         if what in ("weight", "bias", "scale", "mean", "variance", "shift"):
             if array.dtype.kind != "f":
-                raise LiftError(f"its {what} {value.name!r} has dtype {array.dtype}; expected floating point", node.name, node.op_type)
+                raise LiftError(
+                    f"its {what} {value.name!r} has dtype {array.dtype}; expected floating point",
+                    node.name,
+                    node.op_type,
+                )
             if not np.all(np.isfinite(array)):
-                raise LiftError(f"its {what} {value.name!r} contains NaN or infinite values", node.name, node.op_type)
+                raise LiftError(
+                    f"its {what} {value.name!r} contains NaN or infinite values", node.name, node.op_type
+                )
             if array.dtype != np.float32:
                 with np.errstate(over="ignore"):
                     narrowed = array.astype(np.float32)
                 if not np.all(np.isfinite(narrowed)):
                     raise LiftError(
-                        f"its {what} {value.name!r} ({array.dtype}) holds values beyond float32's range", node.name, node.op_type
+                        f"its {what} {value.name!r} ({array.dtype}) holds values beyond float32's range",
+                        node.name,
+                        node.op_type,
                     )
                 array = narrowed
         return array
@@ -684,15 +788,23 @@ class _Lifter:
     def _attrs(self, node: ir.Node) -> dict:
         return {k: a.value for k, a in node.attributes.items()}
 
-    def _ints(self, node: ir.Node, key: str, default: tuple[int, ...] | None, length: int, minimum: int) -> tuple[int, ...]:
+    def _ints(
+        self, node: ir.Node, key: str, default: tuple[int, ...] | None, length: int, minimum: int
+    ) -> tuple[int, ...]:
         """A list-of-ints attribute, checked: `length` integers, each >= `minimum` (zero strides, negative
         pads and the like would otherwise become IR that divides by zero or cannot be lowered)."""
         value = self._attrs(node).get(key, default)
         if value is None:
             raise LiftError(f"attribute {key} is required", node.name, node.op_type)
         values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        if len(values) != length or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
-            raise LiftError(f"attribute {key}={value!r} is invalid: expected {length} integers >= {minimum}", node.name, node.op_type)
+        if len(values) != length or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values
+        ):
+            raise LiftError(
+                f"attribute {key}={value!r} is invalid: expected {length} integers >= {minimum}",
+                node.name,
+                node.op_type,
+            )
         return values
 
     def _float(self, node: ir.Node, key: str, default: float) -> float:
@@ -709,7 +821,9 @@ class _Lifter:
 
     def _check_size(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
         if min(shape) < 1:
-            raise LiftError(f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type)
+            raise LiftError(
+                f"output would be empty for an input of shape {list(self.shape)}", node.name, node.op_type
+            )
         if math.prod(shape) > MAX_TENSOR_ELEMENTS:
             raise LiftError(f"output shape {list(shape)} is beyond codec's limit", node.name, node.op_type)
         return shape
@@ -717,12 +831,18 @@ class _Lifter:
     def _out(self, node: ir.Node) -> ir.Value:
         used = [o for o in node.outputs[1:] if o is not None and (o.uses() or o in self.graph.outputs)]
         if used:
-            raise LiftError(f"its extra output {used[0].name!r} is used; codec supports its first output only", node.name, node.op_type)
+            raise LiftError(
+                f"its extra output {used[0].name!r} is used; codec supports its first output only",
+                node.name,
+                node.op_type,
+            )
         return node.outputs[0]
 
     def _layer_name(self, node: ir.Node, fallback: str) -> str:
         """A readable unique layer name: the weight's module path ("net.1" for "net.1.weight"), else the node's."""
-        weight = node.inputs[1] if len(node.inputs) > 1 and node.op_type in ("Gemm", "MatMul", "Conv") else None
+        weight = (
+            node.inputs[1] if len(node.inputs) > 1 and node.op_type in ("Gemm", "MatMul", "Conv") else None
+        )
         if weight is not None and weight.name and weight.name.endswith(".weight"):
             base = weight.name[: -len(".weight")]
         else:
@@ -769,7 +889,9 @@ class _Lifter:
             )
         if weight.shape[1] != self.shape[0]:
             raise LiftError(
-                f"weight expects {weight.shape[1]} input features but receives {self.shape[0]}", node.name, node.op_type
+                f"weight expects {weight.shape[1]} input features but receives {self.shape[0]}",
+                node.name,
+                node.op_type,
             )
         out = weight.shape[0]
         if out < 1:
@@ -778,8 +900,12 @@ class _Lifter:
         if bias.size == 1 and out != 1:
             bias = np.full(out, float(bias.reshape(-1)[0]), np.float32)
         if bias.size != out:
-            raise LiftError(f"bias has {bias.size} entries for {out} output features", node.name, node.op_type)
-        self.layers.append(Dense(self._layer_name(node, "dense"), weight.astype(np.float32), bias.reshape(-1)))
+            raise LiftError(
+                f"bias has {bias.size} entries for {out} output features", node.name, node.op_type
+            )
+        self.layers.append(
+            Dense(self._layer_name(node, "dense"), weight.astype(np.float32), bias.reshape(-1))
+        )
         self.shape = (out,)
 
     def _per_output_bias(self, node: ir.Node, bias: np.ndarray, out: int) -> np.ndarray:
@@ -807,7 +933,9 @@ class _Lifter:
         weight = weight * np.float32(self._float(node, "alpha", 1.0))
         bias = self._const(node, 2, "bias")
         if bias is not None:
-            bias = self._per_output_bias(node, np.asarray(bias * np.float32(self._float(node, "beta", 1.0))), weight.shape[0])
+            bias = self._per_output_bias(
+                node, np.asarray(bias * np.float32(self._float(node, "beta", 1.0))), weight.shape[0]
+            )
         self._add_dense(node, weight, bias)
         return self._out(node)
 
@@ -832,15 +960,25 @@ class _Lifter:
     def _op_Conv(self, node: ir.Node) -> ir.Value:
         attrs = self._attrs(node)
         if len(self.shape) != 3:
-            raise LiftError(f"convolution reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+            raise LiftError(
+                f"convolution reads a tensor of shape {list(self.shape)}; expected (channels, height, width)",
+                node.name,
+                node.op_type,
+            )
         groups = attrs.get("group", 1)
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
             raise LiftError(f"group={groups!r} is not a positive integer", node.name, node.op_type)
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise LiftError(f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads", node.name, node.op_type)
+            raise LiftError(
+                f"auto_pad={attrs['auto_pad']} is not supported; export with explicit pads",
+                node.name,
+                node.op_type,
+            )
         weight = self._const(node, 1, "weight", required=True)
         if weight.ndim != 4:
-            raise LiftError(f"weight has rank {weight.ndim}; codec supports 2-D convolutions", node.name, node.op_type)
+            raise LiftError(
+                f"weight has rank {weight.ndim}; codec supports 2-D convolutions", node.name, node.op_type
+            )
         if weight.shape[1] * groups != self.shape[0] or weight.shape[0] % groups:
             raise LiftError(
                 f"weight of shape {list(weight.shape)} in {groups} groups does not fit {self.shape[0]} input channels",
@@ -882,20 +1020,37 @@ class _Lifter:
         sqrt(var + eps) (onnxscript's fuse_batchnorm rule computes the same, in float32)."""
         layer = self._fusion_target(node)
         if not is_compute(layer) or layer.activation.kind != "identity":
-            raise LiftError("BatchNormalization is supported only right after a Gemm/MatMul/Conv (it is folded into it)", node.name, node.op_type)
+            raise LiftError(
+                "BatchNormalization is supported only right after a Gemm/MatMul/Conv (it is folded into it)",
+                node.name,
+                node.op_type,
+            )
         attrs = self._attrs(node)
         if attrs.get("training_mode", 0):
-            raise LiftError("training-mode BatchNormalization cannot be folded; export in eval mode", node.name, node.op_type)
-        params = [self._const(node, i, w, required=True) for i, w in ((1, "scale"), (2, "shift"), (3, "mean"), (4, "variance"))]
+            raise LiftError(
+                "training-mode BatchNormalization cannot be folded; export in eval mode",
+                node.name,
+                node.op_type,
+            )
+        params = [
+            self._const(node, i, w, required=True)
+            for i, w in ((1, "scale"), (2, "shift"), (3, "mean"), (4, "variance"))
+        ]
         if any(p.shape != (layer.num_neurons,) for p in params):
             shapes = ", ".join(str(list(p.shape)) for p in params)
-            raise LiftError(f"scale, shift, mean and variance have shapes {shapes} for {layer.num_neurons} neurons", node.name, node.op_type)
+            raise LiftError(
+                f"scale, shift, mean and variance have shapes {shapes} for {layer.num_neurons} neurons",
+                node.name,
+                node.op_type,
+            )
         scale, shift, mean, var = params
         var = var + self._float(node, "epsilon", 1e-5)
         if not np.all(var > 0):
             raise LiftError("variance + epsilon is not positive for every channel", node.name, node.op_type)
         factor = (scale / np.sqrt(var)).astype(np.float32)
-        layer.weight = (layer.weight * factor.reshape((-1,) + (1,) * (layer.weight.ndim - 1))).astype(np.float32)
+        layer.weight = (layer.weight * factor.reshape((-1,) + (1,) * (layer.weight.ndim - 1))).astype(
+            np.float32
+        )
         layer.bias = ((layer.bias - mean) * factor + shift).astype(np.float32)
         return self._out(node)
 
@@ -911,15 +1066,23 @@ class _Lifter:
         elif node.op_type == "Gelu":
             approximate = attrs.get("approximate", "none")
             if approximate not in ("none", "tanh"):
-                raise LiftError(f"approximate={approximate!r} is not a GELU form codec knows", node.name, node.op_type)
+                raise LiftError(
+                    f"approximate={approximate!r} is not a GELU form codec knows", node.name, node.op_type
+                )
             kind = "gelu" if approximate == "none" else "gelu_tanh"
         elif node.op_type == "HardSigmoid":
-            raise LiftError("HardSigmoid is not supported (only as part of HardSwish)", node.name, node.op_type)
+            raise LiftError(
+                "HardSigmoid is not supported (only as part of HardSwish)", node.name, node.op_type
+            )
         if kind == "softmax":
             rank = len(self.shape) + 1
             axis = attrs.get("axis", -1)
             if axis not in (-1, rank - 1) or rank != 2:
-                raise LiftError(f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature axis of (batch, features)", node.name, node.op_type)
+                raise LiftError(
+                    f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature axis of (batch, features)",
+                    node.name,
+                    node.op_type,
+                )
         self._set_activation(node, Activation(kind, alpha), [node])
         return self._out(node)
 
@@ -943,15 +1106,25 @@ class _Lifter:
                     node.op_type,
                 )
         if target is None:
-            raise LiftError("activation must follow a Gemm/MatMul/Conv layer, an Add (or a max pool right after a layer)", node.name, node.op_type)
+            raise LiftError(
+                "activation must follow a Gemm/MatMul/Conv layer, an Add (or a max pool right after a layer)",
+                node.name,
+                node.op_type,
+            )
         if target.activation.kind != "identity":
-            raise LiftError(f"a second activation after {target.activation.kind} on layer {target.name!r} is not supported", node.name, node.op_type)
+            raise LiftError(
+                f"a second activation after {target.activation.kind} on layer {target.name!r} is not supported",
+                node.name,
+                node.op_type,
+            )
         if activation.kind == "softmax" and isinstance(target, Add):
             raise LiftError("softmax after an Add is not supported", node.name, node.op_type)
         target.activation = activation
 
     # -- element-wise activation patterns ---------------------------------------------------------------
-    def _match_activation(self, node: ir.Node, v: ir.Value) -> tuple[Activation, list[ir.Node], ir.Value] | None:
+    def _match_activation(
+        self, node: ir.Node, v: ir.Value
+    ) -> tuple[Activation, list[ir.Node], ir.Value] | None:
         """Recognise an activation written as several element-wise nodes of one value `v` (the GELU
         Div/Erf/Add/Mul of the exporters, SiLU's Sigmoid*x, HardSwish's x*HardSigmoid(x), ...).
 
@@ -1002,7 +1175,9 @@ class _Lifter:
                 return False
         return True
 
-    def _fuse_pattern(self, node: ir.Node, activation: Activation, region: list[ir.Node], out: ir.Value) -> ir.Value:
+    def _fuse_pattern(
+        self, node: ir.Node, activation: Activation, region: list[ir.Node], out: ir.Value
+    ) -> ir.Value:
         self._set_activation(node, activation, region)
         self.visited.update(id(n) for n in region)
         return out
@@ -1013,7 +1188,9 @@ class _Lifter:
             if training is not None:
                 mode = ir.convenience.get_const_tensor(training)
                 if mode is None or mode.size != 1 or bool(mode.numpy().reshape(-1)[0]):
-                    raise LiftError("training-mode Dropout is not supported; export in eval mode", node.name, node.op_type)
+                    raise LiftError(
+                        "training-mode Dropout is not supported; export in eval mode", node.name, node.op_type
+                    )
         return self._out(node)
 
     def _op_Add(self, node: ir.Node) -> ir.Value:
@@ -1033,7 +1210,11 @@ class _Lifter:
                     node.op_type,
                 )
         if refs[0][1] != refs[1][1]:
-            raise LiftError(f"it adds shapes {list(refs[0][1])} and {list(refs[1][1])}; codec adds equal shapes only", node.name, node.op_type)
+            raise LiftError(
+                f"it adds shapes {list(refs[0][1])} and {list(refs[1][1])}; codec adds equal shapes only",
+                node.name,
+                node.op_type,
+            )
         add = Add(self._layer_name(node, "add"), int(self.shape[0]))
         self.sources[add.name] = (refs[0][0], refs[1][0])
         self.layers.append(add)
@@ -1047,10 +1228,16 @@ class _Lifter:
         rank = len(self.shape) + 1
         axis = self._attrs(node).get("axis")
         if axis not in (1, 1 - rank):
-            raise LiftError(f"Concat on axis {axis}; codec concatenates on the neuron axis (1)", node.name, node.op_type)
+            raise LiftError(
+                f"Concat on axis {axis}; codec concatenates on the neuron axis (1)", node.name, node.op_type
+            )
         if any(len(shape) != len(self.shape) or shape[1:] != self.shape[1:] for _, shape in refs):
             shapes = ", ".join(str(list(shape)) for _, shape in refs)
-            raise LiftError(f"it concatenates shapes {shapes}, which differ beyond the neuron axis", node.name, node.op_type)
+            raise LiftError(
+                f"it concatenates shapes {shapes}, which differ beyond the neuron axis",
+                node.name,
+                node.op_type,
+            )
         concat = Concat(self._layer_name(node, "concat"))
         self.sources[concat.name] = tuple(source for source, _ in refs)
         self.layers.append(concat)
@@ -1066,7 +1253,9 @@ class _Lifter:
     def _op_Flatten(self, node: ir.Node) -> ir.Value:
         axis = self._attrs(node).get("axis", 1)
         if axis != 1:
-            raise LiftError(f"Flatten with axis={axis}; codec supports axis=1 (batch, features)", node.name, node.op_type)
+            raise LiftError(
+                f"Flatten with axis={axis}; codec supports axis=1 (batch, features)", node.name, node.op_type
+            )
         return self._flatten(node)
 
     def _flatten(self, node: ir.Node) -> ir.Value:
@@ -1080,10 +1269,14 @@ class _Lifter:
         if target is None:
             raise LiftError("Reshape without a shape input", node.name, node.op_type)
         if target.dtype.kind not in "iu":
-            raise LiftError(f"target shape has dtype {target.dtype}; ONNX requires int64", node.name, node.op_type)
+            raise LiftError(
+                f"target shape has dtype {target.dtype}; ONNX requires int64", node.name, node.op_type
+            )
         target = [int(d) for d in np.asarray(target).reshape(-1)]
         features = int(np.prod(self.shape))
-        copies_batch = not self._attrs(node).get("allowzero", 0)  # 0 means "copy the input's dim" unless allowzero
+        copies_batch = not self._attrs(node).get(
+            "allowzero", 0
+        )  # 0 means "copy the input's dim" unless allowzero
         flat = target == [-1, features] or (copies_batch and target in ([0, -1], [0, features]))
         if not flat:
             raise LiftError(
@@ -1096,14 +1289,20 @@ class _Lifter:
     def _pool(self, node: ir.Node, mode: str) -> ir.Value:
         attrs = self._attrs(node)
         if len(self.shape) != 3:
-            raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+            raise LiftError(
+                f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)",
+                node.name,
+                node.op_type,
+            )
         if self._ints(node, "dilations", (1, 1), 2, 1) != (1, 1):
             raise LiftError("dilated pooling is not supported", node.name, node.op_type)
         kernel = self._ints(node, "kernel_shape", None, 2, 1)
         strides = self._ints(node, "strides", (1, 1), 2, 1)
         pads = self._auto_pads(node, kernel, strides, self._ints(node, "pads", (0, 0, 0, 0), 4, 0))
         if any(pad >= kernel[i % 2] for i, pad in enumerate(pads)):
-            raise LiftError(f"pads {list(pads)} must be smaller than the kernel {list(kernel)}", node.name, node.op_type)
+            raise LiftError(
+                f"pads {list(pads)} must be smaller than the kernel {list(kernel)}", node.name, node.op_type
+            )
         pool = Pool(
             self._layer_name(node, f"{mode}pool"),
             mode,
@@ -1118,7 +1317,10 @@ class _Lifter:
             # Both round up, but torch and onnxruntime then drop a last window that would start past the
             # input, while ONNX shape inference keeps it: where they differ, onnxruntime cannot load the
             # model once a later layer fixes the size, so codec refuses it.
-            inferred = [-(-(self.shape[i + 1] + pads[i] + pads[i + 2] - kernel[i]) // pool.strides[i]) + 1 for i in range(2)]
+            inferred = [
+                -(-(self.shape[i + 1] + pads[i] + pads[i + 2] - kernel[i]) // pool.strides[i]) + 1
+                for i in range(2)
+            ]
             if list(shape[1:]) != inferred:
                 raise LiftError(
                     f"ceil_mode pooling of a {list(self.shape[1:])} map gives {list(shape[1:])} in onnxruntime but "
@@ -1159,7 +1361,9 @@ class _Lifter:
             needed = (-(-size // strides[i]) - 1) * strides[i] + kernel[i] - size
             if needed < 0:
                 raise LiftError(
-                    f"auto_pad={mode} with a stride larger than the kernel needs negative padding", node.name, node.op_type
+                    f"auto_pad={mode} with a stride larger than the kernel needs negative padding",
+                    node.name,
+                    node.op_type,
                 )
             head[i] = (needed + 1) // 2 if mode == "SAME_LOWER" else needed // 2
             tail[i] = needed - head[i]
@@ -1192,7 +1396,11 @@ class _Lifter:
 
     def _op_GlobalAveragePool(self, node: ir.Node) -> ir.Value:
         if len(self.shape) != 3:
-            raise LiftError(f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)", node.name, node.op_type)
+            raise LiftError(
+                f"pooling reads a tensor of shape {list(self.shape)}; expected (channels, height, width)",
+                node.name,
+                node.op_type,
+            )
         self._global_pool(node)
         return self._out(node)
 
@@ -1206,8 +1414,15 @@ class _Lifter:
 # where they differ most, and out to where exp() saturates.
 _GRID = np.concatenate([np.linspace(-12.0, 12.0, 961), np.linspace(-3.0, 3.0, 601)])
 _CANDIDATES = (
-    Activation("gelu"), Activation("gelu_tanh"), Activation("silu"), Activation("hardswish"), Activation("softplus"),
-    Activation("elu", 1.0), Activation("sigmoid"), Activation("tanh"), Activation("relu"),
+    Activation("gelu"),
+    Activation("gelu_tanh"),
+    Activation("silu"),
+    Activation("hardswish"),
+    Activation("softplus"),
+    Activation("elu", 1.0),
+    Activation("sigmoid"),
+    Activation("tanh"),
+    Activation("relu"),
 )
 
 

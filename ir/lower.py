@@ -28,8 +28,14 @@ OPSET = 18
 IR_VERSION = 9
 TAP_PREFIX = "codec.tap."
 _ACTIVATION_OPS = {
-    "relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax", "elu": "Elu",
-    "softplus": "Softplus", "hardswish": "HardSwish",
+    "relu": "Relu",
+    "leaky_relu": "LeakyRelu",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "softmax": "Softmax",
+    "elu": "Elu",
+    "softplus": "Softplus",
+    "hardswish": "HardSwish",
 }
 _DECOMPOSED_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
@@ -74,7 +80,9 @@ class GraphBuilder:
         self.initializers.append(value)
         return value
 
-    def node(self, op_type: str, inputs: list, name: str, attributes: dict | None = None, exact: bool = False) -> ir.Value:
+    def node(
+        self, op_type: str, inputs: list, name: str, attributes: dict | None = None, exact: bool = False
+    ) -> ir.Value:
         """Append a node whose output value has its name; `exact` takes a name reserved for it as is."""
         name = name if exact else self.fresh_name(name)
         node = ir.node(op_type, inputs, attributes or {}, name=name)
@@ -130,7 +138,9 @@ class GraphBuilder:
             return self.activation(layer, self.node("Add", inputs, name))
         return self.node("Concat", inputs, name, {"axis": 1})
 
-    def network(self, net: NetworkIR, x: ir.Value, taps: set[int] | None = None) -> tuple[ir.Value, list[ir.Value]]:
+    def network(
+        self, net: NetworkIR, x: ir.Value, taps: set[int] | None = None
+    ) -> tuple[ir.Value, list[ir.Value]]:
         """Emit all of `net`'s layers (a chain or a DAG) reading `x`; returns the output value and, for
         the layers whose ids are in `taps`, their values in layer order."""
         values = {INPUT: x}
@@ -170,8 +180,14 @@ class GraphBuilder:
             inner = self.node("Erf", [inner], f"{name}.erf")
         else:  # gelu_tanh: z * (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) / 2
             cube = self.node("Mul", [self.node("Mul", [z, z], f"{name}.square"), z], f"{name}.cube")
-            poly = self.node("Add", [z, self.node("Mul", [cube, const("c", 0.044715)], f"{name}.cubic")], f"{name}.poly")
-            inner = self.node("Tanh", [self.node("Mul", [poly, const("k", math.sqrt(2.0 / math.pi))], f"{name}.arg")], f"{name}.tanh")
+            poly = self.node(
+                "Add", [z, self.node("Mul", [cube, const("c", 0.044715)], f"{name}.cubic")], f"{name}.poly"
+            )
+            inner = self.node(
+                "Tanh",
+                [self.node("Mul", [poly, const("k", math.sqrt(2.0 / math.pi))], f"{name}.arg")],
+                f"{name}.tanh",
+            )
         gate = self.node("Add", [inner, const("one", 1.0)], f"{name}.gate")
         half = self.node("Mul", [z, const("half", 0.5)], f"{name}.half")
         return self.node("Mul", [half, gate], name)
@@ -188,14 +204,22 @@ def input_value(net: NetworkIR, name: str | None = None) -> ir.Value:
 def make_model(graph: ir.Graph, metadata: dict[str, str] | None = None) -> ir.Model:
     props = {"codec.version": __version__}
     props.update(metadata or {})
-    return ir.Model(graph, ir_version=IR_VERSION, producer_name="codec", producer_version=__version__, metadata_props=props)
+    return ir.Model(
+        graph,
+        ir_version=IR_VERSION,
+        producer_name="codec",
+        producer_version=__version__,
+        metadata_props=props,
+    )
 
 
 def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
     """Build an ONNX model (onnx_ir) computing `net`; with `taps`, hidden activations are extra outputs."""
     builder = GraphBuilder()
     x = input_value(net)
-    builder.reserve(net.input_name, net.output_name, *(tap_name(layer.name) for layer in net.profiled_layers() if taps))
+    builder.reserve(
+        net.input_name, net.output_name, *(tap_name(layer.name) for layer in net.profiled_layers() if taps)
+    )
     value, tapped = builder.network(net, x, {id(layer) for layer in net.profiled_layers()} if taps else None)
     tap_outputs = [builder.node("Identity", [v], tap_name(layer.name), exact=True) for layer, v in tapped]
     if value is x:
@@ -229,7 +253,9 @@ def roles_metadata(net: NetworkIR) -> str | None:
 
     out = {}
     for layer in net.compute_layers():
-        special = {r.name.lower(): np.flatnonzero(layer.roles == r).tolist() for r in Role if r != Role.TRAINABLE}
+        special = {
+            r.name.lower(): np.flatnonzero(layer.roles == r).tolist() for r in Role if r != Role.TRAINABLE
+        }
         special = {k: v for k, v in special.items() if v}
         if special:
             out[layer.name] = special

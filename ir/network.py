@@ -34,7 +34,17 @@ class Role(enum.IntEnum):
 
 
 ACTIVATION_KINDS = (
-    "identity", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "gelu", "gelu_tanh", "silu", "elu", "softplus",
+    "identity",
+    "relu",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "softmax",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "elu",
+    "softplus",
     "hardswish",
 )
 # Activations that are monotone non-decreasing element-wise: they commute with max pooling, which lets
@@ -188,7 +198,9 @@ class Conv:
     def __post_init__(self) -> None:
         _init_compute(self)
         if self.groups < 1 or self.weight.shape[0] % self.groups:
-            raise ValueError(f"layer {self.name!r}: {self.weight.shape[0]} filters do not split into {self.groups} groups")
+            raise ValueError(
+                f"layer {self.name!r}: {self.weight.shape[0]} filters do not split into {self.groups} groups"
+            )
 
     @property
     def num_neurons(self) -> int:
@@ -206,7 +218,9 @@ class Conv:
         full = np.zeros((out, self.in_channels, *self.weight.shape[2:]), np.float32)
         filters = out // self.groups
         for g in range(self.groups):
-            full[g * filters : (g + 1) * filters, g * per_group : (g + 1) * per_group] = self.weight[g * filters : (g + 1) * filters]
+            full[g * filters : (g + 1) * filters, g * per_group : (g + 1) * per_group] = self.weight[
+                g * filters : (g + 1) * filters
+            ]
         return full
 
     @property
@@ -300,7 +314,9 @@ def _init_compute(layer: Dense | Conv) -> None:
     else:
         layer.roles = np.asarray(layer.roles, dtype=np.int8).reshape(-1)
         if layer.roles.shape[0] != layer.weight.shape[0]:
-            raise ValueError(f"layer {layer.name!r}: {layer.roles.shape[0]} roles for {layer.weight.shape[0]} neurons")
+            raise ValueError(
+                f"layer {layer.name!r}: {layer.roles.shape[0]} roles for {layer.weight.shape[0]} neurons"
+            )
 
 
 def is_compute(layer: Layer) -> bool:
@@ -548,13 +564,25 @@ class NetworkIR:
         for layer, shape in zip(self.layers, self.shapes()):
             kind = type(layer).__name__
             if is_compute(layer):
-                roles = ", ".join(f"{r.name.lower()} {int((layer.roles == r).sum())}" for r in Role if (layer.roles == r).any())
-                act = layer.activation.kind + (f"({layer.activation.alpha:g})" if layer.activation.kind in ("leaky_relu", "elu") else "")
-                lines.append(f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {act}, weight {list(layer.weight.shape)} -> {list(shape)} [{roles}]")
+                roles = ", ".join(
+                    f"{r.name.lower()} {int((layer.roles == r).sum())}"
+                    for r in Role
+                    if (layer.roles == r).any()
+                )
+                act = layer.activation.kind + (
+                    f"({layer.activation.alpha:g})" if layer.activation.kind in ("leaky_relu", "elu") else ""
+                )
+                lines.append(
+                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {act}, weight {list(layer.weight.shape)} -> {list(shape)} [{roles}]"
+                )
             elif isinstance(layer, Pool):
-                lines.append(f"  {kind:<7} {layer.name}: {layer.mode} {list(layer.kernel_shape)} stride {list(layer.strides)} -> {list(shape)}")
+                lines.append(
+                    f"  {kind:<7} {layer.name}: {layer.mode} {list(layer.kernel_shape)} stride {list(layer.strides)} -> {list(shape)}"
+                )
             elif isinstance(layer, Add):
-                lines.append(f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {layer.activation.kind} -> {list(shape)}")
+                lines.append(
+                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {layer.activation.kind} -> {list(shape)}"
+                )
             else:
                 lines.append(f"  {kind:<7} {layer.name} -> {list(shape)}")
             if not self.is_chain:

@@ -23,7 +23,11 @@ def removal_blocker(net: NetworkIR, layer_name: str) -> str | None:
     group = net.tied_group(layer_name)
     output = net.neuron_layers()[-1].name
     if output in group:
-        return "it is the output layer" if output == layer_name else f"it is tied to the output layer {output!r} by an Add"
+        return (
+            "it is the output layer"
+            if output == layer_name
+            else f"it is tied to the output layer {output!r} by an Add"
+        )
     members = set(group)
     for name in group:
         layer = net.layer(name)
@@ -107,7 +111,9 @@ def _select_tied(net: NetworkIR, layer_name: str, keep: np.ndarray) -> None:
         layers, index = owners[consumer.name]
         if members & set(layers.tolist()):
             # Dense (out, in) and Conv (out, in, kh, kw) both index their inputs on axis 1
-            consumer.weight = np.ascontiguousarray(consumer.weight[:, _kept_columns(layers, index, members, keep)])
+            consumer.weight = np.ascontiguousarray(
+                consumer.weight[:, _kept_columns(layers, index, members, keep)]
+            )
 
 
 def _kept_columns(layers: np.ndarray, index: np.ndarray, members: set[str], keep: np.ndarray) -> np.ndarray:

@@ -77,7 +77,9 @@ def greedy_match(score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """One-to-one matching: take eligible pairs by decreasing score (ties: lowest row, then column)."""
     from codec import kernels
 
-    return kernels.greedy_match(np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8))
+    return kernels.greedy_match(
+        np.ascontiguousarray(score, np.float64), np.ascontiguousarray(eligible, np.uint8)
+    )
 
 
 @register_pass
@@ -119,7 +121,9 @@ class CommonSubNetworkExtraction(Transform):
             if empty:
                 # nothing to match and nothing to share above it; lift refuses such layers, but a
                 # network built in Python can hold one
-                raise PassError(f"csne: {member.name}'s hidden layer {empty[0]!r} has no neurons; remove it first")
+                raise PassError(
+                    f"csne: {member.name}'s hidden layer {empty[0]!r} has no neurons; remove it first"
+                )
         ndg = am.get(NeuronDependenceAnalysis, module)[module.main_name] if self.preds else None
         hidden = main.hidden_layers()
         left_alone = shareable_prefix(main)[1]
@@ -133,7 +137,11 @@ class CommonSubNetworkExtraction(Transform):
                 with np.errstate(divide="ignore", invalid="ignore"):
                     together = np.nan_to_num(both / (m.fire[:, None] + p.fire[None, :] - both))
             correlation = pair.correlation(layer.name)
-            criteria[layer.name] = (together, correlation, (together >= self.fire) & (correlation >= self.corr))
+            criteria[layer.name] = (
+                together,
+                correlation,
+                (together >= self.fire) & (correlation >= self.corr),
+            )
         matches: dict[str, np.ndarray] = {l.name: np.full(l.num_neurons, -1, np.int64) for l in hidden}
         for iteration in range(1, self.max_iter + 1):
             changed = False
@@ -164,7 +172,13 @@ class CommonSubNetworkExtraction(Transform):
             rows = np.flatnonzero(match >= 0)
             cols = match[rows]
             layers.append(CSNLayer(layer.name, rows, cols, together[rows, cols], correlation[rows, cols]))
-        options = {"fire": self.fire, "corr": self.corr, "cofire": self.cofire, "inputs": self.inputs, "preds": self.preds}
+        options = {
+            "fire": self.fire,
+            "corr": self.corr,
+            "cofire": self.cofire,
+            "inputs": self.inputs,
+            "preds": self.preds,
+        }
         return CSN(layers, self.inputs, options), iteration
 
     def run(self, module: EnsembleModule, am: AnalysisManagerProtocol) -> PassResult:
@@ -177,7 +191,8 @@ class CommonSubNetworkExtraction(Transform):
             "csn_total": csn.total,
             "csn_fraction_per_layer": {
                 # a zero-width layer (possible in a network built in Python) has no CSN share, not a ZeroDivisionError
-                l.name: round(l.size / max(main.layer(l.name).num_neurons, 1), 4) for l in csn.layers
+                l.name: round(l.size / max(main.layer(l.name).num_neurons, 1), 4)
+                for l in csn.layers
             },
             "main_hidden_neurons": sum(l.num_neurons for l in main.hidden_layers()),
         }

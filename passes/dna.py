@@ -71,11 +71,16 @@ class DeadNeuronAnalysis(Analysis):
             }
             _tie(module.members[member], dead[member])
         dead = removable(dead, self.scope)
-        return {member: {layer: np.flatnonzero(mask) for layer, mask in layers.items()} for member, layers in dead.items()}
+        return {
+            member: {layer: np.flatnonzero(mask) for layer, mask in layers.items()}
+            for member, layers in dead.items()
+        }
 
     def summarize(self, result) -> dict:
         return {
-            "dead_per_layer": {m: {l: int(len(idx)) for l, idx in layers.items()} for m, layers in result.items()},
+            "dead_per_layer": {
+                m: {l: int(len(idx)) for l, idx in layers.items()} for m, layers in result.items()
+            },
             "dead_total": {m: int(sum(len(idx) for idx in layers.values())) for m, layers in result.items()},
         }
 

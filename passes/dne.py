@@ -51,7 +51,9 @@ class DeadNeuronElimination(Transform):
                     idx = idx[1:]  # keep one neuron: an empty layer cannot be lowered
                 blocker = removal_blocker(net, layer.name) if len(idx) else None
                 if blocker is not None:
-                    left_alone.setdefault(name, {}).update({g: f"{len(idx)} dead neurons kept: {blocker}" for g in group})
+                    left_alone.setdefault(name, {}).update(
+                        {g: f"{len(idx)} dead neurons kept: {blocker}" for g in group}
+                    )
                     idx = idx[:0]
                 for g in group:
                     removed[name][g] = int(len(idx))

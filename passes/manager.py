@@ -229,10 +229,19 @@ class PassManager:
     ) -> None:
         # a bad tolerance or input count would switch the function-preservation check off silently
         # (atol=nan accepted every difference, verify_inputs=-1 verified nothing)
-        if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+        if (
+            isinstance(atol, bool)
+            or not isinstance(atol, (int, float))
+            or not math.isfinite(atol)
+            or atol < 0
+        ):
             raise ConfigError(f"atol must be a finite number >= 0, got {atol!r}")
-        if verify_inputs is not None and (isinstance(verify_inputs, bool) or not isinstance(verify_inputs, int) or verify_inputs < 1):
-            raise ConfigError(f"verify_inputs must be a positive number of inputs (or None for all), got {verify_inputs!r}")
+        if verify_inputs is not None and (
+            isinstance(verify_inputs, bool) or not isinstance(verify_inputs, int) or verify_inputs < 1
+        ):
+            raise ConfigError(
+                f"verify_inputs must be a positive number of inputs (or None for all), got {verify_inputs!r}"
+            )
         self.passes = passes
         self.verify = verify
         self.verify_inputs = verify_inputs
@@ -338,7 +347,11 @@ class PassManager:
                 errors = verify_outputs(baseline, result.module, self.atol, self.verify_inputs)
                 record["verified_max_abs_error"] = errors
                 # NaN compares false with everything: a NaN error is the worst, never a pass
-                worst_member = max(errors, key=lambda k: math.inf if math.isnan(errors[k]) else errors[k]) if errors else None
+                worst_member = (
+                    max(errors, key=lambda k: math.inf if math.isnan(errors[k]) else errors[k])
+                    if errors
+                    else None
+                )
                 if worst_member is not None and not errors[worst_member] <= self.atol:
                     raise PassError(
                         f"verification failed after pass {p.name!r}: member {worst_member!r} "

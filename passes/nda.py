@@ -85,10 +85,16 @@ class NeuronDependenceGraph:
             )
             for layer, n in self.sizes.items():
                 text = escape(layer)
-                f.writelines(f'    <node id={quoteattr(f"{layer}/{i}")}>\n      <data key="d1">{text}</data>\n    </node>\n' for i in range(n))
+                f.writelines(
+                    f'    <node id={quoteattr(f"{layer}/{i}")}>\n      <data key="d1">{text}</data>\n    </node>\n'
+                    for i in range(n)
+                )
             for e in self.layers.values():
-                f.writelines(f'    <edge source={quoteattr(f"{e.previous}/{j}")} target={quoteattr(f"{e.layer}/{i}")}>\n'
-                        f'      <data key="d2">{float(w)!r}</data>\n    </edge>\n' for i, j, w in zip(e.rows.tolist(), e.cols.tolist(), e.weights.tolist()))
+                f.writelines(
+                    f"    <edge source={quoteattr(f'{e.previous}/{j}')} target={quoteattr(f'{e.layer}/{i}')}>\n"
+                    f'      <data key="d2">{float(w)!r}</data>\n    </edge>\n'
+                    for i, j, w in zip(e.rows.tolist(), e.cols.tolist(), e.weights.tolist())
+                )
             f.write("  </graph>\n</graphml>\n")
 
     def to_networkx(self):
@@ -99,7 +105,8 @@ class NeuronDependenceGraph:
             graph.add_nodes_from(((layer, i) for i in range(n)), layer=layer)
         for e in self.layers.values():
             graph.add_weighted_edges_from(
-                ((e.previous, int(j)), (e.layer, int(i)), float(w)) for i, j, w in zip(e.rows, e.cols, e.weights)
+                ((e.previous, int(j)), (e.layer, int(i)), float(w))
+                for i, j, w in zip(e.rows, e.cols, e.weights)
             )
         return graph
 

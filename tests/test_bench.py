@@ -38,7 +38,10 @@ REC = Task("reconstruction", "mean")
 def test_select_members_stops_after_patience_members_without_gain():
     curve = [0.90, 0.92, 0.925, 0.926, 0.924, 0.95]
     n, why, stopped = select_members(curve, CLS, min_gain=0.002, max_members=8, patience=2)
-    assert (n, stopped) == (3, True)  # 0.926 gains only 0.001 over 0.925, 0.924 none: stop; the late 0.95 is never seen
+    assert (n, stopped) == (
+        3,
+        True,
+    )  # 0.926 gains only 0.001 over 0.925, 0.924 none: stop; the late 0.95 is never seen
     assert "4..5" in why
 
 
@@ -60,7 +63,10 @@ def test_select_members_keeps_at_least_two_and_stops_at_max():
 def test_select_members_reconstruction_uses_relative_mse_decrease():
     # 0.0100 -> 0.0098 is a 2 % decrease, 0.0098 -> 0.0097 about 1 %, 0.0098 -> 0.00968 about 1.2 %
     curve = [0.012, 0.0100, 0.0098, 0.0097, 0.00968]
-    assert select_members(curve, REC, 0.015, 8, patience=2)[:2] == (3, "members 4..5 each gained < 0.015 over 3 members on validation")
+    assert select_members(curve, REC, 0.015, 8, patience=2)[:2] == (
+        3,
+        "members 4..5 each gained < 0.015 over 3 members on validation",
+    )
     assert select_members(curve, REC, 0.005, 8, patience=2)[0] == 4
 
 
@@ -137,8 +143,15 @@ def _members_with_accuracies(y: np.ndarray, correct_sets: list[np.ndarray], k: i
 
 def _arm(name, val, test, seconds, params):
     m = len(val)
-    return Arm(name, [{"name": f"{name}{i}", "epochs": 5} for i in range(m)], np.cumsum(seconds), np.cumsum(seconds) * 10.0,
-               np.asarray(params), val, test)
+    return Arm(
+        name,
+        [{"name": f"{name}{i}", "epochs": 5} for i in range(m)],
+        np.cumsum(seconds),
+        np.cumsum(seconds) * 10.0,
+        np.asarray(params),
+        val,
+        test,
+    )
 
 
 def test_analyse_seed_tables():
@@ -153,7 +166,9 @@ def test_analyse_seed_tables():
     code = _members_with_accuracies(y, code_sets)
     baseline = _arm("b", base, base, [10.0, 10.0, 10.0, 10.0], [100, 200, 300, 400])
     code_arm = _arm("c", code, code, [10.0, 11.0, 4.0, 4.0], [90, 190, 230, 270])
-    result = analyse_seed(CLS, baseline, 4, code_arm, y, y, tp_dnn=100, csn_parameters=20, tp_codedn=40, n_boot=200)
+    result = analyse_seed(
+        CLS, baseline, 4, code_arm, y, y, tp_dnn=100, csn_parameters=20, tp_codedn=40, n_boot=200
+    )
     t1, t2 = result["table1"], result["table2"]
     target = CLS.curve(base, y)[3]
     code_curve = CLS.curve(code, y)
@@ -176,7 +191,9 @@ def test_analyse_seed_never_reaching_and_no_budget():
     bad = _members_with_accuracies(y, [np.arange(n) < 200] * 3)
     baseline = _arm("b", good, good, [1.0, 1.0, 1.0], [10, 20, 30])
     code_arm = _arm("c", bad, bad, [5.0, 5.0, 5.0], [9, 18, 27])
-    result = analyse_seed(CLS, baseline, 2, code_arm, y, y, tp_dnn=10, csn_parameters=0, tp_codedn=9, n_boot=100)
+    result = analyse_seed(
+        CLS, baseline, 2, code_arm, y, y, tp_dnn=10, csn_parameters=0, tp_codedn=9, n_boot=100
+    )
     t1 = result["table1"]
     assert not t1["reached"] and t1["n_code"] is None and t1["time_fraction"] is None
     assert t1["memory_footprint_at"] == 3 and t1["memory_footprint"] == pytest.approx(27 / 20)
@@ -189,10 +206,16 @@ def test_layer_macs_and_work():
 
     rng = np.random.default_rng(0)
     roles = np.array([Role.FROZEN_SHARED] * 3 + [Role.TRAINABLE] * 5, np.int8)
-    net = NetworkIR("n", "x", "y", (10,), [
-        Dense("l1", rng.random((8, 10)), np.zeros(8), Activation("relu"), roles),
-        Dense("l2", rng.random((4, 8)), np.zeros(4), Activation("softmax")),
-    ])
+    net = NetworkIR(
+        "n",
+        "x",
+        "y",
+        (10,),
+        [
+            Dense("l1", rng.random((8, 10)), np.zeros(8), Activation("relu"), roles),
+            Dense("l2", rng.random((4, 8)), np.zeros(4), Activation("softmax")),
+        ],
+    )
     macs = layer_macs(net)
     assert macs[0] == {"layer": "l1", "own": 50, "frozen": 30, "neurons": 8, "frozen_neurons": 3}
     assert macs[1]["own"] == 32 and macs[1]["frozen"] == 0
@@ -235,8 +258,29 @@ def test_bench_end_to_end(tmp_path):
     from codec.commands import bench as command
 
     out = tmp_path / "out"
-    args = _parse(["--recipes", "classifier_s", "--seeds", "0", "--n-train", "500", "--n-test", "200", "--epochs", "1",
-                   "--max-members", "3", "--n-boot", "50", "--quiet", "-o", str(out), "--work-dir", str(tmp_path / "work")])
+    args = _parse(
+        [
+            "--recipes",
+            "classifier_s",
+            "--seeds",
+            "0",
+            "--n-train",
+            "500",
+            "--n-test",
+            "200",
+            "--epochs",
+            "1",
+            "--max-members",
+            "3",
+            "--n-boot",
+            "50",
+            "--quiet",
+            "-o",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     args.command_line = "codec bench --tiny"
     config = command.config_from_args(args)
     assert config.sweep_members == 3 and dict(config.train_overrides)["max_epochs"] == 1
@@ -245,15 +289,19 @@ def test_bench_end_to_end(tmp_path):
 
     quick = bench_module.PROFILES["quick"]
     bench_module.PROFILES["quick"] = bench_module.dataclasses.replace(
-        quick, sweep=(SweepPoint("default"), SweepPoint("csne 0.7", passes="dna,dne,nda,csne{fire=0.7,corr=0.7}")),
-        inference_batches=(4,))
+        quick,
+        sweep=(SweepPoint("default"), SweepPoint("csne 0.7", passes="dna,dne,nda,csne{fire=0.7,corr=0.7}")),
+        inference_batches=(4,),
+    )
     try:
         assert command.run(args) == 0
     finally:
         bench_module.PROFILES["quick"] = quick
 
     index = json.loads((out / "bench.json").read_text())
-    assert index["command"] == "codec bench --tiny" and index["recipes"] == {"classifier_s": "classifier_s.json"}
+    assert index["command"] == "codec bench --tiny" and index["recipes"] == {
+        "classifier_s": "classifier_s.json"
+    }
     assert index["machine"]["threads"] == 1 and "torch" in index["machine"]["versions"]
     r = json.loads((out / "classifier_s.json").read_text())
     assert r["kind"] == "codec-bench-recipe" and r["command"] == "codec bench --tiny" and r["seeds"] == [0]

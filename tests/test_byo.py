@@ -544,12 +544,30 @@ def test_source_options_refused_one_line(tmp_path, tabular, capsys):
 
 
 def test_given_members_of_different_architectures_refused(tmp_path, tabular, capsys):
-    export_torch(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.zeros(2, 20),
-                 tmp_path / "small.onnx", dynamo=True)
+    export_torch(
+        nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)).eval(),
+        torch.zeros(2, 20),
+        tmp_path / "small.onnx",
+        dynamo=True,
+    )
     run_dir = tmp_path / "run"
-    _refused(capsys, ["compile", "--main", str(tabular / "mlp.onnx"), "--peer", str(tmp_path / "small.onnx"),
-                      "--data", f"npz:{tabular / 'tab.npz'}", "-o", str(run_dir), *FAST], run_dir,
-             r"--main and --peer must have the same architecture: layer output shapes \[\[20\], \[32\]")
+    _refused(
+        capsys,
+        [
+            "compile",
+            "--main",
+            str(tabular / "mlp.onnx"),
+            "--peer",
+            str(tmp_path / "small.onnx"),
+            "--data",
+            f"npz:{tabular / 'tab.npz'}",
+            "-o",
+            str(run_dir),
+            *FAST,
+        ],
+        run_dir,
+        r"--main and --peer must have the same architecture: layer output shapes \[\[20\], \[32\]",
+    )
 
 
 def test_nan_and_empty_user_data_refused_before_training(tmp_path, tabular, capsys):
@@ -596,7 +614,12 @@ class _ResidualBN(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.bn, self.b, self.out = nn.Linear(20, 32), nn.BatchNorm1d(32), nn.Linear(32, 32), nn.Linear(32, 3)
+        self.a, self.bn, self.b, self.out = (
+            nn.Linear(20, 32),
+            nn.BatchNorm1d(32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 3),
+        )
 
     def forward(self, x):
         h = torch.relu(self.bn(self.a(x)))
@@ -611,8 +634,23 @@ class _ResidualBN(nn.Module):
 def test_model_gelu_and_residual_batchnorm_networks_compile(tmp_path, tabular, module):
     export_torch(module.eval(), torch.zeros(2, 20), tmp_path / "m.onnx", dynamo=True)
     run_dir = tmp_path / "run"
-    assert main(["compile", "--model", str(tmp_path / "m.onnx"), "--data", f"npz:{tabular / 'tab.npz'}",
-                 "--members", "3", "-o", str(run_dir), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--model",
+                str(tmp_path / "m.onnx"),
+                "--data",
+                f"npz:{tabular / 'tab.npz'}",
+                "--members",
+                "3",
+                "-o",
+                str(run_dir),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     _assert_fused_is_members_combined(run_dir, np.load(tabular / "tab.npz")["x_test"], 3)
 
 

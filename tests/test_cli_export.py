@@ -39,15 +39,29 @@ def _members(rng, n_inputs: int, csn_neurons: int = 5, count: int = 3):
         w1[:csn_neurons], b1[:csn_neurons] = csn_w, csn_b
         roles = np.zeros(12, np.int8)
         roles[:csn_neurons] = Role.FROZEN_SHARED
-        members.append(NetworkIR(f"m{i}", "input", "output", (n_inputs,), [
-            Dense("fc1", w1, b1, RELU, roles=roles),
-            Dense("fc2", _normal(rng, 8, 12, scale=0.5), _normal(rng, 8, scale=0.1), RELU),
-            Dense("out", _normal(rng, 4, 8), _normal(rng, 4, scale=0.1), Activation("softmax")),
-        ]))
-    independent = NetworkIR("peer", "input", "output", (n_inputs,), [
-        Dense("fc1", _normal(rng, 7, n_inputs, scale=0.1), _normal(rng, 7, scale=0.1), RELU),
-        Dense("out", _normal(rng, 4, 7), _normal(rng, 4, scale=0.1), Activation("softmax")),
-    ])
+        members.append(
+            NetworkIR(
+                f"m{i}",
+                "input",
+                "output",
+                (n_inputs,),
+                [
+                    Dense("fc1", w1, b1, RELU, roles=roles),
+                    Dense("fc2", _normal(rng, 8, 12, scale=0.5), _normal(rng, 8, scale=0.1), RELU),
+                    Dense("out", _normal(rng, 4, 8), _normal(rng, 4, scale=0.1), Activation("softmax")),
+                ],
+            )
+        )
+    independent = NetworkIR(
+        "peer",
+        "input",
+        "output",
+        (n_inputs,),
+        [
+            Dense("fc1", _normal(rng, 7, n_inputs, scale=0.1), _normal(rng, 7, scale=0.1), RELU),
+            Dense("out", _normal(rng, 4, 7), _normal(rng, 4, scale=0.1), Activation("softmax")),
+        ],
+    )
     return [*members, independent], csn
 
 
@@ -94,7 +108,9 @@ def test_export_checks_parity_and_writes_model_and_card(ensemble, tmp_path, caps
     assert [o["name"] for o in card["outputs"]] == ["output", "member_0", "member_1", "member_2", "member_3"]
     assert card["outputs"][0]["shape"] == ["batch", 4]
     params = card["parameters"]
-    assert params["total_stored"] == params["initializer_elements"] - 5  # prod's collect-stage constants aside
+    assert (
+        params["total_stored"] == params["initializer_elements"] - 5
+    )  # prod's collect-stage constants aside
     assert params["total_stored"] < params["unshared"]
     from codec.version import __version__
 
@@ -106,7 +122,9 @@ def test_export_checks_parity_and_writes_model_and_card(ensemble, tmp_path, caps
     from codec.ir.lift import load_model
 
     deployed = load_model(deploy)
-    assert json.loads(deployed.metadata_props["codec.deploy"])["parity_max_abs_error"] == parity["max_abs_error"]
+    assert (
+        json.loads(deployed.metadata_props["codec.deploy"])["parity_max_abs_error"] == parity["max_abs_error"]
+    )
 
 
 def test_tampered_member_fails_parity_with_exit_2(ensemble, tmp_path, capsys):
@@ -126,7 +144,9 @@ def test_external_data_and_reexport_of_an_external_data_model(ensemble, tmp_path
     path, member_files, _ = ensemble
     deploy = tmp_path / "ext" / "deploy.onnx"
     card_path = tmp_path / "card.json"
-    code, _, err = export([path, "-o", deploy, "--external-data", "--card", card_path, "--samples", 32, "--seed", 7], capsys)
+    code, _, err = export(
+        [path, "-o", deploy, "--external-data", "--card", card_path, "--samples", 32, "--seed", 7], capsys
+    )
     assert code == 0, err
     data = deploy.parent / "deploy.onnx.data"
     assert data.is_file() and data.stat().st_size > 0
@@ -148,7 +168,21 @@ def test_explicit_members_and_dataset_inputs(tmp_path, capsys):
     members, csn = _members(np.random.default_rng(1), 784, count=2)
     paths = [save_model(lower(m), tmp_path / f"{m.name}.onnx") for m in members]
     path = save_model(emit_ensemble(members, csn, criterion="vote"), tmp_path / "ens.onnx")
-    code, out, err = export([path, "-o", tmp_path / "d.onnx", "--members", *paths, "--data", "mnist_small", "--limit", 64, "--json"], capsys)
+    code, out, err = export(
+        [
+            path,
+            "-o",
+            tmp_path / "d.onnx",
+            "--members",
+            *paths,
+            "--data",
+            "mnist_small",
+            "--limit",
+            64,
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     card = json.loads(out)
     assert card["criterion"] == "vote"
@@ -159,7 +193,9 @@ def test_explicit_members_and_dataset_inputs(tmp_path, capsys):
 
 def test_parity_on_in_graph_member_outputs_and_missing_members(tmp_path, capsys):
     members, csn = _members(np.random.default_rng(2), 20, count=2)
-    with_outputs = save_model(emit_ensemble(members, csn, criterion="max", member_outputs=True), tmp_path / "a.onnx")
+    with_outputs = save_model(
+        emit_ensemble(members, csn, criterion="max", member_outputs=True), tmp_path / "a.onnx"
+    )
     code, out, err = export([with_outputs, "-o", tmp_path / "a_deploy.onnx", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["parity"]["reference"].startswith("member outputs inside the fused graph")
@@ -177,13 +213,17 @@ def test_errors_are_one_line(ensemble, tmp_path, capsys):
     plain = save_model(lower(members[0]), tmp_path / "plain.onnx")  # not a codec ensemble: no criterion known
     code, _, err = export([plain, "-o", tmp_path / "x.onnx", "--members", member_files[0]], capsys)
     assert code == 2 and "give --criterion" in err
-    code, _, err = export([plain, "-o", tmp_path / "x.onnx", "--members", member_files[0], "--criterion", "mean"], capsys)
+    code, _, err = export(
+        [plain, "-o", tmp_path / "x.onnx", "--members", member_files[0], "--criterion", "mean"], capsys
+    )
     assert code == 0, err  # one member "combined" by mean is itself
     code, _, err = export([path, "-o", tmp_path / "x.onnx", "--members", member_files[0]], capsys)
     assert code == 2 and "has 4 members but 1 member files" in err
     code, _, err = export([path, "-o", tmp_path / "x.onnx", "--data", "mnist_small", "--limit", 8], capsys)
     assert code == 2 and "expects [20]" in err
-    code, _, err = export([path, "-o", tmp_path / "x.onnx", "--members", *member_files[:3], tmp_path / "missing.onnx"], capsys)
+    code, _, err = export(
+        [path, "-o", tmp_path / "x.onnx", "--members", *member_files[:3], tmp_path / "missing.onnx"], capsys
+    )
     assert code == 2 and "missing.onnx" in err and err.count("\n") == 1
 
 
@@ -194,7 +234,9 @@ def test_members_metadata_round_trips_relative_to_the_ensemble(tmp_path):
     members, csn = _members(np.random.default_rng(0), 20)
     files = [tmp_path / "run" / "opt" / "main.onnx", tmp_path / "run" / "members" / "grown_1.onnx"]
     for ensemble_file in (tmp_path / "run" / "ensemble.onnx", tmp_path / "elsewhere" / "deep" / "e.onnx"):
-        model = emit_ensemble(members[:2], csn, criterion="mean", metadata=members_metadata(files, ensemble_file))
+        model = emit_ensemble(
+            members[:2], csn, criterion="mean", metadata=members_metadata(files, ensemble_file)
+        )
         assert [p.resolve() for p in member_files(model, ensemble_file)] == [f.resolve() for f in files]
         assert all(not p.startswith("/") for p in json.loads(model.metadata_props[MEMBERS_KEY]))
     assert member_files(emit_ensemble(members[:2], csn, criterion="mean"), tmp_path / "e.onnx") is None
@@ -202,7 +244,11 @@ def test_members_metadata_round_trips_relative_to_the_ensemble(tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [('{"main": "members/main.onnx"}', "not a list of paths"), ('["/etc/m.onnx"]', "absolute path"), ("[", "not JSON")],
+    [
+        ('{"main": "members/main.onnx"}', "not a list of paths"),
+        ('["/etc/m.onnx"]', "absolute path"),
+        ("[", "not JSON"),
+    ],
 )
 def test_malformed_members_metadata_is_one_line(tmp_path, text, message):
     from codec.errors import ModelLoadError

@@ -36,8 +36,11 @@ def test_commands_that_read_data_have_the_same_data_options_in_the_same_words(co
     assert set(readers) >= {"profile", "eval", "opt", "export"}
     for flag in DATA_OPTIONS:
         # compile reads --data for training (every split), so it has no --split/--limit of one split
-        texts = {name: _option_help(p, flag) for name, p in readers.items()
-                 if name != "compile" or flag in ("--data", "--data-dir")}
+        texts = {
+            name: _option_help(p, flag)
+            for name, p in readers.items()
+            if name != "compile" or flag in ("--data", "--data-dir")
+        }
         assert None not in texts.values(), f"{flag} missing from {[n for n, t in texts.items() if t is None]}"
         assert len(set(texts.values())) == 1, f"{flag} is described differently: {texts}"
 

@@ -24,16 +24,39 @@ def members(tmp_path):
     p.layer("fc1").bias[k] = -1e4
     rng = np.random.default_rng(1)
     data = tmp_path / "cal.npz"
-    np.savez(data, x_train=rng.standard_normal((2000, 20)).astype(np.float32), y_train=rng.integers(0, 3, 2000),
-             x_test=rng.standard_normal((100, 20)).astype(np.float32), y_test=rng.integers(0, 3, 100))
-    return save_model(lower(m), tmp_path / "main.onnx"), save_model(lower(p), tmp_path / "peer.onnx"), f"npz:{data}"
+    np.savez(
+        data,
+        x_train=rng.standard_normal((2000, 20)).astype(np.float32),
+        y_train=rng.integers(0, 3, 2000),
+        x_test=rng.standard_normal((100, 20)).astype(np.float32),
+        y_test=rng.integers(0, 3, 100),
+    )
+    return (
+        save_model(lower(m), tmp_path / "main.onnx"),
+        save_model(lower(p), tmp_path / "peer.onnx"),
+        f"npz:{data}",
+    )
 
 
 def test_opt_end_to_end(members, tmp_path, capsys):
     main_path, peer_path, data = members
     out = tmp_path / "out"
-    code = main(["opt", "--passes", "dna,dne,nda{fire=0.0},csne{fire=0.99,corr=0.99}", str(main_path), "--peer", str(peer_path),
-                 "--data", data, "-o", str(out), "--json", "--quiet"])
+    code = main(
+        [
+            "opt",
+            "--passes",
+            "dna,dne,nda{fire=0.0},csne{fire=0.99,corr=0.99}",
+            str(main_path),
+            "--peer",
+            str(peer_path),
+            "--data",
+            data,
+            "-o",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert json.loads((out / "report.json").read_text())["pipeline"] == report["pipeline"]
@@ -48,10 +71,14 @@ def test_opt_end_to_end(members, tmp_path, capsys):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "csn.onnx"), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x})))
+    outs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x}))
+    )
     acts = activations(rewritten, x)
     np.testing.assert_allclose(outs["csn"], acts["fc2"][:, :9], atol=1e-5)
-    np.testing.assert_allclose(next(v for k, v in outs.items() if k.endswith("fc1")), acts["fc1"][:, :10], atol=1e-5)
+    np.testing.assert_allclose(
+        next(v for k, v in outs.items() if k.endswith("fc1")), acts["fc1"][:, :10], atol=1e-5
+    )
     # DNE removed the dead neuron and kept main's function; CSNE only reordered it (closed CSN inputs)
     np.testing.assert_allclose(run_onnx(out / "main.onnx", x), run_onnx(main_path, x), atol=1e-5)
     graph = nx.read_graphml(out / "ndg_main.graphml")
@@ -62,7 +89,23 @@ def test_opt_end_to_end(members, tmp_path, capsys):
 
 def test_print_ir_after_all(members, capsys):
     main_path, peer_path, data = members
-    assert main(["opt", "--passes", "dna,dne", str(main_path), "--peer", str(peer_path), "--data", data, "--print-ir-after-all", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "opt",
+                "--passes",
+                "dna,dne",
+                str(main_path),
+                "--peer",
+                str(peer_path),
+                "--data",
+                data,
+                "--print-ir-after-all",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "// IR after dne" in err and "network main" in err and "fc1: 15 neurons" in err
 
@@ -88,8 +131,16 @@ def test_opt_mismatched_members(members, tmp_path, capsys):
     main_path, _, data = members
     from codec.ir import Activation, Dense, NetworkIR
 
-    other = NetworkIR("o", "input", "output", (20,), [Dense("a", np.ones((4, 20), np.float32), np.zeros(4, np.float32), Activation("relu")),
-                                                     Dense("b", np.ones((3, 4), np.float32), np.zeros(3, np.float32))])
+    other = NetworkIR(
+        "o",
+        "input",
+        "output",
+        (20,),
+        [
+            Dense("a", np.ones((4, 20), np.float32), np.zeros(4, np.float32), Activation("relu")),
+            Dense("b", np.ones((3, 4), np.float32), np.zeros(3, np.float32)),
+        ],
+    )
     other_path = save_model(lower(other), tmp_path / "other.onnx")
     assert main(["opt", str(main_path), "--peer", str(other_path), "--data", data, "--quiet"]) == 2
     assert "architecture" in capsys.readouterr().err
@@ -101,12 +152,17 @@ def test_a_lift_failure_names_the_member_and_its_file(members, tmp_path, capsys,
     from onnx import TensorProto, helper
 
     main_path, peer_path, data = members
-    graph = helper.make_graph([helper.make_node("Sin", ["input"], ["output"])], "sin",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 20])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 20])])
+    graph = helper.make_graph(
+        [helper.make_node("Sin", ["input"], ["output"])],
+        "sin",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 20])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 20])],
+    )
     bad = tmp_path / "unliftable.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(bad))
     paths = {"main": main_path, "peer": peer_path, broken: bad}
     assert main(["opt", str(paths["main"]), "--peer", str(paths["peer"]), "--data", data, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"codec opt: error: {broken} member {bad}: cannot lift"), err
+    assert err.count("\n") == 0 and err.startswith(f"codec opt: error: {broken} member {bad}: cannot lift"), (
+        err
+    )

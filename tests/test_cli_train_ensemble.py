@@ -33,8 +33,21 @@ def _command_listed(monkeypatch):
 def mcl_run(tmp_path_factory):
     """MCL k=1 with a shared fc1 trunk, 2 epochs, member models exported."""
     out = tmp_path_factory.mktemp("mcl")
-    args = ["train-ensemble", *TINY, "--split", "fc1", "--loss", "mcl", "--k", "1", "--epochs", "2",
-            "--export-members", "-o", str(out)]
+    args = [
+        "train-ensemble",
+        *TINY,
+        "--split",
+        "fc1",
+        "--loss",
+        "mcl",
+        "--k",
+        "1",
+        "--epochs",
+        "2",
+        "--export-members",
+        "-o",
+        str(out),
+    ]
     with pytest.MonkeyPatch.context() as patch:  # module scope: the function-scoped fixture is not active yet
         if "train_ensemble" not in cli.COMMAND_MODULES:
             patch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "train_ensemble"])
@@ -45,8 +58,14 @@ def mcl_run(tmp_path_factory):
 def test_run_writes_fused_ensemble_members_report_and_heatmap(mcl_run):
     out = mcl_run
     report = json.loads((out / "report.json").read_text())
-    assert report["options"]["loss"] == "mcl" and report["options"]["k"] == 1 and report["options"]["members"] == 3
-    assert report["treenet"]["trunk"] == ["flatten1", "fc1"] and report["treenet"]["fused_parameters"]["shared_layers"] == [1, 1, 1]
+    assert (
+        report["options"]["loss"] == "mcl"
+        and report["options"]["k"] == 1
+        and report["options"]["members"] == 3
+    )
+    assert report["treenet"]["trunk"] == ["flatten1", "fc1"] and report["treenet"]["fused_parameters"][
+        "shared_layers"
+    ] == [1, 1, 1]
     assert report["n_train"] == 540 and report["n_val"] == 60 and report["n_test"] == 200
     assert report["epochs_run"] == 2 and len(report["history"]) == 2
     assert (out / "assignment.svg").read_text().startswith("<svg ")
@@ -60,8 +79,12 @@ def test_run_writes_fused_ensemble_members_report_and_heatmap(mcl_run):
     metrics = report["metrics"]
     assert metrics["accuracy"] == pytest.approx(float(np.mean(fused.argmax(1) == data.y_test)))
     assert metrics["oracle_accuracy"] == pytest.approx(oracle_accuracy(members, data.y_test))
-    assert metrics["member_accuracies"] == pytest.approx(list(np.mean(members.argmax(2) == data.y_test, axis=1)))
-    losses = -np.log(np.take_along_axis(members, data.y_test[None, :, None], axis=2)[..., 0].astype(np.float64))
+    assert metrics["member_accuracies"] == pytest.approx(
+        list(np.mean(members.argmax(2) == data.y_test, axis=1))
+    )
+    losses = -np.log(
+        np.take_along_axis(members, data.y_test[None, :, None], axis=2)[..., 0].astype(np.float64)
+    )
     table = np.array(report["assignment"]["table"])
     assert table.shape == (3, 10) and table.sum() == 200
     # Ties aside (float32 probabilities), the table is the lowest-loss member per example by class.
@@ -77,23 +100,61 @@ def test_resume_continues_with_more_epochs_and_keeps_the_history(mcl_run, tmp_pa
     for name in ("ensemble.ckpt",):
         (out / name).write_bytes((mcl_run / name).read_bytes())
     before = json.loads((mcl_run / "report.json").read_text())["history"]
-    args = ["train-ensemble", *TINY, "--split", "fc1", "--loss", "mcl", "--k", "1", "--epochs", "3", "--resume",
-            "--no-plot", "--json", "-o", str(out)]
+    args = [
+        "train-ensemble",
+        *TINY,
+        "--split",
+        "fc1",
+        "--loss",
+        "mcl",
+        "--k",
+        "1",
+        "--epochs",
+        "3",
+        "--resume",
+        "--no-plot",
+        "--json",
+        "-o",
+        str(out),
+    ]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["epochs_run"] == 3
     assert [e["train_loss"] for e in report["history"][:2]] == [e["train_loss"] for e in before]
     assert report["files"]["assignment_svg"] is None and not (out / "assignment.svg").exists()
     # a resumed run with other ensemble options is refused
-    args = ["train-ensemble", *TINY, "--split", "fc1", "--loss", "independent", "--epochs", "3", "--resume",
-            "--no-plot", "-o", str(out)]
+    args = [
+        "train-ensemble",
+        *TINY,
+        "--split",
+        "fc1",
+        "--loss",
+        "independent",
+        "--epochs",
+        "3",
+        "--resume",
+        "--no-plot",
+        "-o",
+        str(out),
+    ]
     assert cli.main(args) == 2
     assert "other ensemble options" in capsys.readouterr().err
 
 
 def test_bagged_treenet_human_summary(tmp_path, capsys):
-    args = ["train-ensemble", *TINY, "--variation", "both", "--split", "all", "--epochs", "1", "--no-plot",
-            "-o", str(tmp_path)]
+    args = [
+        "train-ensemble",
+        *TINY,
+        "--variation",
+        "both",
+        "--split",
+        "all",
+        "--epochs",
+        "1",
+        "--no-plot",
+        "-o",
+        str(tmp_path),
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "trained 3 members of classifier_s together" in out and "variation both, shared everything" in out
@@ -107,7 +168,10 @@ def test_bagged_treenet_human_summary(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--split", "conv9"], "unknown split 'conv9'; choose none, all, an integer 0..10, or one of: flatten1, fc1"),
+        (
+            ["--split", "conv9"],
+            "unknown split 'conv9'; choose none, all, an integer 0..10, or one of: flatten1, fc1",
+        ),
         (["--loss", "mcl", "--k", "4"], "MCL k=4 is more than the 3 members"),
         (["--loss", "mcl", "--k", "0"], "--k: expected a positive integer"),
         (["--loss", "hinge"], "unknown ensemble loss 'hinge'"),
@@ -133,7 +197,9 @@ def test_list_splits(capsys):
 def test_heatmap_svg_and_errors(tmp_path):
     import xml.etree.ElementTree as ET
 
-    path = assignment_svg(np.array([[3, 0, 1], [0, 5, 2]]), tmp_path / "a.svg", class_names=["a", "b", "c"], title="t")
+    path = assignment_svg(
+        np.array([[3, 0, 1], [0, 5, 2]]), tmp_path / "a.svg", class_names=["a", "b", "c"], title="t"
+    )
     root = ET.fromstring(path.read_text())  # a well-formed standalone SVG
     ns = "{http://www.w3.org/2000/svg}"
     cells = [r for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]

@@ -52,7 +52,9 @@ def test_train_writes_member_checkpoint_and_summary(members):
     assert summary["recipe"] == "classifier_s" and summary["seed"] == 1
     assert summary["epochs_run"] == 3 and 1 <= summary["best_epoch"] <= 3
     assert summary["n_test"] == 300 and summary["metric"] == "accuracy"
-    assert summary["config"]["lr"] == 0.003 and summary["config"]["batch_size"] == 32  # options reach training
+    assert (
+        summary["config"]["lr"] == 0.003 and summary["config"]["batch_size"] == 32
+    )  # options reach training
     dataset = load_dataset("mnist_small").subset(1000, 300, seed=0)
     assert summary["test_metric"] == pytest.approx(accuracy(predict(b, dataset.x_test), dataset.y_test))
     assert summary["test_metric"] > 0.3  # well above chance (0.1)
@@ -143,9 +145,15 @@ def test_eval_softmaxes_score_outputs(tmp_path, capsys):
             lambda m, t: [m, str(_onnx_model(t / "five.onnx", [1, 28, 28], 5)), "--data", "mnist_small"],
             "outputs (5)",
         ),
-        (lambda m, t: [str(_onnx_model(t / "flat.onnx", [780], 10)), "--data", "mnist_small"], "flat.onnx expects [780]"),
+        (
+            lambda m, t: [str(_onnx_model(t / "flat.onnx", [780], 10)), "--data", "mnist_small"],
+            "flat.onnx expects [780]",
+        ),
         (lambda m, t: [str(t / "missing.onnx"), "--data", "mnist_small"], "missing.onnx"),
-        (lambda m, t: [m, "--data", "mnist_small", "--limit", "0"], "argument --limit: expected a positive integer"),
+        (
+            lambda m, t: [m, "--data", "mnist_small", "--limit", "0"],
+            "argument --limit: expected a positive integer",
+        ),
     ],
 )
 def test_eval_errors_are_one_line_exit_2(tmp_path, capsys, make_args, message):

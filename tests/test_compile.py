@@ -21,14 +21,41 @@ from codec.cli import main
 from codec.runtime.data import load_dataset
 from codec.runtime.evaluation.metrics import combine
 
-SMALL = ["--recipe", "classifier_s", "--epochs", "3", "--n-train", "1500", "--n-test", "400", "--threads", "1",
-         "--calibration", "1000", "--quiet"]
+SMALL = [
+    "--recipe",
+    "classifier_s",
+    "--epochs",
+    "3",
+    "--n-train",
+    "1500",
+    "--n-test",
+    "400",
+    "--threads",
+    "1",
+    "--calibration",
+    "1000",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("compile") / "run"
-    assert main(["compile", *SMALL, "--members", "4", "-o", str(run_dir), "--passes", "dna,dne,nda,csne{fire=0.7,corr=0.7}"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                *SMALL,
+                "--members",
+                "4",
+                "-o",
+                str(run_dir),
+                "--passes",
+                "dna,dne,nda,csne{fire=0.7,corr=0.7}",
+            ]
+        )
+        == 0
+    )
     return run_dir, json.loads((run_dir / "report.json").read_text())
 
 
@@ -47,8 +74,22 @@ def test_fused_graph_equals_members_combined(compiled):
 def test_compile_then_export_checks_parity_against_the_run_members(compiled, tmp_path, capsys):
     # the README's step 5: the members named in the ensemble's metadata are the ones its graph computes
     run_dir, _ = compiled
-    assert main(["export", str(run_dir / "ensemble.onnx"), "-o", str(tmp_path / "deploy.onnx"), "--data", "mnist_small",
-                 "--limit", "200", "--json"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir / "ensemble.onnx"),
+                "-o",
+                str(tmp_path / "deploy.onnx"),
+                "--data",
+                "mnist_small",
+                "--limit",
+                "200",
+                "--json",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     parity = json.loads(capsys.readouterr().out)["parity"]
     assert parity["members_from"] == "codec.members metadata" and parity["max_abs_error"] <= 1e-5
     named = [Path(p).relative_to(run_dir.resolve()).as_posix() for p in parity["member_files"]]
@@ -63,7 +104,9 @@ def test_csn_stored_once_and_footprint_matches_graph(compiled):
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer if not t.name.startswith("collect/")]
     stored = sum(a.size for a in arrays)
     assert stored == report["parameters"]["fused_graph_stored"]
-    assert report["memory_footprint_M"] == pytest.approx(stored / (4 * report["parameters"]["conventional_member"]))
+    assert report["memory_footprint_M"] == pytest.approx(
+        stored / (4 * report["parameters"]["conventional_member"])
+    )
     assert report["memory_footprint_M"] < 1.0
     digests = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays if a.size > 16]
     assert len(digests) == len(set(digests)), "no weight tensor is stored twice"
@@ -86,14 +129,28 @@ def test_member_outputs_in_compile_and_export(compiled, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     passes = ["--passes", "dna,dne,nda,csne{fire=0.7,corr=0.7}"]
-    assert main(["compile", *SMALL, "--members", "4", "-o", str(run_dir), *passes, "--resume", "--member-outputs"]) == 0
+    assert (
+        main(
+            ["compile", *SMALL, "--members", "4", "-o", str(run_dir), *passes, "--resume", "--member-outputs"]
+        )
+        == 0
+    )
     report = json.loads((run_dir / "report.json").read_text())
     names = ["main", "peer", "grown_1", "grown_2"]
-    assert report["outputs"] == {"ensemble": "output", "members": {n: f"member_{i}" for i, n in enumerate(names)}}
-    files = [run_dir / f for f in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx", "members/grown_2.onnx")]
+    assert report["outputs"] == {
+        "ensemble": "output",
+        "members": {n: f"member_{i}" for i, n in enumerate(names)},
+    }
+    files = [
+        run_dir / f
+        for f in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx", "members/grown_2.onnx")
+    ]
     x = load_dataset("mnist_small").subset(None, 400, seed=0).x_test[:100]
     deploy = tmp_path / "deploy.onnx"
-    assert main(["export", str(run_dir / "ensemble.onnx"), "-o", str(deploy), "--members", *map(str, files)]) == 0
+    assert (
+        main(["export", str(run_dir / "ensemble.onnx"), "-o", str(deploy), "--members", *map(str, files)])
+        == 0
+    )
     import onnxruntime as ort
 
     for model in (run_dir / "ensemble.onnx", deploy):

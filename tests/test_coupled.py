@@ -61,8 +61,16 @@ def toy_data(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def config(**changes) -> TrainConfig:
-    values = {"batch_size": 16, "max_epochs": 3, "patience": None, "lr": 0.01, "seed": 0, "device": "cpu",
-              "quiet": True, "num_threads": 1}
+    values = {
+        "batch_size": 16,
+        "max_epochs": 3,
+        "patience": None,
+        "lr": 0.01,
+        "seed": 0,
+        "device": "cpu",
+        "quiet": True,
+        "num_threads": 1,
+    }
     values.update(changes)
     return TrainConfig(**values)
 
@@ -74,10 +82,25 @@ def config(**changes) -> TrainConfig:
 
 def test_module_names_follow_type_and_count():
     names = module_names(quick(0))
-    assert names == ["conv1", "pool1", "relu1", "conv2", "relu2", "pool2", "conv3", "relu3", "pool3", "flatten1",
-                     "fc1", "fc2"]
-    assert module_names(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.BatchNorm1d(2))) == ["fc1", "dropout1",
-                                                                                              "batchnorm1d1"]
+    assert names == [
+        "conv1",
+        "pool1",
+        "relu1",
+        "conv2",
+        "relu2",
+        "pool2",
+        "conv3",
+        "relu3",
+        "pool3",
+        "flatten1",
+        "fc1",
+        "fc2",
+    ]
+    assert module_names(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.BatchNorm1d(2))) == [
+        "fc1",
+        "dropout1",
+        "batchnorm1d1",
+    ]
 
 
 def test_resolve_split_names_integers_none_and_all():
@@ -85,7 +108,13 @@ def test_resolve_split_names_integers_none_and_all():
     assert resolve_split(model, "conv1") == 1
     assert resolve_split(model, "CONV2") == 4
     assert resolve_split(model, "pool3") == 9
-    assert resolve_split(model, "none") == resolve_split(model, 0) == resolve_split(model, "0") == resolve_split(model, None) == 0
+    assert (
+        resolve_split(model, "none")
+        == resolve_split(model, 0)
+        == resolve_split(model, "0")
+        == resolve_split(model, None)
+        == 0
+    )
     assert resolve_split(model, "all") == 12
     assert resolve_split(model, 5) == 5
     assert resolve_split(model, "fc2") == 12  # sharing the last weighted layer shares everything
@@ -172,7 +201,9 @@ def test_fused_onnx_equals_torch_members_combined(split):
     # the trunk once, the rest once for the three members (packed: one Conv over all members' filters per layer)
     assert convs == trunk_convs + (3 - trunk_convs)
     if split == "all":
-        assert sum(node.op_type == "Gemm" for node in model.graph) == 1 + 1  # fc1 once, the output layers as one
+        assert (
+            sum(node.op_type == "Gemm" for node in model.graph) == 1 + 1
+        )  # fc1 once, the output layers as one
 
 
 def test_member_networks_share_whole_trunk_layers():
@@ -182,7 +213,11 @@ def test_member_networks_share_whole_trunk_layers():
     assert trunk.compute_layers()[0].activation.kind == "relu"  # relu1 folded onto fc1
     for member in members:
         assert check_shares_csn(member, trunk) == 2
-        assert [bool((layer.roles == Role.FROZEN_SHARED).all()) for layer in member.compute_layers()] == [True, True, False]
+        assert [bool((layer.roles == Role.FROZEN_SHARED).all()) for layer in member.compute_layers()] == [
+            True,
+            True,
+            False,
+        ]
         assert member.compute_layers()[-1].activation.kind == "softmax"
     independent, none = treenet_networks(build_treenet(mlp, 2, "none", seed=0), (1, 6, 6))
     assert none is None and len(independent) == 2
@@ -193,11 +228,17 @@ def test_member_networks_share_whole_trunk_layers():
 
 def test_export_refuses_what_the_ir_cannot_express():
     with pytest.raises(ConfigError, match=r"batchnorm2d1 \(BatchNorm2d\)"):
-        sequential_to_network(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 2)),
-                              (1, 6, 6), ["conv1", "batchnorm2d1", "flatten1", "fc1"])
+        sequential_to_network(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 2)),
+            (1, 6, 6),
+            ["conv1", "batchnorm2d1", "flatten1", "fc1"],
+        )
     with pytest.raises(ConfigError, match="does not commute"):
-        sequential_to_network(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
-                              (1, 6, 6), ["conv1", "pool1", "relu1", "flatten1", "fc1"])
+        sequential_to_network(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
+            (1, 6, 6),
+            ["conv1", "pool1", "relu1", "flatten1", "fc1"],
+        )
     nin = build_model("nin", (3, 8, 8), 3, width=0.05)
     with pytest.raises(ConfigError, match="ending in a Linear or Conv2d"):
         sequential_to_network(nin, (3, 8, 8), module_names(nin))
@@ -218,7 +259,9 @@ def test_bootstrap_samples_differ_per_member_and_are_reproducible():
     assert all(not np.array_equal(weights[a], weights[b]) for a in range(4) for b in range(a + 1, 4))
     np.testing.assert_array_equal(weights, bootstrap_weights(1000, 4, seed=3))
     assert not np.array_equal(weights, bootstrap_weights(1000, 4, seed=4))
-    np.testing.assert_array_equal(weights[:2], bootstrap_weights(1000, 2, seed=3))  # member m's sample depends on m only
+    np.testing.assert_array_equal(
+        weights[:2], bootstrap_weights(1000, 2, seed=3)
+    )  # member m's sample depends on m only
 
 
 def test_bagging_members_from_one_initialisation_drift_apart():
@@ -252,8 +295,10 @@ def test_training_learns_and_is_reproducible():
     x, y = toy_data()
     xv, yv = toy_data(48, seed=1)
     options = EnsembleOptions(members=3, split="fc1", loss="mcl", k=1, pretrain_epochs=1)
-    runs = [train_coupled(build_treenet(mlp, 3, "fc1", seed=0), x, y, xv, yv, config(max_epochs=4), options)
-            for _ in range(2)]
+    runs = [
+        train_coupled(build_treenet(mlp, 3, "fc1", seed=0), x, y, xv, yv, config(max_epochs=4), options)
+        for _ in range(2)
+    ]
     _assert_same(_state(runs[0].module), _state(runs[1].module))
     history = runs[0].history
     assert [e["phase"] for e in history] == ["pretrain", "mcl", "mcl", "mcl"]
@@ -265,7 +310,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path):
     x, y = toy_data()
     xv, yv = toy_data(48, seed=1)
     options = EnsembleOptions(members=3, split="fc1", loss="mcl", k=2, variation="both")
-    straight = train_coupled(build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4), options)
+    straight = train_coupled(
+        build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4), options
+    )
 
     class Stop(Exception):
         pass
@@ -276,47 +323,105 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path):
 
     path = tmp_path / "ens.ckpt"
     with pytest.raises(Stop):
-        train_coupled(build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4), options,
-                      checkpoint_path=path, on_epoch_end=stop_after_two)
+        train_coupled(
+            build_treenet(mlp, 3, "fc1", seed=1),
+            x,
+            y,
+            xv,
+            yv,
+            config(max_epochs=4),
+            options,
+            checkpoint_path=path,
+            on_epoch_end=stop_after_two,
+        )
     assert load_checkpoint(path)["epoch"] == 2
-    resumed = train_coupled(build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4), options,
-                            checkpoint_path=path, resume=True)
+    resumed = train_coupled(
+        build_treenet(mlp, 3, "fc1", seed=1),
+        x,
+        y,
+        xv,
+        yv,
+        config(max_epochs=4),
+        options,
+        checkpoint_path=path,
+        resume=True,
+    )
     _assert_same(_state(straight.module), _state(resumed.module))
     assert [e["train_loss"] for e in resumed.history] == [e["train_loss"] for e in straight.history]
     assert resumed.epochs_run == 4
 
     # other ensemble options cannot continue this checkpoint; nor can a single-member checkpoint be read here
     with pytest.raises(ConfigError, match="other ensemble options"):
-        train_coupled(build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4),
-                      EnsembleOptions(members=3, split="fc1", loss="mcl", k=1, variation="both"),
-                      checkpoint_path=path, resume=True)
+        train_coupled(
+            build_treenet(mlp, 3, "fc1", seed=1),
+            x,
+            y,
+            xv,
+            yv,
+            config(max_epochs=4),
+            EnsembleOptions(members=3, split="fc1", loss="mcl", k=1, variation="both"),
+            checkpoint_path=path,
+            resume=True,
+        )
     state = load_checkpoint(path)
     state.pop("kind")
     torch.save(state, path)
     with pytest.raises(ModelLoadError, match="not a coupled ensemble"):
-        train_coupled(build_treenet(mlp, 3, "fc1", seed=1), x, y, xv, yv, config(max_epochs=4), options,
-                      checkpoint_path=path, resume=True)
+        train_coupled(
+            build_treenet(mlp, 3, "fc1", seed=1),
+            x,
+            y,
+            xv,
+            yv,
+            config(max_epochs=4),
+            options,
+            checkpoint_path=path,
+            resume=True,
+        )
 
 
 def test_accumulating_two_batches_equals_one_batch_of_twice_the_size():
     x, y = toy_data(96)
     options_1 = EnsembleOptions(members=2, split="fc1")
     options_2 = EnsembleOptions(members=2, split="fc1", accumulate=2)
-    big = train_coupled(build_treenet(mlp, 2, "fc1", seed=4), x, y, None, None, config(batch_size=32, optimizer="sgd",
-                        momentum=0.0), options_1)
-    small = train_coupled(build_treenet(mlp, 2, "fc1", seed=4), x, y, None, None, config(batch_size=16, optimizer="sgd",
-                          momentum=0.0), options_2)
+    big = train_coupled(
+        build_treenet(mlp, 2, "fc1", seed=4),
+        x,
+        y,
+        None,
+        None,
+        config(batch_size=32, optimizer="sgd", momentum=0.0),
+        options_1,
+    )
+    small = train_coupled(
+        build_treenet(mlp, 2, "fc1", seed=4),
+        x,
+        y,
+        None,
+        None,
+        config(batch_size=16, optimizer="sgd", momentum=0.0),
+        options_2,
+    )
     for a, b in zip(_state(big.module), _state(small.module)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    unaccumulated = train_coupled(build_treenet(mlp, 2, "fc1", seed=4), x, y, None, None,
-                                  config(batch_size=16, optimizer="sgd", momentum=0.0), options_1)
+    unaccumulated = train_coupled(
+        build_treenet(mlp, 2, "fc1", seed=4),
+        x,
+        y,
+        None,
+        None,
+        config(batch_size=16, optimizer="sgd", momentum=0.0),
+        options_1,
+    )
     assert not torch.allclose(_state(unaccumulated.module)[0], _state(small.module)[0])
 
 
 def test_learning_rate_scaled_by_members_and_option_errors():
     x, y = toy_data(32)
     options = EnsembleOptions(members=3, loss="score_avg", lr_scale_by_members=True)
-    result = train_coupled(build_treenet(mlp, 3, "none", seed=0), x, y, None, None, config(max_epochs=1, lr=0.002), options)
+    result = train_coupled(
+        build_treenet(mlp, 3, "none", seed=0), x, y, None, None, config(max_epochs=1, lr=0.002), options
+    )
     assert result.history[0]["lr"] == pytest.approx(0.006)
     with pytest.raises(ConfigError, match="bagging gives each member its own sample"):
         EnsembleOptions(members=3, loss="prob_avg", variation="bagging")
@@ -327,7 +432,9 @@ def test_learning_rate_scaled_by_members_and_option_errors():
     with pytest.raises(ConfigError, match="unknown monitor"):
         EnsembleOptions(monitor="accuracy")
     with pytest.raises(ConfigError, match="has 3 members but the options ask for 2"):
-        train_coupled(build_treenet(mlp, 3, "none", seed=0), x, y, None, None, config(), EnsembleOptions(members=2))
+        train_coupled(
+            build_treenet(mlp, 3, "none", seed=0), x, y, None, None, config(), EnsembleOptions(members=2)
+        )
 
 
 def test_monitors_watch_different_validation_losses():
@@ -336,7 +443,9 @@ def test_monitors_watch_different_validation_losses():
     values = {}
     for monitor in ("objective", "ensemble_nll", "member_ce"):
         options = EnsembleOptions(members=2, loss="mcl", k=1, monitor=monitor)
-        result = train_coupled(build_treenet(mlp, 2, "none", seed=0), x, y, xv, yv, config(max_epochs=1), options)
+        result = train_coupled(
+            build_treenet(mlp, 2, "none", seed=0), x, y, xv, yv, config(max_epochs=1), options
+        )
         values[monitor] = result.history[0]["val_loss"]
     tree = build_treenet(mlp, 2, "none", seed=0)
     train_coupled(tree, x, y, xv, yv, config(max_epochs=1), EnsembleOptions(members=2, loss="mcl", k=1))

@@ -32,21 +32,48 @@ from codec.runtime.training.train import TrainConfig
 # one autograd pass) may move weights by a few ulps per step; nothing else may differ.
 ATOL = 1e-5
 
-CONFIG = {"batch_size": 32, "max_epochs": 4, "patience": 2, "lr": 0.01, "seed": 3, "device": "cpu",
-          "quiet": True, "num_threads": 1}
+CONFIG = {
+    "batch_size": 32,
+    "max_epochs": 4,
+    "patience": 2,
+    "lr": 0.01,
+    "seed": 3,
+    "device": "cpu",
+    "quiet": True,
+    "num_threads": 1,
+}
 CASES = {
     "independent": {"options": {"members": 2, "loss": "independent", "split": "relu1"}},
-    "mcl_k1": {"options": {"members": 4, "loss": "mcl", "k": 1, "split": "relu1", "accumulate": 2},
-               "config": {"optimizer": "sgd", "lr": 0.05}},
+    "mcl_k1": {
+        "options": {"members": 4, "loss": "mcl", "k": 1, "split": "relu1", "accumulate": 2},
+        "config": {"optimizer": "sgd", "lr": 0.05},
+    },
     "prob_avg": {"options": {"members": 2, "loss": "prob_avg", "split": "fc2"}},
     # stops early (epoch 5, best 3): the best weights are rank 0's copy, broadcast to every rank at the end
-    "uneven_mcl": {"options": {"members": 3, "loss": "mcl", "k": 2, "alpha": 0.25, "pretrain_epochs": 1,
-                               "split": "relu1"}, "config": {"lr": 0.05, "max_epochs": 8}, "stops_early": True},
-    "uneven_score_avg": {"options": {"members": 3, "loss": "score_avg", "split": "relu1", "lr_scale_by_members": True},
-                         "config": {"optimizer": "sgd", "lr": 0.02, "lr_decay": 0.9}},
-    "bagging_no_trunk": {"options": {"members": 3, "loss": "independent", "split": "none", "variation": "both"}},
+    "uneven_mcl": {
+        "options": {
+            "members": 3,
+            "loss": "mcl",
+            "k": 2,
+            "alpha": 0.25,
+            "pretrain_epochs": 1,
+            "split": "relu1",
+        },
+        "config": {"lr": 0.05, "max_epochs": 8},
+        "stops_early": True,
+    },
+    "uneven_score_avg": {
+        "options": {"members": 3, "loss": "score_avg", "split": "relu1", "lr_scale_by_members": True},
+        "config": {"optimizer": "sgd", "lr": 0.02, "lr_decay": 0.9},
+    },
+    "bagging_no_trunk": {
+        "options": {"members": 3, "loss": "independent", "split": "none", "variation": "both"}
+    },
     "fully_shared": {"options": {"members": 2, "loss": "independent", "split": "all"}},
-    "replicated_trunk": {"options": {"members": 3, "loss": "mcl", "k": 1, "split": "relu1"}, "trunk": "replicate"},
+    "replicated_trunk": {
+        "options": {"members": 3, "loss": "mcl", "k": 1, "split": "relu1"},
+        "trunk": "replicate",
+    },
     # Dropout in the trunk runs on rank 0 only, drawing from the stream a single process draws from
     "dropout_trunk": {"options": {"members": 3, "loss": "prob_avg", "split": "dropout1"}, "net": "dropout"},
 }
@@ -129,8 +156,15 @@ def mlp(seed: int):
 
 def dropout(seed: int):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 12), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                               torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(36, 12),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(12, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 4),
+    )
 
 
 def toy_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +195,19 @@ def job(tmp_path_factory):
     script = out / "job.py"
     script.write_text(SCRIPT)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, (x, y, xv, yv)
@@ -220,7 +265,11 @@ def test_one_backward_gives_the_single_process_gradients(job, loss_name):
     assert float(rank1["value"]) == float(rank0["value"])  # both ranks compute the same loss
     # rank 0: the trunk and members 0 and 2; rank 1: member 1 only (no trunk graph there)
     assert {k.split(".")[0] + (k.split(".")[1] if k.startswith("branches") else "") for k in rank0} == {
-        "value", "trunk", "branches0", "branches2"}
+        "value",
+        "trunk",
+        "branches0",
+        "branches2",
+    }
     assert {k.split(".")[0] + k.split(".")[1] for k in rank1 if k != "value"} == {"branches1"}
     for key, param in tree.named_parameters():
         got = rank1[key] if key.startswith("branches.1.") else rank0[key]
@@ -232,7 +281,9 @@ def test_failures_reach_every_rank_as_one_line(job):
     out, _ = job
     errors = [json.loads((out / f"errors_rank{r}.json").read_text()) for r in (0, 1)]
     for rank_errors in errors:
-        assert rank_errors["other_data"].startswith("ConfigError: rank 1 was given other training data than rank 0")
+        assert rank_errors["other_data"].startswith(
+            "ConfigError: rank 1 was given other training data than rank 0"
+        )
         assert rank_errors["diverges"].startswith("DataError: non-finite training loss")
         assert all("\n" not in message for message in rank_errors.values())
 
@@ -253,7 +304,9 @@ def test_one_process_is_train_coupled():
     drop = lambda history: [{k: v for k, v in e.items() if k != "seconds"} for e in history]
     assert drop(a.history) == drop(b.history) and len(a.history) == 2
     with pytest.raises(ConfigError, match="unknown trunk mode 'sideways'"):
-        train_coupled_distributed(build_treenet(mlp, 2, "relu1", 3), x, y, None, None, config, options, trunk="sideways")
+        train_coupled_distributed(
+            build_treenet(mlp, 2, "relu1", 3), x, y, None, None, config, options, trunk="sideways"
+        )
 
 
 def test_plan_assigns_members_round_robin_and_picks_the_cheaper_trunk_exchange():
@@ -267,10 +320,15 @@ def test_plan_assigns_members_round_robin_and_picks_the_cheaper_trunk_exchange()
     # the trunk (36 -> 12) holds 444 weights and 12 features per example: activations win up to 37 examples
     assert plan_coupled(tree, x, trunk="auto", batch_size=32, rank=0, size=2).trunk == "broadcast"
     assert plan_coupled(tree, x, trunk="auto", batch_size=64, rank=0, size=2).trunk == "replicate"
-    assert plan_coupled(tree, x, trunk="auto", batch_size=16, accumulate=4, rank=0, size=2).trunk == "replicate"
-    assert plan_coupled(build_treenet(mlp, 2, "none", 0), x, trunk="replicate", rank=0, size=2).trunk == "none"
-    volume = communication_per_step(trunk_params=444, trunk_features=12, batch_size=32, accumulate=1, members=5,
-                                    classes=4, world_size=2)
+    assert (
+        plan_coupled(tree, x, trunk="auto", batch_size=16, accumulate=4, rank=0, size=2).trunk == "replicate"
+    )
+    assert (
+        plan_coupled(build_treenet(mlp, 2, "none", 0), x, trunk="replicate", rank=0, size=2).trunk == "none"
+    )
+    volume = communication_per_step(
+        trunk_params=444, trunk_features=12, batch_size=32, accumulate=1, members=5, classes=4, world_size=2
+    )
     assert volume == {"broadcast": 2 * 32 * 12, "replicate": 2 * 444, "logits": 2 * 3 * 32 * 4}
 
 

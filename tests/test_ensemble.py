@@ -69,16 +69,29 @@ def assert_fused_matches(members, csn, x, criteria=CRITERIA, atol=1e-5, **kw) ->
             outs = run_all(model, x)
             assert list(outs) == ["output"] + [f"member_{i}" for i in range(len(members))]
             for i in range(len(members)):
-                np.testing.assert_allclose(outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}")
-            np.testing.assert_allclose(outs["output"], combine(outs_stack(outs, len(members)), criterion), atol=atol,
-                                       err_msg=criterion)
-            np.testing.assert_allclose(outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion)
+                np.testing.assert_allclose(
+                    outs[f"member_{i}"], reference[i], atol=1e-5, err_msg=f"member {i}"
+                )
+            np.testing.assert_allclose(
+                outs["output"],
+                combine(outs_stack(outs, len(members)), criterion),
+                atol=atol,
+                err_msg=criterion,
+            )
+            np.testing.assert_allclose(
+                outs["output"], combine(reference, criterion), atol=atol, err_msg=criterion
+            )
             assert stored_parameters(model) == ensemble_parameter_count(members, csn)["total_stored"]
             arms[packed] = (model, outs)
         for name in arms[False][1]:
             tolerance = PACKED_PROD_ATOL if criterion == "prod" and name == "output" else PACKED_ATOL
-            np.testing.assert_allclose(arms[True][1][name], arms[False][1][name], rtol=0, atol=tolerance,
-                                       err_msg=f"{criterion} {name}: packed vs per-member")
+            np.testing.assert_allclose(
+                arms[True][1][name],
+                arms[False][1][name],
+                rtol=0,
+                atol=tolerance,
+                err_msg=f"{criterion} {name}: packed vs per-member",
+            )
         models[criterion] = arms[False][0]
     return models
 
@@ -97,7 +110,11 @@ def _digest(array: np.ndarray) -> str:
 
 
 def stored_parameters(model) -> int:
-    return sum(v.const_value.numpy().size for v in model.graph.initializers.values() if not v.name.startswith("collect/"))
+    return sum(
+        v.const_value.numpy().size
+        for v in model.graph.initializers.values()
+        if not v.name.startswith("collect/")
+    )
 
 
 def op_count(model, op_type: str) -> int:
@@ -108,7 +125,9 @@ def assert_csn_stored_once(model, csn: NetworkIR, depth: int | None = None) -> N
     hashes = initializer_hashes(model)
     for layer in csn.compute_layers()[:depth]:
         for tensor in (layer.weight, layer.bias):
-            assert hashes.count(_digest(tensor)) == 1, f"CSN tensor of {layer.name} stored {hashes.count(_digest(tensor))} times"
+            assert hashes.count(_digest(tensor)) == 1, (
+                f"CSN tensor of {layer.name} stored {hashes.count(_digest(tensor))} times"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,8 +139,14 @@ def _mlp(rng, name, widths=(20, 16, 12, 5), out=SOFTMAX, scale=0.5) -> NetworkIR
     layers = []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         last = i == len(widths) - 2
-        layers.append(Dense("out" if last else f"fc{i + 1}", _normal(rng, n_out, n_in, scale=scale), _normal(rng, n_out, scale=0.3),
-                            out if last else RELU))
+        layers.append(
+            Dense(
+                "out" if last else f"fc{i + 1}",
+                _normal(rng, n_out, n_in, scale=scale),
+                _normal(rng, n_out, scale=0.3),
+                out if last else RELU,
+            )
+        )
     return NetworkIR(name, "input", "output", (widths[0],), layers)
 
 
@@ -150,7 +175,9 @@ def test_prod_with_vetoes_between_confident_members_in_both_precisions():
     assert (probs == 0).mean() > 0.3
     reference = combine(probs, "prod")
     for packed in (True, False):  # the stacked collect stage (one pack) and the per-member one
-        out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64", packed=packed), x)["output"]
+        out64 = run_all(emit_ensemble(members, criterion="prod", precision="float64", packed=packed), x)[
+            "output"
+        ]
         out32 = run_all(emit_ensemble(members, criterion="prod", packed=packed), x)["output"]
         np.testing.assert_allclose(out64, reference, atol=1e-7)
         np.testing.assert_allclose(out32, reference, atol=1e-5)
@@ -174,7 +201,10 @@ def test_only_requested_output_without_member_outputs():
     members = [_mlp(rng, "a"), _mlp(rng, "b")]
     outs = run_all(emit_ensemble(members, criterion="mean", names=["first", "second"]), _normal(rng, 10, 20))
     assert list(outs) == ["output"]
-    assert ensemble_description(emit_ensemble(members, names=["first", "second"]))["members"] == ["first", "second"]
+    assert ensemble_description(emit_ensemble(members, names=["first", "second"]))["members"] == [
+        "first",
+        "second",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +232,9 @@ def csne_members():
     from codec.passes.registry import parse_pipeline
 
     main, peer, *_ = planted_pair(np.random.default_rng(0))
-    calibration = Calibration(np.random.default_rng(7).standard_normal((3000, 20)).astype(np.float32), batch_size=512)
+    calibration = Calibration(
+        np.random.default_rng(7).standard_normal((3000, 20)).astype(np.float32), batch_size=512
+    )
     module = EnsembleModule({"main": main, "peer": peer}, calibration)
     out, _ = PassManager(parse_pipeline("nda{fire=0.0},csne{fire=0.99,corr=0.99}")).run(module)
     rewritten, csn = out.members["main"], out.csn.network
@@ -306,7 +338,10 @@ def _cnn_member(rng, name, csn_parts, widths=(6, 5, 12), share=3) -> NetworkIR:
         w3[:k3, : k2 * 16], b3[:k3] = fcw, fcb  # channel-major: CSN channels' features come first
         roles[2][:k3] = Role.FROZEN_SHARED
     return NetworkIR(
-        name, "input", "output", (2, 8, 8),
+        name,
+        "input",
+        "output",
+        (2, 8, 8),
         [
             Conv("c1", w1, b1, RELU, roles=roles[0], pads=(1, 1, 1, 1)),
             Pool("p1", "max", (2, 2), (2, 2)),
@@ -320,15 +355,27 @@ def _cnn_member(rng, name, csn_parts, widths=(6, 5, 12), share=3) -> NetworkIR:
 
 def test_cnn_with_partly_shared_conv_channels():
     rng = np.random.default_rng(6)
-    parts = (_normal(rng, 3, 2, 3, 3, scale=0.5), _normal(rng, 3, scale=0.2), _normal(rng, 2, 3, 3, 3, scale=0.3),
-             _normal(rng, 2, scale=0.2), _normal(rng, 4, 32, scale=0.2), _normal(rng, 4, scale=0.2))
-    csn = NetworkIR("csn", "input", "csn", (2, 8, 8), [
-        Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
-        Pool("p1", "max", (2, 2), (2, 2)),
-        Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
-        Flatten("flat"),
-        Dense("fc", parts[4], parts[5], RELU),
-    ])
+    parts = (
+        _normal(rng, 3, 2, 3, 3, scale=0.5),
+        _normal(rng, 3, scale=0.2),
+        _normal(rng, 2, 3, 3, 3, scale=0.3),
+        _normal(rng, 2, scale=0.2),
+        _normal(rng, 4, 32, scale=0.2),
+        _normal(rng, 4, scale=0.2),
+    )
+    csn = NetworkIR(
+        "csn",
+        "input",
+        "csn",
+        (2, 8, 8),
+        [
+            Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
+            Pool("p1", "max", (2, 2), (2, 2)),
+            Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
+            Flatten("flat"),
+            Dense("fc", parts[4], parts[5], RELU),
+        ],
+    )
     members = [
         _cnn_member(rng, "a", parts),
         _cnn_member(rng, "b", parts, widths=(8, 4, 10)),  # wider and narrower own parts
@@ -370,13 +417,21 @@ def test_treenet_trunk_of_whole_conv_layer():
     csn = NetworkIR("trunk", "input", "csn", (1, 8, 8), [Conv("c1", trunk_w, trunk_b, RELU)])
 
     def branch(name):
-        return NetworkIR(name, "input", "output", (1, 8, 8), [
-            Conv("c1", trunk_w.copy(), trunk_b.copy(), RELU, roles=np.full(4, Role.FROZEN_SHARED, np.int8)),
-            Pool("p1", "max", (2, 2), (2, 2)),
-            Conv("c2", _normal(rng, 3, 4, 2, 2, scale=0.5), _normal(rng, 3, scale=0.2), RELU),
-            Flatten("flat"),
-            Dense("out", _normal(rng, 3, 3 * 2 * 2, scale=0.5), _normal(rng, 3, scale=0.1), SOFTMAX),
-        ])
+        return NetworkIR(
+            name,
+            "input",
+            "output",
+            (1, 8, 8),
+            [
+                Conv(
+                    "c1", trunk_w.copy(), trunk_b.copy(), RELU, roles=np.full(4, Role.FROZEN_SHARED, np.int8)
+                ),
+                Pool("p1", "max", (2, 2), (2, 2)),
+                Conv("c2", _normal(rng, 3, 4, 2, 2, scale=0.5), _normal(rng, 3, scale=0.2), RELU),
+                Flatten("flat"),
+                Dense("out", _normal(rng, 3, 3 * 2 * 2, scale=0.5), _normal(rng, 3, scale=0.1), SOFTMAX),
+            ],
+        )
 
     members = [branch(f"b{i}") for i in range(3)]
     assert [check_shares_csn(m, csn) for m in members] == [1, 1, 1]
@@ -399,8 +454,16 @@ def test_treenet_trunk_of_two_whole_dense_layers():
     csn = NetworkIR("trunk", "input", "csn", (20,), trunk.layers)
     members = []
     for i in range(3):
-        layers = [Dense(l.name, l.weight.copy(), l.bias.copy(), RELU, roles=np.full(l.num_neurons, Role.FROZEN_SHARED, np.int8))
-                  for l in csn.layers]
+        layers = [
+            Dense(
+                l.name,
+                l.weight.copy(),
+                l.bias.copy(),
+                RELU,
+                roles=np.full(l.num_neurons, Role.FROZEN_SHARED, np.int8),
+            )
+            for l in csn.layers
+        ]
         layers.append(Dense("out", _normal(rng, 5, 12), _normal(rng, 5), SOFTMAX))
         members.append(NetworkIR(f"m{i}", "input", "output", (20,), layers))
     members.append(_mlp(rng, "independent", widths=(20, 9, 5)))
@@ -431,46 +494,86 @@ def test_packed_mlps_first_layer_is_one_gemm_and_deeper_layers_one_grouped_conv(
     assert op_count(model, "Softmax") == 1 and op_count(model, "Relu") == 2
     unpacked = emit_ensemble(members, packed=False)
     assert op_count(unpacked, "Gemm") == 30 and ensemble_description(unpacked)["packed"] == []
-    assert stored_parameters(model) == stored_parameters(unpacked) == ensemble_parameter_count(members)["total_stored"]
+    assert (
+        stored_parameters(model)
+        == stored_parameters(unpacked)
+        == ensemble_parameter_count(members)["total_stored"]
+    )
 
 
 def test_packs_keep_member_order_and_leave_unique_architectures_alone():
     rng = np.random.default_rng(15)
     wide, narrow = (20, 16, 12, 5), (20, 9, 5)
-    members = [_mlp(rng, "a0", wide), _mlp(rng, "b0", narrow), _mlp(rng, "single", (20, 7, 7, 5)), _mlp(rng, "a1", wide),
-               _mlp(rng, "b1", narrow), _mlp(rng, "a2", wide, out=SIGMOID)]  # another output activation: its own
+    members = [
+        _mlp(rng, "a0", wide),
+        _mlp(rng, "b0", narrow),
+        _mlp(rng, "single", (20, 7, 7, 5)),
+        _mlp(rng, "a1", wide),
+        _mlp(rng, "b1", narrow),
+        _mlp(rng, "a2", wide, out=SIGMOID),
+    ]  # another output activation: its own
     x = _normal(rng, 40, 20)
     assert_fused_matches(members, None, x)
     model = emit_ensemble(members)
     assert ensemble_description(model)["packed"] == [[0, 3], [1, 4]]
-    assert op_count(model, "Gemm") == 2 + 3 + 3  # one per pack (first layers) + the two single members' layers
+    assert (
+        op_count(model, "Gemm") == 2 + 3 + 3
+    )  # one per pack (first layers) + the two single members' layers
 
 
 def test_packed_cnn_members_with_partly_shared_channels():
     rng = np.random.default_rng(16)
-    parts = (_normal(rng, 3, 2, 3, 3, scale=0.5), _normal(rng, 3, scale=0.2), _normal(rng, 2, 3, 3, 3, scale=0.3),
-             _normal(rng, 2, scale=0.2), _normal(rng, 4, 32, scale=0.2), _normal(rng, 4, scale=0.2))
-    csn = NetworkIR("csn", "input", "csn", (2, 8, 8), [
-        Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
-        Pool("p1", "max", (2, 2), (2, 2)),
-        Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
-        Flatten("flat"),
-        Dense("fc", parts[4], parts[5], RELU),
-    ])
-    members = [_cnn_member(rng, f"{kind}{i}", parts, share=share) for i in range(2) for kind, share in (("a", 3), ("c", 2), ("d", 0))]
+    parts = (
+        _normal(rng, 3, 2, 3, 3, scale=0.5),
+        _normal(rng, 3, scale=0.2),
+        _normal(rng, 2, 3, 3, 3, scale=0.3),
+        _normal(rng, 2, scale=0.2),
+        _normal(rng, 4, 32, scale=0.2),
+        _normal(rng, 4, scale=0.2),
+    )
+    csn = NetworkIR(
+        "csn",
+        "input",
+        "csn",
+        (2, 8, 8),
+        [
+            Conv("c1", parts[0], parts[1], RELU, pads=(1, 1, 1, 1)),
+            Pool("p1", "max", (2, 2), (2, 2)),
+            Conv("c2", parts[2], parts[3], RELU, pads=(1, 1, 1, 1)),
+            Flatten("flat"),
+            Dense("fc", parts[4], parts[5], RELU),
+        ],
+    )
+    members = [
+        _cnn_member(rng, f"{kind}{i}", parts, share=share)
+        for i in range(2)
+        for kind, share in (("a", 3), ("c", 2), ("d", 0))
+    ]
     assert [check_shares_csn(m, csn) for m in members] == [3, 2, 0] * 2
     x = rng.random((48, 2, 8, 8), dtype=np.float32)
     assert_fused_matches(members, csn, x)
     model = emit_ensemble(members, csn, criterion="mean")
     assert ensemble_description(model)["packed"] == [[0, 3], [1, 4], [2, 5]]
     assert_csn_stored_once(model, csn)
-    grouped = [node.name for node in model.graph if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2]
+    grouped = [
+        node.name
+        for node in model.graph
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 2
+    ]
     # each pack's c2 reads its members' own c1 channels (grouped), as do its Dense layers past the Flatten
     # (1x1 Conv): fc (not in the CSN for pack 2) and out
-    assert sorted(grouped) == sorted([*(f"pack{i}/{name}.own" for i in range(3) for name in ("c2", "out")), "pack2/fc.own",
-                                      "pack0/fc.own", "pack1/fc.own"])
+    assert sorted(grouped) == sorted(
+        [
+            *(f"pack{i}/{name}.own" for i in range(3) for name in ("c2", "out")),
+            "pack2/fc.own",
+            "pack0/fc.own",
+            "pack1/fc.own",
+        ]
+    )
     # c1 reads the input only: one Conv over concatenated filters per pack (and the CSN's), no per-member Conv
-    convs = 2 + 3 + 3 + 2  # CSN c1, c2; each pack's c1; grouped c2s; the common part of c2 in the two sharing packs
+    convs = (
+        2 + 3 + 3 + 2
+    )  # CSN c1, c2; each pack's c1; grouped c2s; the common part of c2 in the two sharing packs
     assert op_count(model, "Conv") == convs + 3 + 3  # + grouped 1x1 fc and out
     # [CSN part, own part] is never materialised: the one Concat stacks the three packs for the collect stage
     assert [node.name for node in model.graph if node.op_type == "Concat"] == ["collect/members"]
@@ -479,10 +582,19 @@ def test_packed_cnn_members_with_partly_shared_channels():
 def test_conv_output_members_packed_and_a_softmax_conv_left_unpacked():
     rng = np.random.default_rng(17)
 
-    def conv_net(name, activation):  # outputs the conv's (3, 2, 2) map: the pack's output is split on channels
-        return NetworkIR(name, "input", "output", (1, 4, 4), [
-            Conv("c1", _normal(rng, 4, 1, 2, 2), _normal(rng, 4), RELU),
-            Conv("c2", _normal(rng, 3, 4, 2, 2), _normal(rng, 3), activation, pads=(0, 0, 1, 1))])
+    def conv_net(
+        name, activation
+    ):  # outputs the conv's (3, 2, 2) map: the pack's output is split on channels
+        return NetworkIR(
+            name,
+            "input",
+            "output",
+            (1, 4, 4),
+            [
+                Conv("c1", _normal(rng, 4, 1, 2, 2), _normal(rng, 4), RELU),
+                Conv("c2", _normal(rng, 3, 4, 2, 2), _normal(rng, 3), activation, pads=(0, 0, 1, 1)),
+            ],
+        )
 
     x = rng.random((16, 1, 4, 4), dtype=np.float32)
     # a softmax over channels cannot run on the channels of several members
@@ -506,8 +618,13 @@ def test_conv_output_members_packed_and_a_softmax_conv_left_unpacked():
 def _constant_member(name, bias, num_inputs=6, activation=SIGMOID) -> NetworkIR:
     """A member whose output ignores its input: out = activation(bias)."""
     bias = np.asarray(bias, np.float32)
-    return NetworkIR(name, "input", "output", (num_inputs,),
-                     [Dense("out", np.zeros((len(bias), num_inputs), np.float32), bias, activation)])
+    return NetworkIR(
+        name,
+        "input",
+        "output",
+        (num_inputs,),
+        [Dense("out", np.zeros((len(bias), num_inputs), np.float32), bias, activation)],
+    )
 
 
 def test_collect_edge_cases_ties_vetoes_and_all_zero_rows():
@@ -516,14 +633,18 @@ def test_collect_edge_cases_ties_vetoes_and_all_zero_rows():
     veto = _constant_member("veto", [-1e4, 0.0, 3.0])  # class 0 exactly 0
     zeros = _constant_member("zeros", [-1e4, -1e4, -1e4])  # every class exactly 0
     uniform = _constant_member("uniform", [0.0, 0.0, 0.0], activation=SOFTMAX)  # a three-way tie
-    varying = NetworkIR("varying", "input", "output", (6,), [Dense("out", _normal(rng, 3, 6), _normal(rng, 3), SIGMOID)])
+    varying = NetworkIR(
+        "varying", "input", "output", (6,), [Dense("out", _normal(rng, 3, 6), _normal(rng, 3), SIGMOID)]
+    )
     assert member_probs([veto], x)[0, 0, 0] == 0.0 and not member_probs([zeros], x).any()
     assert_fused_matches([veto, zeros, varying], None, x)
     assert_fused_matches([zeros, zeros], None, x)  # max and prod: an all-zero row is uniform
     for packed in (True, False):
         outs = run_all(emit_ensemble([zeros, uniform], criterion="vote", packed=packed), x)
         np.testing.assert_array_equal(outs["output"], np.tile([1.0, 0.0, 0.0], (8, 1)))  # ties: lowest index
-        np.testing.assert_allclose(run_all(emit_ensemble([zeros, zeros], criterion="max", packed=packed), x)["output"], 1 / 3)
+        np.testing.assert_allclose(
+            run_all(emit_ensemble([zeros, zeros], criterion="max", packed=packed), x)["output"], 1 / 3
+        )
 
 
 def test_reconstruction_ensemble_is_the_mean():
@@ -535,7 +656,10 @@ def test_reconstruction_ensemble_is_the_mean():
         onnx.checker.check_model(onnx.load_from_string(to_bytes(model)), full_check=True)
         outs = run_all(model, x)
         np.testing.assert_allclose(outs["output"], member_probs(members, x).mean(axis=0), atol=1e-6)
-    assert ensemble_description(model)["criterion"] == "mean" and ensemble_description(model)["task"] == "reconstruction"
+    assert (
+        ensemble_description(model)["criterion"] == "mean"
+        and ensemble_description(model)["task"] == "reconstruction"
+    )
     with pytest.raises(ConfigError, match="criterion must be mean"):
         emit_ensemble(members, task="reconstruction", criterion="prod")
 
@@ -561,8 +685,12 @@ def test_bad_options_and_members():
         emit_ensemble([members[0], _mlp(rng, "logits", out=Activation("identity"))])
     for error in (ConfigError, ShapeError):
         try:
-            emit_ensemble(members, criterion="median" if error is ConfigError else "prod", names=None,
-                          csn=None if error is ConfigError else _mlp(rng, "csn", widths=(7, 3)))
+            emit_ensemble(
+                members,
+                criterion="median" if error is ConfigError else "prod",
+                names=None,
+                csn=None if error is ConfigError else _mlp(rng, "csn", widths=(7, 3)),
+            )
         except error as exc:
             assert "\n" not in str(exc)
 
@@ -570,7 +698,9 @@ def test_bad_options_and_members():
 def test_metadata_is_json_and_user_metadata_is_kept():
     rng = np.random.default_rng(13)
     members = [_mlp(rng, "a"), _mlp(rng, "b")]
-    model = emit_ensemble(members, criterion="max", metadata={"codec.members": json.dumps(["a.onnx", "b.onnx"])})
+    model = emit_ensemble(
+        members, criterion="max", metadata={"codec.members": json.dumps(["a.onnx", "b.onnx"])}
+    )
     assert json.loads(model.metadata_props["codec.members"]) == ["a.onnx", "b.onnx"]
     description = json.loads(model.metadata_props[ENSEMBLE_KEY])
     assert description["parameters"]["total_stored"] == sum(m.num_parameters for m in members)
@@ -588,7 +718,9 @@ def test_sessions_put_cuda_first_when_onnxruntime_has_it(monkeypatch):
 
     from codec.runtime.execution.session import providers
 
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     assert providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert providers() == ["CPUExecutionProvider"]
@@ -613,4 +745,3 @@ def test_packed_ensemble_runs_on_cuda_like_on_cpu():
     # GPU GEMMs sum in another order (and may use TF32 on recent GPUs): agreement to 1e-3, not bit level
     for gpu, (name, cpu) in zip(on_gpu, on_cpu.items()):
         np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3, err_msg=name)
-

@@ -33,9 +33,24 @@ RELU = Activation("relu")
 def _mlp(name: str, n_in: int = 784, hidden: int = 16, n_out: int = 10, seed: int = 0) -> NetworkIR:
     rng = np.random.default_rng(seed)
     return NetworkIR(
-        name, "input", "output", (n_in,),
-        [Dense("fc1", rng.standard_normal((hidden, n_in)).astype(np.float32) * 0.1, np.zeros(hidden, np.float32), RELU),
-         Dense("out", rng.standard_normal((n_out, hidden)).astype(np.float32), np.zeros(n_out, np.float32), Activation("softmax"))],
+        name,
+        "input",
+        "output",
+        (n_in,),
+        [
+            Dense(
+                "fc1",
+                rng.standard_normal((hidden, n_in)).astype(np.float32) * 0.1,
+                np.zeros(hidden, np.float32),
+                RELU,
+            ),
+            Dense(
+                "out",
+                rng.standard_normal((n_out, hidden)).astype(np.float32),
+                np.zeros(n_out, np.float32),
+                Activation("softmax"),
+            ),
+        ],
     )
 
 
@@ -51,8 +66,10 @@ def models(tmp_path_factory):
 def _npz(folder: Path, name: str = "data.npz", n: int = 40, dim: int = 784, **changes) -> str:
     rng = np.random.default_rng(0)
     arrays = {
-        "x_train": rng.random((n, dim), dtype=np.float32), "y_train": np.arange(n) % 10,
-        "x_test": rng.random((n, dim), dtype=np.float32), "y_test": np.arange(n) % 10,
+        "x_train": rng.random((n, dim), dtype=np.float32),
+        "y_train": np.arange(n) % 10,
+        "x_test": rng.random((n, dim), dtype=np.float32),
+        "y_test": np.arange(n) % 10,
     }
     arrays.update(changes)
     path = folder / name
@@ -86,24 +103,109 @@ def _assert_one_line_error(code: int, err: str, command: str, fragment: str) -> 
 
 # (command, arguments, data changes, expected fragment); {a}, {b}, {small} are model paths, {data} the npz
 DATA_FAULTS = {
-    "profile-nan": ("profile", ["{a}", "--data", "{data}"], {"x_test": _nan((40, 784))}, "non-finite values (1 NaN)"),
-    "profile-inf": ("profile", ["{a}", "--data", "{data}"], {"x_test": _inf((40, 784))}, "non-finite values (1 inf)"),
-    "profile-empty": ("profile", ["{a}", "--data", "{data}"], {"x_test": np.zeros((0, 784), np.float32), "y_test": np.zeros(0, np.int64)}, "is empty"),
-    "profile-shape": ("profile", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 5), np.float32), "x_test": np.zeros((40, 5), np.float32)}, "expects [784]"),
-    "profile-batch-size": ("profile", ["{a}", "--data", "{data}", "--batch-size", "0"], {}, "--batch-size: expected a positive integer"),
-    "opt-nan": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": _nan((40, 784))}, "non-finite values"),
-    "opt-shape": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((40, 6), np.float32), "x_test": np.zeros((40, 6), np.float32)}, "expects [784]"),
-    "opt-members-differ": ("opt", ["{a}", "--peer", "{small}", "--data", "{data}"], {}, "take different inputs"),
-    "opt-empty": ("opt", ["{a}", "--peer", "{b}", "--data", "{data}"], {"x_train": np.zeros((0, 784), np.float32), "y_train": np.zeros(0, np.int64)}, "is empty"),
+    "profile-nan": (
+        "profile",
+        ["{a}", "--data", "{data}"],
+        {"x_test": _nan((40, 784))},
+        "non-finite values (1 NaN)",
+    ),
+    "profile-inf": (
+        "profile",
+        ["{a}", "--data", "{data}"],
+        {"x_test": _inf((40, 784))},
+        "non-finite values (1 inf)",
+    ),
+    "profile-empty": (
+        "profile",
+        ["{a}", "--data", "{data}"],
+        {"x_test": np.zeros((0, 784), np.float32), "y_test": np.zeros(0, np.int64)},
+        "is empty",
+    ),
+    "profile-shape": (
+        "profile",
+        ["{a}", "--data", "{data}"],
+        {"x_train": np.zeros((40, 5), np.float32), "x_test": np.zeros((40, 5), np.float32)},
+        "expects [784]",
+    ),
+    "profile-batch-size": (
+        "profile",
+        ["{a}", "--data", "{data}", "--batch-size", "0"],
+        {},
+        "--batch-size: expected a positive integer",
+    ),
+    "opt-nan": (
+        "opt",
+        ["{a}", "--peer", "{b}", "--data", "{data}"],
+        {"x_train": _nan((40, 784))},
+        "non-finite values",
+    ),
+    "opt-shape": (
+        "opt",
+        ["{a}", "--peer", "{b}", "--data", "{data}"],
+        {"x_train": np.zeros((40, 6), np.float32), "x_test": np.zeros((40, 6), np.float32)},
+        "expects [784]",
+    ),
+    "opt-members-differ": (
+        "opt",
+        ["{a}", "--peer", "{small}", "--data", "{data}"],
+        {},
+        "take different inputs",
+    ),
+    "opt-empty": (
+        "opt",
+        ["{a}", "--peer", "{b}", "--data", "{data}"],
+        {"x_train": np.zeros((0, 784), np.float32), "y_train": np.zeros(0, np.int64)},
+        "is empty",
+    ),
     "eval-nan": ("eval", ["{a}", "--data", "{data}"], {"x_test": _nan((40, 784))}, "non-finite values"),
-    "eval-label-range": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, 7), "class_names": np.array(["x", "y", "z"])}, "out of range for 3 classes"),
-    "eval-negative-label": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, -1)}, "labels must be >= 0"),
-    "eval-fractional-label": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.full(40, 0.5)}, "whole numbers"),
-    "eval-one-hot-labels": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.eye(10)[np.arange(40) % 10]}, "1-D array of class indices"),
-    "eval-length-mismatch": ("eval", ["{a}", "--data", "{data}"], {"y_test": np.arange(30) % 10}, "40 examples but 30 labels"),
-    "eval-fewer-classes": ("eval", ["{a}", "--data", "{data}"], {"y_train": np.arange(40) % 3, "y_test": np.arange(40) % 3}, "neither one per class"),
-    "eval-members-differ": ("eval", ["{a}", "{small}", "--data", "{data}"], {}, "small.onnx expects [20] per example"),
-    "eval-shape": ("eval", ["{a}", "--data", "{data}"], {"x_train": np.zeros((40, 9), np.float32), "x_test": np.zeros((40, 9), np.float32)}, "expects"),
+    "eval-label-range": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_test": np.full(40, 7), "class_names": np.array(["x", "y", "z"])},
+        "out of range for 3 classes",
+    ),
+    "eval-negative-label": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_test": np.full(40, -1)},
+        "labels must be >= 0",
+    ),
+    "eval-fractional-label": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_test": np.full(40, 0.5)},
+        "whole numbers",
+    ),
+    "eval-one-hot-labels": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_test": np.eye(10)[np.arange(40) % 10]},
+        "1-D array of class indices",
+    ),
+    "eval-length-mismatch": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_test": np.arange(30) % 10},
+        "40 examples but 30 labels",
+    ),
+    "eval-fewer-classes": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"y_train": np.arange(40) % 3, "y_test": np.arange(40) % 3},
+        "neither one per class",
+    ),
+    "eval-members-differ": (
+        "eval",
+        ["{a}", "{small}", "--data", "{data}"],
+        {},
+        "small.onnx expects [20] per example",
+    ),
+    "eval-shape": (
+        "eval",
+        ["{a}", "--data", "{data}"],
+        {"x_train": np.zeros((40, 9), np.float32), "x_test": np.zeros((40, 9), np.float32)},
+        "expects",
+    ),
 }
 
 
@@ -115,13 +217,19 @@ def _args(args: list[str], models: dict, data: str) -> list[str]:
 def test_bad_data_is_a_one_line_error(case, models, tmp_path, capsys):
     command, args, changes, fragment = DATA_FAULTS[case]
     data = _npz(tmp_path, **changes)
-    code = main([command, *_args(args, models, data), "--quiet"] if command in ("profile", "opt") else [command, *_args(args, models, data)])
+    code = main(
+        [command, *_args(args, models, data), "--quiet"]
+        if command in ("profile", "opt")
+        else [command, *_args(args, models, data)]
+    )
     captured = capsys.readouterr()
     _assert_one_line_error(code, captured.err, command, fragment)
     assert captured.out == ""
 
 
-def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, test_images=None, test_labels=None, cut: int = 0) -> None:
+def _write_idx(
+    folder: Path, images: np.ndarray, labels: np.ndarray, test_images=None, test_labels=None, cut: int = 0
+) -> None:
     """MNIST's four IDX files (uncompressed) in torchvision's layout; `cut` bytes dropped from train images."""
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -132,15 +240,23 @@ def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, test_images
         if prefix == "train" and cut:
             blob = blob[:-cut]
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(blob)
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes()
+        )
 
 
 IMAGES = np.random.default_rng(0).integers(0, 255, (30, 28, 28))
 LABELS = np.arange(30) % 10
 COMPILE_FAULTS = {
-    "label-out-of-range": (dict(images=IMAGES, labels=np.where(LABELS == 3, 12, LABELS)), "out of range for 10 classes"),
+    "label-out-of-range": (
+        dict(images=IMAGES, labels=np.where(LABELS == 3, 12, LABELS)),
+        "out of range for 10 classes",
+    ),
     "truncated-images": (dict(images=IMAGES, labels=LABELS, cut=100), "truncated IDX file"),
-    "empty-test-set": (dict(images=IMAGES, labels=LABELS, test_images=np.zeros((0, 28, 28)), test_labels=np.zeros(0)), "is empty"),
+    "empty-test-set": (
+        dict(images=IMAGES, labels=LABELS, test_images=np.zeros((0, 28, 28)), test_labels=np.zeros(0)),
+        "is empty",
+    ),
     "wrong-image-size": (dict(images=IMAGES[:, :20, :20], labels=LABELS), "expected 28x28"),
 }
 
@@ -150,8 +266,22 @@ def test_compile_on_bad_data_is_a_one_line_error(case, tmp_path, capsys):
     """The recipe's dataset (MNIST, classifier_m) read from crafted files: refused before any training."""
     files, fragment = COMPILE_FAULTS[case]
     _write_idx(tmp_path / "data", **files)
-    code = main(["compile", "--recipe", "classifier_m", "--members", "2", "--epochs", "1", "--quiet",
-                 "--data-dir", str(tmp_path / "data"), "-o", str(tmp_path / "run")])
+    code = main(
+        [
+            "compile",
+            "--recipe",
+            "classifier_m",
+            "--members",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "run"),
+        ]
+    )
     captured = capsys.readouterr()
     _assert_one_line_error(code, captured.err, "compile", fragment)
     assert not list((tmp_path / "run").rglob("*.onnx"))
@@ -165,13 +295,34 @@ def test_bad_data_through_python_m_codec(models, tmp_path):
     _write_idx(tmp_path / "idx", images=IMAGES, labels=np.where(LABELS == 3, 12, LABELS))
     runs = [
         ("profile", [models["a"], "--data", nan_data, "--quiet"], "non-finite values"),
-        ("opt", [models["a"], "--peer", models["small"], "--data", clean, "--quiet"], "take different inputs"),
+        (
+            "opt",
+            [models["a"], "--peer", models["small"], "--data", clean, "--quiet"],
+            "take different inputs",
+        ),
         ("eval", [models["a"], "--data", bad_labels], "out of range for 3 classes"),
-        ("compile", ["--recipe", "classifier_m", "--data-dir", str(tmp_path / "idx"), "-o", str(tmp_path / "run"), "--quiet"],
-         "out of range for 10 classes"),
+        (
+            "compile",
+            [
+                "--recipe",
+                "classifier_m",
+                "--data-dir",
+                str(tmp_path / "idx"),
+                "-o",
+                str(tmp_path / "run"),
+                "--quiet",
+            ],
+            "out of range for 10 classes",
+        ),
     ]
     for command, args, fragment in runs:
-        proc = subprocess.run([sys.executable, "-m", "codec", command, *args], capture_output=True, text=True, env=ENV, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "codec", command, *args],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=120,
+        )
         _assert_one_line_error(proc.returncode, proc.stderr, command, fragment)
 
 
@@ -179,8 +330,27 @@ def test_bad_data_through_python_m_codec(models, tmp_path):
 # Interruption
 # ---------------------------------------------------------------------------------------------------
 
-TRAIN = ["--recipe", "classifier_s", "--seed", "3", "--epochs", "25", "--patience", "100", "--n-train", "600",
-         "--n-test", "100", "--batch-size", "50", "--device", "cpu", "--threads", "1", "--quiet"]
+TRAIN = [
+    "--recipe",
+    "classifier_s",
+    "--seed",
+    "3",
+    "--epochs",
+    "25",
+    "--patience",
+    "100",
+    "--n-train",
+    "600",
+    "--n-test",
+    "100",
+    "--batch-size",
+    "50",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def _default_sigint() -> None:
@@ -207,8 +377,9 @@ def test_sigint_during_train_leaves_a_resumable_checkpoint(tmp_path, capsys):
     out = tmp_path / "member.onnx"
     ckpt = Path(f"{out}.ckpt")
     cmd = [sys.executable, "-m", "codec", "train", *TRAIN, "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_default_sigint
+    )
     _wait_for(ckpt.exists, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -232,10 +403,32 @@ def test_sigint_during_train_leaves_a_resumable_checkpoint(tmp_path, capsys):
 def test_sigint_during_compile_stops_cleanly_between_artifacts(tmp_path):
     """compile's SIGTERM-and-resume path is tested in test_compile.py; Ctrl-C leaves the same state."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "codec", "compile", "--recipe", "classifier_s", "--members", "3", "--epochs", "2",
-           "--n-train", "600", "--n-test", "100", "--calibration", "200", "--threads", "1", "--quiet", "-o", str(run_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            preexec_fn=_default_sigint)
+    cmd = [
+        sys.executable,
+        "-m",
+        "codec",
+        "compile",
+        "--recipe",
+        "classifier_s",
+        "--members",
+        "3",
+        "--epochs",
+        "2",
+        "--n-train",
+        "600",
+        "--n-test",
+        "100",
+        "--calibration",
+        "200",
+        "--threads",
+        "1",
+        "--quiet",
+        "-o",
+        str(run_dir),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_default_sigint
+    )
     state = run_dir / "state.json"
 
     def main_trained():
@@ -370,7 +563,11 @@ def test_disk_full_keeps_the_previous_file(tmp_path, disk_full_after_half, write
             write_bytes_atomic(path, b'{"new": true, "padding": "' + b"x" * 1000 + b'"}')
         else:
             write_json_atomic(path, {"new": True, "padding": "x" * 1000})
-    assert isinstance(err.value, CodecError) and isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
+    assert (
+        isinstance(err.value, CodecError)
+        and isinstance(err.value, OSError)
+        and err.value.errno == errno.ENOSPC
+    )
     assert "previous version is untouched" in str(err.value) and "\n" not in str(err.value)
     assert path.read_text() == '{"old": true}'
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "the partial temporary file is removed"
@@ -434,13 +631,25 @@ def test_disk_full_through_the_cli_is_a_one_line_error(models, tmp_path, disk_fu
     report = tmp_path / "report.json"
     report.write_text("{}")
     code = main(["profile", models["a"], "--data", _npz(tmp_path), "--quiet", "-o", str(report)])
-    _assert_one_line_error(code, capsys.readouterr().err, "profile", "No space left on device; the previous version is untouched")
+    _assert_one_line_error(
+        code, capsys.readouterr().err, "profile", "No space left on device; the previous version is untouched"
+    )
     assert report.read_text() == "{}"
 
 
 def test_unwritable_output_folder_is_a_one_line_error(models, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file where a folder should be")
-    code = main(["profile", models["a"], "--data", _npz(tmp_path), "--quiet", "-o", str(tmp_path / "taken" / "report.json")])
+    code = main(
+        [
+            "profile",
+            models["a"],
+            "--data",
+            _npz(tmp_path),
+            "--quiet",
+            "-o",
+            str(tmp_path / "taken" / "report.json"),
+        ]
+    )
     _assert_one_line_error(code, capsys.readouterr().err, "profile", "cannot be created or written to")
     assert (tmp_path / "taken").read_text() == "a file where a folder should be"
 
@@ -513,13 +722,20 @@ def test_profiling_streams_a_calibration_set_larger_than_the_memory_cap(tmp_path
             f.write((rng.integers(-8, 8, 256 * dim) / 8).astype(np.float32).tobytes())
     script = tmp_path / "streamer.py"
     script.write_text(STREAMER)
-    proc = subprocess.run([sys.executable, str(script), str(path), str(dim)], capture_output=True, text=True,
-                          env={**ENV, "MALLOC_ARENA_MAX": "2"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path), str(dim)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "MALLOC_ARENA_MAX": "2"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["count"] == size // (4 * dim)
     assert result["fire"] == result["expected"] and 0 < sum(result["fire"])
-    assert result["whole"] == "MemoryError", "the cap must be too small for the whole set, or the test proves nothing"
+    assert result["whole"] == "MemoryError", (
+        "the cap must be too small for the whole set, or the test proves nothing"
+    )
     (tmp_path / "stream.json").write_text(json.dumps(result))
 
 
@@ -595,7 +811,6 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
 
 
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
 def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
     """Setting the umask to read it would let another thread create a world-writable file meanwhile."""
@@ -612,6 +827,7 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
         assert os.stat(tmp_path / "report.json").st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
 
 # --- replacing a model saved with external data --------------------------------------------------------
 
@@ -663,7 +879,9 @@ def test_a_crash_between_the_data_and_the_model_rename_leaves_the_old_model_whol
     np.testing.assert_array_equal(_run(path, x), old_out)
 
 
-@pytest.mark.parametrize("command", [["compile", "--recipe", "classifier_s", "--members", "3"], ["bench", "--profile", "quick"]])
+@pytest.mark.parametrize(
+    "command", [["compile", "--recipe", "classifier_s", "--members", "3"], ["bench", "--profile", "quick"]]
+)
 def test_an_os_error_outside_codecs_checks_is_one_line(command, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -680,8 +898,24 @@ def test_an_os_error_outside_codecs_checks_is_one_line(command, tmp_path, capsys
 # SIGINT swallowed that way let compile run to the end). The CLI's handler records the request, so both
 # shapes still end as an interruption with a resumable run directory.
 
-_COMPILE = ["compile", "--recipe", "classifier_s", "--members", "3", "--epochs", "2", "--n-train", "600",
-            "--n-test", "100", "--calibration", "200", "--threads", "1", "--quiet"]
+_COMPILE = [
+    "compile",
+    "--recipe",
+    "classifier_s",
+    "--members",
+    "3",
+    "--epochs",
+    "2",
+    "--n-train",
+    "600",
+    "--n-test",
+    "100",
+    "--calibration",
+    "200",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def _steps(run_dir: Path) -> list[str]:
@@ -762,9 +996,18 @@ def test_a_fifo_is_refused_before_it_is_opened_everywhere_a_user_path_is_read(tm
     os.mkfifo(fifo)
     script = tmp_path / "readers.py"
     script.write_text(_FIFO_READERS)
-    proc = subprocess.run([sys.executable, str(script), str(fifo)], capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=REPO,
+    )
     lines = dict(line.split(" | ", 1) for line in proc.stdout.strip().splitlines())
-    assert set(lines) == {"model", "session", "npz", "idx", "checkpoint", "cli_eval"}, proc.stdout + proc.stderr
+    assert set(lines) == {"model", "session", "npz", "idx", "checkpoint", "cli_eval"}, (
+        proc.stdout + proc.stderr
+    )
     for reader in ("model", "session", "npz", "idx", "checkpoint"):
         assert "is a FIFO, not a regular file" in lines[reader], (reader, lines[reader])
     assert "is a FIFO" in proc.stderr and "Traceback" not in proc.stderr
@@ -807,15 +1050,25 @@ def test_a_zero_width_hidden_layer_is_one_line_in_csne():
 
     def net(name):
         rng = np.random.default_rng(0)
-        return NetworkIR(name, "x", "y", (6,), [
-            Dense("fc1", rng.standard_normal((4, 6)).astype(np.float32), np.zeros(4, np.float32), RELU),
-            Dense("fc2", np.zeros((0, 4), np.float32), np.zeros(0, np.float32), RELU),
-            Dense("out", np.zeros((3, 0), np.float32), np.ones(3, np.float32), Activation("softmax")),
-        ])
+        return NetworkIR(
+            name,
+            "x",
+            "y",
+            (6,),
+            [
+                Dense("fc1", rng.standard_normal((4, 6)).astype(np.float32), np.zeros(4, np.float32), RELU),
+                Dense("fc2", np.zeros((0, 4), np.float32), np.zeros(0, np.float32), RELU),
+                Dense("out", np.zeros((3, 0), np.float32), np.ones(3, np.float32), Activation("softmax")),
+            ],
+        )
 
-    calibration = Calibration(np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32), batch_size=16)
+    calibration = Calibration(
+        np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32), batch_size=16
+    )
     with pytest.raises(PassError, match="hidden layer 'fc2' has no neurons"):
-        PassManager(parse_pipeline("csne{fire=0.0,corr=-1.0}")).run(EnsembleModule({"main": net("main"), "peer": net("peer")}, calibration))
+        PassManager(parse_pipeline("csne{fire=0.0,corr=-1.0}")).run(
+            EnsembleModule({"main": net("main"), "peer": net("peer")}, calibration)
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -828,8 +1081,13 @@ def _opt_members(tmp_path):
     main_path = save_model(lower(_mlp("main", n_in=20)), tmp_path / "in" / "main.onnx")
     peer_path = save_model(lower(_mlp("peer", n_in=20, seed=1)), tmp_path / "in" / "peer.onnx")
     data = tmp_path / "in" / "cal.npz"
-    np.savez(data, x_train=rng.standard_normal((200, 20)).astype(np.float32), y_train=np.arange(200) % 10,
-             x_test=rng.standard_normal((50, 20)).astype(np.float32), y_test=np.arange(50) % 10)
+    np.savez(
+        data,
+        x_train=rng.standard_normal((200, 20)).astype(np.float32),
+        y_train=np.arange(200) % 10,
+        x_test=rng.standard_normal((50, 20)).astype(np.float32),
+        y_test=np.arange(50) % 10,
+    )
     return main_path, peer_path, f"npz:{data}"
 
 
@@ -869,8 +1127,12 @@ def test_export_card_onto_a_model_is_refused_and_nothing_is_overwritten(card, tm
 
     members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
     paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
-    ensemble = save_model(emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])}),
-                          tmp_path / "ensemble.onnx")
+    ensemble = save_model(
+        emit_ensemble(
+            members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])}
+        ),
+        tmp_path / "ensemble.onnx",
+    )
     output = tmp_path / "deploy.onnx"
     target = {"output": output, "input": ensemble, "member": paths[0]}[card]
     before = {p: p.read_bytes() for p in (ensemble, *paths)}
@@ -892,12 +1154,16 @@ def test_export_card_onto_a_model_is_refused_and_nothing_is_overwritten(card, tm
     ],
     ids=["parameters", "members", "task", "csn", "shared_layers", "criterion"],
 )
-def test_malformed_ensemble_metadata_is_refused_before_anything_is_written(description, fragment, tmp_path, capsys):
+def test_malformed_ensemble_metadata_is_refused_before_anything_is_written(
+    description, fragment, tmp_path, capsys
+):
     from codec.ir.ensemble import ENSEMBLE_KEY, MEMBERS_KEY, emit_ensemble
 
     members = [_mlp(f"m{i}", n_in=20, seed=i) for i in range(2)]
     paths = [save_model(lower(m), tmp_path / f"m{i}.onnx") for i, m in enumerate(members)]
-    model = emit_ensemble(members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])})
+    model = emit_ensemble(
+        members, None, criterion="mean", metadata={MEMBERS_KEY: json.dumps([p.name for p in paths])}
+    )
     model.metadata_props[ENSEMBLE_KEY] = json.dumps(description)
     ensemble = save_model(model, tmp_path / "ensemble.onnx")
     output = tmp_path / "deploy" / "model.onnx"
@@ -923,8 +1189,14 @@ def test_malformed_ensemble_metadata_is_refused_before_anything_is_written(descr
         (["train", "--seed", "-2"], "--seed: expected an integer >= 0"),
         (["train_ensemble", "--alpha", "1.5"], "--alpha: expected a fraction in [0, 1]"),
         (["train_ensemble", "--width", "0"], "--width: expected a finite number > 0"),
-        (["compile", "--recipe", "r", "-o", "x", "--grow-lr-scale", "inf"], "--grow-lr-scale: expected a finite number > 0"),
-        (["compile", "--recipe", "r", "-o", "x", "--calibration", "-5"], "--calibration: expected a positive integer"),
+        (
+            ["compile", "--recipe", "r", "-o", "x", "--grow-lr-scale", "inf"],
+            "--grow-lr-scale: expected a finite number > 0",
+        ),
+        (
+            ["compile", "--recipe", "r", "-o", "x", "--calibration", "-5"],
+            "--calibration: expected a positive integer",
+        ),
         (["bench", "-o", "x", "--n-boot", "0"], "--n-boot: expected a positive integer"),
         (["bench", "-o", "x", "--min-gain", "nan"], "--min-gain: expected a fraction in [0, 1]"),
     ],
@@ -940,6 +1212,12 @@ def test_numeric_options_cannot_switch_a_check_off(argv, fragment, capsys):
 def test_the_pass_manager_refuses_tolerances_that_disable_verification():
     from codec.passes.manager import PassManager
 
-    for bad in ({"atol": float("nan")}, {"atol": -1.0}, {"atol": float("inf")}, {"verify_inputs": -1}, {"verify_inputs": 0}):
+    for bad in (
+        {"atol": float("nan")},
+        {"atol": -1.0},
+        {"atol": float("inf")},
+        {"verify_inputs": -1},
+        {"verify_inputs": 0},
+    ):
         with pytest.raises(ConfigError):
             PassManager([], **bad)

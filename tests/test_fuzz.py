@@ -75,8 +75,12 @@ def activations(draw, kinds=HIDDEN_ACTS) -> Activation:
 
 def _dense(rng, name, n_out, n_in, act) -> Dense:
     # 1/sqrt(fan_in) keeps activations O(1), so float32 tolerances mean the same at every depth
-    return Dense(name, (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32),
-                 rng.normal(0, 0.3, n_out).astype(np.float32), act)
+    return Dense(
+        name,
+        (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32),
+        rng.normal(0, 0.3, n_out).astype(np.float32),
+        act,
+    )
 
 
 @st.composite
@@ -103,7 +107,9 @@ def cnns(draw, hidden_kinds=HIDDEN_ACTS) -> NetworkIR:
         kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
         conv = Conv(
             f"conv{i}",
-            (rng.standard_normal((c_out, shape[0], *kernel)) / np.sqrt(shape[0] * kernel[0] * kernel[1])).astype(np.float32),
+            (
+                rng.standard_normal((c_out, shape[0], *kernel)) / np.sqrt(shape[0] * kernel[0] * kernel[1])
+            ).astype(np.float32),
             rng.normal(0, 0.3, c_out).astype(np.float32),
             draw(activations(hidden_kinds)),
             strides=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
@@ -122,7 +128,10 @@ def cnns(draw, hidden_kinds=HIDDEN_ACTS) -> NetworkIR:
         elif pool_kind != "none":
             k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
             pool = Pool(
-                f"pool{i}", pool_kind, k, (draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                f"pool{i}",
+                pool_kind,
+                k,
+                (draw(st.integers(1, 3)), draw(st.integers(1, 3))),
                 pads=tuple(draw(st.integers(0, k[j % 2] - 1)) for j in range(4)),
                 ceil_mode=draw(st.booleans()),
                 count_include_pad=draw(st.booleans()) if pool_kind == "avg" else False,
@@ -132,7 +141,14 @@ def cnns(draw, hidden_kinds=HIDDEN_ACTS) -> NetworkIR:
                 layers.append(pool)
                 shape = pooled
     if not layers:  # every conv was too large: one 1x1 conv always fits
-        layers.append(Conv("conv0", rng.standard_normal((2, shape[0], 1, 1)).astype(np.float32), np.zeros(2, np.float32), Activation("relu")))
+        layers.append(
+            Conv(
+                "conv0",
+                rng.standard_normal((2, shape[0], 1, 1)).astype(np.float32),
+                np.zeros(2, np.float32),
+                Activation("relu"),
+            )
+        )
         shape = (2, *shape[1:])
     layers.append(Flatten("flatten"))
     prev = int(np.prod(shape))
@@ -140,7 +156,15 @@ def cnns(draw, hidden_kinds=HIDDEN_ACTS) -> NetworkIR:
         width = draw(st.integers(1, 8))
         layers.append(_dense(rng, f"fc{i}", width, prev, draw(activations(hidden_kinds))))
         prev = width
-    layers.append(_dense(rng, "out", draw(st.integers(1, 5)), prev, draw(st.sampled_from([Activation("identity"), Activation("softmax")]))))
+    layers.append(
+        _dense(
+            rng,
+            "out",
+            draw(st.integers(1, 5)),
+            prev,
+            draw(st.sampled_from([Activation("identity"), Activation("softmax")])),
+        )
+    )
     return NetworkIR("cnn", "input", "output", input_shape, layers)
 
 
@@ -149,7 +173,10 @@ def _shape_inference_agrees(pool: Pool, shape, pooled) -> bool:
     keeps the window, onnxruntime and torch drop it): lift refuses them, so they are not generated here."""
     if not pool.ceil_mode:
         return True
-    inferred = [-(-(shape[i + 1] + pool.pads[i] + pool.pads[i + 2] - pool.kernel_shape[i]) // pool.strides[i]) + 1 for i in range(2)]
+    inferred = [
+        -(-(shape[i + 1] + pool.pads[i] + pool.pads[i + 2] - pool.kernel_shape[i]) // pool.strides[i]) + 1
+        for i in range(2)
+    ]
     return list(pooled[1:]) == inferred
 
 
@@ -186,7 +213,13 @@ def test_lower_lift_lower_round_trip(net, seed):
             assert a.activation == b.activation
         elif isinstance(a, Pool):
             assert (a.mode, a.kernel_shape, a.strides, a.pads, a.ceil_mode, a.is_global) == (
-                b.mode, b.kernel_shape, b.strides, b.pads, b.ceil_mode, b.is_global)
+                b.mode,
+                b.kernel_shape,
+                b.strides,
+                b.pads,
+                b.ceil_mode,
+                b.is_global,
+            )
     second = to_bytes(lower(lifted))
     x = _inputs(net, 6, seed)
     y1, y2 = _run(first, x)[0], _run(second, x)[0]
@@ -235,8 +268,13 @@ def _brute_dead(net: NetworkIR, x: np.ndarray, criterion: str) -> dict[str, np.n
 
 
 @FUZZ
-@given(net=networks, seed=st.integers(0, 2**32 - 1), fraction=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
-       criterion=st.sampled_from(["zero", "never_fires"]), intersect=st.booleans())
+@given(
+    net=networks,
+    seed=st.integers(0, 2**32 - 1),
+    fraction=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    criterion=st.sampled_from(["zero", "never_fires"]),
+    intersect=st.booleans(),
+)
 def test_dna_dead_set_equals_brute_force(net, seed, fraction, criterion, intersect):
     CASES["dna_" + net.name] += 1
     rng = np.random.default_rng(seed)
@@ -324,8 +362,10 @@ def pairs(draw):
         prev, prev_copies, prev_perm = width, np.arange(k), perm
     for layers in (main_layers, peer_layers):
         layers.append(_dense(rng, "out", 3, prev, Activation("softmax")))
-    return (NetworkIR("main", "input", "output", (n_in,), main_layers),
-            NetworkIR("peer", "input", "output", (n_in,), peer_layers))
+    return (
+        NetworkIR("main", "input", "output", (n_in,), main_layers),
+        NetworkIR("peer", "input", "output", (n_in,), peer_layers),
+    )
 
 
 def _brute_csn_facts(main, peer, x):
@@ -335,7 +375,10 @@ def _brute_csn_facts(main, peer, x):
     prev_fire = None
     for lm, lp in zip(main.hidden_layers(), peer.hidden_layers()):
         a, b = am[lm.name].astype(np.float64), ap[lp.name].astype(np.float64)
-        fa, fb = a > lm.activation.fire_threshold(lm.num_neurons), b > lp.activation.fire_threshold(lp.num_neurons)
+        fa, fb = (
+            a > lm.activation.fire_threshold(lm.num_neurons),
+            b > lp.activation.fire_threshold(lp.num_neurons),
+        )
         n = len(x)
         both = fa.T.astype(np.int64) @ fb.astype(np.int64)
         agreement = (n - fa.sum(0)[:, None] - fb.sum(0)[None, :] + 2 * both) / n
@@ -348,10 +391,19 @@ def _brute_csn_facts(main, peer, x):
         cofire_prev = None
         if prev_fire is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
-                cofire_prev = np.nan_to_num((fa.T.astype(np.int64) @ prev_fire.astype(np.int64)) / prev_fire.sum(0)[None, :],
-                                            nan=0.0, posinf=0.0)
-        facts[lm.name] = dict(agreement=agreement, jaccard=jaccard, corr=np.clip(corr, -1, 1), cofire_prev=cofire_prev,
-                              connected=np.abs(lm.weight) > 0, std=(sa, sb))
+                cofire_prev = np.nan_to_num(
+                    (fa.T.astype(np.int64) @ prev_fire.astype(np.int64)) / prev_fire.sum(0)[None, :],
+                    nan=0.0,
+                    posinf=0.0,
+                )
+        facts[lm.name] = dict(
+            agreement=agreement,
+            jaccard=jaccard,
+            corr=np.clip(corr, -1, 1),
+            cofire_prev=cofire_prev,
+            connected=np.abs(lm.weight) > 0,
+            std=(sa, sb),
+        )
         prev_fire = fa
     return facts
 
@@ -362,8 +414,15 @@ CORR_TOL = 1e-4
 
 
 @FUZZ
-@given(pair=pairs(), seed=st.integers(0, 1000), fire_k=st.integers(100, 199), corr=st.sampled_from([0.5, 0.8, 0.95, 0.99]),
-       nda_fire=st.sampled_from([0.0, 0.3, 0.6, 0.9]), preds=st.booleans(), cofire=st.sampled_from(["agreement", "jaccard"]))
+@given(
+    pair=pairs(),
+    seed=st.integers(0, 1000),
+    fire_k=st.integers(100, 199),
+    corr=st.sampled_from([0.5, 0.8, 0.95, 0.99]),
+    nda_fire=st.sampled_from([0.0, 0.3, 0.6, 0.9]),
+    preds=st.booleans(),
+    cofire=st.sampled_from(["agreement", "jaccard"]),
+)
 def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cofire):
     CASES["csne"] += 1
     main, peer = pair
@@ -371,7 +430,9 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
     fire = (fire_k + 0.5) / n  # never exactly a count / n: no ties at the threshold
     x = _inputs(main, n, seed)
     module = EnsembleModule({"main": main, "peer": peer}, Calibration(x, batch_size=64))
-    spec = f"nda{{fire={nda_fire}}},csne{{fire={fire},corr={corr},preds={str(preds).lower()},cofire={cofire}}}"
+    spec = (
+        f"nda{{fire={nda_fire}}},csne{{fire={fire},corr={corr},preds={str(preds).lower()},cofire={cofire}}}"
+    )
     out, report = PassManager(parse_pipeline(spec)).run(module)
     csn = out.csn
     CASES["csne_matched_pairs_checked"] += csn.total
@@ -384,7 +445,9 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
         m, p = spec_layer.main, spec_layer.peer
         # one-to-one, in range
         assert len(set(m.tolist())) == len(m) and len(set(p.tolist())) == len(p)
-        assert all(0 <= i < layer.num_neurons for i in m) and all(0 <= j < peer.layer(layer.name).num_neurons for j in p)
+        assert all(0 <= i < layer.num_neurons for i in m) and all(
+            0 <= j < peer.layer(layer.name).num_neurons for j in p
+        )
         # every pair meets its thresholds, recomputed from raw activations
         assert np.all(together[m, p] >= fire), (together[m, p], fire)
         assert np.all(f["corr"][m, p] >= corr - CORR_TOL), (f["corr"][m, p], corr)
@@ -406,7 +469,9 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
                 outside = np.setdiff1d(np.arange(prev_n), below)
                 eligible_rows = ~ndg[:, outside].any(axis=1)
                 assert eligible_rows[m].all(), "every NDG predecessor of a CSN neuron is in the CSN"
-                CASES["csne_layers_where_the_predecessor_rule_excluded_neurons"] += int((~eligible_rows).any())
+                CASES["csne_layers_where_the_predecessor_rule_excluded_neurons"] += int(
+                    (~eligible_rows).any()
+                )
         # maximal: no clearly eligible pair is left with both neurons unmatched
         clear = (together >= fire) & (f["corr"] >= corr + CORR_TOL) & eligible_rows[:, None]
         free_m = np.setdiff1d(np.arange(layer.num_neurons), m)
@@ -421,7 +486,22 @@ def test_csne_matching_invariants(pair, seed, fire_k, corr, nda_fire, preds, cof
 # with codec's own, opsets; and data files whose declared sizes and labels are hostile.
 # ---------------------------------------------------------------------------------------------------
 
-_NAME_POOL = ("x", "y", "c", "p", "a", "a.relu", "fc", "fc.relu", "fc.weight", "conv", "conv.relu", "pool", "f", "out")
+_NAME_POOL = (
+    "x",
+    "y",
+    "c",
+    "p",
+    "a",
+    "a.relu",
+    "fc",
+    "fc.relu",
+    "fc.weight",
+    "conv",
+    "conv.relu",
+    "pool",
+    "f",
+    "out",
+)
 
 
 @st.composite
@@ -439,12 +519,24 @@ def onnx_graphs(draw):
     nodes, inits = [], {}
     w = rng.standard_normal((2, 1, 2, 2)).astype(np.float32)
     inits["cw"] = w
-    nodes.append(helper.make_node("Conv", [input_name, "cw"], [values[0]], name=draw(st.sampled_from(("conv", "fc", "a"))), kernel_shape=[2, 2]))
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [input_name, "cw"],
+            [values[0]],
+            name=draw(st.sampled_from(("conv", "fc", "a"))),
+            kernel_shape=[2, 2],
+        )
+    )
     current, channels, spatial = values[0], 2, size - 1
     facts = {"pool": None, "act": None}
     if draw(st.booleans()):
         op = draw(st.sampled_from(("MaxPool", "AveragePool")))
-        attrs = {"kernel_shape": [2, 2], "strides": [draw(st.integers(1, 2))] * 2, "ceil_mode": draw(st.integers(0, 1))}
+        attrs = {
+            "kernel_shape": [2, 2],
+            "strides": [draw(st.integers(1, 2))] * 2,
+            "ceil_mode": draw(st.integers(0, 1)),
+        }
         mode = draw(st.sampled_from(("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")))
         if mode != "NOTSET":
             attrs["auto_pad"] = mode
@@ -452,12 +544,18 @@ def onnx_graphs(draw):
             attrs["pads"] = draw(st.sampled_from(([0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 0, 0])))
         if op == "AveragePool":
             attrs["count_include_pad"] = draw(st.integers(0, 1))
-        nodes.append(helper.make_node(op, [current], [values[1]], name=draw(st.sampled_from(("pool", "p", "a.relu"))), **attrs))
+        nodes.append(
+            helper.make_node(
+                op, [current], [values[1]], name=draw(st.sampled_from(("pool", "p", "a.relu"))), **attrs
+            )
+        )
         current = values[1]
         facts["pool"] = (op, mode, tuple(attrs.get("pads", ())))
     if draw(st.booleans()):
         act = draw(st.sampled_from(("Relu", "LeakyRelu", "Sigmoid", "Tanh")))
-        attrs = {"alpha": draw(st.sampled_from((-2.0, -0.5, 0.0, 0.01, 0.5, 3.0)))} if act == "LeakyRelu" else {}
+        attrs = (
+            {"alpha": draw(st.sampled_from((-2.0, -0.5, 0.0, 0.01, 0.5, 3.0)))} if act == "LeakyRelu" else {}
+        )
         nodes.append(helper.make_node(act, [current], [values[2]], name="act", **attrs))
         current = values[2]
         facts["act"] = (act, attrs.get("alpha"))
@@ -465,7 +563,11 @@ def onnx_graphs(draw):
     features = draw(st.integers(1, 4))
     inits["mw"] = rng.standard_normal((1, features)).astype(np.float32)  # replaced below once F is known
     nodes.append(helper.make_node("MatMul", [values[3], "mw"], [values[4]], name="mm"))
-    bias_shape = draw(st.sampled_from(((features,), (1, features), (1,), (), (1, 1, features), (2, features), (features, 1))))
+    bias_shape = draw(
+        st.sampled_from(
+            ((features,), (1, features), (1,), (), (1, 1, features), (2, features), (features, 1))
+        )
+    )
     inits["mb"] = rng.standard_normal(bias_shape).astype(np.float32)
     nodes.append(helper.make_node("Add", [values[4], "mb"], [output_name], name="add"))
     opset = draw(st.sampled_from((18, 18, 18, 13, 7, 6, None, 29)))
@@ -474,7 +576,9 @@ def onnx_graphs(draw):
     def model(flat: int) -> bytes:
         inits["mw"] = rng.standard_normal((flat, features)).astype(np.float32)
         graph = helper.make_graph(
-            nodes, "g", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 1, size, size])],
+            nodes,
+            "g",
+            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 1, size, size])],
             [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, None)],
             [numpy_helper.from_array(a, n) for n, a in inits.items()],
         )
@@ -531,8 +635,12 @@ def test_lift_of_hand_built_graphs_is_exact_or_refused(case):
 
 
 @FUZZ
-@given(labels=st.lists(st.integers(0, 2**40), min_size=4, max_size=8), declared=st.integers(1, 2**40),
-       lie=st.booleans(), gz=st.booleans())
+@given(
+    labels=st.lists(st.integers(0, 2**40), min_size=4, max_size=8),
+    declared=st.integers(1, 2**40),
+    lie=st.booleans(),
+    gz=st.booleans(),
+)
 def test_data_files_with_hostile_sizes_and_labels_are_bounded(labels, declared, lie, gz, tmp_path_factory):
     """npz members whose headers declare up to 2**40 values, labels up to 2**40, IDX(.gz) headers
     declaring up to 2**40 pixels: a one-line DataError or a dataset, never an allocation past 64 MiB."""
@@ -550,11 +658,17 @@ def test_data_files_with_hostile_sizes_and_labels_are_bounded(labels, declared, 
     path = folder / "d.npz"
     n = len(labels)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, array in (("x_train", np.zeros((n, 4), np.float32)), ("y_train", np.array(labels)),
-                            ("x_test", np.zeros((2, 4), np.float32)), ("y_test", np.array(labels[:2]))):
+        for name, array in (
+            ("x_train", np.zeros((n, 4), np.float32)),
+            ("y_train", np.array(labels)),
+            ("x_test", np.zeros((2, 4), np.float32)),
+            ("y_test", np.array(labels[:2])),
+        ):
             buf = io.BytesIO()
             if name == "x_train" and lie:
-                np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (declared, 4)})
+                np.lib.format.write_array_header_1_0(
+                    buf, {"descr": "<f4", "fortran_order": False, "shape": (declared, 4)}
+                )
                 buf.write(array.tobytes())
             else:
                 np.save(buf, array)

@@ -57,15 +57,25 @@ def test_fire_threshold_is_the_value_at_zero_and_monotone_is_true():
             if alpha >= 0:  # firing (value above the threshold) is exactly a positive pre-activation
                 assert np.array_equal(values > act.fire_threshold(4) + 1e-12, grid > 1e-9), kind
             assert act.monotone == bool(np.all(np.diff(values) >= -1e-12)), (kind, alpha)
-    assert not Activation("gelu").monotone and not Activation("silu").monotone and not Activation("hardswish").monotone
-    assert Activation("elu", 1.0).monotone and not Activation("elu", -0.5).monotone and Activation("softplus").monotone
+    assert (
+        not Activation("gelu").monotone
+        and not Activation("silu").monotone
+        and not Activation("hardswish").monotone
+    )
+    assert (
+        Activation("elu", 1.0).monotone
+        and not Activation("elu", -0.5).monotone
+        and Activation("softplus").monotone
+    )
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS, ids=EXPORTER_IDS)
 @pytest.mark.parametrize("kind", sorted(NEW_ACTIVATIONS))
 def test_new_activation_round_trip(kind, dynamo, tmp_path):
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(6, 8), NEW_ACTIVATIONS[kind](), nn.Dropout(0.3), nn.Linear(8, 3), nn.Softmax(-1))
+    module = nn.Sequential(
+        nn.Linear(6, 8), NEW_ACTIVATIONS[kind](), nn.Dropout(0.3), nn.Linear(8, 3), nn.Softmax(-1)
+    )
     path, net = _lift_export(module, (6,), tmp_path, dynamo)
     assert [layer.activation.kind for layer in net.layers] == [kind, "softmax"]
     if kind == "elu":
@@ -84,8 +94,16 @@ def test_torch_ir_computes_every_activation():
 
     for kind in sorted(NEW_ACTIVATIONS):
         act = Activation(kind, 0.7 if kind == "elu" else 0.01)
-        net = NetworkIR("a", "x", "y", (5,), [Dense("h", rng.standard_normal((4, 5)), rng.standard_normal(4), act),
-                                              Dense("o", rng.standard_normal((2, 4)), np.zeros(2))])
+        net = NetworkIR(
+            "a",
+            "x",
+            "y",
+            (5,),
+            [
+                Dense("h", rng.standard_normal((4, 5)), rng.standard_normal(4), act),
+                Dense("o", rng.standard_normal((2, 4)), np.zeros(2)),
+            ],
+        )
         x = (rng.standard_normal((16, 5)) * 3).astype(np.float32)
         with torch.no_grad():
             got = IRModule(net)(torch.from_numpy(x)).numpy()
@@ -97,7 +115,11 @@ def _gelu_graph(mul_form: bool, scale_after: float | None = None) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)
-    first = helper.make_node("Mul", ["h", "k"], ["s"], name="scale") if mul_form else helper.make_node("Div", ["h", "k"], ["s"], name="scale")
+    first = (
+        helper.make_node("Mul", ["h", "k"], ["s"], name="scale")
+        if mul_form
+        else helper.make_node("Div", ["h", "k"], ["s"], name="scale")
+    )
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
         first,
@@ -111,9 +133,17 @@ def _gelu_graph(mul_form: bool, scale_after: float | None = None) -> bytes:
         nodes.append(helper.make_node("Mul", ["u", "two"], ["y"], name="rescale"))
         inits.append(c("two", scale_after))
     rng = np.random.default_rng(0)
-    inits += [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w"), numpy_helper.from_array(np.zeros(3, np.float32), "b")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    inits += [
+        numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
 
 
@@ -251,7 +281,10 @@ def test_residual_network_with_batchnorm_round_trip(dynamo, tmp_path):
     assert _round_trip_error(path, net, (3, 8, 8)) < 1e-5
     x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
-        assert np.abs(IRModule(net, probabilities=True)(torch.from_numpy(x)).numpy() - run_onnx(path, x)).max() < 1e-5
+        assert (
+            np.abs(IRModule(net, probabilities=True)(torch.from_numpy(x)).numpy() - run_onnx(path, x)).max()
+            < 1e-5
+        )
 
 
 def test_dne_removes_a_tied_channel_from_every_tied_layer_and_keeps_outputs(tmp_path):
@@ -274,7 +307,9 @@ def test_dne_removes_a_tied_channel_from_every_tied_layer_and_keeps_outputs(tmp_
     _, alive = _lift_export(module, (3, 8, 8), tmp_path, False, "alive")
     stats = profile(alive, cal.x)
     assert stats.layers[stem].always_zero[2]
-    out, report = PassManager(parse_pipeline("dna{scope=member},dne")).run(EnsembleModule({"main": alive}, cal))
+    out, report = PassManager(parse_pipeline("dna{scope=member},dne")).run(
+        EnsembleModule({"main": alive}, cal)
+    )
     assert report["passes"][1]["details"]["removed_per_layer"]["main"][stem] == 0
     assert out.members["main"].layer(stem).num_neurons == 6
 
@@ -292,7 +327,9 @@ def test_user_residual_network_opt_and_fused_ensemble(tmp_path):
     assert by_name["nda"]["details"]["main"]["edges"] > 0
     csne = by_name["csne"]["details"]
     # CSNE shares only a leading chain; this network's stem already feeds a residual Add
-    assert csne["csn_total"] == 0 and set(csne["left_alone"]) == {l.name for l in nets["main"].hidden_layers()}
+    assert csne["csn_total"] == 0 and set(csne["left_alone"]) == {
+        l.name for l in nets["main"].hidden_layers()
+    }
     members = [out.members["main"], out.members["peer"]]
     ensemble = to_bytes(emit_ensemble(members, None, criterion="mean", member_outputs=True))
     x = np.random.default_rng(7).standard_normal((16, 3, 8, 8)).astype(np.float32)
@@ -375,13 +412,33 @@ def test_compile_residual_recipe_end_to_end(tmp_path):
     from codec.runtime.evaluation.metrics import combine
 
     run_dir = tmp_path / "run"
-    args = ["compile", "--recipe", "resnet_s", "--members", "3", "--epochs", "1", "--n-train", "300", "--n-test", "100",
-            "--calibration", "200", "--threads", "1", "--quiet", "-o", str(run_dir)]
+    args = [
+        "compile",
+        "--recipe",
+        "resnet_s",
+        "--members",
+        "3",
+        "--epochs",
+        "1",
+        "--n-train",
+        "300",
+        "--n-test",
+        "100",
+        "--calibration",
+        "200",
+        "--threads",
+        "1",
+        "--quiet",
+        "-o",
+        str(run_dir),
+    ]
     assert main(args) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["csn"]["total"] == 0  # CSNE leaves a ResNet's tied layers alone (docs/decisions.md)
     x = load_dataset("mnist_small").subset(None, 100, seed=0).x_test[:50]
-    probs = np.stack([run_onnx(run_dir / m, x) for m in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx")])
+    probs = np.stack(
+        [run_onnx(run_dir / m, x) for m in ("opt/main.onnx", "opt/peer.onnx", "members/grown_1.onnx")]
+    )
     assert not lift(run_dir / "members" / "grown_1.onnx").is_chain
     np.testing.assert_allclose(run_onnx(run_dir / "ensemble.onnx", x), combine(probs, "prod"), atol=1e-5)
 
@@ -394,7 +451,15 @@ def test_gelu_dropout_mlp_from_dynamo_through_the_passes_and_ensemble(tmp_path):
     nets, modules = {}, {}
     for name, seed in (("main", 0), ("peer", 1)):
         torch.manual_seed(seed)
-        module = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Dropout(0.2), nn.Linear(10, 8), nn.GELU(), nn.Linear(8, 3), nn.Softmax(-1))
+        module = nn.Sequential(
+            nn.Linear(6, 10),
+            nn.GELU(),
+            nn.Dropout(0.2),
+            nn.Linear(10, 8),
+            nn.GELU(),
+            nn.Linear(8, 3),
+            nn.Softmax(-1),
+        )
         if name == "peer":  # peer's first 4 hidden neurons are main's
             with torch.no_grad():
                 module[0].weight[:4] = modules["main"][0].weight[:4]
@@ -404,14 +469,18 @@ def test_gelu_dropout_mlp_from_dynamo_through_the_passes_and_ensemble(tmp_path):
         nets[name] = lift(path, name=name)
     assert [layer.activation.kind for layer in nets["main"].layers] == ["gelu", "gelu", "softmax"]
     cal = Calibration(np.random.default_rng(0).standard_normal((500, 6)).astype(np.float32))
-    out, _ = PassManager(parse_pipeline("dna,dne,nda,csne{fire=0.95,corr=0.99}")).run(EnsembleModule(nets, cal))
+    out, _ = PassManager(parse_pipeline("dna,dne,nda,csne{fire=0.95,corr=0.99}")).run(
+        EnsembleModule(nets, cal)
+    )
     assert out.csn.sizes[nets["main"].layers[0].name] >= 4
     members = [out.members["main"], out.members["peer"]]
     import onnxruntime as ort
 
     x = np.random.default_rng(1).standard_normal((32, 6)).astype(np.float32)
-    session = ort.InferenceSession(to_bytes(emit_ensemble(members, out.csn.network, criterion="mean", member_outputs=True)),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        to_bytes(emit_ensemble(members, out.csn.network, criterion="mean", member_outputs=True)),
+        providers=["CPUExecutionProvider"],
+    )
     fused, m0, m1 = session.run(None, {session.get_inputs()[0].name: x})
     assert np.abs(m1 - run_onnx(to_bytes(lower(nets["peer"])), x)).max() < 1e-5
     assert np.abs(fused - (m0 + m1) / 2).max() < 1e-6

@@ -27,7 +27,10 @@ B = np.zeros(3, np.float32)
 
 def test_unsupported_op_names_node_and_op():
     model = _model(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Cos", ["h"], ["y"], name="weird")],
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("Cos", ["h"], ["y"], name="weird"),
+        ],
         {"w": W, "b": B},
     )
     with pytest.raises(LiftError) as err:
@@ -63,19 +66,30 @@ def test_not_onnx_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("shape", [("n",), ("n", 2, 2, 2, 4)], ids=["rank1", "rank5"])
 def test_wrong_input_rank(shape):
-    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, in_shape=shape)
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": W, "b": B},
+        in_shape=shape,
+    )
     with pytest.raises(LiftError, match="rank"):
         lift(model)
 
 
 def test_dynamic_feature_dimension_refused():
-    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, in_shape=("n", "f"))
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": W, "b": B},
+        in_shape=("n", "f"),
+    )
     with pytest.raises(LiftError, match="batch dimension"):
         lift(model)
 
 
 def test_weight_shape_mismatch_names_node():
-    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": np.ones((3, 5), np.float32), "b": B})
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": np.ones((3, 5), np.float32), "b": B},
+    )
     with pytest.raises(LiftError, match="5 input features but receives 4") as err:
         lift(model)
     assert err.value.node == "fc"
@@ -94,7 +108,10 @@ def test_activation_of_a_branched_value_refused():
 
 
 def test_nan_weights_refused():
-    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": np.full((3, 4), np.nan, np.float32), "b": B})
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": np.full((3, 4), np.nan, np.float32), "b": B},
+    )
     with pytest.raises(LiftError, match="NaN"):
         lift(model)
 
@@ -110,7 +127,10 @@ def test_integer_input_refused():
 
 
 def test_activation_without_layer_refused():
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="early"), helper.make_node("Gemm", ["r", "w", "b"], ["y"], name="fc", transB=1)]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="early"),
+        helper.make_node("Gemm", ["r", "w", "b"], ["y"], name="fc", transB=1),
+    ]
     with pytest.raises(LiftError) as err:
         lift(_model(nodes, {"w": W, "b": B}))
     assert err.value.node == "early"
@@ -129,7 +149,9 @@ def test_external_data_outside_model_dir_refused(tmp_path):
     import onnx
     from onnx import external_data_helper
 
-    proto = onnx.load_from_string(_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}))
+    proto = onnx.load_from_string(
+        _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B})
+    )
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.ones(12, np.float32).tobytes())
     model_dir = tmp_path / "models"
@@ -222,7 +244,9 @@ def test_activation_moves_across_a_pool_only_where_they_commute(pool, act, attrs
         _agrees_with_onnxruntime(model, net, (1, 7, 7))
     else:
         # after an average pool: refused as an activation with no layer to fuse into (nothing is moved)
-        with pytest.raises(LiftError, match="do not commute" if pool == "MaxPool" else "activation must follow") as err:
+        with pytest.raises(
+            LiftError, match="do not commute" if pool == "MaxPool" else "activation must follow"
+        ) as err:
             lift(model, check=False)
         assert err.value.node == "act" and "\n" not in str(err.value)
 
@@ -258,18 +282,40 @@ def test_auto_pad_pooling_is_read_as_onnxruntime_reads_it(mode, pads, ceil, op, 
 
 
 def test_conv_with_valid_and_explicit_pads_is_refused():
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[2, 2], auto_pad="VALID", pads=[1, 1, 1, 1])]
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            name="conv",
+            kernel_shape=[2, 2],
+            auto_pad="VALID",
+            pads=[1, 1, 1, 1],
+        )
+    ]
     with pytest.raises(LiftError, match="onnxruntime ignores the pads"):
         lift(_free_model(nodes, {"w": CONV_W, "b": CONV_B}, ("n", 1, 7, 7)), check=False)
 
 
 @pytest.mark.parametrize(
     "shape, ok",
-    [((3,), True), ((1, 3), True), ((1,), True), ((), True), ((1, 1), True), ((1, 1, 3), False), ((2, 3), False), ((3, 1), False)],
+    [
+        ((3,), True),
+        ((1, 3), True),
+        ((1,), True),
+        ((), True),
+        ((1, 1), True),
+        ((1, 1, 3), False),
+        ((2, 3), False),
+        ((3, 1), False),
+    ],
     ids=str,
 )
 def test_matmul_add_bias_must_be_one_value_per_output(shape, ok):
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "b"], ["y"], name="add"),
+    ]
     bias = RNG.standard_normal(shape).astype(np.float32)
     model = _free_model(nodes, {"w": W.T.copy(), "b": bias}, ("n", 4))
     if ok:
@@ -296,7 +342,9 @@ def test_the_parity_check_catches_a_lift_that_changes_the_function():
 def test_the_parity_check_is_on_by_default_and_skipping_it_is_recorded(monkeypatch):
     from codec.errors import ConfigError
 
-    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4))
+    model = _free_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4)
+    )
     assert "codec.lift_check" not in lift(model).metadata
     monkeypatch.setenv("CODEC_LIFT_CHECK", "0")
     assert lift(model).metadata["codec.lift_check"] == "skipped"
@@ -305,9 +353,18 @@ def test_the_parity_check_is_on_by_default_and_skipping_it_is_recorded(monkeypat
         lift(model)
 
 
-@pytest.mark.parametrize("opset, ok", [(None, False), (1, False), (6, False), (7, True), (13, True), (18, True), (999, False)], ids=str)
+@pytest.mark.parametrize(
+    "opset, ok",
+    [(None, False), (1, False), (6, False), (7, True), (13, True), (18, True), (999, False)],
+    ids=str,
+)
 def test_opsets_onnxruntime_refuses_are_refused(opset, ok):
-    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4), opset)
+    model = _free_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": W, "b": B},
+        ("n", 4),
+        opset,
+    )
     if ok:
         lift(model)
         lift(model, check=False)
@@ -318,14 +375,21 @@ def test_opsets_onnxruntime_refuses_are_refused(opset, ok):
 
 
 def test_duplicate_node_names_are_refused():
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Relu", ["h"], ["y"], name="fc")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Relu", ["h"], ["y"], name="fc"),
+    ]
     with pytest.raises(ModelLoadError, match="two nodes are named 'fc'"):
         lift(_free_model(nodes, {"w": W, "b": B}, ("n", 4)), check=False)
 
 
 def test_float64_weights_beyond_float32_are_refused_not_made_inf():
     big = np.full((3, 4), 1e300, np.float64)
-    model = _free_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": big, "b": B.astype(np.float64)}, ("n", 4))
+    model = _free_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": big, "b": B.astype(np.float64)},
+        ("n", 4),
+    )
     for check in (False, True):
         with pytest.raises(LiftError, match="beyond float32's range"):
             lift(model, check=check)
@@ -356,8 +420,10 @@ def _mlp(input_name: str, output_name: str, first: str, second: str, last_act: s
         "g",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", 4])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(a, n) for n, a in
-         {_w(first): w1, _b(first): b1, _w(second): w2, _b(second): b2}.items()],
+        [
+            numpy_helper.from_array(a, n)
+            for n, a in {_w(first): w1, _b(first): b1, _w(second): w2, _b(second): b2}.items()
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
 
@@ -375,7 +441,9 @@ def _mlp(input_name: str, output_name: str, first: str, second: str, last_act: s
     ],
     ids=["out=first", "out=own-layer", "out=activation", "in=first", "in=weight", "a+a.relu", "out=weight"],
 )
-def test_names_codec_generates_never_collide_with_the_models_names(input_name, output_name, first, second, last_act):
+def test_names_codec_generates_never_collide_with_the_models_names(
+    input_name, output_name, first, second, last_act
+):
     """lower names every value, node and initializer through one uniquifying rule, so a valid model is
     never refused (or written out invalid) for names codec made up."""
     from conftest import run_onnx
@@ -396,7 +464,9 @@ def test_names_codec_generates_never_collide_with_the_models_names(input_name, o
 def test_a_zero_width_layer_is_refused_at_lift(kind):
     if kind == "dense":
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
-        model = _free_model(nodes, {"w": np.zeros((0, 4), np.float32), "b": np.zeros(0, np.float32)}, ("n", 4))
+        model = _free_model(
+            nodes, {"w": np.zeros((0, 4), np.float32), "b": np.zeros(0, np.float32)}, ("n", 4)
+        )
     else:
         nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[2, 2])]
         model = _free_model(nodes, {"w": np.zeros((0, 1, 2, 2), np.float32)}, ("n", 1, 5, 5))
@@ -416,14 +486,19 @@ def test_an_initializer_with_an_empty_name_is_refused(tmp_path):
             lift(model, check=check)
     path = tmp_path / "m.onnx"
     path.write_bytes(model)
-    with pytest.raises((ModelLoadError, LiftError), match="onnxruntime refuses the model|differs from the model"):
+    with pytest.raises(
+        (ModelLoadError, LiftError), match="onnxruntime refuses the model|differs from the model"
+    ):
         lift(path)
 
 
 def test_residual_add_of_the_network_input_refused():
     # x + fc(x): the input's features cannot be tied to (or removed with) a layer's neurons
     w = np.ones((4, 4), np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1), helper.make_node("Add", ["x", "h"], ["y"], name="skip")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Add", ["x", "h"], ["y"], name="skip"),
+    ]
     with pytest.raises(LiftError, match="the network input") as err:
         lift(_model(nodes, {"w": w, "b": np.zeros(4, np.float32)}, out_shape=("n", 4)))
     assert (err.value.node, err.value.op_type) == ("skip", "Add")

@@ -14,23 +14,55 @@ from codec.ir import Conv, Dense, Flatten, Pool, lift, lower, save_model, to_byt
 
 def mlp_classifier():
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(36, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 16), nn.Tanh(),
-        nn.Linear(16, 12), nn.Sigmoid(), nn.Linear(12, 8), nn.LeakyReLU(0.2), nn.Linear(8, 5), nn.Softmax(dim=-1),
+        nn.Flatten(),
+        nn.Linear(36, 20),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(20, 16),
+        nn.Tanh(),
+        nn.Linear(16, 12),
+        nn.Sigmoid(),
+        nn.Linear(12, 8),
+        nn.LeakyReLU(0.2),
+        nn.Linear(8, 5),
+        nn.Softmax(dim=-1),
     ), (1, 6, 6)
 
 
 def autoencoder():
     return nn.Sequential(
-        nn.Dropout(0.2), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
-        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 36), nn.Sigmoid(),
+        nn.Dropout(0.2),
+        nn.Linear(36, 24),
+        nn.ReLU(),
+        nn.Linear(24, 12),
+        nn.ReLU(),
+        nn.Linear(12, 6),
+        nn.ReLU(),
+        nn.Linear(6, 12),
+        nn.ReLU(),
+        nn.Linear(12, 24),
+        nn.ReLU(),
+        nn.Linear(24, 36),
+        nn.Sigmoid(),
     ), (36,)
 
 
 def small_cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, stride=1), nn.ReLU(),
-        nn.AvgPool2d(2, ceil_mode=True), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 10),
-        nn.ReLU(), nn.Dropout(0.5), nn.Linear(10, 4), nn.Softmax(dim=1),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, stride=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 10),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(10, 4),
+        nn.Softmax(dim=1),
     ), (3, 12, 12)
 
 
@@ -59,10 +91,19 @@ def relu_after_pool():
     return m, (1, 8, 8)
 
 
-MODELS = {"mlp": mlp_classifier, "autoencoder": autoencoder, "cnn": small_cnn, "relu_after_pool": relu_after_pool}
+MODELS = {
+    "mlp": mlp_classifier,
+    "autoencoder": autoencoder,
+    "cnn": small_cnn,
+    "relu_after_pool": relu_after_pool,
+}
 
 
-@pytest.fixture(scope="module", params=[(m, d) for m in MODELS for d in (True, False)], ids=lambda p: f"{p[0]}-{'dynamo' if p[1] else 'legacy'}")
+@pytest.fixture(
+    scope="module",
+    params=[(m, d) for m in MODELS for d in (True, False)],
+    ids=lambda p: f"{p[0]}-{'dynamo' if p[1] else 'legacy'}",
+)
 def exported(request, tmp_path_factory):
     name, dynamo = request.param
     torch.manual_seed(0)
@@ -92,7 +133,13 @@ def test_lifted_structure(exported):
     kinds = [type(layer) for layer in net.layers]
     if name == "mlp":
         assert kinds == [Flatten, Dense, Dense, Dense, Dense, Dense]
-        assert [l.activation.kind for l in net.compute_layers()] == ["relu", "tanh", "sigmoid", "leaky_relu", "softmax"]
+        assert [l.activation.kind for l in net.compute_layers()] == [
+            "relu",
+            "tanh",
+            "sigmoid",
+            "leaky_relu",
+            "softmax",
+        ]
         assert net.compute_layers()[3].activation.alpha == pytest.approx(0.2)
         assert [l.num_neurons for l in net.compute_layers()] == [20, 16, 12, 8, 5]
     elif name == "autoencoder":
@@ -101,7 +148,9 @@ def test_lifted_structure(exported):
         assert kinds == [Conv, Pool, Conv, Pool, Conv, Flatten, Dense, Dense]
         assert net.shapes()[4] == (8, 2, 2)
         # the first dense layer reads 32 features from 8 channels of 2x2
-        np.testing.assert_array_equal(net.input_neuron_map(net.compute_layers()[3].name), np.repeat(np.arange(8), 4))
+        np.testing.assert_array_equal(
+            net.input_neuron_map(net.compute_layers()[3].name), np.repeat(np.arange(8), 4)
+        )
     else:
         # relu moved onto the conv across the max pool, BatchNorm folded into the conv
         assert kinds == [Conv, Pool, Flatten, Dense]
@@ -134,7 +183,9 @@ def test_taps_expose_hidden_post_activation_outputs(exported):
     session = ort.InferenceSession(to_bytes(model), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).standard_normal((4, *shape)).astype(np.float32)
     outs = session.run(None, {session.get_inputs()[0].name: x})
-    for layer, out, out_shape in zip(net.hidden_layers(), outs[1:], [net.shapes()[net.index(l.name)] for l in net.hidden_layers()]):
+    for layer, out, out_shape in zip(
+        net.hidden_layers(), outs[1:], [net.shapes()[net.index(l.name)] for l in net.hidden_layers()]
+    ):
         assert out.shape == (4, *out_shape)
         if layer.activation.kind == "relu":
             assert out.min() >= 0
@@ -150,15 +201,22 @@ def _gemm_model(trans_b: int, matmul: bool) -> bytes:
     w2 = rng.standard_normal((3, 4)).astype(np.float32)  # (out, in) layout
     b2 = rng.standard_normal((1, 3)).astype(np.float32)
     if matmul:
-        first = [helper.make_node("MatMul", ["x", "w1"], ["mm"], name="mm"), helper.make_node("Add", ["b1", "mm"], ["h"], name="add")]
+        first = [
+            helper.make_node("MatMul", ["x", "w1"], ["mm"], name="mm"),
+            helper.make_node("Add", ["b1", "mm"], ["h"], name="add"),
+        ]
     else:
-        first = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1", transB=trans_b, alpha=0.5, beta=2.0)]
+        first = [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1", transB=trans_b, alpha=0.5, beta=2.0)
+        ]
     nodes = first + [
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="g2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
     )

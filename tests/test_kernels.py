@@ -123,8 +123,9 @@ def test_cofire_counts_accumulates_batch_after_batch():
 def test_empty_shapes():
     assert K.pack_fires(np.zeros((0, 5), bool)).shape == (5, 0)
     assert K.pack_fires(np.zeros((10, 0), bool)).shape == (0, 1)
-    np.testing.assert_array_equal(K.cofire_counts(np.zeros((3, 0), np.uint64), np.zeros((2, 0), np.uint64)),
-                                  np.zeros((3, 2), np.int64))
+    np.testing.assert_array_equal(
+        K.cofire_counts(np.zeros((3, 0), np.uint64), np.zeros((2, 0), np.uint64)), np.zeros((3, 2), np.int64)
+    )
     assert K.greedy_match(np.zeros((0, 4)), np.zeros((0, 4), bool)).shape == (0,)
     np.testing.assert_array_equal(K.greedy_match(np.ones((2, 0)), np.ones((2, 0), bool)), [-1, -1])
 
@@ -217,8 +218,9 @@ def test_non_contiguous_inputs_are_copied_and_give_the_same_results():
     np.testing.assert_array_equal(K.cofire_counts(a[::3], a.T.copy().T), K.cofire_counts(a[::3].copy(), a))
     np.testing.assert_array_equal(K.count_fires(a[:, ::-1]), K.count_fires(a[:, ::-1].copy()))
     score = rng.random((20, 30))
-    np.testing.assert_array_equal(K.greedy_match(score.T, (score > 0.5).T),
-                                  K.greedy_match(score.T.copy(), (score > 0.5).T.copy()))
+    np.testing.assert_array_equal(
+        K.greedy_match(score.T, (score > 0.5).T), K.greedy_match(score.T.copy(), (score > 0.5).T.copy())
+    )
 
 
 def words(rows: int, n_words: int) -> np.ndarray:
@@ -244,21 +246,33 @@ def ndg(cofire=None, fire_prev=None, count=1, threshold=0.5, connected=None):
         (lambda: K.pack_fires([[True]]), "fires must be a numpy array"),
         (lambda: K.cofire_counts(np.zeros((2, 3), np.int64), words(2, 3)), "a must have dtype uint64"),
         (lambda: K.cofire_counts(words(2, 3), words(2, 4)), "same number of 64-bit words"),
-        (lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((5, 2), np.int64)),
-         r"out must have shape \(2, 5\)"),
-        (lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((2, 5), np.int32)),
-         "out must have dtype int64"),
-        (lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((5, 2), np.int64).T),
-         "out must be C-contiguous"),
-        (lambda: K.cofire_counts(words(2, 3), words(2, 3), n_threads=0),
-         "n_threads must be a positive integer"),
+        (
+            lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((5, 2), np.int64)),
+            r"out must have shape \(2, 5\)",
+        ),
+        (
+            lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((2, 5), np.int32)),
+            "out must have dtype int64",
+        ),
+        (
+            lambda: K.cofire_counts(words(2, 3), words(5, 3), out=np.zeros((5, 2), np.int64).T),
+            "out must be C-contiguous",
+        ),
+        (
+            lambda: K.cofire_counts(words(2, 3), words(2, 3), n_threads=0),
+            "n_threads must be a positive integer",
+        ),
         (lambda: K.count_fires(np.zeros((2, 3, 1), np.uint64)), "a must be 2-D"),
-        (lambda: K.greedy_match(np.zeros((2, 2), np.float32), np.ones((2, 2), bool)),
-         "score must have dtype float64"),
+        (
+            lambda: K.greedy_match(np.zeros((2, 2), np.float32), np.ones((2, 2), bool)),
+            "score must have dtype float64",
+        ),
         (lambda: K.greedy_match(np.zeros((2, 2)), np.ones((2, 3), bool)), "must have the same shape"),
         (lambda: K.greedy_match(np.array([[np.nan]]), np.ones((1, 1), bool)), "NaN"),
-        (lambda: K.greedy_match(np.zeros((2, 2)), np.ones((2, 2), np.int64)),
-         "eligible must have dtype bool or uint8"),
+        (
+            lambda: K.greedy_match(np.zeros((2, 2)), np.ones((2, 2), np.int64)),
+            "eligible must have dtype bool or uint8",
+        ),
         (lambda: ndg(fire_prev=np.zeros(2, np.int64)), r"fire_prev must have shape \(3,\)"),
         (lambda: ndg(threshold=1.5), r"threshold must be in \[0, 1\]"),
         (lambda: ndg(threshold=float("nan")), r"threshold must be in \[0, 1\]"),

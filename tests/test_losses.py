@@ -74,7 +74,9 @@ def test_mcl_k1_gives_each_example_to_the_lowest_loss_member():
 
     logits.requires_grad_(True)
     loss = mcl_loss(logits, labels, 1, generator=torch.Generator().manual_seed(0))
-    expected = np.mean([min(_ce(logits[m, b].detach().numpy(), int(labels[b])) for m in range(3)) for b in range(4)])
+    expected = np.mean(
+        [min(_ce(logits[m, b].detach().numpy(), int(labels[b])) for m in range(3)) for b in range(4)]
+    )
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
     loss.backward()
     has_gradient = logits.grad.abs().sum(dim=2) > 0
@@ -115,7 +117,9 @@ def test_independent_ce_is_the_sum_over_members_of_mean_cross_entropy():
     weights = np.random.default_rng(0).integers(0, 4, (4, 6)).astype(np.float64)
     # bagging: sum_b w * CE / B per member
     expected = (weights * per).sum(axis=1).sum() / 6
-    assert float(independent_ce(logits, labels, torch.from_numpy(weights))) == pytest.approx(expected, rel=1e-12)
+    assert float(independent_ce(logits, labels, torch.from_numpy(weights))) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_score_and_probability_averaged_losses_match_hand_formulas():
@@ -171,16 +175,22 @@ def test_alpha_mixes_mcl_with_independent_cross_entropy():
     independent = float(independent_ce(logits, labels))
     pure = float(oracle_set_loss(logits, labels, 1))
     assert float(mcl_loss(logits, labels, 1, alpha=1.0)) == pytest.approx(independent, rel=1e-12)
-    assert float(mcl_loss(logits, labels, 1, alpha=0.25)) == pytest.approx(0.75 * pure + 0.25 * independent, rel=1e-12)
+    assert float(mcl_loss(logits, labels, 1, alpha=0.25)) == pytest.approx(
+        0.75 * pure + 0.25 * independent, rel=1e-12
+    )
     loss = EnsembleLoss("mcl", 4, k=1, alpha=0.25)
-    assert float(loss.validation(logits, labels)) == pytest.approx(0.75 * pure + 0.25 * independent, rel=1e-12)
+    assert float(loss.validation(logits, labels)) == pytest.approx(
+        0.75 * pure + 0.25 * independent, rel=1e-12
+    )
 
 
 def test_ensemble_loss_dispatch_and_validation_value():
     logits, labels = _random_logits(10)
     assert float(EnsembleLoss("independent", 4)(logits, labels)) == float(independent_ce(logits, labels))
     assert float(EnsembleLoss("score_avg", 4)(logits, labels)) == float(score_averaged_ce(logits, labels))
-    assert float(EnsembleLoss("prob_avg", 4)(logits, labels)) == float(probability_averaged_nll(logits, labels))
+    assert float(EnsembleLoss("prob_avg", 4)(logits, labels)) == float(
+        probability_averaged_nll(logits, labels)
+    )
     mcl = EnsembleLoss("mcl", 4, k=2)
     assert float(mcl.validation(logits, labels)) == float(oracle_set_loss(logits, labels, 2))
     assert mcl.memberwise and not EnsembleLoss("prob_avg", 4).memberwise

@@ -63,7 +63,9 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"resnet"}))  # resnet is a DAG: tests/test_ir_dag.py
+@pytest.mark.parametrize(
+    "arch", sorted(set(ARCHITECTURES) - {"resnet"})
+)  # resnet is a DAG: tests/test_ir_dag.py
 def test_output_shape_and_allowed_modules(arch, shape):
     model = build_model(arch, shape, 7, width=TINY, seed=0)
     assert isinstance(model, nn.Sequential)

@@ -14,8 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_contains_and_imports_everything(tmp_path):
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "-q"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("codec-*.whl"))
@@ -33,6 +46,8 @@ def test_wheel_contains_and_imports_everything(tmp_path):
         "print(load_dataset('mnist_small').x_train.shape)" % str(site)
     )
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONSAFEPATH="1")
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "(5000, 1, 28, 28)" in run.stdout

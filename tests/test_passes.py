@@ -18,7 +18,10 @@ RELU = Activation("relu")
 
 def _mlp(name, w1, b1, w2, b2, w3, b3) -> NetworkIR:
     return NetworkIR(
-        name, "input", "output", (w1.shape[1],),
+        name,
+        "input",
+        "output",
+        (w1.shape[1],),
         [Dense("fc1", w1, b1, RELU), Dense("fc2", w2, b2, RELU), Dense("out", w3, b3, Activation("softmax"))],
     )
 
@@ -63,7 +66,9 @@ def planted_pair(rng, tiny_link: bool = True):
 
 @pytest.fixture
 def calibration():
-    return Calibration(np.random.default_rng(7).standard_normal((3000, 20)).astype(np.float32), batch_size=512)
+    return Calibration(
+        np.random.default_rng(7).standard_normal((3000, 20)).astype(np.float32), batch_size=512
+    )
 
 
 def run(pipeline, members, calibration, **kw):
@@ -86,7 +91,9 @@ def test_csne_recovers_exactly_the_planted_pairs(calibration):
 def test_csne_without_predecessor_rule_takes_the_near_equivalent(calibration):
     main, peer, perm1, perm2 = planted_pair(np.random.default_rng(0))
     out, _ = run("csne{fire=0.99,corr=0.99,preds=false}", {"main": main, "peer": peer}, calibration)
-    assert dict(zip(out.csn.layers[1].main.tolist(), out.csn.layers[1].peer.tolist())) == {i: int(perm2[i]) for i in range(9)}
+    assert dict(zip(out.csn.layers[1].main.tolist(), out.csn.layers[1].peer.tolist())) == {
+        i: int(perm2[i]) for i in range(9)
+    }
 
 
 def test_csn_rewrite_is_a_reordering_when_csn_inputs_are_closed(calibration):
@@ -97,7 +104,9 @@ def test_csn_rewrite_is_a_reordering_when_csn_inputs_are_closed(calibration):
     assert (fc1.roles[:10] == Role.FROZEN_SHARED).all() and (fc1.roles[10:] == Role.TRAINABLE).all()
     assert (fc2.roles[:9] == Role.FROZEN_SHARED).all()
     x = calibration.x[:500]
-    np.testing.assert_allclose(run_onnx(to_bytes(lower(rewritten)), x), run_onnx(to_bytes(lower(main)), x), atol=1e-5)
+    np.testing.assert_allclose(
+        run_onnx(to_bytes(lower(rewritten)), x), run_onnx(to_bytes(lower(main)), x), atol=1e-5
+    )
     # the CSN network computes exactly the CSN neurons of the rewritten main
     net = out.csn.network
     assert [l.num_neurons for l in net.compute_layers()] == [10, 9]
@@ -113,7 +122,11 @@ def test_fold_mean_vs_drop(calibration):
     x = calibration.x[:500]
     outs = {}
     for mode in ("fold_mean", "drop"):
-        out, _ = run(f"csne{{fire=0.99,corr=0.99,preds=false,inputs={mode}}}", {"main": main, "peer": peer}, calibration)
+        out, _ = run(
+            f"csne{{fire=0.99,corr=0.99,preds=false,inputs={mode}}}",
+            {"main": main, "peer": peer},
+            calibration,
+        )
         outs[mode] = out
         # neuron 8 of fc2 had a 1e-4 weight from a non-CSN neuron: folded or dropped, it is now CSN-only
         w = out.members["main"].layer("fc2").weight
@@ -135,7 +148,10 @@ def test_dna_dne_remove_planted_dead_neurons(calibration):
     _, report = run("dna", members, calibration)
     assert report["passes"][0]["details"]["dead_per_layer"]["main"] == {"fc1": 2, "fc2": 1}
     out, report = run("dna{scope=member},dne", members, calibration)
-    assert report["passes"][0]["details"]["dead_per_layer"] == {"main": {"fc1": 3, "fc2": 1}, "peer": {"fc1": 3, "fc2": 1}}
+    assert report["passes"][0]["details"]["dead_per_layer"] == {
+        "main": {"fc1": 3, "fc2": 1},
+        "peer": {"fc1": 3, "fc2": 1},
+    }
     dne = report["passes"][1]
     assert dne["verified_max_abs_error"]["main"] <= 1e-6
     assert out.members["main"].layer("fc1").num_neurons == 13
@@ -147,12 +163,26 @@ def test_dna_dne_remove_planted_dead_neurons(calibration):
 
 def test_dne_on_conv_channels_feeding_a_dense_layer():
     rng = np.random.default_rng(2)
-    conv = Conv("c1", rng.standard_normal((6, 1, 3, 3)).astype(np.float32), np.zeros(6, np.float32), RELU, pads=(1, 1, 1, 1))
+    conv = Conv(
+        "c1",
+        rng.standard_normal((6, 1, 3, 3)).astype(np.float32),
+        np.zeros(6, np.float32),
+        RELU,
+        pads=(1, 1, 1, 1),
+    )
     conv.bias[[1, 4]] = -1e4  # dead channels
     net = NetworkIR(
-        "cnn", "input", "output", (1, 6, 6),
-        [conv, Pool("p", "max", (2, 2), (2, 2)), Flatten("f"), Dense("fc", rng.standard_normal((5, 54)).astype(np.float32), np.zeros(5, np.float32), RELU),
-         Dense("out", rng.standard_normal((2, 5)).astype(np.float32), np.zeros(2, np.float32))],
+        "cnn",
+        "input",
+        "output",
+        (1, 6, 6),
+        [
+            conv,
+            Pool("p", "max", (2, 2), (2, 2)),
+            Flatten("f"),
+            Dense("fc", rng.standard_normal((5, 54)).astype(np.float32), np.zeros(5, np.float32), RELU),
+            Dense("out", rng.standard_normal((2, 5)).astype(np.float32), np.zeros(2, np.float32)),
+        ],
     )
     cal = Calibration(rng.standard_normal((400, 1, 6, 6)).astype(np.float32))
     out, report = run("dna{scope=member},dne", {"main": net}, cal)
@@ -179,7 +209,7 @@ def test_ndg_is_a_networkx_digraph_of_connected_cofiring_neurons(calibration):
 
     acts = activations(main, calibration.x)
     f1, f2 = acts["fc1"] > 0, acts["fc2"] > 0
-    for (u, v, w) in graph.edges(data="weight"):
+    for u, v, w in graph.edges(data="weight"):
         j, i = u[1], v[1]
         expected = (f1[:, j] & f2[:, i]).sum() / f1[:, j].sum()
         assert w == pytest.approx(expected) and expected >= 0.6

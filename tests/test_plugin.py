@@ -21,8 +21,21 @@ def plugin_site(tmp_path_factory):
     """pip-install the example plugin into its own folder (not the test environment)."""
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(target), "-q", str(HERE / "plugin_example")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            "-q",
+            str(HERE / "plugin_example"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(target.glob("codec_plugin_example-*.dist-info/entry_points.txt"))
@@ -31,7 +44,9 @@ def plugin_site(tmp_path_factory):
 
 def _codec(args, site, cwd):
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.run([sys.executable, "-m", "codec", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "codec", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_plugin_listed_and_runs_end_to_end(plugin_site, tmp_path):
@@ -39,10 +54,21 @@ def test_plugin_listed_and_runs_end_to_end(plugin_site, tmp_path):
     w1 = rng.standard_normal((8, 784)).astype(np.float32) * 0.05
     w1[[2, 5]] = 0.0  # neurons 2 and 5 ignore the input: constant outputs relu(bias)
     b1 = rng.normal(0.5, 0.1, 8).astype(np.float32)
-    net = NetworkIR("m", "input", "output", (784,), [
-        Dense("fc1", w1, b1, Activation("relu")),
-        Dense("out", rng.standard_normal((10, 8)).astype(np.float32), np.zeros(10, np.float32), Activation("softmax")),
-    ])
+    net = NetworkIR(
+        "m",
+        "input",
+        "output",
+        (784,),
+        [
+            Dense("fc1", w1, b1, Activation("relu")),
+            Dense(
+                "out",
+                rng.standard_normal((10, 8)).astype(np.float32),
+                np.zeros(10, np.float32),
+                Activation("softmax"),
+            ),
+        ],
+    )
     model = save_model(lower(net), tmp_path / "m.onnx")
 
     listed = _codec(["opt", "--list-passes", "--json"], plugin_site, tmp_path)
@@ -51,7 +77,22 @@ def test_plugin_listed_and_runs_end_to_end(plugin_site, tmp_path):
     assert entry["origin"] == "codec_plugin_example:ConstantNeuronFolding"
     assert entry["options"] == [{"name": "tolerance", "default": 1e-07, "type": "float"}]
 
-    ran = _codec(["opt", "--passes", "cnf", str(model), "--limit", "300", "-o", str(tmp_path / "out"), "--json", "--quiet"], plugin_site, tmp_path)
+    ran = _codec(
+        [
+            "opt",
+            "--passes",
+            "cnf",
+            str(model),
+            "--limit",
+            "300",
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+            "--quiet",
+        ],
+        plugin_site,
+        tmp_path,
+    )
     assert ran.returncode == 0, ran.stderr
     report = json.loads(ran.stdout)
     assert report["passes"][0]["details"]["folded_per_layer"] == {"main": {"fc1": 2}}
@@ -65,7 +106,13 @@ def test_plugin_options_are_checked(plugin_site, tmp_path):
 
 
 def test_unknown_pass_without_plugin(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "codec", "opt", "--passes", "cnf", "x.onnx"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "codec", "opt", "--passes", "cnf", "x.onnx"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown pass 'cnf'" in proc.stderr
 
 

@@ -15,7 +15,15 @@ from codec.runtime.execution.profile import activations, merge, profile, profile
 
 def _mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.Sigmoid(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    m = nn.Sequential(
+        nn.Linear(10, 12),
+        nn.ReLU(),
+        nn.Linear(12, 8),
+        nn.Sigmoid(),
+        nn.Linear(8, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
     with torch.no_grad():
         m[0].bias[:3] = -100.0  # three ReLU neurons that can never fire: dead on every input
     return m
@@ -24,8 +32,15 @@ def _mlp(seed: int) -> nn.Sequential:
 def _cnn(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(5, 4, 3), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 6), nn.ReLU(), nn.Linear(6, 2),
+        nn.Conv2d(2, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(5, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 6),
+        nn.ReLU(),
+        nn.Linear(6, 2),
     )
 
 
@@ -84,7 +99,9 @@ def test_pair_stats_match_numpy(mlp_pair):
     x = np.random.default_rng(1).standard_normal((600, 10)).astype(np.float32)
     pair = profile_pair(main, peer, x, batch_size=64)
     thresholds = [0.0, 0.5, 0.0]
-    for name, a, b, thr in zip(pair.cross, _hidden_outputs(main_mod, x), _hidden_outputs(peer_mod, x), thresholds):
+    for name, a, b, thr in zip(
+        pair.cross, _hidden_outputs(main_mod, x), _hidden_outputs(peer_mod, x), thresholds
+    ):
         fa, fb = a > thr, b > thr
         np.testing.assert_array_equal(pair.cross[name].cofire, fa.T.astype(np.int64) @ fb.astype(np.int64))
         agree = (fa[:, :, None] == fb[:, None, :]).mean(0)
@@ -154,6 +171,13 @@ def test_bad_calibration_data(mlp_pair):
 
 def test_pair_refuses_different_architectures(mlp_pair, tmp_path):
     (net, _), _ = mlp_pair
-    other = lift(export_torch(nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)), torch.randn(2, 10), tmp_path / "o.onnx", dynamo=False))
+    other = lift(
+        export_torch(
+            nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)),
+            torch.randn(2, 10),
+            tmp_path / "o.onnx",
+            dynamo=False,
+        )
+    )
     with pytest.raises(ShapeError, match="same architecture"):
         profile_pair(net, other, np.zeros((4, 10), np.float32))

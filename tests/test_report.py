@@ -87,7 +87,9 @@ def compile_dir(tmp_path_factory) -> Path:
     from codec.pipelines.compile import CompileOptions, compile_ensemble
 
     run = tmp_path_factory.mktemp("compile") / "run"
-    compile_ensemble(CompileOptions("classifier_s", members=3, train_overrides={**TINY, "num_threads": 1}), run, quiet=True)
+    compile_ensemble(
+        CompileOptions("classifier_s", members=3, train_overrides={**TINY, "num_threads": 1}), run, quiet=True
+    )
     return run
 
 
@@ -142,7 +144,12 @@ def test_compile_run_directory(compile_dir, tmp_path):
     assert [row[0] for row in members[1:-1]] == list(report["quality"]["members"])
     assert members[-1][1] == f"{100 * report['quality']['accuracy']:.2f} %"
     titles = [svg.attrib["aria-label"] for svg in _svgs(page)]
-    assert titles == ["time per phase", "quality as members are added", "parameters stored", "CSN size per layer"]
+    assert titles == [
+        "time per phase",
+        "quality as members are added",
+        "parameters stored",
+        "CSN size per layer",
+    ]
     # the same run through report.json itself
     assert render([compile_dir / "report.json"]) == render([compile_dir])
 
@@ -151,15 +158,25 @@ def test_coupled_ensemble_heatmap(tmp_path):
     coupled = pytest.importorskip("codec.runtime.training.coupled")
     from codec.pipelines.train_ensemble import train_ensemble_recipe
 
-    report = train_ensemble_recipe("classifier_s", coupled.EnsembleOptions(members=2, loss="mcl"), tmp_path / "mcl",
-                                           overrides={**TINY, "num_threads": 1}, quiet=True, plot=False)
+    report = train_ensemble_recipe(
+        "classifier_s",
+        coupled.EnsembleOptions(members=2, loss="mcl"),
+        tmp_path / "mcl",
+        overrides={**TINY, "num_threads": 1},
+        quiet=True,
+        plot=False,
+    )
     page = render([tmp_path / "mcl"])
     heat = next(svg for svg in _svgs(page) if svg.attrib["aria-label"].startswith("test examples won"))
     ns = "{http://www.w3.org/2000/svg}"
     cells = [r for r in heat.findall(f"{ns}rect") if r.find(f"{ns}title") is not None]
     table = report["assignment"]["table"]
     assert len(cells) == len(table) * len(table[0])
-    counts = sorted(int(t.text) for t in heat.findall(f"{ns}text") if t.attrib.get("text-anchor") == "middle" and t.text.isdigit())
+    counts = sorted(
+        int(t.text)
+        for t in heat.findall(f"{ns}text")
+        if t.attrib.get("text-anchor") == "middle" and t.text.isdigit()
+    )
     assert counts == sorted(v for row in table for v in row)
 
 
@@ -182,7 +199,9 @@ def test_inputs_that_are_not_results_are_one_line_errors(tmp_path):
 def test_cli(bench_dir, tmp_path, monkeypatch, capsys):
     from codec import cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, *({"bench", "report"} - set(cli.COMMAND_MODULES))])
+    monkeypatch.setattr(
+        cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, *({"bench", "report"} - set(cli.COMMAND_MODULES))]
+    )
     out = tmp_path / "page.html"
     assert cli.main(["report", str(bench_dir), "-o", str(out), "--title", "My <title>"]) == 0
     assert "<title>My &lt;title&gt;</title>" in out.read_text()
@@ -195,10 +214,21 @@ def test_svg_helpers_are_well_formed():
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     ticks = nice_ticks(0.913, 0.957)
     assert ticks[0] <= 0.913 and ticks[-1] >= 0.957 and len(ticks) <= 8
-    plot = ET.fromstring(line_plot([Series("a<b", [(0, 1), (1, 2)]), Series("c", [(0.5, 1.5)], dashed=True)],
-                                   title="t & u", x_label="x", y_label="y", hlines=[(1.2, "ref", "#000")]))
+    plot = ET.fromstring(
+        line_plot(
+            [Series("a<b", [(0, 1), (1, 2)]), Series("c", [(0.5, 1.5)], dashed=True)],
+            title="t & u",
+            x_label="x",
+            y_label="y",
+            hlines=[(1.2, "ref", "#000")],
+        )
+    )
     assert plot.attrib["aria-label"] == "t & u"
-    bars = ET.fromstring(bar_chart(["p", "q"], [("g1", [1, 2], "#f00"), ("g2", [3, 0], "#0f0")], title="b", y_label="v", stacked=True))
+    bars = ET.fromstring(
+        bar_chart(
+            ["p", "q"], [("g1", [1, 2], "#f00"), ("g2", [3, 0], "#0f0")], title="b", y_label="v", stacked=True
+        )
+    )
     ns = "{http://www.w3.org/2000/svg}"
     assert len([r for r in bars.findall(f"{ns}rect") if r.find(f"{ns}title") is not None]) == 4
     ET.fromstring(bar_chart(["p"], [("g", [1000.0], "#00f")], title="log", y_label="v", log=True))
@@ -207,23 +237,42 @@ def test_svg_helpers_are_well_formed():
     assert line_plot([], title="t", x_label="x", y_label="y") == ""
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
+)
 def test_renders_in_headless_chromium(bench_dir, tmp_path):
     image = pytest.importorskip("PIL.Image")
     page = write_report([bench_dir], tmp_path / "report.html")
     png = tmp_path / "shot.png"
     profile = tmp_path / "chromium-profile"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1200,2000",
-         page.resolve().as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            "--window-size=1200,2000",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     shot = image.open(png).convert("RGB")
     assert shot.size == (1200, 2000)
     colors = shot.getcolors(maxcolors=1 << 20)
     assert len(colors) > 50  # text, table shading and plot colours, not a blank page
-    white = max(count for count, rgb in colors if rgb == (255, 255, 255)) if any(rgb == (255, 255, 255) for _, rgb in colors) else 0
+    white = (
+        max(count for count, rgb in colors if rgb == (255, 255, 255))
+        if any(rgb == (255, 255, 255) for _, rgb in colors)
+        else 0
+    )
     assert white < 0.97 * shot.size[0] * shot.size[1]
     # the plots' colours are on the page: the baseline's blue and the headline table's shading
     assert any(count > 20 and rgb == (31, 119, 180) for count, rgb in colors)

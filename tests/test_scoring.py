@@ -20,9 +20,14 @@ RNG = np.random.default_rng(0)
 
 def _linear(path, input_dims, num_outputs, seed=0):
     """A tiny linear ONNX model: Flatten -> MatMul."""
-    weight = np.random.default_rng(seed).normal(size=(int(np.prod(input_dims)), num_outputs)).astype(np.float32)
+    weight = (
+        np.random.default_rng(seed).normal(size=(int(np.prod(input_dims)), num_outputs)).astype(np.float32)
+    )
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["output"])],
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["output"]),
+        ],
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_dims])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", num_outputs])],

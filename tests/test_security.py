@@ -38,7 +38,9 @@ def _proto(nodes, inits, in_shape=("n", 4), out_shape=("n", 3), in_type=TensorPr
 
 
 def _gemm(**inits) -> onnx.ModelProto:
-    return _proto([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B, **inits})
+    return _proto(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B, **inits}
+    )
 
 
 def _externalize(tensor: onnx.TensorProto, location: str, length: int | None = 48, offset: int = 0) -> None:
@@ -74,8 +76,13 @@ def test_external_data_outside_the_model_folder_is_refused(layout, kind):
     models, secret = layout
     if kind == "symlink":
         (models / "inside.bin").symlink_to(secret)  # a link inside the folder pointing out of it
-    location = {"absolute": str(secret), "dotdot": "../secret.bin", "symlink": "inside.bin", "nul": "w\0.bin",
-                "device": "/dev/zero"}[kind]
+    location = {
+        "absolute": str(secret),
+        "dotdot": "../secret.bin",
+        "symlink": "inside.bin",
+        "nul": "w\0.bin",
+        "device": "/dev/zero",
+    }[kind]
     proto = _gemm()
     _externalize(proto.graph.initializer[0], location)
     path = models / "evil.onnx"
@@ -122,7 +129,9 @@ def test_external_constant_tensor_outside_the_folder_is_refused(layout):
         helper.make_node("Reshape", ["h", "s"], ["r"], name="reshape"),
         helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc", transB=1),
     ]
-    proto = _proto(nodes, {"w": np.ones((2, 1, 3, 3), np.float32), "w2": np.ones((3, 18), np.float32)}, ("n", 1, 5, 5))
+    proto = _proto(
+        nodes, {"w": np.ones((2, 1, 3, 3), np.float32), "w2": np.ones((3, 18), np.float32)}, ("n", 1, 5, 5)
+    )
     path = models / "const.onnx"
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(ModelLoadError, match="node 'const' points at external data '../secret.bin' outside"):
@@ -227,12 +236,24 @@ def test_element_limit_applies_to_every_weight(monkeypatch):
 @pytest.mark.parametrize(
     "in_shape, nodes, inits, message",
     [
-        (("n", 2**62), [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B},
-         "values per example, beyond codec's limit"),
-        (("n", 2**21, 2**21, 2**21), [helper.make_node("Flatten", ["x"], ["y"], name="f")], {},
-         "values per example, beyond codec's limit"),
-        (("n", 1, 5, 5), [helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[2**40] * 4)],
-         {"w": np.ones((2, 1, 3, 3), np.float32)}, "beyond codec's limit"),
+        (
+            ("n", 2**62),
+            [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+            {"w": W, "b": B},
+            "values per example, beyond codec's limit",
+        ),
+        (
+            ("n", 2**21, 2**21, 2**21),
+            [helper.make_node("Flatten", ["x"], ["y"], name="f")],
+            {},
+            "values per example, beyond codec's limit",
+        ),
+        (
+            ("n", 1, 5, 5),
+            [helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[2**40] * 4)],
+            {"w": np.ones((2, 1, 3, 3), np.float32)},
+            "beyond codec's limit",
+        ),
     ],
     ids=["input-dim", "input-volume", "conv-output"],
 )
@@ -254,49 +275,214 @@ def _conv_then(node, **extra):
 
 
 def _bn(**params):
-    base = {"s": np.ones(3, np.float32), "sh": np.zeros(3, np.float32), "m": np.zeros(3, np.float32), "v": np.ones(3, np.float32)}
+    base = {
+        "s": np.ones(3, np.float32),
+        "sh": np.zeros(3, np.float32),
+        "m": np.zeros(3, np.float32),
+        "v": np.ones(3, np.float32),
+    }
     base.update(params)
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-             helper.make_node("BatchNormalization", ["h", "s", "sh", "m", "v"], ["y"], name="bn")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("BatchNormalization", ["h", "s", "sh", "m", "v"], ["y"], name="bn"),
+    ]
     return nodes, {"w": W, "b": B, **base}, ("n", 4)
 
 
 MALFORMED = {
-    "gemm-without-weight": ([helper.make_node("Gemm", ["x"], ["y"], name="fc")], {}, ("n", 4), "fc", "weight input is missing"),
-    "matmul-without-weight": ([helper.make_node("MatMul", ["x"], ["y"], name="mm")], {}, ("n", 4), "mm", "weight input is missing"),
-    "conv-without-weight": ([helper.make_node("Conv", ["x"], ["y"], name="c")], {}, IMG, "c", "weight input is missing"),
-    "node-without-output": ([helper.make_node("Gemm", ["x", "w", "b"], [], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4), "fc", "no output"),
-    "conv-zero-stride": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=[0, 0])], {"w": CONV_W}, IMG, "c", "strides"),
-    "conv-zero-dilation": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", dilations=[0, 1])], {"w": CONV_W}, IMG, "c", "dilations"),
-    "conv-negative-pads": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[-1, 0, 0, 0])], {"w": CONV_W}, IMG, "c", "pads"),
-    "conv-two-pads": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1])], {"w": CONV_W}, IMG, "c", "pads"),
-    "conv-scalar-strides": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=1)], {"w": CONV_W}, IMG, "c", "strides"),
-    "conv-float-strides": ([helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=[1.0, 1.0])], {"w": CONV_W}, IMG, "c", "strides"),
-    "pool-without-kernel": (*_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p")), IMG, "p", "kernel_shape is required"),
-    "pool-zero-stride": (*_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape=[2, 2], strides=[0, 0])), IMG, "p", "strides"),
-    "pool-zero-kernel": (*_conv_then(helper.make_node("AveragePool", ["h"], ["y"], name="p", kernel_shape=[0, 0])), IMG, "p", "kernel_shape"),
-    "pool-pads-past-kernel": (*_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape=[2, 2], pads=[9, 9, 9, 9])), IMG, "p", "smaller than the kernel"),
-    "pool-ceil-window-outside": (*_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1),
-                                           w=np.ones((2, 1, 2, 2), np.float32)), IMG, "p", "ONNX shape inference"),
-    "pool-string-kernel": (*_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape="ab")), IMG, "p", "kernel_shape"),
-    "gemm-string-alpha": ([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha="x")], {"w": W, "b": B}, ("n", 4), "fc", "alpha"),
-    "gemm-nan-alpha": ([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha=float("nan"))], {"w": W, "b": B}, ("n", 4), "fc", "alpha"),
-    "leaky-string-alpha": ([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-                            helper.make_node("LeakyRelu", ["h"], ["y"], name="act", alpha="x")], {"w": W, "b": B}, ("n", 4), "act", "alpha"),
-    "reshape-float-shape": (*_conv_then(helper.make_node("Reshape", ["h", "s"], ["y"], name="r"), s=np.array([np.nan, 18], np.float32)), IMG, "r", "dtype float32"),
-    "dropout-vector-mode": ([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-                             helper.make_node("Dropout", ["h", "r", "t"], ["y"], name="drop")],
-                            {"w": W, "b": B, "r": np.array([0.5, 0.5], np.float32), "t": np.array([False, True])}, ("n", 4), "drop", "Dropout"),
-    "bn-missing-inputs": ([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-                           helper.make_node("BatchNormalization", ["h"], ["y"], name="bn")], {"w": W, "b": B}, ("n", 4), "bn", "scale input is missing"),
+    "gemm-without-weight": (
+        [helper.make_node("Gemm", ["x"], ["y"], name="fc")],
+        {},
+        ("n", 4),
+        "fc",
+        "weight input is missing",
+    ),
+    "matmul-without-weight": (
+        [helper.make_node("MatMul", ["x"], ["y"], name="mm")],
+        {},
+        ("n", 4),
+        "mm",
+        "weight input is missing",
+    ),
+    "conv-without-weight": (
+        [helper.make_node("Conv", ["x"], ["y"], name="c")],
+        {},
+        IMG,
+        "c",
+        "weight input is missing",
+    ),
+    "node-without-output": (
+        [helper.make_node("Gemm", ["x", "w", "b"], [], name="fc", transB=1)],
+        {"w": W, "b": B},
+        ("n", 4),
+        "fc",
+        "no output",
+    ),
+    "conv-zero-stride": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=[0, 0])],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "strides",
+    ),
+    "conv-zero-dilation": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", dilations=[0, 1])],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "dilations",
+    ),
+    "conv-negative-pads": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[-1, 0, 0, 0])],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "pads",
+    ),
+    "conv-two-pads": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1])],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "pads",
+    ),
+    "conv-scalar-strides": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=1)],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "strides",
+    ),
+    "conv-float-strides": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=[1.0, 1.0])],
+        {"w": CONV_W},
+        IMG,
+        "c",
+        "strides",
+    ),
+    "pool-without-kernel": (
+        *_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p")),
+        IMG,
+        "p",
+        "kernel_shape is required",
+    ),
+    "pool-zero-stride": (
+        *_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape=[2, 2], strides=[0, 0])),
+        IMG,
+        "p",
+        "strides",
+    ),
+    "pool-zero-kernel": (
+        *_conv_then(helper.make_node("AveragePool", ["h"], ["y"], name="p", kernel_shape=[0, 0])),
+        IMG,
+        "p",
+        "kernel_shape",
+    ),
+    "pool-pads-past-kernel": (
+        *_conv_then(
+            helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape=[2, 2], pads=[9, 9, 9, 9])
+        ),
+        IMG,
+        "p",
+        "smaller than the kernel",
+    ),
+    "pool-ceil-window-outside": (
+        *_conv_then(
+            helper.make_node(
+                "MaxPool", ["h"], ["y"], name="p", kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1
+            ),
+            w=np.ones((2, 1, 2, 2), np.float32),
+        ),
+        IMG,
+        "p",
+        "ONNX shape inference",
+    ),
+    "pool-string-kernel": (
+        *_conv_then(helper.make_node("MaxPool", ["h"], ["y"], name="p", kernel_shape="ab")),
+        IMG,
+        "p",
+        "kernel_shape",
+    ),
+    "gemm-string-alpha": (
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha="x")],
+        {"w": W, "b": B},
+        ("n", 4),
+        "fc",
+        "alpha",
+    ),
+    "gemm-nan-alpha": (
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha=float("nan"))],
+        {"w": W, "b": B},
+        ("n", 4),
+        "fc",
+        "alpha",
+    ),
+    "leaky-string-alpha": (
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("LeakyRelu", ["h"], ["y"], name="act", alpha="x"),
+        ],
+        {"w": W, "b": B},
+        ("n", 4),
+        "act",
+        "alpha",
+    ),
+    "reshape-float-shape": (
+        *_conv_then(
+            helper.make_node("Reshape", ["h", "s"], ["y"], name="r"), s=np.array([np.nan, 18], np.float32)
+        ),
+        IMG,
+        "r",
+        "dtype float32",
+    ),
+    "dropout-vector-mode": (
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("Dropout", ["h", "r", "t"], ["y"], name="drop"),
+        ],
+        {"w": W, "b": B, "r": np.array([0.5, 0.5], np.float32), "t": np.array([False, True])},
+        ("n", 4),
+        "drop",
+        "Dropout",
+    ),
+    "bn-missing-inputs": (
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("BatchNormalization", ["h"], ["y"], name="bn"),
+        ],
+        {"w": W, "b": B},
+        ("n", 4),
+        "bn",
+        "scale input is missing",
+    ),
     "bn-negative-variance": (*_bn(v=-np.ones(3, np.float32)), "bn", "variance + epsilon is not positive"),
     "bn-wrong-shapes": (*_bn(sh=np.zeros(2, np.float32)), "bn", "shapes"),
     "bn-2d-scale": (*_bn(s=np.ones((3, 1), np.float32)), "bn", "shapes"),
-    "gemm-weight-is-the-input": ([helper.make_node("Gemm", ["x", "x"], ["y"], name="fc", transB=1)], {}, ("n", 4), "fc", "not an initializer"),
-    "cycle": ([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-               helper.make_node("Add", ["h", "loop"], ["a"], name="add_loop"),
-               helper.make_node("Relu", ["a"], ["loop"], name="back")], {"w": W, "b": B}, ("n", 4), None, ""),
-    "dangling-input": ([helper.make_node("Gemm", ["nowhere", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, ("n", 4), None, "consumed by no node"),
+    "gemm-weight-is-the-input": (
+        [helper.make_node("Gemm", ["x", "x"], ["y"], name="fc", transB=1)],
+        {},
+        ("n", 4),
+        "fc",
+        "not an initializer",
+    ),
+    "cycle": (
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("Add", ["h", "loop"], ["a"], name="add_loop"),
+            helper.make_node("Relu", ["a"], ["loop"], name="back"),
+        ],
+        {"w": W, "b": B},
+        ("n", 4),
+        None,
+        "",
+    ),
+    "dangling-input": (
+        [helper.make_node("Gemm", ["nowhere", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": W, "b": B},
+        ("n", 4),
+        None,
+        "consumed by no node",
+    ),
 }
 
 
@@ -331,7 +517,16 @@ def test_float_attributes_lift_as_the_decimal_they_were_written_as():
     lifted member and the network it was lowered from compared as different architectures."""
     from codec.ir import Activation, Dense, NetworkIR
 
-    net = NetworkIR("n", "x", "y", (4,), [Dense("fc", W, B, Activation("leaky_relu", 0.01)), Dense("out", np.ones((2, 3), np.float32), np.zeros(2, np.float32))])
+    net = NetworkIR(
+        "n",
+        "x",
+        "y",
+        (4,),
+        [
+            Dense("fc", W, B, Activation("leaky_relu", 0.01)),
+            Dense("out", np.ones((2, 3), np.float32), np.zeros(2, np.float32)),
+        ],
+    )
     lifted = lift(to_bytes(lower(net)))
     assert lifted.layers[0].activation == Activation("leaky_relu", 0.01)
     assert net.same_architecture(lifted) is None
@@ -340,9 +535,13 @@ def test_float_attributes_lift_as_the_decimal_they_were_written_as():
 def test_tensor_data_in_the_wrong_field_is_refused():
     """Found by the fuzzer: a BOOL tensor carried in uint64_data made onnx_ir assert inside lift."""
     flag = onnx.TensorProto(name="t", data_type=TensorProto.BOOL, uint64_data=[1])
-    proto = _proto([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
-                    helper.make_node("Dropout", ["h", "r", "t"], ["y"], name="drop")],
-                   {"w": W, "b": B, "r": np.array(0.5, np.float32)})
+    proto = _proto(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("Dropout", ["h", "r", "t"], ["y"], name="drop"),
+        ],
+        {"w": W, "b": B, "r": np.array(0.5, np.float32)},
+    )
     proto.graph.initializer.append(flag)
     with pytest.raises(LiftError) as err:
         lift(proto.SerializeToString())
@@ -350,7 +549,9 @@ def test_tensor_data_in_the_wrong_field_is_refused():
     _one_line(err.value)
 
 
-@pytest.mark.parametrize("roles", ['[]', '{"fc": {"dead": [-1]}}', '{"fc": {"dead": [3]}}', '{"fc": {"nope": [0]}}', '{"fc": []}'])
+@pytest.mark.parametrize(
+    "roles", ["[]", '{"fc": {"dead": [-1]}}', '{"fc": {"dead": [3]}}', '{"fc": {"nope": [0]}}', '{"fc": []}']
+)
 def test_malformed_roles_metadata_is_refused(roles):
     proto = _gemm()
     entry = proto.metadata_props.add()
@@ -387,9 +588,16 @@ def test_float16_and_float64_weights_become_float32(dtype):
     np.testing.assert_allclose(run_onnx(to_bytes(lower(net)), x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("elem_type", [TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT64, TensorProto.UINT8])
+@pytest.mark.parametrize(
+    "elem_type",
+    [TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT64, TensorProto.UINT8],
+)
 def test_non_float32_inputs_are_refused(elem_type):
-    proto = _proto([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], {"w": W, "b": B}, in_type=elem_type)
+    proto = _proto(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"w": W, "b": B},
+        in_type=elem_type,
+    )
     with pytest.raises(LiftError, match="codec expects float32 inputs"):
         lift(proto.SerializeToString())
 
@@ -441,17 +649,31 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             root = node.module.split(".")[0]
             names = {a.name for a in node.names}
-            if root in _PICKLE_MODULES or (root == "torch" and "load" in names) or (root == "numpy" and "load" in names):
+            if (
+                root in _PICKLE_MODULES
+                or (root == "torch" and "load" in names)
+                or (root == "numpy" and "load" in names)
+            ):
                 problems.append(f"{where}: from {node.module} import {', '.join(sorted(names))}")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             owner = node.func.value
-            owner_name = owner.id if isinstance(owner, ast.Name) else (owner.attr if isinstance(owner, ast.Attribute) else "")
+            owner_name = (
+                owner.id
+                if isinstance(owner, ast.Name)
+                else (owner.attr if isinstance(owner, ast.Attribute) else "")
+            )
             attr = node.func.attr
             if owner_name == "torch" and attr == "load" and keyword(node, "weights_only") is not True:
                 problems.append(f"{where}: torch.load without weights_only=True")
-            elif owner_name in ("np", "numpy") and attr == "load" and keyword(node, "allow_pickle") is not False:
+            elif (
+                owner_name in ("np", "numpy")
+                and attr == "load"
+                and keyword(node, "allow_pickle") is not False
+            ):
                 problems.append(f"{where}: np.load without allow_pickle=False")
-            elif attr == "read_pickle" or (owner_name == "yaml" and attr in ("load", "unsafe_load", "full_load")):
+            elif attr == "read_pickle" or (
+                owner_name == "yaml" and attr in ("load", "unsafe_load", "full_load")
+            ):
                 problems.append(f"{where}: {owner_name}.{attr}")
     return problems
 
@@ -482,7 +704,9 @@ def test_no_module_of_codec_can_unpickle():
     problems = [p for f in files for p in unsafe_loads(f.read_text(), str(f.relative_to(REPO)))]
     assert problems == []
     # and the two readers of user files do what the scan says they do
-    loaders = (REPO / "runtime" / "training" / "train.py").read_text() + (REPO / "runtime" / "data" / "formats.py").read_text()
+    loaders = (REPO / "runtime" / "training" / "train.py").read_text() + (
+        REPO / "runtime" / "data" / "formats.py"
+    ).read_text()
     assert "weights_only=True" in loaders and "allow_pickle=False" in loaders
 
 
@@ -503,7 +727,9 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
 
     marker = tmp_path / "marker"
     ckpt = tmp_path / "evil.ckpt"
-    torch.save({"format": 1, "payload": _Boom(str(marker))}, ckpt)  # a full pickle, as an attacker would write
+    torch.save(
+        {"format": 1, "payload": _Boom(str(marker))}, ckpt
+    )  # a full pickle, as an attacker would write
     with pytest.raises(ModelLoadError) as err:
         load_checkpoint(ckpt)
     _one_line(err.value)
@@ -522,12 +748,13 @@ def test_npz_with_pickled_objects_is_refused_without_running_code(tmp_path):
     path = tmp_path / "evil.npz"
     objects = np.empty(4, dtype=object)
     objects[:] = [_Boom(str(marker))] * 4
-    np.savez(path, x_train=objects, y_train=np.zeros(4, np.int64), x_test=objects, y_test=np.zeros(4, np.int64))
+    np.savez(
+        path, x_train=objects, y_train=np.zeros(4, np.int64), x_test=objects, y_test=np.zeros(4, np.int64)
+    )
     with pytest.raises(DataError, match="pickle") as err:
         load_dataset(f"npz:{path}")
     _one_line(err.value)
     assert not marker.exists()
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -537,8 +764,12 @@ def test_npz_with_pickled_objects_is_refused_without_running_code(tmp_path):
 
 def _npz_bytes(tmp_path, name="data.npz", **arrays) -> Path:
     rng = np.random.default_rng(0)
-    base = {"x_train": rng.random((8, 4), dtype=np.float32), "y_train": np.arange(8) % 2,
-            "x_test": rng.random((4, 4), dtype=np.float32), "y_test": np.arange(4) % 2}
+    base = {
+        "x_train": rng.random((8, 4), dtype=np.float32),
+        "y_train": np.arange(8) % 2,
+        "x_test": rng.random((4, 4), dtype=np.float32),
+        "y_test": np.arange(4) % 2,
+    }
     base.update(arrays)
     path = tmp_path / name
     np.savez_compressed(path, **base)
@@ -574,7 +805,11 @@ def _bomb_npz(path: Path, declared_elements: int) -> None:
 
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("x_train.npy", npy((declared_elements // 4, 4), bytes(4 << 20)))
-        for name, array in (("y_train", np.arange(8) % 2), ("x_test", np.zeros((4, 4), np.float32)), ("y_test", np.arange(4) % 2)):
+        for name, array in (
+            ("y_train", np.arange(8) % 2),
+            ("x_test", np.zeros((4, 4), np.float32)),
+            ("y_test", np.arange(4) % 2),
+        ):
             buf = io.BytesIO()
             np.save(buf, array)
             archive.writestr(f"{name}.npy", buf.getvalue())
@@ -595,8 +830,13 @@ def test_npz_decompression_bomb_is_refused_from_its_declared_sizes(tmp_path, mon
         tracemalloc.stop()
     assert "bomb.npz" in str(err.value) and peak < 64 << 20
     # an honest file past the budget is refused by the budget, naming it
-    honest = _npz_bytes(tmp_path, "big.npz", x_train=np.zeros((4096, 256), np.float32), y_train=np.arange(4096) % 2,
-                        x_test=np.zeros((4, 256), np.float32))
+    honest = _npz_bytes(
+        tmp_path,
+        "big.npz",
+        x_train=np.zeros((4096, 256), np.float32),
+        y_train=np.arange(4096) % 2,
+        x_test=np.zeros((4, 256), np.float32),
+    )
     monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
     with pytest.raises(DataError, match=r"past the limit of 1048576 bytes \(set CODEC_MAX_DATA_BYTES"):
         load_dataset(f"npz:{honest}")

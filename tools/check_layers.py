@@ -44,7 +44,10 @@ def main(root: Path = ROOT) -> int:
         env = {**os.environ, "PYTHONPATH": tmp}
         lint = shutil.which("lint-imports")
         if lint is None:
-            print("lint-imports not found: pip install import-linter (it is in codec's test extra)", file=sys.stderr)
+            print(
+                "lint-imports not found: pip install import-linter (it is in codec's test extra)",
+                file=sys.stderr,
+            )
             return 2
         return subprocess.run([lint, "--no-cache", str(root / "pyproject.toml")], cwd=tmp, env=env).returncode
 

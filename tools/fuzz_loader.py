@@ -70,14 +70,29 @@ def seed_models() -> list[bytes]:
             [
                 node("Gemm", ["input", "fc1.weight", "fc1.bias"], ["h1"], name="/fc1/Gemm", transB=1),
                 node("Relu", ["h1"], ["a1"], name="/relu1/Relu"),
-                node("Gemm", ["a1", "fc2.weight", "fc2.bias"], ["h2"], name="/fc2/Gemm", transB=1, alpha=1.0, beta=1.0),
+                node(
+                    "Gemm",
+                    ["a1", "fc2.weight", "fc2.bias"],
+                    ["h2"],
+                    name="/fc2/Gemm",
+                    transB=1,
+                    alpha=1.0,
+                    beta=1.0,
+                ),
                 node("LeakyRelu", ["h2"], ["a2"], name="/act2/LeakyRelu", alpha=0.1),
                 node("Gemm", ["a2", "out.weight", "out.bias"], ["h3"], name="/out/Gemm", transB=1),
                 node("Softmax", ["h3"], ["output"], name="/softmax/Softmax", axis=-1),
             ],
-            {"fc1.weight": f32(6, 8), "fc1.bias": f32(6), "fc2.weight": f32(5, 6), "fc2.bias": f32(5),
-             "out.weight": f32(3, 5), "out.bias": f32(3)},
-            [8], [3],
+            {
+                "fc1.weight": f32(6, 8),
+                "fc1.bias": f32(6),
+                "fc2.weight": f32(5, 6),
+                "fc2.bias": f32(5),
+                "out.weight": f32(3, 5),
+                "out.bias": f32(3),
+            },
+            [8],
+            [3],
             metadata={"codec.roles": json.dumps({"fc1": {"frozen_shared": [0, 1]}, "fc2": {"dead": [4]}})},
         ),
         # dynamo-style MLP: MatMul + Add, Sigmoid, Tanh, Dropout (eval) and Identity
@@ -92,29 +107,78 @@ def seed_models() -> list[bytes]:
                 node("Tanh", ["z2"], ["t2"], name="tanh_2"),
                 node("Identity", ["t2"], ["output"], name="identity"),
             ],
-            {"w1": f32(10, 7), "b1": f32(7), "w2": f32(7, 4), "b2": f32(4),
-             "ratio": np.array(0.5, np.float32), "training": np.array(False)},
-            [10], [4],
+            {
+                "w1": f32(10, 7),
+                "b1": f32(7),
+                "w2": f32(7, 4),
+                "b2": f32(4),
+                "ratio": np.array(0.5, np.float32),
+                "training": np.array(False),
+            },
+            [10],
+            [4],
         ),
         # CNN: Conv + BatchNorm + Relu + MaxPool (padded, ceil) + Conv + AveragePool + Flatten + Gemm
         _graph_model(
             [
-                node("Conv", ["input", "c1.weight", "c1.bias"], ["c1"], name="/c1/Conv", kernel_shape=[3, 3],
-                     pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1]),
-                node("BatchNormalization", ["c1", "bn.scale", "bn.shift", "bn.mean", "bn.var"], ["n1"], name="/bn/BN", epsilon=1e-5),
+                node(
+                    "Conv",
+                    ["input", "c1.weight", "c1.bias"],
+                    ["c1"],
+                    name="/c1/Conv",
+                    kernel_shape=[3, 3],
+                    pads=[1, 1, 1, 1],
+                    strides=[1, 1],
+                    dilations=[1, 1],
+                ),
+                node(
+                    "BatchNormalization",
+                    ["c1", "bn.scale", "bn.shift", "bn.mean", "bn.var"],
+                    ["n1"],
+                    name="/bn/BN",
+                    epsilon=1e-5,
+                ),
                 node("Relu", ["n1"], ["r1"], name="/relu/Relu"),
-                node("MaxPool", ["r1"], ["p1"], name="/pool/MaxPool", kernel_shape=[2, 2], strides=[2, 2],
-                     pads=[0, 0, 1, 1], ceil_mode=1),
-                node("Conv", ["p1", "c2.weight"], ["c2"], name="/c2/Conv", kernel_shape=[2, 2], strides=[1, 1]),
-                node("AveragePool", ["c2", ], ["p2"], name="/pool2/AveragePool", kernel_shape=[2, 2], strides=[1, 1],
-                     count_include_pad=0),
+                node(
+                    "MaxPool",
+                    ["r1"],
+                    ["p1"],
+                    name="/pool/MaxPool",
+                    kernel_shape=[2, 2],
+                    strides=[2, 2],
+                    pads=[0, 0, 1, 1],
+                    ceil_mode=1,
+                ),
+                node(
+                    "Conv", ["p1", "c2.weight"], ["c2"], name="/c2/Conv", kernel_shape=[2, 2], strides=[1, 1]
+                ),
+                node(
+                    "AveragePool",
+                    [
+                        "c2",
+                    ],
+                    ["p2"],
+                    name="/pool2/AveragePool",
+                    kernel_shape=[2, 2],
+                    strides=[1, 1],
+                    count_include_pad=0,
+                ),
                 node("Flatten", ["p2"], ["f"], name="/flatten/Flatten", axis=1),
                 node("Gemm", ["f", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1),
             ],
-            {"c1.weight": f32(4, 2, 3, 3), "c1.bias": f32(4), "bn.scale": f32(4), "bn.shift": f32(4),
-             "bn.mean": f32(4), "bn.var": np.abs(f32(4)) + 0.5, "c2.weight": f32(3, 4, 2, 2),
-             "fc.weight": f32(5, 3 * 2 * 2), "fc.bias": f32(5)},
-            [2, 7, 7], [5],
+            {
+                "c1.weight": f32(4, 2, 3, 3),
+                "c1.bias": f32(4),
+                "bn.scale": f32(4),
+                "bn.shift": f32(4),
+                "bn.mean": f32(4),
+                "bn.var": np.abs(f32(4)) + 0.5,
+                "c2.weight": f32(3, 4, 2, 2),
+                "fc.weight": f32(5, 3 * 2 * 2),
+                "fc.bias": f32(5),
+            },
+            [2, 7, 7],
+            [5],
         ),
         # CNN with a Constant-fed Reshape, GlobalAveragePool and a MatMul head
         _graph_model(
@@ -122,13 +186,19 @@ def seed_models() -> list[bytes]:
                 node("Conv", ["input", "conv.weight", "conv.bias"], ["c"], name="conv", kernel_shape=[3, 3]),
                 node("Relu", ["c"], ["r"], name="relu"),
                 node("GlobalAveragePool", ["r"], ["g"], name="gap"),
-                node("Constant", [], ["shape"], name="shape_const",
-                     value=numpy_helper.from_array(np.array([-1, 6], np.int64), "shape_value")),
+                node(
+                    "Constant",
+                    [],
+                    ["shape"],
+                    name="shape_const",
+                    value=numpy_helper.from_array(np.array([-1, 6], np.int64), "shape_value"),
+                ),
                 node("Reshape", ["g", "shape"], ["flat"], name="reshape"),
                 node("MatMul", ["flat", "head"], ["output"], name="head_matmul"),
             ],
             {"conv.weight": f32(6, 1, 3, 3), "conv.bias": f32(6), "head": f32(6, 2)},
-            [1, 6, 6], [2],
+            [1, 6, 6],
+            [2],
         ),
     ]
     return seeds
@@ -181,7 +251,9 @@ def check_one(data: bytes) -> tuple[str, BaseException | None]:
     try:
         got_session = _ort(lowered)
     except Exception as exc:  # noqa: BLE001
-        return "finding", SilentWrongResult(f"the lowered model does not load in onnxruntime: {str(exc)[:200]}")
+        return "finding", SilentWrongResult(
+            f"the lowered model does not load in onnxruntime: {str(exc)[:200]}"
+        )
     try:
         reference = _ort(data)
         batch = reference.get_inputs()[0].shape[0]
@@ -199,11 +271,15 @@ def check_one(data: bytes) -> tuple[str, BaseException | None]:
             return f"{type(exc).__name__} (by the parity check)", None
         except (Exception, MemoryError, RecursionError) as exc:
             return "finding", exc
-        return "finding", SilentWrongResult("onnxruntime refuses the model but lift (with its check) accepts it")
+        return "finding", SilentWrongResult(
+            "onnxruntime refuses the model but lift (with its check) accepts it"
+        )
     got = got_session.run(None, {got_session.get_inputs()[0].name: x})[0]
     finite = np.abs(expected[np.isfinite(expected)])
     scale = max(1.0, float(finite.max()) if finite.size else 1.0)
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale, equal_nan=True):
+    if got.shape != expected.shape or not np.allclose(
+        got, expected, rtol=1e-3, atol=1e-4 * scale, equal_nan=True
+    ):
         return "finding", SilentWrongResult(
             f"lifted network differs from the model: shapes {got.shape} vs {expected.shape}"
             + ("" if got.shape != expected.shape else f", max error {np.nanmax(np.abs(got - expected)):.3g}")
@@ -245,7 +321,9 @@ class Recorder:
             self._record(f"slow input ({elapsed:.1f}s)", data, f"took {elapsed:.2f}s; outcome {outcome}")
 
     def _record(self, sig: str, data: bytes, text: str) -> None:
-        entry = self.findings.setdefault(sig, {"count": 0, "input": None, "traceback": text.strip().splitlines()[-1]})
+        entry = self.findings.setdefault(
+            sig, {"count": 0, "input": None, "traceback": text.strip().splitlines()[-1]}
+        )
         entry["count"] += 1
         if entry["input"] is None and self.findings_dir is not None:
             self.findings_dir.mkdir(parents=True, exist_ok=True)
@@ -272,10 +350,32 @@ class Recorder:
 # ---------------------------------------------------------------------------------------------------
 
 _INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x08, 0x10, 0x12, 0x1A, 0x22)
-_INTERESTING_INTS = (0, 1, -1, 2, 3, -2**31, 2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1, -(2**63), 7, 1000)
-_OPS = ("Gemm", "MatMul", "Add", "Conv", "BatchNormalization", "Flatten", "Reshape", "MaxPool", "AveragePool",
-        "GlobalAveragePool", "Constant", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "Dropout", "Identity",
-        "Cos", "If", "Loop", "Concat", "")
+_INTERESTING_INTS = (0, 1, -1, 2, 3, -(2**31), 2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1, -(2**63), 7, 1000)
+_OPS = (
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Conv",
+    "BatchNormalization",
+    "Flatten",
+    "Reshape",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Constant",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "Dropout",
+    "Identity",
+    "Cos",
+    "If",
+    "Loop",
+    "Concat",
+    "",
+)
 
 
 def mutate_bytes(data: bytes, rng: random.Random, seeds: list[bytes], max_size: int = 1 << 16) -> bytes:
@@ -342,9 +442,27 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
                 else:
                     node.attribute.remove(attr)
             else:
-                name = rng.choice(("strides", "pads", "kernel_shape", "dilations", "axis", "transA", "transB",
-                                   "alpha", "group", "ceil_mode", "auto_pad", "training_mode", "epsilon", "allowzero"))
-                node.attribute.append(helper.make_attribute(name, rng.choice(([0, 0], [1], 2**40, -1, 0.0, "SAME_LOWER"))))
+                name = rng.choice(
+                    (
+                        "strides",
+                        "pads",
+                        "kernel_shape",
+                        "dilations",
+                        "axis",
+                        "transA",
+                        "transB",
+                        "alpha",
+                        "group",
+                        "ceil_mode",
+                        "auto_pad",
+                        "training_mode",
+                        "epsilon",
+                        "allowzero",
+                    )
+                )
+                node.attribute.append(
+                    helper.make_attribute(name, rng.choice(([0, 0], [1], 2**40, -1, 0.0, "SAME_LOWER")))
+                )
         elif kind == 1 and graph.node:  # the op type or domain
             node = rng.choice(graph.node)
             if rng.random() < 0.8:
@@ -353,7 +471,11 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
                 node.domain = rng.choice(("com.microsoft", "ai.onnx.ml", "x"))
         elif kind == 2 and graph.node:  # a node's inputs or outputs
             node = rng.choice(graph.node)
-            names = [v for n in graph.node for v in n.output] + [i.name for i in graph.initializer] + ["input", "", "nope"]
+            names = (
+                [v for n in graph.node for v in n.output]
+                + [i.name for i in graph.initializer]
+                + ["input", "", "nope"]
+            )
             what = rng.randrange(4)
             if what == 0 and node.input:
                 node.input[rng.randrange(len(node.input))] = rng.choice(names)
@@ -382,7 +504,9 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
             what = rng.randrange(5)
             if what == 0:
                 del t.dims[:]
-                t.dims.extend(rng.choice((0, 1, 3, 2**20, 2**31, 2**40, -1)) for _ in range(rng.randint(0, 4)))
+                t.dims.extend(
+                    rng.choice((0, 1, 3, 2**20, 2**31, 2**40, -1)) for _ in range(rng.randint(0, 4))
+                )
             elif what == 1:
                 t.data_type = rng.choice((0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 16, 8, 17, 21, 25, 99))
             elif what == 2:
@@ -393,8 +517,11 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
             else:
                 t.data_location = TensorProto.EXTERNAL
                 del t.external_data[:]
-                for key, value in (("location", rng.choice(("../../etc/passwd", "/etc/passwd", "", "w.bin", "a\x00b"))),
-                                   ("offset", str(rng.choice((0, -1, 2**40)))), ("length", str(rng.choice((0, 4, 2**40))))):
+                for key, value in (
+                    ("location", rng.choice(("../../etc/passwd", "/etc/passwd", "", "w.bin", "a\x00b"))),
+                    ("offset", str(rng.choice((0, -1, 2**40)))),
+                    ("length", str(rng.choice((0, 4, 2**40)))),
+                ):
                     entry = t.external_data.add()
                     entry.key, entry.value = key, value
                 t.raw_data = b""
@@ -417,7 +544,11 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
         elif kind == 6:  # graph inputs and outputs
             what = rng.randrange(3)
             if what == 0:
-                graph.output.append(helper.make_tensor_value_info(rng.choice(["h1", "c1", "input", "z"]), TensorProto.FLOAT, None))
+                graph.output.append(
+                    helper.make_tensor_value_info(
+                        rng.choice(["h1", "c1", "input", "z"]), TensorProto.FLOAT, None
+                    )
+                )
             elif what == 1 and graph.output:
                 graph.output[0].name = rng.choice(["input", "h1", "c", "a1", ""])
             else:
@@ -425,20 +556,60 @@ def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
         elif kind == 7:  # codec's metadata
             entry = model.metadata_props.add()
             entry.key = "codec.roles"
-            entry.value = rng.choice(('[]', '{"fc1": {"dead": [-1]}}', '{"fc1": {"dead": [99]}}', '{"fc1": {"nope": [0]}}',
-                                      '{"fc1": {"dead": "x"}}', '{"fc1": {"dead": [1e30]}}', '{', '{"fc1": []}', 'null'))
+            entry.value = rng.choice(
+                (
+                    "[]",
+                    '{"fc1": {"dead": [-1]}}',
+                    '{"fc1": {"dead": [99]}}',
+                    '{"fc1": {"nope": [0]}}',
+                    '{"fc1": {"dead": "x"}}',
+                    '{"fc1": {"dead": [1e30]}}',
+                    "{",
+                    '{"fc1": []}',
+                    "null",
+                )
+            )
         else:  # a Constant node with an odd value feeding somewhere
-            value = rng.choice((np.array([0, -1], np.int64), np.array([1e30], np.float32), np.zeros((0,), np.int64),
-                                np.array([[1, 2]], np.int64)))
-            graph.node.insert(0, helper.make_node("Constant", [], [rng.choice(["shape", "w1", "fc1.weight", "ratio"])],
-                                                  value=numpy_helper.from_array(value)))
+            value = rng.choice(
+                (
+                    np.array([0, -1], np.int64),
+                    np.array([1e30], np.float32),
+                    np.zeros((0,), np.int64),
+                    np.array([[1, 2]], np.int64),
+                )
+            )
+            graph.node.insert(
+                0,
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [rng.choice(["shape", "w1", "fc1.weight", "ratio"])],
+                    value=numpy_helper.from_array(value),
+                ),
+            )
         return model.SerializeToString()
     except Exception:  # protobuf refuses the edit (e.g. a value out of range): no mutation this time
         return data
 
 
-_NAMES = ("input", "output", "fc1", "fc1.relu", "fc1.weight", "fc1.bias", "h1", "a1", "c1", "/fc1/Gemm", "conv",
-          "codec.tap.fc1", "fc2", "a", "a.relu", "")
+_NAMES = (
+    "input",
+    "output",
+    "fc1",
+    "fc1.relu",
+    "fc1.weight",
+    "fc1.bias",
+    "h1",
+    "a1",
+    "c1",
+    "/fc1/Gemm",
+    "conv",
+    "codec.tap.fc1",
+    "fc2",
+    "a",
+    "a.relu",
+    "",
+)
 
 
 def _mutate_round2(model, kind: int, rng: random.Random) -> None:
@@ -451,7 +622,9 @@ def _mutate_round2(model, kind: int, rng: random.Random) -> None:
     if kind == 0 and node is not None:  # structural attributes
         what = rng.randrange(5)
         if what == 0 and node.op_type in ("MaxPool", "AveragePool", "Conv"):
-            node.attribute.append(helper.make_attribute("auto_pad", rng.choice(("VALID", "SAME_UPPER", "SAME_LOWER", "NOTSET"))))
+            node.attribute.append(
+                helper.make_attribute("auto_pad", rng.choice(("VALID", "SAME_UPPER", "SAME_LOWER", "NOTSET")))
+            )
         elif what == 1 and node.op_type in ("MaxPool", "AveragePool", "Conv"):
             for attr in list(node.attribute):
                 if attr.name == "pads":
@@ -467,7 +640,9 @@ def _mutate_round2(model, kind: int, rng: random.Random) -> None:
                 op = rng.choice(("LeakyRelu", "Relu", "Sigmoid", "Tanh"))
                 attrs = {"alpha": rng.choice((-2.0, -0.5, -0.01, 0.0, 0.1, 3.0))} if op == "LeakyRelu" else {}
                 index = list(graph.node).index(pool)
-                graph.node.insert(index + 1, helper.make_node(op, [old], [new], name=f"act_after_{pool.name}", **attrs))
+                graph.node.insert(
+                    index + 1, helper.make_node(op, [old], [new], name=f"act_after_{pool.name}", **attrs)
+                )
         elif what == 3:  # LeakyRelu alphas of either sign, ceil_mode and count_include_pad flips
             for n in graph.node:
                 for attr in n.attribute:
@@ -483,7 +658,9 @@ def _mutate_round2(model, kind: int, rng: random.Random) -> None:
                 tensor.dims[:] = rng.choice(([1, 1, size], [1, size], [size, 1], [size], [1, size, 1]))
     elif kind == 1:  # names: inputs, outputs, initializers and nodes renamed to collide
         what = rng.randrange(4)
-        new = rng.choice(_NAMES + tuple(n.name for n in graph.node) + tuple(v for n in graph.node for v in n.output))
+        new = rng.choice(
+            _NAMES + tuple(n.name for n in graph.node) + tuple(v for n in graph.node for v in n.output)
+        )
         if what == 0 and graph.input:
             old = graph.input[0].name
             graph.input[0].name = new
@@ -535,7 +712,9 @@ def mutate(data: bytes, rng: random.Random, seeds: list[bytes], structure: float
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_random(recorder: Recorder, seeds: list[bytes], runs: int, seconds: float, seed: int, structure: float) -> None:
+def run_random(
+    recorder: Recorder, seeds: list[bytes], runs: int, seconds: float, seed: int, structure: float
+) -> None:
     """A plain mutational fuzzer: each input is a seed or an earlier accepted input, mutated."""
     rng = random.Random(seed)
     pool = list(seeds)
@@ -546,12 +725,23 @@ def run_random(recorder: Recorder, seeds: list[bytes], runs: int, seconds: float
         data = mutate(rng.choice(pool), rng, seeds, structure)
         before = recorder.outcomes.get("ok", 0) + recorder.outcomes.get("ok-unjudged", 0)
         recorder.run(data)
-        if recorder.outcomes.get("ok", 0) + recorder.outcomes.get("ok-unjudged", 0) > before and len(pool) < 500:
+        if (
+            recorder.outcomes.get("ok", 0) + recorder.outcomes.get("ok-unjudged", 0) > before
+            and len(pool) < 500
+        ):
             pool.append(data)  # lifted: a new valid variant to mutate further
 
 
-def run_atheris(recorder: Recorder, seeds: list[bytes], runs: int, seconds: float, seed: int, structure: float,
-                corpus: Path, on_report) -> None:
+def run_atheris(
+    recorder: Recorder,
+    seeds: list[bytes],
+    runs: int,
+    seconds: float,
+    seed: int,
+    structure: float,
+    corpus: Path,
+    on_report,
+) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["codec", "onnx_ir"]):
@@ -597,18 +787,32 @@ def _limit_memory(megabytes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto",
-                        help="atheris (libFuzzer, coverage-guided) or random (plain mutation); auto: atheris when installed")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "atheris", "random"),
+        default="auto",
+        help="atheris (libFuzzer, coverage-guided) or random (plain mutation); auto: atheris when installed",
+    )
     parser.add_argument("--runs", type=int, default=20000, help="inputs to try (default 20000)")
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (default: no limit)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--structure", type=float, default=0.5, help="share of structure-aware mutations (default 0.5)")
-    parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where finding inputs are saved")
+    parser.add_argument(
+        "--structure", type=float, default=0.5, help="share of structure-aware mutations (default 0.5)"
+    )
+    parser.add_argument(
+        "--findings", type=Path, default=Path("fuzz-findings"), help="where finding inputs are saved"
+    )
     parser.add_argument("--corpus", type=Path, default=Path("fuzz-corpus"), help="atheris corpus folder")
     parser.add_argument("--summary", type=Path, default=None, help="also write the JSON summary here")
-    parser.add_argument("--max-memory-mb", type=int, default=4096, help="address-space limit (default 4096; 0: none)")
-    parser.add_argument("--replay", type=Path, default=None, help="only re-run the .onnx inputs in this folder")
+    parser.add_argument(
+        "--max-memory-mb", type=int, default=4096, help="address-space limit (default 4096; 0: none)"
+    )
+    parser.add_argument(
+        "--replay", type=Path, default=None, help="only re-run the .onnx inputs in this folder"
+    )
     args = parser.parse_args(argv)
 
     import logging
@@ -639,8 +843,16 @@ def main(argv: list[str] | None = None) -> int:
             args.summary.write_text(text + "\n")
 
     if engine == "atheris":
-        run_atheris(recorder, seeds, args.runs, args.seconds, args.seed, args.structure, args.corpus,
-                    lambda: report(final=recorder.iterations == args.runs))
+        run_atheris(
+            recorder,
+            seeds,
+            args.runs,
+            args.seconds,
+            args.seed,
+            args.structure,
+            args.corpus,
+            lambda: report(final=recorder.iterations == args.runs),
+        )
         return 0
     if engine == "replay":
         replay(recorder, args.replay)

@@ -87,7 +87,9 @@ def fraction(text: str) -> float:
 
 def data_path(spec: str | None) -> Path | None:
     """The file an `npz:PATH` data spec reads (for the output-aliasing check), else None."""
-    return Path(spec[len("npz:") :]).expanduser() if isinstance(spec, str) and spec.startswith("npz:") else None
+    return (
+        Path(spec[len("npz:") :]).expanduser() if isinstance(spec, str) and spec.startswith("npz:") else None
+    )
 
 
 def refuse_aliased_outputs(outputs, inputs) -> None:
@@ -96,7 +98,6 @@ def refuse_aliased_outputs(outputs, inputs) -> None:
     from codec.io import refuse_alias
 
     refuse_alias(outputs, inputs, ConfigError)
-
 
 
 def add_data_arguments(
@@ -121,7 +122,11 @@ def add_data_arguments(
         "--split", choices=("train", "test"), default=split, help=f"{SPLIT_HELP} (default {split})"
     )
     parser.add_argument(
-        "--limit", type=positive_int, default=limit, metavar="N", help=f"{LIMIT_HELP} (default {limit or 'all'})"
+        "--limit",
+        type=positive_int,
+        default=limit,
+        metavar="N",
+        help=f"{LIMIT_HELP} (default {limit or 'all'})",
     )
 
 
@@ -194,20 +199,25 @@ def small_overrides(overrides: dict, command: str) -> dict:
     return capped
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, lr_help: str = "learning rate",
-                           seed_help: str | None = None):
+def add_training_arguments(
+    parser: argparse.ArgumentParser, *, lr_help: str = "learning rate", seed_help: str | None = None
+):
     """The "training options" group shared by `codec train` and `codec train-ensemble` (the recipe's
     values are the defaults); `seed_help` adds --seed to the group. `training_overrides` reads them back."""
     group = parser.add_argument_group("training options (default: the recipe's)")
     group.add_argument("--epochs", type=positive_int, help="maximum number of epochs")
     group.add_argument("--lr", type=finite_positive_float, help=lr_help)
     group.add_argument("--batch-size", type=positive_int, help="training batch size")
-    group.add_argument("--patience", type=positive_int, help="epochs without validation improvement before stopping")
+    group.add_argument(
+        "--patience", type=positive_int, help="epochs without validation improvement before stopping"
+    )
     add_subset_arguments(group)
     if seed_help is not None:
         group.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
     group.add_argument("--device", help="auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    group.add_argument("--threads", type=positive_int, help="torch CPU threads while training (default: torch's)")
+    group.add_argument(
+        "--threads", type=positive_int, help="torch CPU threads while training (default: torch's)"
+    )
     return group
 
 

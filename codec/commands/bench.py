@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from codec.commands._common import add_data_dir_argument, add_subset_arguments, emit, fraction, non_negative_int, positive_int, table
+from codec.commands._common import (
+    add_data_dir_argument,
+    add_subset_arguments,
+    emit,
+    fraction,
+    non_negative_int,
+    positive_int,
+    table,
+)
 
 
 def register(subparsers) -> None:
@@ -27,21 +35,60 @@ def register(subparsers) -> None:
             "CIFAR-10 JPEG copy; pass --data-dir)."
         ),
     )
-    parser.add_argument("--profile", choices=("quick", "full"), default="quick", help="which benchmark (default quick)")
-    parser.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE", help="recipes to run (default: the profile's)")
-    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=None, metavar="S", help="replicate seeds (default 0 1 2)")
+    parser.add_argument(
+        "--profile", choices=("quick", "full"), default="quick", help="which benchmark (default quick)"
+    )
+    parser.add_argument(
+        "--recipes", nargs="+", default=None, metavar="RECIPE", help="recipes to run (default: the profile's)"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=non_negative_int,
+        default=None,
+        metavar="S",
+        help="replicate seeds (default 0 1 2)",
+    )
     add_data_dir_argument(parser)
-    parser.add_argument("--max-members", type=positive_int, default=None, help="largest ensemble tried (default: the profile's)")
-    parser.add_argument("--sweep-members", type=positive_int, default=None, help="ensemble size the sweep compares at (default 4, at most --max-members)")
-    parser.add_argument("--min-gain", type=fraction, default=None, help="validation accuracy a member must add to count as an improvement of the baseline (default 0.002)")
-    parser.add_argument("--epochs", type=positive_int, default=None, help="max epochs per member (default: the profile's)")
+    parser.add_argument(
+        "--max-members",
+        type=positive_int,
+        default=None,
+        help="largest ensemble tried (default: the profile's)",
+    )
+    parser.add_argument(
+        "--sweep-members",
+        type=positive_int,
+        default=None,
+        help="ensemble size the sweep compares at (default 4, at most --max-members)",
+    )
+    parser.add_argument(
+        "--min-gain",
+        type=fraction,
+        default=None,
+        help="validation accuracy a member must add to count as an improvement of the baseline (default 0.002)",
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=None, help="max epochs per member (default: the profile's)"
+    )
     add_subset_arguments(parser)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch/onnxruntime/BLAS threads (quick default 1)")
-    parser.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap replicates per interval (default 1000)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch/onnxruntime/BLAS threads (quick default 1)"
+    )
+    parser.add_argument(
+        "--n-boot", type=positive_int, default=None, help="bootstrap replicates per interval (default 1000)"
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep over CODE's open choices")
     parser.add_argument("--no-compare", action="store_true", help="skip torchensemble and the TreeNet")
-    parser.add_argument("--no-inference", action="store_true", help="skip the inference throughput measurement")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep the compile run directories here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--no-inference", action="store_true", help="skip the inference throughput measurement"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep the compile run directories here (default: a temporary folder, removed)",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the result JSON files")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--json", action="store_true", help="print the index (bench.json) as JSON")
@@ -89,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
 
-    index = run_bench(config, args.output, command=getattr(args, "command_line", None) or command_line(),
-                      work_dir=args.work_dir, log=log)
+    index = run_bench(
+        config,
+        args.output,
+        command=getattr(args, "command_line", None) or command_line(),
+        work_dir=args.work_dir,
+        log=log,
+    )
     emit(args, index, summary(index, args.output))
     return 0
 
@@ -108,13 +160,23 @@ def _pct(value) -> str:
 def summary(index: dict, out: Path) -> str:
     rows = []
     for h in index["headline"]:
-        rows.append([
-            h["recipe"], h["dataset"], h["n_baseline_median"], h["reached"], _pct(h["time_fraction_median"]),
-            _pct(h["work_fraction_median"]), _pct(h["memory_footprint_median"]), _pct(h["passes_fraction_median"]),
-            _diff(h["code_unbounded_diff_median"], h["metric"]),
-            ", ".join(h["code_unbounded_verdicts"]),
-        ])
-    text = table(rows, ["recipe", "data", "N_base", "reached", "time", "work", "M", "passes", "CODE-base", "per seed"])
+        rows.append(
+            [
+                h["recipe"],
+                h["dataset"],
+                h["n_baseline_median"],
+                h["reached"],
+                _pct(h["time_fraction_median"]),
+                _pct(h["work_fraction_median"]),
+                _pct(h["memory_footprint_median"]),
+                _pct(h["passes_fraction_median"]),
+                _diff(h["code_unbounded_diff_median"], h["metric"]),
+                ", ".join(h["code_unbounded_verdicts"]),
+            ]
+        )
+    text = table(
+        rows, ["recipe", "data", "N_base", "reached", "time", "work", "M", "passes", "CODE-base", "per seed"]
+    )
     text += (
         f"\n\ntime/work: CODE's training to reach the baseline's validation quality, as a fraction of the baseline's"
         f" (paper: 43.51%); M: memory footprint (paper: 52.38%); passes: share of training time (paper: <0.05%)."

@@ -48,47 +48,155 @@ def register(subparsers) -> None:
     )
     source = parser.add_argument_group("where main and peer come from (exactly one)")
     source.add_argument("--recipe", default=None, help="a recipe name (codec train --list-recipes)")
-    source.add_argument("--model", default=None, metavar="ARCH.onnx", help="your architecture as an ONNX file")
-    source.add_argument("--main", default=None, metavar="A.onnx", help="your trained main member (with --peer)")
-    source.add_argument("--peer", default=None, metavar="B.onnx", help="your trained peer member (with --main)")
-    parser.add_argument("--init", choices=("onnx", "random"), default="onnx",
-                        help="--model: main starts from the file's weights (onnx, default) or afresh (random)")
-    parser.add_argument("--data", default=None,
-                        help=f"{DATA_HELP} (default the recipe's dataset; required with --model and --main/--peer)")
+    source.add_argument(
+        "--model", default=None, metavar="ARCH.onnx", help="your architecture as an ONNX file"
+    )
+    source.add_argument(
+        "--main", default=None, metavar="A.onnx", help="your trained main member (with --peer)"
+    )
+    source.add_argument(
+        "--peer", default=None, metavar="B.onnx", help="your trained peer member (with --main)"
+    )
+    parser.add_argument(
+        "--init",
+        choices=("onnx", "random"),
+        default="onnx",
+        help="--model: main starts from the file's weights (onnx, default) or afresh (random)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"{DATA_HELP} (default the recipe's dataset; required with --model and --main/--peer)",
+    )
     add_data_dir_argument(parser)
     add_normalize_argument(parser)
-    parser.add_argument("--members", type=positive_int, default=4, help="ensemble size N, at least 2 (default 4)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)")
-    parser.add_argument("--passes", default="dna,dne,nda,csne", help="pass pipeline (see codec opt --list-passes)")
     parser.add_argument(
-        "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
+        "--members", type=positive_int, default=4, help="ensemble size N, at least 2 (default 4)"
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="run directory, or ensemble .onnx path"
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="main gets SEED, peer SEED+1, grown member i SEED+1+i (default 0)",
+    )
+    parser.add_argument(
+        "--passes", default="dna,dne,nda,csne", help="pass pipeline (see codec opt --list-passes)"
+    )
+    parser.add_argument(
+        "--plugin",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE.py",
         help="a Python file defining passes with @register_pass, for --passes (repeatable; also on --resume)",
     )
-    parser.add_argument("--calibration", type=positive_int, default=10_000, help="training inputs profiled by the passes (default 10000)")
-    parser.add_argument("--grow-init", choices=("random", "main"), default="random", help="grown members' fresh neurons: random init or main's weights (default random)")
-    parser.add_argument("--grow-lr-scale", type=finite_positive_float, default=1.0, help="learning-rate multiplier for grown members (default 1)")
-    parser.add_argument("--cache", choices=("auto", "on", "off"), default="auto", help="cache CSN activations while growing (default auto)")
-    parser.add_argument("--keep-main", choices=("rewritten", "whole"), default="rewritten", help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)")
-    parser.add_argument("--criterion", choices=("prod", "mean", "vote", "max"), default=None, help="collect criterion (default prod for classifiers, mean for autoencoders)")
-    parser.add_argument("--member-outputs", action="store_true",
-                        help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
-                        "of report.json's outputs), e.g. to report member disagreement")
-    parser.add_argument("--loss", choices=("ce", "mse"), default=None,
-                        help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer (default: the recipe's; adam for --model)")
-    parser.add_argument("--epochs", type=positive_int, default=None, help="max epochs per member (default: the recipe's; 20 for --model)")
-    parser.add_argument("--lr", type=finite_positive_float, default=None, help="learning rate (default: the recipe's; 1e-3 for --model)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's; 128 for --model)")
-    parser.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience in epochs (default: the recipe's; 5 for --model)")
-    parser.add_argument("--val-fraction", type=fraction, default=None,
-                        help="share of the training split held out for early stopping when the data has no x_val "
-                        "(default: the recipe's; 0.1 for --model)")
+    parser.add_argument(
+        "--calibration",
+        type=positive_int,
+        default=10_000,
+        help="training inputs profiled by the passes (default 10000)",
+    )
+    parser.add_argument(
+        "--grow-init",
+        choices=("random", "main"),
+        default="random",
+        help="grown members' fresh neurons: random init or main's weights (default random)",
+    )
+    parser.add_argument(
+        "--grow-lr-scale",
+        type=finite_positive_float,
+        default=1.0,
+        help="learning-rate multiplier for grown members (default 1)",
+    )
+    parser.add_argument(
+        "--cache",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="cache CSN activations while growing (default auto)",
+    )
+    parser.add_argument(
+        "--keep-main",
+        choices=("rewritten", "whole"),
+        default="rewritten",
+        help="main in the ensemble: sharing the CSN (rewritten) or as trained (whole)",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=("prod", "mean", "vote", "max"),
+        default=None,
+        help="collect criterion (default prod for classifiers, mean for autoencoders)",
+    )
+    parser.add_argument(
+        "--member-outputs",
+        action="store_true",
+        help="the fused graph also outputs each member's own output (member_0, member_1, ... in the order "
+        "of report.json's outputs), e.g. to report member disagreement",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("ce", "mse"),
+        default=None,
+        help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default=None,
+        help="optimizer (default: the recipe's; adam for --model)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="max epochs per member (default: the recipe's; 20 for --model)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=finite_positive_float,
+        default=None,
+        help="learning rate (default: the recipe's; 1e-3 for --model)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="batch size (default: the recipe's; 128 for --model)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="early-stopping patience in epochs (default: the recipe's; 5 for --model)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=None,
+        help="share of the training split held out for early stopping when the data has no x_val "
+        "(default: the recipe's; 0.1 for --model)",
+    )
     add_subset_arguments(parser)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads while training (default: torch's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training device (default auto: CUDA when available)")
-    parser.add_argument("--nproc", type=positive_int, default=1, help="processes to train members in parallel (launches torchrun; default 1)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads while training (default: torch's)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="training device (default auto: CUDA when available)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="processes to train members in parallel (launches torchrun; default 1)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in the same directory"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
@@ -108,9 +216,16 @@ def run(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
 
     overrides = {
-        "max_epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "patience": args.patience,
-        "optimizer": args.optimizer, "val_fraction": args.val_fraction,
-        "n_train": args.n_train, "n_test": args.n_test, "num_threads": args.threads, "device": args.device,
+        "max_epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+        "optimizer": args.optimizer,
+        "val_fraction": args.val_fraction,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "num_threads": args.threads,
+        "device": args.device,
     }
     options = CompileOptions(
         recipe=args.recipe,
@@ -136,8 +251,14 @@ def run(args: argparse.Namespace) -> int:
         run_dir, ensemble = out.with_suffix(".run"), out
     else:
         run_dir, ensemble = out, None
-    report = compile_ensemble(options, run_dir, resume=args.resume, quiet=args.quiet, ensemble_path=ensemble,
-                              member_outputs=args.member_outputs)
+    report = compile_ensemble(
+        options,
+        run_dir,
+        resume=args.resume,
+        quiet=args.quiet,
+        ensemble_path=ensemble,
+        member_outputs=args.member_outputs,
+    )
     if report:  # ranks other than 0 have nothing to print
         emit(args, report, summary(report, run_dir))
     return 0

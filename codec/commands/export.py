@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codec.commands._common import add_data_arguments, emit, finite_non_negative_float, non_negative_int, positive_int
+from codec.commands._common import (
+    add_data_arguments,
+    emit,
+    finite_non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from codec.ir.criteria import CRITERIA
 from codec.pipelines.export import DEFAULT_ATOL, DEFAULT_SAMPLES, ExportOptions, ParityError  # noqa: F401
 
@@ -33,20 +39,53 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("ensemble", type=Path, help="the fused ensemble (ONNX, from codec's ensembler)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the deployable model (.onnx)")
-    parser.add_argument("--members", type=Path, nargs="+", default=None, metavar="MEMBER",
-                        help="the member models, in the ensemble's member order (default: its codec.members metadata)")
-    parser.add_argument("--criterion", choices=CRITERIA, default=None,
-                        help="how members are combined (default: the ensemble's codec.ensemble metadata)")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="where to write the deployable model (.onnx)"
+    )
+    parser.add_argument(
+        "--members",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="MEMBER",
+        help="the member models, in the ensemble's member order (default: its codec.members metadata)",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default=None,
+        help="how members are combined (default: the ensemble's codec.ensemble metadata)",
+    )
     # parity inputs: a dataset split, or without --data seeded noise
     add_data_arguments(parser, default=None, limit=512, default_text="seeded uniform noise, see --samples")
-    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
-                        help=f"random parity inputs when no --data is given (default {DEFAULT_SAMPLES})")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random parity inputs (default 0)")
-    parser.add_argument("--atol", type=finite_non_negative_float, default=DEFAULT_ATOL, help=f"largest parity error accepted (default {DEFAULT_ATOL:g})")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="inference batch size (default 256)")
-    parser.add_argument("--external-data", action="store_true", help="write tensors to <output>.data beside the model")
-    parser.add_argument("--card", type=Path, default=None, help="where to write the model card (default <output stem>.card.json)")
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        default=DEFAULT_SAMPLES,
+        metavar="N",
+        help=f"random parity inputs when no --data is given (default {DEFAULT_SAMPLES})",
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random parity inputs (default 0)"
+    )
+    parser.add_argument(
+        "--atol",
+        type=finite_non_negative_float,
+        default=DEFAULT_ATOL,
+        help=f"largest parity error accepted (default {DEFAULT_ATOL:g})",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=256, help="inference batch size (default 256)"
+    )
+    parser.add_argument(
+        "--external-data", action="store_true", help="write tensors to <output>.data beside the model"
+    )
+    parser.add_argument(
+        "--card",
+        type=Path,
+        default=None,
+        help="where to write the model card (default <output stem>.card.json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the model card as JSON")
     parser.set_defaults(func=run)
 

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
             "mark the unsupported ones and exit with status 2."
         ),
     )
-    parser.add_argument("model", type=Path, help="an ONNX model file (external .onnx.data beside it is read too)")
+    parser.add_argument(
+        "model", type=Path, help="an ONNX model file (external .onnx.data beside it is read too)"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=run)
 
@@ -41,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     except LiftError as exc:
         census = _op_census(args.model)
         payload = {"model": str(args.model), "lifted": False, "error": str(exc), "ops": census}
-        human = table([[c["op"], c["count"], "yes" if c["supported"] else "NO"] for c in census], ["op", "count", "supported"])
+        human = table(
+            [[c["op"], c["count"], "yes" if c["supported"] else "NO"] for c in census],
+            ["op", "count", "supported"],
+        )
         emit(args, payload, f"{args.model}: {exc}\n\n{human}")
         return 2
     rows = net.summary()
@@ -60,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
         payload["dropped"] = dropped.splitlines()
     body = table(
         [
-            [r["name"], r["kind"], r.get("neurons", ""), r.get("activation", ""), "x".join(map(str, r["output_shape"])), r.get("parameters", "")]
+            [
+                r["name"],
+                r["kind"],
+                r.get("neurons", ""),
+                r.get("activation", ""),
+                "x".join(map(str, r["output_shape"])),
+                r.get("parameters", ""),
+            ]
             for r in rows
         ],
         ["layer", "kind", "neurons", "activation", "output", "params"],

@@ -42,24 +42,50 @@ def register(subparsers) -> None:
     )
     parser.add_argument("main", type=Path, nargs="?", help="the main member (ONNX)")
     parser.add_argument("--peer", type=Path, default=None, help="the peer member (needed by csne)")
-    parser.add_argument("--member", type=Path, action="append", default=[], help="a further member (repeatable)")
+    parser.add_argument(
+        "--member", type=Path, action="append", default=[], help="a further member (repeatable)"
+    )
     parser.add_argument(
         "--passes",
         default=DEFAULT_PIPELINE,
         help=f"the pass pipeline (default {DEFAULT_PIPELINE}); a pass may be named by module.path:ClassName",
     )
     parser.add_argument(
-        "--plugin", type=Path, action="append", default=[], metavar="FILE.py",
+        "--plugin",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE.py",
         help="a Python file defining passes with @register_pass, loaded before the pipeline (repeatable)",
     )
     add_data_arguments(parser, split="train")  # calibration data: the members' training split
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: print the report only)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs")
-    parser.add_argument("--verify-inputs", type=non_negative_int, default=2048, help="calibration inputs verification runs on (default 2048; 0 = all)")
-    parser.add_argument("--atol", type=finite_non_negative_float, default=1e-5, help="largest output change verification accepts (default 1e-5)")
-    parser.add_argument("--print-ir-after-all", action="store_true", help="print every member's IR after each pass (stderr)")
-    parser.add_argument("--list-passes", action="store_true", help="list every available pass with its options and exit")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)"
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="output folder (default: print the report only)"
+    )
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip checking that DNE preserves outputs"
+    )
+    parser.add_argument(
+        "--verify-inputs",
+        type=non_negative_int,
+        default=2048,
+        help="calibration inputs verification runs on (default 2048; 0 = all)",
+    )
+    parser.add_argument(
+        "--atol",
+        type=finite_non_negative_float,
+        default=1e-5,
+        help="largest output change verification accepts (default 1e-5)",
+    )
+    parser.add_argument(
+        "--print-ir-after-all", action="store_true", help="print every member's IR after each pass (stderr)"
+    )
+    parser.add_argument(
+        "--list-passes", action="store_true", help="list every available pass with its options and exit"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -106,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.main is None:
         from codec.errors import ConfigError
 
-        raise ConfigError("give the main member: codec opt [--passes ...] main.onnx --peer peer.onnx --data ...")
+        raise ConfigError(
+            "give the main member: codec opt [--passes ...] main.onnx --peer peer.onnx --data ..."
+        )
     from codec.passes.registry import parse_pipeline
     from codec.pipelines.opt import lift_members, optimize
 
@@ -125,15 +153,24 @@ def run(args: argparse.Namespace) -> int:
 
     def after_pass(p, mod, record):
         if not args.quiet:
-            print(f"codec opt: {p.name} done in {record['seconds']:.2f}s{' (modified)' if record['modified'] else ''}", file=sys.stderr)
+            print(
+                f"codec opt: {p.name} done in {record['seconds']:.2f}s{' (modified)' if record['modified'] else ''}",
+                file=sys.stderr,
+            )
         if args.print_ir_after_all:
             print(f"// IR after {p.spec()}", file=sys.stderr)
             for net in mod.members.values():
                 print(net.to_text(), file=sys.stderr)
 
     module, manager, report = optimize(
-        members, passes, x, batch_size=args.batch_size, verify=args.verify, atol=args.atol,
-        verify_inputs=args.verify_inputs or None, after_pass=after_pass,
+        members,
+        passes,
+        x,
+        batch_size=args.batch_size,
+        verify=args.verify,
+        atol=args.atol,
+        verify_inputs=args.verify_inputs or None,
+        after_pass=after_pass,
     )
     report.update(
         members={name: str(path) for name, path in paths.items()},
@@ -154,14 +191,17 @@ def summary(report: dict) -> str:
         if r["pass"] == "dna":
             what = "dead: " + ", ".join(f"{m} {n}" for m, n in d.get("dead_total", {}).items())
         elif r["pass"] == "dne":
-            what = "params: " + ", ".join(f"{m} {p['before']:,}->{p['after']:,}" for m, p in d.get("parameters", {}).items())
+            what = "params: " + ", ".join(
+                f"{m} {p['before']:,}->{p['after']:,}" for m, p in d.get("parameters", {}).items()
+            )
             if "verified_max_abs_error" in r:
                 what += f"; verified (max err {max(r['verified_max_abs_error'].values()):.1e})"
         elif r["pass"] == "nda":
             what = "NDG edges: " + ", ".join(f"{m} {g['edges']}" for m, g in d.items())
         elif r["pass"] == "csne":
-            what = f"CSN {d.get('csn_total', 0)} of {d.get('main_hidden_neurons', '?')} hidden neurons: " + ", ".join(
-                f"{l} {n}" for l, n in d.get("csn_per_layer", {}).items()
+            what = (
+                f"CSN {d.get('csn_total', 0)} of {d.get('main_hidden_neurons', '?')} hidden neurons: "
+                + ", ".join(f"{l} {n}" for l, n in d.get("csn_per_layer", {}).items())
             )
         else:
             what = ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))[:80]

@@ -32,8 +32,12 @@ def register(subparsers) -> None:
         help="the peer member: also count the dead neurons the default codec opt removes from the pair",
     )
     add_data_arguments(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="also write the JSON report to this file")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=256, help="calibration batch size (default 256)"
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="also write the JSON report to this file"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

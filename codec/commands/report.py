@@ -23,7 +23,13 @@ def register(subparsers) -> None:
             "The page needs no network and no JavaScript."
         ),
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_BENCH_DIR", help="bench folder, compile run dir, or report.json")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_OR_BENCH_DIR",
+        help="bench folder, compile run dir, or report.json",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
     parser.add_argument("--title", default=None, help="page title (default: codec benchmark report)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -37,5 +43,9 @@ def run(args: argparse.Namespace) -> int:
     refuse_aliased_outputs([args.output], args.inputs)
     out = write_report(args.inputs, args.output, args.title)
     size = out.stat().st_size
-    emit(args, {"output": str(out), "bytes": size, "inputs": [str(p) for p in args.inputs]}, f"wrote {out} ({size:,} bytes)")
+    emit(
+        args,
+        {"output": str(out), "bytes": size, "inputs": [str(p) for p in args.inputs]},
+        f"wrote {out} ({size:,} bytes)",
+    )
     return 0

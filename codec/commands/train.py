@@ -39,7 +39,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="recipe name (see --list-recipes), e.g. classifier_s")
     parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="member seed: initialisation, shuffling, dropout (default 0)"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="member seed: initialisation, shuffling, dropout (default 0)",
     )
     parser.add_argument("-o", "--output", help="the .onnx file to write")
     add_data_dir_argument(parser)

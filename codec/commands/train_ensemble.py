@@ -72,37 +72,86 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="recipe name (see codec train --list-recipes), e.g. cifar10_quick_j")
     parser.add_argument("-o", "--output", help="output folder")
-    parser.add_argument("--list-splits", action="store_true", help="print the recipe's module names (split points) and exit")
+    parser.add_argument(
+        "--list-splits", action="store_true", help="print the recipe's module names (split points) and exit"
+    )
     group = parser.add_argument_group("ensemble")
     group.add_argument("--members", type=positive_int, default=4, help="number of members M (default 4)")
-    group.add_argument("--split", default="none",
-                       help="TreeNet split: a module name (e.g. conv1), an integer n (share the first n modules), "
-                            "none (default) or all")
+    group.add_argument(
+        "--split",
+        default="none",
+        help="TreeNet split: a module name (e.g. conv1), an integer n (share the first n modules), "
+        "none (default) or all",
+    )
     group.add_argument("--variation", default="random", help="random (default), bagging or both")
-    group.add_argument("--loss", default="independent", help="independent (default), score_avg, prob_avg or mcl")
-    group.add_argument("--k", type=positive_int, default=1, help="MCL: members trained on each example (1..M, default 1)")
-    group.add_argument("--alpha", type=fraction, default=0.0,
-                       help="MCL: weight of the independent cross-entropy mixed in, in [0, 1] (default 0)")
-    group.add_argument("--pretrain-epochs", type=non_negative_int, default=0,
-                       help="epochs of independent cross-entropy before the loss takes over (default 0)")
+    group.add_argument(
+        "--loss", default="independent", help="independent (default), score_avg, prob_avg or mcl"
+    )
+    group.add_argument(
+        "--k", type=positive_int, default=1, help="MCL: members trained on each example (1..M, default 1)"
+    )
+    group.add_argument(
+        "--alpha",
+        type=fraction,
+        default=0.0,
+        help="MCL: weight of the independent cross-entropy mixed in, in [0, 1] (default 0)",
+    )
+    group.add_argument(
+        "--pretrain-epochs",
+        type=non_negative_int,
+        default=0,
+        help="epochs of independent cross-entropy before the loss takes over (default 0)",
+    )
     group.add_argument("--lr-scale-by-members", action="store_true", help="multiply the learning rate by M")
-    group.add_argument("--accumulate", type=positive_int, default=1,
-                       help="sum the gradients of this many batches per optimizer step (default 1)")
-    group.add_argument("--monitor", default="objective",
-                       help="validation loss for early stopping: objective (default), ensemble_nll or member_ce")
-    group.add_argument("--criterion", default="mean",
-                       help="how the fused ONNX combines members: mean (default), prod, vote or max")
-    group.add_argument("--width", type=finite_positive_float, default=1.0, help="width multiplier of the network (default 1.0)")
-    add_training_arguments(parser, lr_help="learning rate (before --lr-scale-by-members)",
-                           seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)")
+    group.add_argument(
+        "--accumulate",
+        type=positive_int,
+        default=1,
+        help="sum the gradients of this many batches per optimizer step (default 1)",
+    )
+    group.add_argument(
+        "--monitor",
+        default="objective",
+        help="validation loss for early stopping: objective (default), ensemble_nll or member_ce",
+    )
+    group.add_argument(
+        "--criterion",
+        default="mean",
+        help="how the fused ONNX combines members: mean (default), prod, vote or max",
+    )
+    group.add_argument(
+        "--width",
+        type=finite_positive_float,
+        default=1.0,
+        help="width multiplier of the network (default 1.0)",
+    )
+    add_training_arguments(
+        parser,
+        lr_help="learning rate (before --lr-scale-by-members)",
+        seed_help="seed of initialisation, bootstrap samples, shuffling, ties (default 0)",
+    )
     add_data_dir_argument(parser)
-    parser.add_argument("--nproc", type=positive_int, default=1,
-                        help="processes for model-parallel training (launches torchrun; branches spread over ranks)")
-    parser.add_argument("--trunk-exchange", choices=("broadcast", "replicate", "auto"), default="auto",
-                        help="with --nproc > 1: broadcast trunk activations (the paper's design) or replicate the "
-                             "trunk and all-reduce its gradients; auto moves less data (default auto)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists")
-    parser.add_argument("--export-members", action="store_true", help="also write each member as OUTPUT/members/member_<i>.onnx")
+    parser.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="processes for model-parallel training (launches torchrun; branches spread over ranks)",
+    )
+    parser.add_argument(
+        "--trunk-exchange",
+        choices=("broadcast", "replicate", "auto"),
+        default="auto",
+        help="with --nproc > 1: broadcast trunk activations (the paper's design) or replicate the "
+        "trunk and all-reduce its gradients; auto moves less data (default auto)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT/ensemble.ckpt when it exists"
+    )
+    parser.add_argument(
+        "--export-members",
+        action="store_true",
+        help="also write each member as OUTPUT/members/member_<i>.onnx",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw assignment.svg")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -196,12 +245,17 @@ def _list_splits(recipe, args) -> int:
         dataset = load_dataset(recipe.dataset, data_dir=args.data_dir)
         template = recipe.build(dataset.input_shape, dataset.num_classes, width=args.width, seed=0)
     names = module_names(template)
-    rows = [{"index": i + 1, "name": name, "module": repr(module)} for i, (name, module) in enumerate(zip(names, template))]
+    rows = [
+        {"index": i + 1, "name": name, "module": repr(module)}
+        for i, (name, module) in enumerate(zip(names, template))
+    ]
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"split points of {recipe.name} (--split NAME or --split N shares modules 1..N; none = 0, all = {len(names)}):")
+    print(
+        f"split points of {recipe.name} (--split NAME or --split N shares modules 1..N; none = 0, all = {len(names)}):"
+    )
     for row in rows:
         print(f"  {row['index']:>3}  {row['name']:<12} {row['module']}")
     return 0
@@ -210,7 +264,9 @@ def _list_splits(recipe, args) -> int:
 def format_report(report: dict) -> str:
     """The human-readable summary of a `train_ensemble_recipe` report."""
     options, metrics, tree = report["options"], report["metrics"], report["treenet"]
-    loss = options["loss"] + (f" k={options['k']} alpha={options['alpha']:g}" if options["loss"] == "mcl" else "")
+    loss = options["loss"] + (
+        f" k={options['k']} alpha={options['alpha']:g}" if options["loss"] == "mcl" else ""
+    )
     shared = "everything" if tree["fully_shared"] else (", ".join(tree["trunk"]) or "nothing")
     lines = [
         (

@@ -75,8 +75,15 @@ class CompileOptions:
     normalize: str | None = None  # None, "mean-std" (fit on the training split) or "MEAN/STD" values
 
     def validate(self) -> None:
-        sources = [name for name, given in (("--recipe", self.recipe), ("--model", self.model),
-                                             ("--main/--peer", self.main or self.peer)) if given]
+        sources = [
+            name
+            for name, given in (
+                ("--recipe", self.recipe),
+                ("--model", self.model),
+                ("--main/--peer", self.main or self.peer),
+            )
+            if given
+        ]
         if len(sources) != 1:
             raise ConfigError(
                 "give exactly one of --recipe NAME, --model ARCH.onnx, or --main A.onnx --peer B.onnx"
@@ -129,15 +136,25 @@ class Run:
     def prepare(self, options: CompileOptions, resume: bool) -> None:
         config = self.path / "config.json"
         if config.exists() and not resume:
-            raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it, or choose another -o")
+            raise ConfigError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose another -o"
+            )
         if resume and config.exists():
             saved = _read_run_json(config, dict)
             if saved != json.loads(json.dumps(options.to_dict())):
-                changed = sorted(k for k in set(saved) | set(options.to_dict()) if saved.get(k) != json.loads(json.dumps(options.to_dict())).get(k))
-                raise ConfigError(f"cannot resume {self.path}: options differ from the original run ({', '.join(changed)})")
+                changed = sorted(
+                    k
+                    for k in set(saved) | set(options.to_dict())
+                    if saved.get(k) != json.loads(json.dumps(options.to_dict())).get(k)
+                )
+                raise ConfigError(
+                    f"cannot resume {self.path}: options differ from the original run ({', '.join(changed)})"
+                )
             if self.state_path.exists():
                 self.state = _read_run_json(self.state_path, dict)
-                if not isinstance(self.state.get("steps"), dict) or not all(isinstance(v, dict) for v in self.state["steps"].values()):
+                if not isinstance(self.state.get("steps"), dict) or not all(
+                    isinstance(v, dict) for v in self.state["steps"].values()
+                ):
                     raise ConfigError(_damaged(self.state_path, "it has no 'steps' object of step records"))
         for d in (self.path, self.members, self.checkpoints, self.opt):
             d.mkdir(parents=True, exist_ok=True)
@@ -164,14 +181,17 @@ def _group_facts(result, names: list[str], *, stacked: bool = False, ensemble: d
     }
     if ensemble is not None:
         # beside the member's own stopping (stopped_early): the ensemble-level record of its group
-        facts["ensemble_stopping"] = {key: ensemble[key] for key in ("patience", "monitored", "best_epoch",
-                                                                      "stopped_early")}
+        facts["ensemble_stopping"] = {
+            key: ensemble[key] for key in ("patience", "monitored", "best_epoch", "stopped_early")
+        }
     return facts
 
 
 def _group_checkpoint(run: Run, names: list[str]) -> Path:
     """One checkpoint per group of members trained together (the group a rank trains)."""
     return run.checkpoints / f"{'+'.join(names)}.ckpt"
+
+
 @dataclass
 class _Source:
     """Where main and peer come from, and how members train (resolved before any training)."""
@@ -186,7 +206,9 @@ class _Source:
     notes: list = field(default_factory=list)
 
 
-def _output_rule(net, options: CompileOptions, spec: str, num_classes: int, what: str) -> tuple[str, str, list]:
+def _output_rule(
+    net, options: CompileOptions, spec: str, num_classes: int, what: str
+) -> tuple[str, str, list]:
     """(task, why, notes) for a user network, softmax appended in place when it outputs logits.
 
     See the module docstring for the rule. Raises ShapeError for an output that fits neither task.
@@ -200,10 +222,18 @@ def _output_rule(net, options: CompileOptions, spec: str, num_classes: int, what
     inputs = int(np.prod(net.input_shape))
     kind = last.activation.kind
     ends_in_last = net.layers[-1] is last
-    if options.loss == "mse" or (options.loss is None and kind != "softmax" and width == inputs and width != num_classes):
+    if options.loss == "mse" or (
+        options.loss is None and kind != "softmax" and width == inputs and width != num_classes
+    ):
         if width != inputs:
-            raise ShapeError(f"{what} outputs {width} values per example; MSE reconstruction needs its {inputs} inputs")
-        why = "--loss mse" if options.loss == "mse" else f"the output is not a softmax and as wide as the input ({inputs})"
+            raise ShapeError(
+                f"{what} outputs {width} values per example; MSE reconstruction needs its {inputs} inputs"
+            )
+        why = (
+            "--loss mse"
+            if options.loss == "mse"
+            else f"the output is not a softmax and as wide as the input ({inputs})"
+        )
         return "reconstruction", why, []
     if kind == "softmax":
         return "classification", "--loss ce" if options.loss == "ce" else "the output layer is a softmax", []
@@ -220,7 +250,11 @@ def _output_rule(net, options: CompileOptions, spec: str, num_classes: int, what
         )
     last.activation = Activation("softmax")
     note = f"{what} outputs logits (no softmax): appended a softmax, as codec eval does with logits"
-    return "classification", ("--loss ce" if options.loss == "ce" else "the output is logits, one per class"), [note]
+    return (
+        "classification",
+        ("--loss ce" if options.loss == "ce" else "the output is logits, one per class"),
+        [note],
+    )
 
 
 def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source:
@@ -241,8 +275,10 @@ def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source
     if options.model is not None:
         nets = {"model": lift(_existing(options.model, "--model"), name="main")}
     else:
-        nets = {"main": lift(_existing(options.main, "--main"), name="main"),
-                "peer": lift(_existing(options.peer, "--peer"), name="peer")}
+        nets = {
+            "main": lift(_existing(options.main, "--main"), name="main"),
+            "peer": lift(_existing(options.peer, "--peer"), name="peer"),
+        }
     task, why, notes = None, "", []
     for key, net in nets.items():
         path = getattr(options, key)
@@ -253,7 +289,10 @@ def _resolve_source(options: CompileOptions, spec: str, classes: int) -> _Source
         notes += these
     if options.main is not None:
         # The passes compare main and peer neuron by neuron: refuse different architectures now.
-        shapes = {key: [list(net.input_shape), *(list(shape) for shape in net.shapes())] for key, net in nets.items()}
+        shapes = {
+            key: [list(net.input_shape), *(list(shape) for shape in net.shapes())]
+            for key, net in nets.items()
+        }
         if shapes["main"] != shapes["peer"]:
             raise ShapeError(
                 "--main and --peer must have the same architecture: layer output shapes "
@@ -294,8 +333,15 @@ def _check_before_training(source: _Source, data: RecipeData) -> RecipeData:
     return data
 
 
-def _train_conventional(run: Run, names: list[str], seeds: dict, source: _Source, options: CompileOptions,
-                        data: RecipeData, quiet: bool) -> dict[str, tuple[dict, bytes]]:
+def _train_conventional(
+    run: Run,
+    names: list[str],
+    seeds: dict,
+    source: _Source,
+    options: CompileOptions,
+    data: RecipeData,
+    quiet: bool,
+) -> dict[str, tuple[dict, bytes]]:
     """Train members the ordinary way, together in one engine run (stacked when the architecture allows);
     returns each one's facts and ONNX bytes.
 
@@ -307,16 +353,27 @@ def _train_conventional(run: Run, names: list[str], seeds: dict, source: _Source
 
     config = dataclasses.replace(source.config, quiet=quiet)
     modules = [_initial_module(name, seeds[name], source, options, data) for name in names]
-    trained = train_members(modules, data.x_train, data.y_train, data.x_val, data.y_val, config,
-                            seeds=[seeds[name] for name in names], checkpoint_path=_group_checkpoint(run, names),
-                            resume=True, names=names, desc="+".join(names))
+    trained = train_members(
+        modules,
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
+        config,
+        seeds=[seeds[name] for name in names],
+        checkpoint_path=_group_checkpoint(run, names),
+        resume=True,
+        names=names,
+        desc="+".join(names),
+    )
     out = {}
     for name, result in zip(names, trained.members):
         if source.kind == "recipe":
             from codec.runtime.training.train import export_onnx
 
-            part = export_onnx(result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape,
-                               task=source.task)
+            part = export_onnx(
+                result.module, run.checkpoints / f"{name}.onnx.part", data.input_shape, task=source.task
+            )
             blob = part.read_bytes()
             part.unlink()
         else:
@@ -325,8 +382,12 @@ def _train_conventional(run: Run, names: list[str], seeds: dict, source: _Source
             blob = to_bytes(lower(result.module.to_network(name)))
         init = "random" if source.kind == "recipe" or name != "main" else options.init
         stacked = names.index(name) in trained.stacked
-        facts = {"path": f"members/{name}.onnx", "init": init, **member_facts(result, seeds[name], parameters=True),
-                 **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble)}
+        facts = {
+            "path": f"members/{name}.onnx",
+            "init": init,
+            **member_facts(result, seeds[name], parameters=True),
+            **_group_facts(result, names, stacked=stacked, ensemble=trained.ensemble),
+        }
         out[name] = (facts, blob)
     return out
 
@@ -347,9 +408,17 @@ def _given_member(name: str, net, path: str) -> tuple[dict, bytes]:
     """A member the user trained (--main/--peer): stored as lifted (softmax appended if it gave logits)."""
     from codec.ir import lower, to_bytes
 
-    facts = {"path": f"members/{name}.onnx", "source": str(path), "seed": None, "init": "given", "epochs": 0,
-             "best_epoch": None, "train_seconds": 0.0, "parameters": net.num_parameters,
-             "trainable_parameters": net.num_parameters}
+    facts = {
+        "path": f"members/{name}.onnx",
+        "source": str(path),
+        "seed": None,
+        "init": "given",
+        "epochs": 0,
+        "best_epoch": None,
+        "train_seconds": 0.0,
+        "parameters": net.num_parameters,
+        "trainable_parameters": net.num_parameters,
+    }
     return facts, to_bytes(lower(net))
 
 
@@ -437,8 +506,16 @@ def _load_csn(run: Run, rewritten):
     return csn
 
 
-def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOptions, config, data: RecipeData,
-          quiet: bool) -> dict[str, tuple[dict, bytes]]:
+def _grow(
+    run: Run,
+    names: list[str],
+    seeds: dict,
+    template,
+    options: CompileOptions,
+    config,
+    data: RecipeData,
+    quiet: bool,
+) -> dict[str, tuple[dict, bytes]]:
     """Train grown members around the CSN, together in one engine run; returns each one's facts and bytes."""
     from codec.ir import lower, to_bytes
     from codec.pipelines.train import member_facts
@@ -446,20 +523,39 @@ def _grow(run: Run, names: list[str], seeds: dict, template, options: CompileOpt
 
     config = dataclasses.replace(config, quiet=quiet, lr=config.lr * options.grow.lr_scale)
     grown = train_grown_members(
-        template, data.x_train, data.y_train, data.x_val, data.y_val, config,
-        seeds=[seeds[name] for name in names], options=options.grow,
-        checkpoint_path=_group_checkpoint(run, names), resume=True, names=names,
+        template,
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
+        config,
+        seeds=[seeds[name] for name in names],
+        options=options.grow,
+        checkpoint_path=_group_checkpoint(run, names),
+        resume=True,
+        names=names,
     )
     out = {}
     for name, (net, result, extra) in zip(names, grown):
-        facts = {"path": f"members/{name}.onnx", **member_facts(result, seeds[name]), **_group_facts(result, names),
-                 **extra}  # grown members (IRModule, frozen CSN) are module units: never stacked
+        facts = {
+            "path": f"members/{name}.onnx",
+            **member_facts(result, seeds[name]),
+            **_group_facts(result, names),
+            **extra,
+        }  # grown members (IRModule, frozen CSN) are module units: never stacked
         out[name] = (facts, to_bytes(lower(net)))
     return out
 
 
-def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-                     ensemble_path: str | Path | None = None, member_outputs: bool = False) -> dict:
+def compile_ensemble(
+    options: CompileOptions,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    ensemble_path: str | Path | None = None,
+    member_outputs: bool = False,
+) -> dict:
     """Run the CODE pipeline end to end; returns the report (also written to run_dir/report.json).
 
     `member_outputs` also makes each member's own output a graph output (``member_{i}``, named in the
@@ -489,14 +585,18 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     data = split_for_training(dataset, source.task, config, normalize=parse_normalize(options.normalize))
     data = _check_before_training(source, data)
     if source.task == "reconstruction" and options.criterion not in (None, "mean"):
-        raise ConfigError(f"an autoencoder ensemble averages its members: --criterion must be mean, not {options.criterion}")
+        raise ConfigError(
+            f"an autoencoder ensemble averages its members: --criterion must be mean, not {options.criterion}"
+        )
     run = Run(Path(run_dir))
     if world.is_main:
         run.prepare(options, resume)
         for note in (*data.notes, *source.notes):
             log.warning("%s", note)
         if source.kind != "recipe":
-            log.warning("loss: %s (%s)", "cross-entropy" if config.loss == "ce" else "MSE", source.loss_reason)
+            log.warning(
+                "loss: %s (%s)", "cross-entropy" if config.loss == "ce" else "MSE", source.loss_reason
+            )
     run.state = distributed.broadcast(run.state)  # also: no rank trains before rank 0 checked the run dir
     run.checkpoints.mkdir(parents=True, exist_ok=True)  # each rank's own (a node may not share rank 0's disk)
     started = time.perf_counter()
@@ -510,8 +610,12 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
                     _store_member(run, name, *_given_member(name, source.given[name], getattr(options, name)))
         run.state = distributed.broadcast(run.state)
     else:
-        _train_all(run, world, ["main", "peer"],
-                   lambda part: _train_conventional(run, part, seeds, source, options, data, quiet))
+        _train_all(
+            run,
+            world,
+            ["main", "peer"],
+            lambda part: _train_conventional(run, part, seeds, source, options, data, quiet),
+        )
     if world.is_main:
         _run_passes(run, options, data)
     # every rank grows around the same rewritten main: rank 0 sends it (no shared filesystem needed)
@@ -520,7 +624,9 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     rewritten = lift(rewritten_bytes, name="main")
     grown = [f"grown_{i}" for i in range(1, options.members - 1)]
     grown_seeds = {name: options.seed + 1 + i for i, name in enumerate(grown, start=1)}
-    _train_all(run, world, grown, lambda part: _grow(run, part, grown_seeds, rewritten, options, config, data, quiet))
+    _train_all(
+        run, world, grown, lambda part: _grow(run, part, grown_seeds, rewritten, options, config, data, quiet)
+    )
     if not world.is_main:
         distributed.barrier()
         return {}
@@ -530,10 +636,15 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     csn = _load_csn(run, rewritten)
 
     # the files of exactly the members the fused graph computes: export checks parity against them
-    files = {"main": run.opt / "main.onnx" if options.keep_main == "rewritten" else run.members / "main.onnx",
-             "peer": run.opt / "peer.onnx",
-             **{name: run.members / f"{name}.onnx" for name in grown}}
-    members = {name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name) for name, path in files.items()}
+    files = {
+        "main": run.opt / "main.onnx" if options.keep_main == "rewritten" else run.members / "main.onnx",
+        "peer": run.opt / "peer.onnx",
+        **{name: run.members / f"{name}.onnx" for name in grown},
+    }
+    members = {
+        name: rewritten if path == run.opt / "main.onnx" else lift(path, name=name)
+        for name, path in files.items()
+    }
     criterion = options.criterion or default_criterion(source.task)
     csn_net = csn.network if csn is not None else None
     t0 = time.perf_counter()
@@ -542,17 +653,40 @@ def compile_ensemble(options: CompileOptions, run_dir: str | Path, *, resume: bo
     if data.normalization is not None:
         # Inputs must be normalised like this before the model sees them (export puts it in the card).
         metadata[NORMALIZATION_KEY] = json.dumps(data.normalization)
-    model = emit_ensemble(list(members.values()), csn_net, criterion=criterion, names=list(members), task=source.task,
-                          member_outputs=member_outputs, metadata=metadata)
+    model = emit_ensemble(
+        list(members.values()),
+        csn_net,
+        criterion=criterion,
+        names=list(members),
+        task=source.task,
+        member_outputs=member_outputs,
+        metadata=metadata,
+    )
     save_model(model, out)
     emit_seconds = time.perf_counter() - t0
     quality = _evaluate(members, criterion, source.task, data)
     counts = ensemble_parameter_count(list(members.values()), csn_net)
-    report = _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
-                     criterion, emit_seconds, time.perf_counter() - started)
+    report = _report(
+        options,
+        source,
+        run,
+        out,
+        data,
+        main_facts,
+        peer_facts,
+        pass_facts,
+        grown_facts,
+        quality,
+        counts,
+        criterion,
+        emit_seconds,
+        time.perf_counter() - started,
+    )
     report["world_size"] = world.size
-    report["outputs"] = {"ensemble": OUTPUT_NAME,
-                         "members": {n: member_output_name(i) for i, n in enumerate(members)} if member_outputs else {}}
+    report["outputs"] = {
+        "ensemble": OUTPUT_NAME,
+        "members": {n: member_output_name(i) for i, n in enumerate(members)} if member_outputs else {},
+    }
     write_json_atomic(run.path / "report.json", report)
     distributed.barrier()
     return report
@@ -563,22 +697,42 @@ def _evaluate(members: dict, criterion: str, task: str, data: RecipeData) -> dic
     from codec.ir import lower, to_bytes
     from codec.runtime.evaluation.scoring import member_outputs, score_members
 
-    outputs = member_outputs([to_bytes(lower(net)) for net in members.values()], data.x_test, names=list(members))
+    outputs = member_outputs(
+        [to_bytes(lower(net)) for net in members.values()], data.x_test, names=list(members)
+    )
     result = score_members(outputs, task, data.target("test"), criterion)
     per_member = result.pop("member_accuracies" if task == "classification" else "member_mse")
     result["members"] = dict(zip(members, per_member))
     return result
 
 
-def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts, grown_facts, quality, counts,
-            criterion, emit_seconds, wall) -> dict:
+def _report(
+    options,
+    source,
+    run,
+    out,
+    data,
+    main_facts,
+    peer_facts,
+    pass_facts,
+    grown_facts,
+    quality,
+    counts,
+    criterion,
+    emit_seconds,
+    wall,
+) -> dict:
     from codec.runtime.evaluation.metrics import memory_footprint
 
     n = options.members
     tp_dnn = main_facts["parameters"]
     tp_codedn = grown_facts[0]["trainable_parameters"] if grown_facts else tp_dnn
     csn_params = pass_facts["csn_parameters"]
-    train_seconds = main_facts["train_seconds"] + peer_facts["train_seconds"] + sum(g["train_seconds"] for g in grown_facts)
+    train_seconds = (
+        main_facts["train_seconds"]
+        + peer_facts["train_seconds"]
+        + sum(g["train_seconds"] for g in grown_facts)
+    )
     return {
         "codec_version": __version__,
         "recipe": source.recipe.name if source.recipe is not None else None,
@@ -604,15 +758,35 @@ def _report(options, source, run, out, data, main_facts, peer_facts, pass_facts,
             "passes_fraction_of_training": pass_facts["seconds"] / train_seconds if train_seconds else None,
             "wall_this_invocation": wall,
         },
-        "epochs": {"main": main_facts["epochs"], "peer": peer_facts["epochs"], "grow": [g["epochs"] for g in grown_facts]},
+        "epochs": {
+            "main": main_facts["epochs"],
+            "peer": peer_facts["epochs"],
+            "grow": [g["epochs"] for g in grown_facts],
+        },
         # how the engine trained each member: its own early stopping beside its group's ensemble-level stopping
         "training": {
-            name: {key: facts.get(key) for key in ("best_epoch", "stopped_early", "trained_with", "stacked",
-                                                    "group_train_seconds", "ensemble_stopping")}
-            for name, facts in [("main", main_facts), ("peer", peer_facts),
-                                *[(f"grown_{i}", g) for i, g in enumerate(grown_facts, start=1)]]
+            name: {
+                key: facts.get(key)
+                for key in (
+                    "best_epoch",
+                    "stopped_early",
+                    "trained_with",
+                    "stacked",
+                    "group_train_seconds",
+                    "ensemble_stopping",
+                )
+            }
+            for name, facts in [
+                ("main", main_facts),
+                ("peer", peer_facts),
+                *[(f"grown_{i}", g) for i, g in enumerate(grown_facts, start=1)],
+            ]
         },
-        "csn": {"per_layer": pass_facts["csn_per_layer"], "total": pass_facts["csn_total"], "parameters": csn_params},
+        "csn": {
+            "per_layer": pass_facts["csn_per_layer"],
+            "total": pass_facts["csn_total"],
+            "parameters": csn_params,
+        },
         "parameters": {
             "conventional_member": tp_dnn,
             "grown_member_trainable": tp_codedn,

@@ -36,7 +36,9 @@ class RecipeData:
     class_names: tuple[str, ...]
     classify: bool
     notes: tuple[str, ...] = ()  # how the splits were assembled when not plain (a held-out test split, ...)
-    normalization: dict | None = None  # the per-channel normalisation applied to every split (Normalization.to_dict)
+    normalization: dict | None = (
+        None  # the per-channel normalisation applied to every split (Normalization.to_dict)
+    )
 
     @property
     def n_val(self) -> int:
@@ -48,8 +50,9 @@ class RecipeData:
         return y if self.classify else x.reshape(len(x), -1)
 
 
-def load_recipe_data(recipe, config, data_dir: str | os.PathLike | None = None, *,
-                     need_validation: bool = False) -> RecipeData:
+def load_recipe_data(
+    recipe, config, data_dir: str | os.PathLike | None = None, *, need_validation: bool = False
+) -> RecipeData:
     """Load `recipe`'s dataset and cut it as `config` (a TrainConfig) says.
 
     Args:
@@ -65,7 +68,9 @@ def load_recipe_data(recipe, config, data_dir: str | os.PathLike | None = None, 
 
     dataset = load_dataset(recipe.dataset, data_dir=data_dir)
     if config.val_fraction <= 0 and need_validation:
-        raise ConfigError(f"recipe {recipe.name!r}: the benchmark needs a validation split (val_fraction > 0)")
+        raise ConfigError(
+            f"recipe {recipe.name!r}: the benchmark needs a validation split (val_fraction > 0)"
+        )
     return split_for_training(dataset, recipe.task, config)
 
 
@@ -122,14 +127,19 @@ def fit_data_to(data: RecipeData, input_shape: tuple[int, ...], what: str) -> Re
     if tuple(data.input_shape) == tuple(input_shape):
         return data
     if int(np.prod(data.input_shape)) != int(np.prod(input_shape)):
-        raise ShapeError(f"{data.name} examples have shape {list(data.input_shape)} but {what} expects {list(input_shape)}")
-    reshaped = {split: None if getattr(data, split) is None else getattr(data, split).reshape((-1, *input_shape))
-                for split in ("x_train", "x_val", "x_test")}
+        raise ShapeError(
+            f"{data.name} examples have shape {list(data.input_shape)} but {what} expects {list(input_shape)}"
+        )
+    reshaped = {
+        split: None if getattr(data, split) is None else getattr(data, split).reshape((-1, *input_shape))
+        for split in ("x_train", "x_val", "x_test")
+    }
     return dataclasses.replace(data, input_shape=tuple(input_shape), **reshaped)
 
 
-def load_split(data: str, *, data_dir: str | os.PathLike | None = None, split: str = "test",
-               limit: int | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+def load_split(
+    data: str, *, data_dir: str | os.PathLike | None = None, split: str = "test", limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, dataset) for one split of a named dataset, its first `limit` examples when given.
 
     Raises:

@@ -102,7 +102,11 @@ def _value_info(value) -> dict:
 
     tensor = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-    return {"name": value.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+    return {
+        "name": value.name,
+        "shape": dims,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,9 +117,15 @@ def _value_info(value) -> dict:
 def parity_inputs(options: ExportOptions, input_shape: tuple[int, ...]) -> tuple[np.ndarray, dict]:
     """The inputs parity runs on, and how they were chosen (for the card)."""
     if options.data is not None:
-        x, _, dataset = load_split(options.data, data_dir=options.data_dir, split=options.split, limit=options.limit)
+        x, _, dataset = load_split(
+            options.data, data_dir=options.data_dir, split=options.split, limit=options.limit
+        )
         x = fit_to_model(x, input_shape, model=options.ensemble.name)
-        return np.ascontiguousarray(x, dtype=np.float32), {"source": dataset.name, "split": options.split, "examples": len(x)}
+        return np.ascontiguousarray(x, dtype=np.float32), {
+            "source": dataset.name,
+            "split": options.split,
+            "examples": len(x),
+        }
     if options.samples < 1:
         raise ConfigError(f"--samples must be positive, got {options.samples}")
     x = np.random.default_rng(options.seed).random((options.samples, *input_shape), dtype=np.float32)
@@ -127,7 +137,9 @@ def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
         raise ShapeError(f"{path.name} has {len(inputs)} inputs; a fused ensemble has one")
     dims = inputs[0]["shape"][1:]
     if not all(isinstance(d, int) and d > 0 for d in dims):
-        raise ShapeError(f"{path.name}: input {inputs[0]['name']!r} has shape {inputs[0]['shape']}; only the batch dimension may be dynamic")
+        raise ShapeError(
+            f"{path.name}: input {inputs[0]['name']!r} has shape {inputs[0]['shape']}; only the batch dimension may be dynamic"
+        )
     return tuple(dims)
 
 
@@ -184,24 +196,34 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
     session = create_session(options.ensemble)
     names = [o.name for o in session.get_outputs()]
     output = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
-    in_graph = sorted((n for n in names if n.startswith("member_") and n[7:].isdigit()), key=lambda n: int(n[7:]))
+    in_graph = sorted(
+        (n for n in names if n.startswith("member_") and n[7:].isdigit()), key=lambda n: int(n[7:])
+    )
     values = _run(session, x, [output, *in_graph], options.batch_size)
     fused, graph_members = values[0], values[1:]
     paths, source = member_paths(options, model)
     expected = len(description["members"]) if description.get("members") else None
     if paths and expected is not None and len(paths) != expected:
-        raise ShapeError(f"{options.ensemble.name} has {expected} members but {len(paths)} member files were given ({source})")
+        raise ShapeError(
+            f"{options.ensemble.name} has {expected} members but {len(paths)} member files were given ({source})"
+        )
     record = {"criterion": criterion, "atol": options.atol, "examples": len(x)}
     if paths:
         outs = [_run_member(p, x, options.batch_size) for p in paths]
         shapes = {o.shape for o in outs}
         if len(shapes) != 1 or next(iter(shapes)) != fused.shape:
-            raise ShapeError(f"member outputs {sorted(map(list, shapes))} do not match the ensemble's output {list(fused.shape)}")
+            raise ShapeError(
+                f"member outputs {sorted(map(list, shapes))} do not match the ensemble's output {list(fused.shape)}"
+            )
         stack = np.stack(outs)
         record.update(reference="member models", member_files=[str(p) for p in paths], members_from=source)
     elif graph_members:
         stack = np.stack(graph_members)
-        record.update(reference="member outputs inside the fused graph (collect stage only)", member_files=[], members_from="graph")
+        record.update(
+            reference="member outputs inside the fused graph (collect stage only)",
+            member_files=[],
+            members_from="graph",
+        )
     else:
         raise ConfigError(
             f"no members to check {options.ensemble.name} against: give --members (it has no codec.members metadata "
@@ -211,7 +233,9 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
     record["max_abs_error"] = error
     if graph_members and paths:
         # which member drifted, when the graph exposes each member's own output
-        record["member_max_abs_error"] = [float(np.max(np.abs(g.astype(np.float64) - m))) for g, m in zip(graph_members, stack)]
+        record["member_max_abs_error"] = [
+            float(np.max(np.abs(g.astype(np.float64) - m))) for g, m in zip(graph_members, stack)
+        ]
     if not np.isfinite(error) or error > options.atol:
         worst = ""
         if record.get("member_max_abs_error"):
@@ -234,7 +258,11 @@ def validate_description(description: dict, path: Path) -> dict:
     from codec.ir.criteria import CRITERIA, TASKS
 
     def bad(key: str, expected: str):
-        raise ModelLoadError(f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, got {description[key]!r}"[:400])
+        raise ModelLoadError(
+            f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, got {description[key]!r}"[
+                :400
+            ]
+        )
 
     def is_count(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -250,9 +278,11 @@ def validate_description(description: dict, path: Path) -> dict:
     if description.get("csn") is not None:
         csn = description["csn"]
         if not isinstance(csn, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("layer"), str) and is_count(c.get("neurons")) for c in csn
+            isinstance(c, dict) and isinstance(c.get("layer"), str) and is_count(c.get("neurons"))
+            for c in csn
         ):
             bad("csn", "a list of {layer, neurons} records")
+
     def is_counts(v) -> bool:
         return is_count(v) or (isinstance(v, list) and all(is_count(x) for x in v))
 
@@ -262,7 +292,9 @@ def validate_description(description: dict, path: Path) -> dict:
         bad("shared_layers", "a list of non-negative integers")
     if description.get("parameters") is not None:
         parameters = description["parameters"]
-        if not isinstance(parameters, dict) or not all(isinstance(k, str) and is_counts(v) for k, v in parameters.items()):
+        if not isinstance(parameters, dict) or not all(
+            isinstance(k, str) and is_counts(v) for k, v in parameters.items()
+        ):
             bad("parameters", "an object of non-negative integer counts")
     return description
 
@@ -333,7 +365,9 @@ def export_ensemble(options: ExportOptions) -> dict:
     card_path = Path(options.card) if options.card else output.with_name(output.stem + ".card.json")
     refuse_alias([output, card_path], [options.ensemble, *(options.members or [])], ConfigError)
     model = load_model(options.ensemble)
-    refuse_alias([output, card_path], member_paths(options, model)[0], ConfigError)  # members from its metadata
+    refuse_alias(
+        [output, card_path], member_paths(options, model)[0], ConfigError
+    )  # members from its metadata
     inputs, outputs = check_onnx(options.ensemble)
     description = validate_description(ensemble_description(model) or {}, options.ensemble)
     input_shape = _static_input_shape(inputs, options.ensemble)
@@ -342,7 +376,12 @@ def export_ensemble(options: ExportOptions) -> dict:
     parity["data"] = data
 
     model.metadata_props[DEPLOY_KEY] = json.dumps(
-        {"parity_max_abs_error": parity["max_abs_error"], "atol": options.atol, "data": data, "codec_version": __version__},
+        {
+            "parity_max_abs_error": parity["max_abs_error"],
+            "atol": options.atol,
+            "data": data,
+            "codec_version": __version__,
+        },
         separators=(",", ":"),
     )
     if not options.external_data:
@@ -363,7 +402,9 @@ def export_ensemble(options: ExportOptions) -> dict:
             f"the written {out.name} differs from {options.ensemble.name} by {parity['written_max_abs_error']:.3g}; removed it"
         )
     parameters = description.get("parameters", {})
-    stored = int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None))
+    stored = int(
+        sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+    )
     card = {
         "model": out.name,
         "external_data": data_file.name if data_file is not None else None,

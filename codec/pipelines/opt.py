@@ -60,9 +60,13 @@ def optimize(
     from codec.passes.base import Calibration, EnsembleModule
     from codec.passes.manager import PassManager
 
-    manager = PassManager(passes, verify=verify, atol=atol, after_pass=after_pass, verify_inputs=verify_inputs)
+    manager = PassManager(
+        passes, verify=verify, atol=atol, after_pass=after_pass, verify_inputs=verify_inputs
+    )
     # only a member called "peer" is the peer: `codec opt main.onnx --member x.onnx` has none
-    module = EnsembleModule(members, Calibration(x, batch_size), peer_name="peer" if "peer" in members else None)
+    module = EnsembleModule(
+        members, Calibration(x, batch_size), peer_name="peer" if "peer" in members else None
+    )
     module, report = manager.run(module)
     return module, manager, report
 

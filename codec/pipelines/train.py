@@ -134,7 +134,9 @@ def member_facts(result, seed: int, *, parameters: bool = False) -> dict:
     }
     if parameters:
         facts["parameters"] = int(sum(p.numel() for p in result.module.parameters()))
-        facts["trainable_parameters"] = int(sum(p.numel() for p in result.module.parameters() if p.requires_grad))
+        facts["trainable_parameters"] = int(
+            sum(p.numel() for p in result.module.parameters() if p.requires_grad)
+        )
     return facts
 
 

@@ -80,7 +80,9 @@ def train_ensemble_recipe(
     started = time.perf_counter()
     recipe = get_recipe(recipe_name)
     if recipe.task != "classification":
-        raise ConfigError(f"recipe {recipe.name!r} is not a classifier; coupled ensembles (MCL, TreeNets) train classifiers")
+        raise ConfigError(
+            f"recipe {recipe.name!r} is not a classifier; coupled ensembles (MCL, TreeNets) train classifiers"
+        )
     overrides = dict(overrides or {})
     overrides["quiet"] = quiet or overrides.get("quiet", False)
     config = TrainConfig.from_recipe(recipe, **overrides)
@@ -93,7 +95,9 @@ def train_ensemble_recipe(
     def build(seed: int) -> nn.Sequential:
         return recipe.build(input_shape, num_classes, width=width, seed=seed)
 
-    treenet = build_treenet(build, options.members, options.split, config.seed, random_init=options.random_init)
+    treenet = build_treenet(
+        build, options.members, options.split, config.seed, random_init=options.random_init
+    )
     treenet_networks(treenet, input_shape)  # refuse a network the fused export cannot express before training
 
     from codec.runtime.training import distributed
@@ -104,24 +108,42 @@ def train_ensemble_recipe(
         from codec.runtime.training.coupled_dist import train_coupled_distributed
 
         if resume:
-            raise ConfigError("--resume is not supported for coupled training over several processes (--nproc > 1)")
+            raise ConfigError(
+                "--resume is not supported for coupled training over several processes (--nproc > 1)"
+            )
         result = train_coupled_distributed(
-            treenet, data.x_train, data.y_train, data.x_val, data.y_val, dataclasses.replace(config, quiet=quiet or not world.is_main),
-            options, desc=f"{recipe.name} x{options.members} {options.loss}", trunk=trunk_exchange,
+            treenet,
+            data.x_train,
+            data.y_train,
+            data.x_val,
+            data.y_val,
+            dataclasses.replace(config, quiet=quiet or not world.is_main),
+            options,
+            desc=f"{recipe.name} x{options.members} {options.loss}",
+            trunk=trunk_exchange,
         )
         if not world.is_main:
             return {}
     else:
         result = train_coupled(
-            treenet, data.x_train, data.y_train, data.x_val, data.y_val, config, options,
-            checkpoint_path=out_dir / "ensemble.ckpt", resume=resume,
+            treenet,
+            data.x_train,
+            data.y_train,
+            data.x_val,
+            data.y_val,
+            config,
+            options,
+            checkpoint_path=out_dir / "ensemble.ckpt",
+            resume=resume,
             desc=f"{recipe.name} x{options.members} {options.loss}",
         )
     treenet = result.module.to("cpu").eval()
 
     export_start = time.perf_counter()
     members_ir, trunk_ir = treenet_networks(treenet, input_shape)
-    ensemble_path = save_model(emit_ensemble(members_ir, trunk_ir, criterion=options.criterion), out_dir / "ensemble.onnx")
+    ensemble_path = save_model(
+        emit_ensemble(members_ir, trunk_ir, criterion=options.criterion), out_dir / "ensemble.onnx"
+    )
     member_files = []
     if export_members:
         for i, net in enumerate(members_ir):
@@ -154,8 +176,12 @@ def train_ensemble_recipe(
     if plot:
         from codec.pipelines.report import assignment_svg
 
-        title = f"{recipe.name}: {options.members} members, {options.loss}" + (f" k={options.k}" if options.loss == "mcl" else "")
-        plot_path = str(assignment_svg(table, out_dir / "assignment.svg", class_names=data.class_names, title=title))
+        title = f"{recipe.name}: {options.members} members, {options.loss}" + (
+            f" k={options.k}" if options.loss == "mcl" else ""
+        )
+        plot_path = str(
+            assignment_svg(table, out_dir / "assignment.svg", class_names=data.class_names, title=title)
+        )
 
     best = next((e for e in result.history if e["epoch"] == result.best_epoch), {})
     report = {
@@ -167,9 +193,14 @@ def train_ensemble_recipe(
         "loss": options.ensemble_loss().to_dict(),
         "config": config.to_dict(),
         "effective_lr": config.lr * (options.members if options.lr_scale_by_members else 1),
-        "member_seeds": [member_seed(config.seed, m if options.random_init else 0) for m in range(options.members)],
-        "treenet": {**treenet.describe(), "parameters": treenet.parameter_counts(),
-                    "fused_parameters": ensemble_parameter_count(members_ir, trunk_ir)},
+        "member_seeds": [
+            member_seed(config.seed, m if options.random_init else 0) for m in range(options.members)
+        ],
+        "treenet": {
+            **treenet.describe(),
+            "parameters": treenet.parameter_counts(),
+            "fused_parameters": ensemble_parameter_count(members_ir, trunk_ir),
+        },
         "bag_unique_fraction": result.bag_unique,
         "n_train": len(data.x_train),
         "n_val": data.n_val,
@@ -181,13 +212,25 @@ def train_ensemble_recipe(
         "val_loss": best.get("val_loss"),
         "metrics": metrics,
         "mean_member_accuracy": float(np.mean(metrics["member_accuracies"])),
-        "assignment": {"table": table.tolist(), "classes": list(data.class_names),
-                       "rule": "each test example to the member with the lowest cross-entropy (ties: lowest index)"},
+        "assignment": {
+            "table": table.tolist(),
+            "classes": list(data.class_names),
+            "rule": "each test example to the member with the lowest cross-entropy (ties: lowest index)",
+        },
         "parity": parity,
-        "files": {"ensemble": str(ensemble_path), "checkpoint": str(out_dir / "ensemble.ckpt"),
-                  "report": str(out_dir / "report.json"), "assignment_svg": plot_path, "members": member_files},
-        "times": {"train_seconds": result.train_seconds, "export_seconds": export_seconds,
-                  "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - started},
+        "files": {
+            "ensemble": str(ensemble_path),
+            "checkpoint": str(out_dir / "ensemble.ckpt"),
+            "report": str(out_dir / "report.json"),
+            "assignment_svg": plot_path,
+            "members": member_files,
+        },
+        "times": {
+            "train_seconds": result.train_seconds,
+            "export_seconds": export_seconds,
+            "eval_seconds": eval_seconds,
+            "total_seconds": time.perf_counter() - started,
+        },
         "history": result.history,
     }
     report["world_size"] = world.size

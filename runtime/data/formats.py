@@ -185,7 +185,10 @@ def _check_npz_sizes(path: Path, names: Sequence[str]) -> None:
                 info = archive.getinfo(f"{name}.npy")
             except KeyError:
                 continue
-            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 1100 * info.compress_size + 4096:
+            if (
+                info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > 1100 * info.compress_size + 4096
+            ):
                 raise DataError(
                     f"{path}: member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
                     "compressed (more than deflate can produce): corrupt or a decompression bomb"

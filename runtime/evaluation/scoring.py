@@ -37,8 +37,9 @@ def _describe(dims: list) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
-def model_outputs(model, x: np.ndarray, *, batch_size: int = BATCH_SIZE, threads: int | None = None,
-                  name: str | None = None) -> np.ndarray:
+def model_outputs(
+    model, x: np.ndarray, *, batch_size: int = BATCH_SIZE, threads: int | None = None, name: str | None = None
+) -> np.ndarray:
     """A single-output ONNX model's outputs on `x`, (N, ...).
 
     Args:
@@ -56,8 +57,14 @@ def model_outputs(model, x: np.ndarray, *, batch_size: int = BATCH_SIZE, threads
     return predict(_session(model, threads), x, batch_size=batch_size, name=name)
 
 
-def member_outputs(models: Sequence, x: np.ndarray, *, names: Sequence[str] | None = None,
-                   batch_size: int = BATCH_SIZE, threads: int | None = None) -> np.ndarray:
+def member_outputs(
+    models: Sequence,
+    x: np.ndarray,
+    *,
+    names: Sequence[str] | None = None,
+    batch_size: int = BATCH_SIZE,
+    threads: int | None = None,
+) -> np.ndarray:
     """Every member's outputs on `x`, stacked (M, N, ...) as float64.
 
     The members' declared output shapes are checked against the first member's before any runs; each
@@ -73,7 +80,9 @@ def member_outputs(models: Sequence, x: np.ndarray, *, names: Sequence[str] | No
     for name, session in zip(names[1:], sessions[1:]):
         dims_out = _static_dims(session.get_outputs()[0].shape)
         if not _same_dims(dims_out, first_out):
-            raise ShapeError(f"member {name} outputs {_describe(dims_out)} but {names[0]} outputs {_describe(first_out)}")
+            raise ShapeError(
+                f"member {name} outputs {_describe(dims_out)} but {names[0]} outputs {_describe(first_out)}"
+            )
     outputs = []
     for name, session in zip(names, sessions):
         out = model_outputs(session, x, batch_size=batch_size, name=name)

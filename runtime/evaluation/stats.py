@@ -126,7 +126,9 @@ class Task:
 
         if self.kind == "classification":
             return (combine(outputs, self.criterion).argmax(axis=1) == target).astype(np.float64)
-        mean = np.asarray(outputs, dtype=np.float64).reshape(outputs.shape[0], outputs.shape[1], -1).mean(axis=0)
+        mean = (
+            np.asarray(outputs, dtype=np.float64).reshape(outputs.shape[0], outputs.shape[1], -1).mean(axis=0)
+        )
         return np.mean((mean - target.reshape(len(target), -1)) ** 2, axis=1)
 
     def curve(self, outputs: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -156,7 +158,9 @@ class Task:
 
 def quality_ci(per_example: np.ndarray, n_boot: int, seed: int = 0) -> dict:
     """Mean of a per-example score with its 95 % bootstrap CI over examples."""
-    point, low, high = bootstrap_ci(np.mean, np.asarray(per_example, dtype=np.float64), n_boot=n_boot, seed=seed)
+    point, low, high = bootstrap_ci(
+        np.mean, np.asarray(per_example, dtype=np.float64), n_boot=n_boot, seed=seed
+    )
     return {"value": point, "ci95": [low, high], "n": len(per_example)}
 
 
@@ -205,7 +209,12 @@ def summarise(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0)
     if len(present) == 0:
         out.update(median=None, min=None, max=None, mean=None, ci95=None)
         return out
-    out.update(median=float(np.median(present)), min=float(present.min()), max=float(present.max()), mean=float(present.mean()))
+    out.update(
+        median=float(np.median(present)),
+        min=float(present.min()),
+        max=float(present.max()),
+        mean=float(present.mean()),
+    )
     if len(present) >= 2:
         _, low, high = bootstrap_ci(np.mean, present, n_boot=n_boot, seed=seed)
         out["ci95"] = [low, high]

@@ -81,7 +81,9 @@ class LayerStats:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.fire, self.nonzero, self.sum, self.sumsq] + ([self.cofire] if self.cofire is not None else [])
+        arrays = [self.fire, self.nonzero, self.sum, self.sumsq] + (
+            [self.cofire] if self.cofire is not None else []
+        )
         return sum(a.nbytes for a in arrays)
 
 
@@ -148,7 +150,9 @@ class PairStats:
     main: ActivationStats
     peer: ActivationStats
     cross: dict[str, CrossLayerStats] = field(default_factory=dict)  # by main's layer name
-    peer_layer: dict[str, str] = field(default_factory=dict)  # main layer name -> peer layer name (same position)
+    peer_layer: dict[str, str] = field(
+        default_factory=dict
+    )  # main layer name -> peer layer name (same position)
 
     @property
     def count(self) -> int:
@@ -268,7 +272,12 @@ def _accumulate(stats: ActivationStats, views, packed: list[np.ndarray]) -> None
         s.sumsq += np.einsum("bi,bi->i", act, act)
         if s.cofire is not None:
             # popcount(a_i & b_j) over bit-packed inputs: exact, and ~5x a float32 GEMM (bench/kernels.json)
-            kernels.cofire_counts(packed[i], packed[position[s.previous]], out=s.cofire, n_threads=_threads_for(s.cofire, packed[i]))
+            kernels.cofire_counts(
+                packed[i],
+                packed[position[s.previous]],
+                out=s.cofire,
+                n_threads=_threads_for(s.cofire, packed[i]),
+            )
     stats.count += views[0][0].shape[0] if views else 0
 
 
@@ -288,7 +297,9 @@ def stats_bytes(nets: list[NetworkIR], pair: bool = False) -> dict[str, int]:
             n = layer.num_neurons
             if not _is_chain(net):
                 previous = _previous(net, layer)
-            sizes[f"{net.name}/{layer.name}"] = 4 * 8 * n + (8 * n * previous.num_neurons if previous is not None else 0)
+            sizes[f"{net.name}/{layer.name}"] = 4 * 8 * n + (
+                8 * n * previous.num_neurons if previous is not None else 0
+            )
             if _is_chain(net):
                 previous = layer  # a chain's hidden layer co-fires with the one before it
     if pair:
@@ -418,7 +429,9 @@ def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm)
     if pair:
         for a, b in zip(tapped[0].hidden, tapped[1].hidden):
             cross[a.name] = CrossLayerStats(
-                a.name, np.zeros((a.num_neurons, b.num_neurons), np.int64), np.zeros((a.num_neurons, b.num_neurons))
+                a.name,
+                np.zeros((a.num_neurons, b.num_neurons), np.int64),
+                np.zeros((a.num_neurons, b.num_neurons)),
             )
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(total=total, unit="input", desc="profiling", disable=not progress, leave=False)
@@ -434,8 +447,12 @@ def _run_batches(nets, data, batch_size, progress, intra_op_threads, pair, tqdm)
             for s, v, p in zip(stats, views, packed):
                 _accumulate(s, v, p)
             if pair:
-                for c, (act_m, _, _), (act_p, _, _), bits_m, bits_p in zip(cross.values(), views[0], views[1], packed[0], packed[1]):
-                    kernels.cofire_counts(bits_m, bits_p, out=c.cofire, n_threads=_threads_for(c.cofire, bits_m))
+                for c, (act_m, _, _), (act_p, _, _), bits_m, bits_p in zip(
+                    cross.values(), views[0], views[1], packed[0], packed[1]
+                ):
+                    kernels.cofire_counts(
+                        bits_m, bits_p, out=c.cofire, n_threads=_threads_for(c.cofire, bits_m)
+                    )
                     # float64: correlation = E[xy] - E[x]E[y] cancels badly for low-variance neurons (sigmoid
                     # units near 0.5), where float32 products lose ~1e-4 relative accuracy
                     c.sum_products += act_m.T @ act_p

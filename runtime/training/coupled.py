@@ -147,7 +147,9 @@ class EnsembleOptions:
         if self.monitor not in MONITORS:
             raise ConfigError(f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}")
         if self.criterion not in CRITERIA:
-            raise ConfigError(f"unknown ensemble criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+            raise ConfigError(
+                f"unknown ensemble criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}"
+            )
         for name in ("pretrain_epochs", "accumulate"):
             value = getattr(self, name)
             low = 0 if name == "pretrain_epochs" else 1
@@ -216,7 +218,9 @@ def module_names(model: nn.Sequential) -> list[str]:
     counts: dict[str, int] = {}
     names = []
     for module in model:
-        prefix = next((p for t, p in _TYPE_PREFIX.items() if type(module) is t), type(module).__name__.lower())
+        prefix = next(
+            (p for t, p in _TYPE_PREFIX.items() if type(module) is t), type(module).__name__.lower()
+        )
         counts[prefix] = counts.get(prefix, 0) + 1
         names.append(f"{prefix}{counts[prefix]}")
     return names
@@ -246,7 +250,9 @@ def resolve_split(model: nn.Sequential, split: str | int | None) -> int:
     elif text in names:
         count = names.index(text) + 1
     else:
-        raise ConfigError(f"unknown split {split!r}; choose none, all, an integer 0..{len(names)}, or one of: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown split {split!r}; choose none, all, an integer 0..{len(names)}, or one of: {', '.join(names)}"
+        )
     if not any(isinstance(m, _WEIGHTED) for m in list(model)[count:]):
         count = len(names)  # no weights left for the branches: they would all be the same network
     return count
@@ -308,8 +314,14 @@ class TreeNet(nn.Module):
         }
 
 
-def build_treenet(build: Callable[[int], nn.Sequential], members: int, split: str | int | None, seed: int, *,
-                  random_init: bool = True) -> TreeNet:
+def build_treenet(
+    build: Callable[[int], nn.Sequential],
+    members: int,
+    split: str | int | None,
+    seed: int,
+    *,
+    random_init: bool = True,
+) -> TreeNet:
     """A TreeNet from a network builder.
 
     Args:
@@ -342,8 +354,14 @@ def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def sequential_to_network(model: nn.Sequential, input_shape: Sequence[int], names: Sequence[str], *,
-                          frozen_modules: int = 0, name: str = "member") -> NetworkIR:
+def sequential_to_network(
+    model: nn.Sequential,
+    input_shape: Sequence[int],
+    names: Sequence[str],
+    *,
+    frozen_modules: int = 0,
+    name: str = "member",
+) -> NetworkIR:
     """A classifier Sequential (logits out) as a NetworkIR outputting probabilities (softmax appended).
 
     Activations become the activation of the compute layer before them (across max pools and flattens,
@@ -363,15 +381,35 @@ def sequential_to_network(model: nn.Sequential, input_shape: Sequence[int], name
         kind = type(module)
         if kind is nn.Conv2d:
             if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
-                raise ConfigError(f"cannot export {label}: only zero-padded Conv2d with groups=1 and numeric padding")
+                raise ConfigError(
+                    f"cannot export {label}: only zero-padded Conv2d with groups=1 and numeric padding"
+                )
             weight = module.weight.detach().cpu().numpy()
-            bias = module.bias.detach().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0], np.float32)
+            bias = (
+                module.bias.detach().cpu().numpy()
+                if module.bias is not None
+                else np.zeros(weight.shape[0], np.float32)
+            )
             ph, pw = _pair(module.padding)
-            layers.append(Conv(label, weight, bias, Activation(), roles(index, weight.shape[0]),
-                               strides=_pair(module.stride), pads=(ph, pw, ph, pw), dilations=_pair(module.dilation)))
+            layers.append(
+                Conv(
+                    label,
+                    weight,
+                    bias,
+                    Activation(),
+                    roles(index, weight.shape[0]),
+                    strides=_pair(module.stride),
+                    pads=(ph, pw, ph, pw),
+                    dilations=_pair(module.dilation),
+                )
+            )
         elif kind is nn.Linear:
             weight = module.weight.detach().cpu().numpy()
-            bias = module.bias.detach().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0], np.float32)
+            bias = (
+                module.bias.detach().cpu().numpy()
+                if module.bias is not None
+                else np.zeros(weight.shape[0], np.float32)
+            )
             layers.append(Dense(label, weight, bias, Activation(), roles(index, weight.shape[0])))
         elif kind in (nn.MaxPool2d, nn.AvgPool2d):
             kernel = _pair(module.kernel_size)
@@ -380,12 +418,23 @@ def sequential_to_network(model: nn.Sequential, input_shape: Sequence[int], name
             if kind is nn.MaxPool2d:
                 if _pair(module.dilation) != (1, 1) or module.return_indices:
                     raise ConfigError(f"cannot export {label}: dilated max pooling or pooling indices")
-                layers.append(Pool(label, "max", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode)))
+                layers.append(
+                    Pool(label, "max", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode))
+                )
             else:
                 if module.divisor_override is not None:
                     raise ConfigError(f"cannot export {label}: average pooling with divisor_override")
-                layers.append(Pool(label, "avg", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode),
-                                   count_include_pad=bool(module.count_include_pad)))
+                layers.append(
+                    Pool(
+                        label,
+                        "avg",
+                        kernel,
+                        stride,
+                        (ph, pw, ph, pw),
+                        ceil_mode=bool(module.ceil_mode),
+                        count_include_pad=bool(module.count_include_pad),
+                    )
+                )
         elif kind is nn.Flatten:
             if module.start_dim != 1 or module.end_dim != -1:
                 raise ConfigError(f"cannot export {label}: Flatten must flatten dims 1..-1")
@@ -398,7 +447,9 @@ def sequential_to_network(model: nn.Sequential, input_shape: Sequence[int], name
         else:
             raise ConfigError(f"cannot export {label} ({kind.__name__}) to codec's IR")
     if not layers or not is_compute(layers[-1]) or layers[-1].activation.kind != "identity":
-        raise ConfigError("a fused classifier ensemble needs members ending in a Linear or Conv2d layer that outputs logits")
+        raise ConfigError(
+            "a fused classifier ensemble needs members ending in a Linear or Conv2d layer that outputs logits"
+        )
     layers[-1].activation = Activation("softmax")
     return NetworkIR(name, "input", "output", tuple(int(d) for d in input_shape), layers)
 
@@ -408,17 +459,23 @@ def _fold_activation(layers: list, act: Activation, label: str) -> None:
     for layer in reversed(layers):
         if is_compute(layer):
             if layer.activation.kind != "identity":
-                raise ConfigError(f"cannot export {label}: {layer.name} already has the activation {layer.activation.kind}")
+                raise ConfigError(
+                    f"cannot export {label}: {layer.name} already has the activation {layer.activation.kind}"
+                )
             layer.activation = act
             return
         if isinstance(layer, Pool) and layer.mode == "max" or isinstance(layer, Flatten):
             continue
-        raise ConfigError(f"cannot export {label}: an activation after {layer.name} ({layer.mode} pool) does not "
-                          "commute into the layer before it")
+        raise ConfigError(
+            f"cannot export {label}: an activation after {layer.name} ({layer.mode} pool) does not "
+            "commute into the layer before it"
+        )
     raise ConfigError(f"cannot export {label}: an activation with no weighted layer before it")
 
 
-def treenet_networks(treenet: TreeNet, input_shape: Sequence[int]) -> tuple[list[NetworkIR], NetworkIR | None]:
+def treenet_networks(
+    treenet: TreeNet, input_shape: Sequence[int]
+) -> tuple[list[NetworkIR], NetworkIR | None]:
     """The members as NetworkIRs and the trunk as a chain (the CSN), for `emit_ensemble`.
 
     Each member is trunk + its branch; its layers made from trunk modules are whole FROZEN_SHARED copies
@@ -434,12 +491,17 @@ def treenet_networks(treenet: TreeNet, input_shape: Sequence[int]) -> tuple[list
         weighted = [i for i, module in enumerate(treenet.member(0)) if isinstance(module, _WEIGHTED)]
         frozen_modules = weighted[-1] if weighted else 0
     members = [
-        sequential_to_network(treenet.member(i), input_shape, treenet.names, frozen_modules=frozen_modules,
-                              name=f"member{i}")
+        sequential_to_network(
+            treenet.member(i), input_shape, treenet.names, frozen_modules=frozen_modules, name=f"member{i}"
+        )
         for i in range(treenet.members)
     ]
     first = members[0]
-    frozen = [i for i, layer in enumerate(first.layers) if is_compute(layer) and (layer.roles == Role.FROZEN_SHARED).all()]
+    frozen = [
+        i
+        for i, layer in enumerate(first.layers)
+        if is_compute(layer) and (layer.roles == Role.FROZEN_SHARED).all()
+    ]
     if not frozen:
         return members, None
     trunk_layers = copy.deepcopy(first.layers[: frozen[-1] + 1])
@@ -450,13 +512,21 @@ def treenet_networks(treenet: TreeNet, input_shape: Sequence[int]) -> tuple[list
     return members, NetworkIR("trunk", "input", "trunk", first.input_shape, trunk_layers)
 
 
-def emit_treenet(treenet: TreeNet, input_shape: Sequence[int], *, criterion: str = "mean",
-                 member_outputs: bool = False, metadata: dict[str, str] | None = None):
+def emit_treenet(
+    treenet: TreeNet,
+    input_shape: Sequence[int],
+    *,
+    criterion: str = "mean",
+    member_outputs: bool = False,
+    metadata: dict[str, str] | None = None,
+):
     """The fused ensemble ONNX (onnx_ir Model) of a TreeNet: trunk once, branches, collect."""
     from codec.ir.ensemble import emit_ensemble
 
     members, trunk = treenet_networks(treenet, input_shape)
-    return emit_ensemble(members, trunk, criterion=criterion, member_outputs=member_outputs, metadata=metadata)
+    return emit_ensemble(
+        members, trunk, criterion=criterion, member_outputs=member_outputs, metadata=metadata
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -495,7 +565,9 @@ def ensemble_logits(treenet: nn.Module, x, batch_size: int = EVAL_BATCH_SIZE) ->
     was_training = treenet.training
     treenet.eval()
     try:
-        parts = [treenet(x_t[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x_t), batch_size)]
+        parts = [
+            treenet(x_t[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x_t), batch_size)
+        ]
     finally:
         treenet.train(was_training)
     return torch.cat(parts, dim=1)
@@ -573,11 +645,17 @@ def train_coupled(
     if config.loss != "ce":
         raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
     if treenet.members != options.members:
-        raise ConfigError(f"the TreeNet has {treenet.members} members but the options ask for {options.members}")
+        raise ConfigError(
+            f"the TreeNet has {treenet.members} members but the options ask for {options.members}"
+        )
     x_t, _, _, _ = _check_training_data(x_train, y_train, x_val, y_val, "ce")
     n = x_t.shape[0]
-    weights = torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
-    bag_unique = [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    weights = (
+        torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
+    )
+    bag_unique = (
+        [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    )
     step_config = config
     if options.lr_scale_by_members:
         step_config = dataclasses.replace(config, lr=config.lr * options.members)
@@ -586,10 +664,24 @@ def train_coupled(
         return _CoupledUnit(module, step_config, options, weights, n, device)
 
     # The engine's loop: the TreeNet is its one module, the coupled loss is this objective's.
-    run = train_members([treenet], x_train, y_train, x_val, y_val, config, seeds=[config.seed],
-                        lrs=[step_config.lr], checkpoint_path=checkpoint_path, resume=resume, names=[desc], desc=desc,
-                        on_epoch_end=None if on_epoch_end is None else lambda e, record: on_epoch_end(e, record["members"][0]),
-                        objective=objective)
+    run = train_members(
+        [treenet],
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        config,
+        seeds=[config.seed],
+        lrs=[step_config.lr],
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        names=[desc],
+        desc=desc,
+        on_epoch_end=None
+        if on_epoch_end is None
+        else lambda e, record: on_epoch_end(e, record["members"][0]),
+        objective=objective,
+    )
     result = run.members[0]
     return CoupledResult(
         module=treenet,
@@ -673,7 +765,12 @@ class _CoupledUnit(_ModuleUnit):
             self._set_rng(saved)
 
     def validate(self, xv_t, yv_t) -> tuple[dict, float | None]:
-        fields = {"val_loss": None, "val_accuracy": None, "val_oracle_accuracy": None, "val_member_accuracy": None}
+        fields = {
+            "val_loss": None,
+            "val_accuracy": None,
+            "val_oracle_accuracy": None,
+            "val_member_accuracy": None,
+        }
         if xv_t is None:
             return fields, None
         fields.update(_validation(ensemble_logits(self.module, xv_t), yv_t, self.loss, self.options.monitor))
@@ -697,9 +794,13 @@ def _check_labels(treenet: TreeNet, x_t: torch.Tensor, y_t: torch.Tensor, device
     finally:
         treenet.train(was_training)
     if out.ndim != 3:
-        raise DataError(f"the members must output (examples, classes) logits, got shape {tuple(out.shape[1:])}")
+        raise DataError(
+            f"the members must output (examples, classes) logits, got shape {tuple(out.shape[1:])}"
+        )
     if int(y_t.max()) >= out.shape[2]:
-        raise DataError(f"labels go up to {int(y_t.max())} but the members have only {out.shape[2]} outputs (classes)")
+        raise DataError(
+            f"labels go up to {int(y_t.max())} but the members have only {out.shape[2]} outputs (classes)"
+        )
 
 
 __all__ = [

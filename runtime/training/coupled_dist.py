@@ -134,8 +134,16 @@ class CoupledPlan:
         return self.owner(int(parts[1])) if parts[0] == "branches" else 0
 
 
-def communication_per_step(*, trunk_params: int, trunk_features: int, batch_size: int, accumulate: int,
-                           members: int, classes: int, world_size: int) -> dict:
+def communication_per_step(
+    *,
+    trunk_params: int,
+    trunk_features: int,
+    batch_size: int,
+    accumulate: int,
+    members: int,
+    classes: int,
+    world_size: int,
+) -> dict:
     """Elements (not bytes) moved between ranks per optimizer step, summed over all ranks.
 
     - ``broadcast``: rank 0 sends h to W - 1 ranks and receives W - 1 gradients of h, every batch:
@@ -159,8 +167,16 @@ def _trunk_has_dropout(treenet: TreeNet) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in treenet.trunk.modules())
 
 
-def plan_coupled(treenet: TreeNet, example: torch.Tensor, *, trunk: str = "broadcast", batch_size: int = 128,
-                 accumulate: int = 1, rank: int | None = None, size: int | None = None) -> CoupledPlan:
+def plan_coupled(
+    treenet: TreeNet,
+    example: torch.Tensor,
+    *,
+    trunk: str = "broadcast",
+    batch_size: int = 128,
+    accumulate: int = 1,
+    rank: int | None = None,
+    size: int | None = None,
+) -> CoupledPlan:
     """This rank's part in training `treenet` (shapes from one forward pass on `example`, a batch of >= 1).
 
     Args:
@@ -190,19 +206,35 @@ def plan_coupled(treenet: TreeNet, example: torch.Tensor, *, trunk: str = "broad
     if len(treenet.trunk) == 0:
         mode = "none"
     elif trunk == "auto":
-        volume = communication_per_step(trunk_params=trunk_params, trunk_features=int(h[0].numel()),
-                                        batch_size=batch_size, accumulate=accumulate, members=treenet.members,
-                                        classes=int(logits.shape[2]), world_size=size)
+        volume = communication_per_step(
+            trunk_params=trunk_params,
+            trunk_features=int(h[0].numel()),
+            batch_size=batch_size,
+            accumulate=accumulate,
+            members=treenet.members,
+            classes=int(logits.shape[2]),
+            world_size=size,
+        )
         cheaper = "broadcast" if volume["broadcast"] <= volume["replicate"] else "replicate"
         mode = "broadcast" if _trunk_has_dropout(treenet) else cheaper
     else:
         mode = trunk
     if mode == "replicate" and _trunk_has_dropout(treenet):
-        raise ConfigError("the trunk has Dropout: replicated on every rank it would draw a different mask per rank; "
-                          "use trunk='broadcast'")
-    return CoupledPlan(rank=rank, size=size, members=treenet.members, trunk=mode, trunk_trainable=trunk_params > 0,
-                       trunk_shape=tuple(h.shape[1:]), trunk_dtype=h.dtype, classes=int(logits.shape[2]),
-                       logit_dtype=logits.dtype)
+        raise ConfigError(
+            "the trunk has Dropout: replicated on every rank it would draw a different mask per rank; "
+            "use trunk='broadcast'"
+        )
+    return CoupledPlan(
+        rank=rank,
+        size=size,
+        members=treenet.members,
+        trunk=mode,
+        trunk_trainable=trunk_params > 0,
+        trunk_shape=tuple(h.shape[1:]),
+        trunk_dtype=h.dtype,
+        classes=int(logits.shape[2]),
+        logit_dtype=logits.dtype,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,9 +242,18 @@ def plan_coupled(treenet: TreeNet, example: torch.Tensor, *, trunk: str = "broad
 # --------------------------------------------------------------------------------------------------------
 
 
-def coupled_backward(treenet: TreeNet, plan: CoupledPlan, xb: torch.Tensor, yb: torch.Tensor,
-                     weights: torch.Tensor | None, loss: EnsembleLoss, ties: torch.Generator | None, *,
-                     scale: float = 1.0, context: str = "") -> float:
+def coupled_backward(
+    treenet: TreeNet,
+    plan: CoupledPlan,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    weights: torch.Tensor | None,
+    loss: EnsembleLoss,
+    ties: torch.Generator | None,
+    *,
+    scale: float = 1.0,
+    context: str = "",
+) -> float:
     """The ensemble loss of one batch, backpropagated into the parameters this rank owns.
 
     Every rank must call it with the same batch and the same tie-breaking generator state. Afterwards the
@@ -260,11 +301,15 @@ def coupled_backward(treenet: TreeNet, plan: CoupledPlan, xb: torch.Tensor, yb: 
     dist.all_gather(parts, local)
     # Other ranks' members enter detached: the loss is the same function of the same logits everywhere, so
     # differentiating it on this rank gives the exact gradient of this rank's members (module docstring).
-    logits = torch.stack([own[m] if m in own else parts[plan.owner(m)][m // plan.size] for m in range(plan.members)])
+    logits = torch.stack(
+        [own[m] if m in own else parts[plan.owner(m)][m // plan.size] for m in range(plan.members)]
+    )
     value = loss(logits, yb, weights, ties)
     if not torch.isfinite(value):
-        raise DataError(f"non-finite training loss ({float(value.detach())}){context}; check the data or lower "
-                        "the learning rate")
+        raise DataError(
+            f"non-finite training loss ({float(value.detach())}){context}; check the data or lower "
+            "the learning rate"
+        )
     if value.requires_grad:  # False on a rank that owns no member (more ranks than members)
         (value * scale).backward()
     if plan.trunk == "broadcast" and plan.trunk_trainable:
@@ -331,7 +376,9 @@ class _DistributedCoupledUnit(_CoupledUnit):
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             seed_everything(config.seed)
             if rank:  # each rank's branches draw their dropout masks from its own stream
-                torch.manual_seed(int(np.random.SeedSequence([config.seed, _RANK_STREAM, rank]).generate_state(1)[0]))
+                torch.manual_seed(
+                    int(np.random.SeedSequence([config.seed, _RANK_STREAM, rank]).generate_state(1)[0])
+                )
             self.rng = self._get_rng()
         self.train_loss = None
 
@@ -356,10 +403,22 @@ class _DistributedCoupledUnit(_CoupledUnit):
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             for batch, (index, xb, yb, _) in enumerate(batches(0), start=1):
-                wb = self.weights[:, index].to(self.device) if self.weights is not None and self.loss.memberwise else None
-                value = coupled_backward(self.module, self.plan, xb, yb, wb, self.loss, self.ties,
-                                         scale=1.0 / self.options.accumulate,
-                                         context=f" at epoch {epoch}, batch {batch} (lr {lr:g})")
+                wb = (
+                    self.weights[:, index].to(self.device)
+                    if self.weights is not None and self.loss.memberwise
+                    else None
+                )
+                value = coupled_backward(
+                    self.module,
+                    self.plan,
+                    xb,
+                    yb,
+                    wb,
+                    self.loss,
+                    self.ties,
+                    scale=1.0 / self.options.accumulate,
+                    context=f" at epoch {epoch}, batch {batch} (lr {lr:g})",
+                )
                 if batch % self.options.accumulate == 0 or batch == self.batches_per_epoch:
                     if self.plan.trunk == "replicate":
                         allreduce_trunk_gradients(self.module)
@@ -382,8 +441,11 @@ class _DistributedCoupledUnit(_CoupledUnit):
         if self.rank == 0:
             try:
                 fields, monitored = super().validate(xv_t, yv_t)
-                decision = {"fields": {**fields, "train_loss": self.train_loss},
-                            "monitored": monitored if monitored is not None else self.train_loss, "error": None}
+                decision = {
+                    "fields": {**fields, "train_loss": self.train_loss},
+                    "monitored": monitored if monitored is not None else self.train_loss,
+                    "error": None,
+                }
             except Exception as exc:  # noqa: BLE001 - the other ranks wait for a decision: send them any failure
                 failure = exc
                 decision = {"error": [isinstance(exc, DataError), f"{type(exc).__name__}: {exc}"]}
@@ -392,7 +454,9 @@ class _DistributedCoupledUnit(_CoupledUnit):
             raise failure
         if decision["error"] is not None:
             data_error, message = decision["error"]
-            raise (DataError if data_error else CodecError)(f"rank 0 failed at epoch {self.epoch + 1}: {message}")
+            raise (DataError if data_error else CodecError)(
+                f"rank 0 failed at epoch {self.epoch + 1}: {message}"
+            )
         return decision["fields"], decision["monitored"]
 
     def agree(self, entry: dict) -> dict:
@@ -408,12 +472,16 @@ def _resolve_device(config) -> torch.device:
     """The device the process group can communicate on: the rank's GPU with NCCL, the CPU with gloo."""
     if dist.get_backend() == "nccl":
         if config.device == "cpu":
-            raise ConfigError("the process group uses NCCL (GPUs), which cannot train on the CPU; use device auto or "
-                              "cuda, or launch without GPUs")
+            raise ConfigError(
+                "the process group uses NCCL (GPUs), which cannot train on the CPU; use device auto or "
+                "cuda, or launch without GPUs"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     if config.device == "cuda":
-        raise ConfigError("device 'cuda' needs an NCCL process group (one GPU per local rank); this job runs gloo "
-                          "on the CPU: use device auto or cpu")
+        raise ConfigError(
+            "device 'cuda' needs an NCCL process group (one GPU per local rank); this job runs gloo "
+            "on the CPU: use device auto or cpu"
+        )
     return torch.device("cpu")
 
 
@@ -428,7 +496,9 @@ def _summary(x_t, y_t, xv_t, yv_t, config, options, treenet, trunk) -> dict:
     return {
         "training data": digest(x_t, y_t),
         "validation data": digest(xv_t, yv_t),
-        "training options": {name: getattr(config, name) for name in (*_TRAJECTORY_FIELDS, "max_epochs", "patience")},
+        "training options": {
+            name: getattr(config, name) for name in (*_TRAJECTORY_FIELDS, "max_epochs", "patience")
+        },
         "ensemble options": options.trajectory(),
         "TreeNet": [[k, list(v.shape)] for k, v in treenet.state_dict().items()],
         "trunk mode": trunk,
@@ -441,8 +511,10 @@ def _check_agreement(summary: dict) -> None:
     for other, theirs in enumerate(gathered[1:], start=1):
         for key, value in gathered[0].items():
             if theirs[key] != value:
-                raise ConfigError(f"rank {other} was given other {key} than rank 0; every rank of a coupled run "
-                                  "needs the same data, options and TreeNet")
+                raise ConfigError(
+                    f"rank {other} was given other {key} than rank 0; every rank of a coupled run "
+                    "needs the same data, options and TreeNet"
+                )
 
 
 def train_coupled_distributed(
@@ -491,13 +563,19 @@ def train_coupled_distributed(
     if config.loss != "ce":
         raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
     if treenet.members != options.members:
-        raise ConfigError(f"the TreeNet has {treenet.members} members but the options ask for {options.members}")
+        raise ConfigError(
+            f"the TreeNet has {treenet.members} members but the options ask for {options.members}"
+        )
     x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, "ce")
     rank, size = dist.get_rank(), dist.get_world_size()
     device = _resolve_device(config)
     n = x_t.shape[0]
-    weights = torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
-    bag_unique = [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    weights = (
+        torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
+    )
+    bag_unique = (
+        [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    )
     step_config = config
     if options.lr_scale_by_members:
         step_config = dataclasses.replace(config, lr=config.lr * options.members)
@@ -509,11 +587,23 @@ def train_coupled_distributed(
         treenet.to(device)
         _check_agreement(_summary(x_t, y_t, xv_t, yv_t, config, options, treenet, trunk))
         broadcast_state(treenet, lambda key: 0)
-        plan = plan_coupled(treenet, x_t[:2].to(device), trunk=trunk, batch_size=config.batch_size,
-                            accumulate=options.accumulate, rank=rank, size=size)
+        plan = plan_coupled(
+            treenet,
+            x_t[:2].to(device),
+            trunk=trunk,
+            batch_size=config.batch_size,
+            accumulate=options.accumulate,
+            rank=rank,
+            size=size,
+        )
         if not plan.owned:
-            log.warning("%s: rank %d owns no member (%d members on %d ranks); it only relays", desc, rank,
-                        options.members, size)
+            log.warning(
+                "%s: rank %d owns no member (%d members on %d ranks); it only relays",
+                desc,
+                rank,
+                options.members,
+                size,
+            )
         log.info("%s: rank %d trains members %s, trunk %s", desc, rank, plan.owned, plan.trunk)
     finally:
         torch.set_num_threads(previous_threads)
@@ -523,8 +613,19 @@ def train_coupled_distributed(
 
     # The engine's loop on every rank (no checkpoint: see the module docstring); the progress bar on rank 0.
     engine_config = dataclasses.replace(config, quiet=config.quiet or rank != 0, device=device.type)
-    run = train_members([treenet], x_t, y_t, xv_t, yv_t, engine_config,
-                        seeds=[config.seed], lrs=[step_config.lr], names=[desc], desc=desc, objective=objective)
+    run = train_members(
+        [treenet],
+        x_t,
+        y_t,
+        xv_t,
+        yv_t,
+        engine_config,
+        seeds=[config.seed],
+        lrs=[step_config.lr],
+        names=[desc],
+        desc=desc,
+        objective=objective,
+    )
     result = run.members[0]
     return CoupledResult(
         module=treenet,

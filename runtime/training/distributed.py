@@ -157,7 +157,10 @@ def run_tasks(names: list[str], fn: Callable[[str], Any]) -> dict[str, Any]:
                 failed.append((name, value))
     retried = {}
     for name, error in failed:
-        print(f"codec: task {name} failed on its rank ({error.strip().splitlines()[-1]}); retrying on rank 0", file=sys.stderr)
+        print(
+            f"codec: task {name} failed on its rank ({error.strip().splitlines()[-1]}); retrying on rank 0",
+            file=sys.stderr,
+        )
         if world.is_main:
             try:
                 retried[name] = (True, fn(name))
@@ -219,8 +222,10 @@ def run_task_groups(names: list[str], fn: Callable[[list[str]], dict[str, Any]])
     retried = {}
     for their_part, error in failed:
         label = "+".join(their_part)
-        print(f"codec: tasks {label} failed on their rank ({error.strip().splitlines()[-1]}); retrying on rank 0",
-              file=sys.stderr)
+        print(
+            f"codec: tasks {label} failed on their rank ({error.strip().splitlines()[-1]}); retrying on rank 0",
+            file=sys.stderr,
+        )
         if world.is_main:
             try:
                 retried[label] = (True, dict(fn(their_part)))
@@ -242,8 +247,14 @@ def launch(nproc: int, argv: list[str]) -> int:
     if nproc < 1:
         raise CodecError(f"--nproc must be at least 1, got {nproc}")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "codec", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "codec",
+        *argv,
     ]
     return subprocess.call(command)
 

@@ -96,7 +96,9 @@ class CachedCSNModule(nn.Module):
         return h
 
 
-def frozen_preactivations(module: IRModule, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, list[int], list[int], list[tuple]]:
+def frozen_preactivations(
+    module: IRModule, x: np.ndarray, batch_size: int = 1024
+) -> tuple[np.ndarray, list[int], list[int], list[tuple]]:
     """CSN pre-activations of every shared layer for inputs `x`, flattened and concatenated per example."""
     cached = shared_layers(module)
     outs: list[list[np.ndarray]] = [[] for _ in cached]
@@ -152,8 +154,18 @@ def train_grown(
 ) -> tuple[NetworkIR, object, dict]:
     """Train one grown member; returns (its NetworkIR, the TrainResult, facts for the report)."""
     (grown,) = train_grown_members(
-        template, x_train, y_train, x_val, y_val, config, seeds=[seed], shuffle_seeds=[config.seed],
-        options=options, checkpoint_path=checkpoint_path, resume=resume, names=[desc],
+        template,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        config,
+        seeds=[seed],
+        shuffle_seeds=[config.seed],
+        options=options,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        names=[desc],
     )
     return grown
 
@@ -185,18 +197,40 @@ def train_grown_members(
     names = [f"grown {k}" for k in range(len(seeds))] if names is None else list(names)
     modules = [build_grown(template, seed, options) for seed in seeds]
     first = modules[0]
-    frozen = sum(int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in first.blocks if isinstance(b, IRLayer))
+    frozen = sum(
+        int(b.frozen_weight.numel() + b.frozen_bias.numel()) for b in first.blocks if isinstance(b, IRLayer)
+    )
     # Autoencoders reconstruct their input: the training loop takes the (augmented) input as the target,
     # so they train without the cache.
     # The cached forward below walks the layers as a chain: a DAG member (residual Adds) trains uncached.
-    use_cache = bool(shared_layers(first)) and first.is_chain and config.loss != "mse" and (
-        options.cache == "on"
-        or (options.cache == "auto" and cache_bytes(first, len(x_train) + (0 if x_val is None else len(x_val))) <= options.cache_limit_mb * 2**20)
+    use_cache = (
+        bool(shared_layers(first))
+        and first.is_chain
+        and config.loss != "mse"
+        and (
+            options.cache == "on"
+            or (
+                options.cache == "auto"
+                and cache_bytes(first, len(x_train) + (0 if x_val is None else len(x_val)))
+                <= options.cache_limit_mb * 2**20
+            )
+        )
     )
-    facts = [{"trainable_parameters": m.trainable_parameters(), "frozen_parameters": frozen, "csn_cache": use_cache}
-             for m in modules]
-    common = {"seeds": seeds if shuffle_seeds is None else shuffle_seeds, "checkpoint_path": checkpoint_path,
-              "resume": resume, "names": names, "desc": "+".join(names)}
+    facts = [
+        {
+            "trainable_parameters": m.trainable_parameters(),
+            "frozen_parameters": frozen,
+            "csn_cache": use_cache,
+        }
+        for m in modules
+    ]
+    common = {
+        "seeds": seeds if shuffle_seeds is None else shuffle_seeds,
+        "checkpoint_path": checkpoint_path,
+        "resume": resume,
+        "names": names,
+        "desc": "+".join(names),
+    }
     if use_cache:
         flat, cached, widths, shapes = frozen_preactivations(first, x_train)
         z_train = np.concatenate([x_train.reshape(len(x_train), -1).astype(np.float32), flat], axis=1)
@@ -211,6 +245,10 @@ def train_grown_members(
     else:
         run = train_members(modules, x_train, y_train, x_val, y_val, config, **common)
     for fact in facts:
-        fact["ensemble_stopping"] = {key: run.ensemble[key] for key in ("patience", "monitored", "best_epoch",
-                                                                        "stopped_early")}
-    return [(m.to_network(name), result, fact) for m, result, name, fact in zip(modules, run.members, names, facts)]
+        fact["ensemble_stopping"] = {
+            key: run.ensemble[key] for key in ("patience", "monitored", "best_epoch", "stopped_early")
+        }
+    return [
+        (m.to_network(name), result, fact)
+        for m, result, name, fact in zip(modules, run.members, names, facts)
+    ]

@@ -44,7 +44,9 @@ MEMBERWISE_LOSSES = ("independent", "mcl")
 
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.ndim != 3:
-        raise ShapeError(f"ensemble logits must be (members, batch, classes), got shape {tuple(logits.shape)}")
+        raise ShapeError(
+            f"ensemble logits must be (members, batch, classes), got shape {tuple(logits.shape)}"
+        )
     if labels.ndim != 1 or labels.shape[0] != logits.shape[1]:
         raise ShapeError(f"labels have shape {tuple(labels.shape)} for logits of shape {tuple(logits.shape)}")
 
@@ -72,7 +74,9 @@ def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.reshape(m, b)
 
 
-def independent_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def independent_ce(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum over members of each member's mean cross-entropy (weighted by `weights` (M, B) when given).
 
     With weights the mean is ``sum_b w[m, b] * CE[m, b] / B``.
@@ -178,7 +182,9 @@ def _check_k(k, members: int) -> None:
 
 def _check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha (the weight of cross-entropy mixed into MCL) must be in [0, 1], got {alpha!r}")
+        raise ConfigError(
+            f"alpha (the weight of cross-entropy mixed into MCL) must be in [0, 1], got {alpha!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -245,7 +251,9 @@ class EnsembleLoss:
 
     def _check_members(self, logits: torch.Tensor) -> None:
         if logits.ndim != 3 or logits.shape[0] != self.members:
-            raise ShapeError(f"the {self.name} loss is for {self.members} members, got logits of shape {tuple(logits.shape)}")
+            raise ShapeError(
+                f"the {self.name} loss is for {self.members} members, got logits of shape {tuple(logits.shape)}"
+            )
 
     def to_dict(self) -> dict:
         """Plain values for reports (k and alpha only where they mean something)."""

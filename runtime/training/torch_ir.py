@@ -78,7 +78,9 @@ class IRLayer(nn.Module):
         if isinstance(layer, Conv):
             self.groups = layer.groups
             if self.groups > 1 and self.k:
-                raise ShapeError(f"layer {layer.name!r}: a grouped convolution cannot hold frozen shared neurons")
+                raise ShapeError(
+                    f"layer {layer.name!r}: a grouped convolution cannot hold frozen shared neurons"
+                )
             self.stride = tuple(layer.strides)
             self.dilation = tuple(layer.dilations)
             top, left, bottom, right = layer.pads
@@ -129,7 +131,14 @@ class IRPool(nn.Module):
             padding = (top, left)
         if p.mode == "max":
             return F.max_pool2d(x, p.kernel_shape, p.strides, padding, ceil_mode=p.ceil_mode)
-        return F.avg_pool2d(x, p.kernel_shape, p.strides, padding, ceil_mode=p.ceil_mode, count_include_pad=p.count_include_pad)
+        return F.avg_pool2d(
+            x,
+            p.kernel_shape,
+            p.strides,
+            padding,
+            ceil_mode=p.ceil_mode,
+            count_include_pad=p.count_include_pad,
+        )
 
 
 class IRAdd(nn.Module):
@@ -182,7 +191,11 @@ class IRModule(nn.Module):
         h = x
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            h = block(h, apply_softmax=self.probabilities) if isinstance(block, IRLayer) and i == last else block(h)
+            h = (
+                block(h, apply_softmax=self.probabilities)
+                if isinstance(block, IRLayer) and i == last
+                else block(h)
+            )
         return h
 
     def _forward_dag(self, x: torch.Tensor) -> torch.Tensor:

@@ -436,7 +436,9 @@ class EarlyStopping:
         """The monitored loss changes meaning (e.g. after pretraining): its old values do not compare."""
         self.best_loss, self.bad_epochs = math.inf, 0
 
-    def observe(self, entry: dict, monitored: float, module: nn.Module, *, patience_applies: bool = True) -> None:
+    def observe(
+        self, entry: dict, monitored: float, module: nn.Module, *, patience_applies: bool = True
+    ) -> None:
         """Record the epoch `entry["epoch"]` whose monitored loss is `monitored` (weights in `module`)."""
         self.observe_state(entry, monitored, lambda: _state_copy(module), patience_applies=patience_applies)
 

@@ -10,8 +10,9 @@ import numpy as np
 from codec.runtime.evaluation.stats import Task, paired_comparison, quality_ci
 
 
-def select_members(val_curve: Sequence[float], task: Task, min_gain: float, max_members: int,
-                   patience: int = 2) -> tuple[int, str, bool]:
+def select_members(
+    val_curve: Sequence[float], task: Task, min_gain: float, max_members: int, patience: int = 2
+) -> tuple[int, str, bool]:
     """N_baseline from the validation curve: early stopping over the ensemble's size. Starting from two
     members, N is the size of the best ensemble so far, where a member only counts as better when it gains
     at least `min_gain` (accuracy, absolute; MSE: relative decrease) over that best; growing stops once
@@ -30,11 +31,14 @@ def select_members(val_curve: Sequence[float], task: Task, min_gain: float, max_
             continue
         bad += 1
         if bad >= patience:
-            return best_k, f"members {k - patience + 1}..{k} each gained < {min_gain:g} over {best_k} members on validation", True
+            return (
+                best_k,
+                f"members {k - patience + 1}..{k} each gained < {min_gain:g} over {best_k} members on validation",
+                True,
+            )
     if len(curve) >= max_members:
         return best_k, f"max members ({max_members}) reached; best on validation at {best_k}", True
     return best_k, f"{len(curve)} members trained; best on validation at {best_k}", False
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,10 +72,15 @@ class Arm:
         return len(self.members)
 
     def prefix(self, k: int) -> Arm:
-        return Arm(self.name, self.members[:k], self.cumulative_seconds[:k], self.cumulative_work[:k],
-                   self.stored_parameters[:k], self.val[:k], self.test[:k])
-
-
+        return Arm(
+            self.name,
+            self.members[:k],
+            self.cumulative_seconds[:k],
+            self.cumulative_work[:k],
+            self.stored_parameters[:k],
+            self.val[:k],
+            self.test[:k],
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -82,13 +91,33 @@ class Arm:
 def _curve_points(task: Task, arm: Arm, val_target, test_target, start: int = 1) -> list[dict]:
     val = task.curve(arm.val, val_target)
     test = task.curve(arm.test, test_target)
-    return [{"k": k, "seconds": float(arm.cumulative_seconds[k - 1]), "work": float(arm.cumulative_work[k - 1]),
-             "stored_parameters": int(arm.stored_parameters[k - 1]), "val": float(val[k - 1]), "test": float(test[k - 1])}
-            for k in range(start, len(arm) + 1)]
+    return [
+        {
+            "k": k,
+            "seconds": float(arm.cumulative_seconds[k - 1]),
+            "work": float(arm.cumulative_work[k - 1]),
+            "stored_parameters": int(arm.stored_parameters[k - 1]),
+            "val": float(val[k - 1]),
+            "test": float(test[k - 1]),
+        }
+        for k in range(start, len(arm) + 1)
+    ]
 
 
-def analyse_seed(task: Task, baseline: Arm, n_baseline: int, code: Arm, val_target, test_target, *,
-                 tp_dnn: int, csn_parameters: int, tp_codedn: int, n_boot: int, seed: int = 0) -> dict:
+def analyse_seed(
+    task: Task,
+    baseline: Arm,
+    n_baseline: int,
+    code: Arm,
+    val_target,
+    test_target,
+    *,
+    tp_dnn: int,
+    csn_parameters: int,
+    tp_codedn: int,
+    n_boot: int,
+    seed: int = 0,
+) -> dict:
     """Table 1 and Table 2 analogues for one replicate (see the module docstring)."""
     from codec.runtime.evaluation.metrics import memory_footprint
 
@@ -101,11 +130,16 @@ def analyse_seed(task: Task, baseline: Arm, n_baseline: int, code: Arm, val_targ
 
     def code_at(k: int) -> dict:
         per = task.per_example(code.test[:k], test_target)
-        return {"k": k, "seconds": float(code.cumulative_seconds[k - 1]), "work": float(code.cumulative_work[k - 1]),
-                "val": float(code_val[k - 1]), "test": quality_ci(per, n_boot, seed),
-                "vs_baseline": paired_comparison(task, per, base_test, n_boot, seed),
-                "stored_parameters": int(code.stored_parameters[k - 1]),
-                "memory_footprint": float(code.stored_parameters[k - 1]) / (n_baseline * tp_dnn)}
+        return {
+            "k": k,
+            "seconds": float(code.cumulative_seconds[k - 1]),
+            "work": float(code.cumulative_work[k - 1]),
+            "val": float(code_val[k - 1]),
+            "test": quality_ci(per, n_boot, seed),
+            "vs_baseline": paired_comparison(task, per, base_test, n_boot, seed),
+            "stored_parameters": int(code.stored_parameters[k - 1]),
+            "memory_footprint": float(code.stored_parameters[k - 1]) / (n_baseline * tp_dnn),
+        }
 
     reach = next((k for k in range(2, len(code) + 1) if task.reaches(code_val[k - 1], target)), None)
     k_m = reach or len(code)
@@ -123,7 +157,9 @@ def analyse_seed(task: Task, baseline: Arm, n_baseline: int, code: Arm, val_targ
         "time_fraction_all_members": float(code.cumulative_seconds[-1]) / base_seconds,
         "memory_footprint": float(code.stored_parameters[k_m - 1]) / (n_baseline * tp_dnn),
         "memory_footprint_at": k_m,
-        "memory_footprint_formula": memory_footprint(int(tp_dnn), int(k_m), int(tp_codedn), int(csn_parameters), int(n_baseline)),
+        "memory_footprint_formula": memory_footprint(
+            int(tp_dnn), int(k_m), int(tp_codedn), int(csn_parameters), int(n_baseline)
+        ),
     }
     within = [k for k in range(2, len(code) + 1) if code.cumulative_seconds[k - 1] <= base_seconds]
     k_budget = max(within) if within else None
@@ -138,11 +174,23 @@ def analyse_seed(task: Task, baseline: Arm, n_baseline: int, code: Arm, val_targ
     return {"table1": table1, "table2": table2}
 
 
-def analyse_against(task: Task, baseline: Arm, k_base: int, other_test: np.ndarray, test_target, n_boot: int,
-                    seed: int = 0, per_example: np.ndarray | None = None) -> dict:
+def analyse_against(
+    task: Task,
+    baseline: Arm,
+    k_base: int,
+    other_test: np.ndarray,
+    test_target,
+    n_boot: int,
+    seed: int = 0,
+    per_example: np.ndarray | None = None,
+) -> dict:
     """Test quality of another ensemble (its member outputs, or its per-example scores) paired with the
     baseline's first `k_base` members."""
     per = per_example if per_example is not None else task.per_example(other_test, test_target)
     base = task.per_example(baseline.test[:k_base], test_target)
-    return {"test": quality_ci(per, n_boot, seed), "baseline_members": k_base,
-            "baseline_test": quality_ci(base, n_boot, seed), "vs_baseline": paired_comparison(task, per, base, n_boot, seed)}
+    return {
+        "test": quality_ci(per, n_boot, seed),
+        "baseline_members": k_base,
+        "baseline_test": quality_ci(base, n_boot, seed),
+        "vs_baseline": paired_comparison(task, per, base, n_boot, seed),
+    }

@@ -59,7 +59,17 @@ def _train_independent(ctx: _Context, name: str, seed: int) -> tuple[dict, objec
     module = ctx.recipe.build(d.input_shape, d.num_outputs, seed=seed)
     checkpoint = ctx.work / "checkpoints" / f"{name}.ckpt"
     checkpoint.unlink(missing_ok=True)
-    result = train_member(module, d.x_train, d.y_train, d.x_val, d.y_val, config, checkpoint_path=checkpoint, resume=False, desc=name)
+    result = train_member(
+        module,
+        d.x_train,
+        d.y_train,
+        d.x_val,
+        d.y_val,
+        config,
+        checkpoint_path=checkpoint,
+        resume=False,
+        desc=name,
+    )
     checkpoint.unlink(missing_ok=True)
     return {"name": name, **member_facts(result, seed, parameters=True)}, result.module
 
@@ -106,20 +116,37 @@ def run_baseline(ctx: _Context, replicate: int, need: int) -> BaselineRun:
             part = export_onnx(module, ctx.work / f"{role}.onnx.part", d.input_shape, task=ctx.recipe.task)
             blob = part.read_bytes()
             part.unlink()
-            onnx[role] = ({"path": f"members/{role}.onnx", **{k: v for k, v in facts.items() if k != "name"},
-                           "reused_from": f"baseline {name}"}, blob)
+            onnx[role] = (
+                {
+                    "path": f"members/{role}.onnx",
+                    **{k: v for k, v in facts.items() if k != "name"},
+                    "reused_from": f"baseline {name}",
+                },
+                blob,
+            )
         if len(members) >= 2:
             curve = task.curve(np.stack(val), d.target("val"))
-            stopped = stopped or select_members(curve, task, min_gain, bench.max_members, bench.size_patience)[2]
+            stopped = (
+                stopped or select_members(curve, task, min_gain, bench.max_members, bench.size_patience)[2]
+            )
             if stopped and len(members) >= need:
                 break
     val_stack, test_stack = np.stack(val), np.stack(test)
-    n, why, _ = select_members(task.curve(val_stack, d.target("val")), task, min_gain, bench.max_members, bench.size_patience)
+    n, why, _ = select_members(
+        task.curve(val_stack, d.target("val")), task, min_gain, bench.max_members, bench.size_patience
+    )
     macs = layer_macs(lift(onnx["main"][1], name="main"))
     work = [training_work(macs, m["epochs"], len(d.x_train), len(d.x_val), cached=False) for m in members]
     params = members[0]["parameters"]
-    arm = Arm("baseline", members, np.cumsum([m["train_seconds"] for m in members]), np.cumsum(work),
-              np.array([params * k for k in range(1, len(members) + 1)]), val_stack, test_stack)
+    arm = Arm(
+        "baseline",
+        members,
+        np.cumsum([m["train_seconds"] for m in members]),
+        np.cumsum(work),
+        np.array([params * k for k in range(1, len(members) + 1)]),
+        val_stack,
+        test_stack,
+    )
     return BaselineRun(arm, n, why, onnx, macs)
 
 
@@ -147,7 +174,9 @@ class CodeRun:
     csn_widths: dict
 
 
-def run_code(ctx: _Context, replicate: int, baseline: BaselineRun, point: SweepPoint, members: int, run_dir: Path) -> CodeRun:
+def run_code(
+    ctx: _Context, replicate: int, baseline: BaselineRun, point: SweepPoint, members: int, run_dir: Path
+) -> CodeRun:
     """One CODE compile seeded with the baseline's main and peer; its members' outputs and prefix costs."""
     from codec.ir import lift
     from codec.pipelines.compile import CompileOptions, compile_ensemble
@@ -155,16 +184,25 @@ def run_code(ctx: _Context, replicate: int, baseline: BaselineRun, point: SweepP
 
     d, bench = ctx.data, ctx.bench
     options = CompileOptions(
-        recipe=ctx.recipe.name, members=members, seed=bench.member_seed(replicate, 0), passes=point.passes,
-        calibration=bench.calibration, grow=GrowOptions(init=point.grow_init, lr_scale=point.grow_lr_scale),
-        keep_main=point.keep_main, train_overrides=ctx.bench.overrides(), data_dir=bench.data_dir,
+        recipe=ctx.recipe.name,
+        members=members,
+        seed=bench.member_seed(replicate, 0),
+        passes=point.passes,
+        calibration=bench.calibration,
+        grow=GrowOptions(init=point.grow_init, lr_scale=point.grow_lr_scale),
+        keep_main=point.keep_main,
+        train_overrides=ctx.bench.overrides(),
+        data_dir=bench.data_dir,
     )
     _seed_compile_run(run_dir, options, baseline.onnx)
     with contextlib.redirect_stdout(sys.stderr):
         report = compile_ensemble(options, run_dir, resume=True, quiet=True)
     state = json.loads((run_dir / "state.json").read_text())["steps"]
     grown = [f"grown_{i}" for i in range(1, members - 1)]
-    files = [run_dir / ("opt/main.onnx" if point.keep_main == "rewritten" else "members/main.onnx"), run_dir / "opt/peer.onnx"]
+    files = [
+        run_dir / ("opt/main.onnx" if point.keep_main == "rewritten" else "members/main.onnx"),
+        run_dir / "opt/peer.onnx",
+    ]
     files += [run_dir / "members" / f"{g}.onnx" for g in grown]
     threads = bench.threads
     val = np.stack([_onnx_outputs(f, d.x_val, threads) for f in files])
@@ -174,26 +212,43 @@ def run_code(ctx: _Context, replicate: int, baseline: BaselineRun, point: SweepP
     t = report["time"]
     seconds = [t["train_main"], t["train_peer"] + t["passes"], *t["grow"]]
     base_members = baseline.arm.members
-    work = [float(baseline.arm.cumulative_work[0]), float(baseline.arm.cumulative_work[1] - baseline.arm.cumulative_work[0])]
+    work = [
+        float(baseline.arm.cumulative_work[0]),
+        float(baseline.arm.cumulative_work[1] - baseline.arm.cumulative_work[0]),
+    ]
     facts = [dict(base_members[0], name="main"), dict(base_members[1], name="peer")]
     for g, epochs in zip(grown, report["epochs"]["grow"]):
         step = state.get(f"train:{g}", {})
         macs = layer_macs(lift(run_dir / "members" / f"{g}.onnx", name=g))
         cached = bool(step.get("csn_cache", False))
         work.append(training_work(macs, epochs, len(d.x_train), len(d.x_val), cached))
-        facts.append({"name": g, "seed": step.get("seed"), "epochs": epochs, "best_epoch": step.get("best_epoch"),
-                      "train_seconds": step.get("train_seconds"), "trainable_parameters": step.get("trainable_parameters"),
-                      "frozen_parameters": step.get("frozen_parameters"), "csn_cache": cached})
+        facts.append(
+            {
+                "name": g,
+                "seed": step.get("seed"),
+                "epochs": epochs,
+                "best_epoch": step.get("best_epoch"),
+                "train_seconds": step.get("train_seconds"),
+                "trainable_parameters": step.get("trainable_parameters"),
+                "frozen_parameters": step.get("frozen_parameters"),
+                "csn_cache": cached,
+            }
+        )
     fused = report["parameters"]["fused_graph"]
     own, shared = fused["members"], fused["shared_layers"]
     stored = [sum(own[:k]) + (fused["csn"] if any(shared[:k]) else 0) for k in range(1, members + 1)]
     rewritten = lift(run_dir / "opt" / "main.onnx", name="main")
     widths = {layer.name: layer.num_neurons for layer in rewritten.hidden_layers()}
-    arm = Arm(point.name if not point.is_default else "code", facts, np.cumsum(seconds), np.cumsum(work),
-              np.array(stored), val, test)
+    arm = Arm(
+        point.name if not point.is_default else "code",
+        facts,
+        np.cumsum(seconds),
+        np.cumsum(work),
+        np.array(stored),
+        val,
+        test,
+    )
     return CodeRun(arm, report, run_dir, files, widths)
-
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,11 +264,13 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
         import torchensemble  # noqa: F401
         from torchensemble import VotingClassifier
     except ImportError as exc:
-        return {"available": False, "why": f"torchensemble is not installed ({exc}); pip install --no-deps torchensemble joblib"}
+        return {
+            "available": False,
+            "why": f"torchensemble is not installed ({exc}); pip install --no-deps torchensemble joblib",
+        }
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
 
     d, config, recipe = ctx.data, ctx.config, ctx.recipe
     seeds = iter([ctx.bench.member_seed(replicate, i) for i in range(n)])
@@ -230,8 +287,12 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
 
     torch.manual_seed(ctx.bench.member_seed(replicate, 0))
     generator = torch.Generator().manual_seed(ctx.bench.member_seed(replicate, 0))
-    train = DataLoader(TensorDataset(torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)), batch_size=config.batch_size,
-                       shuffle=True, generator=generator)
+    train = DataLoader(
+        TensorDataset(torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
     val = DataLoader(TensorDataset(torch.from_numpy(d.x_val), torch.from_numpy(d.y_val)), batch_size=1024)
     model = VotingClassifier(estimator=Member, n_estimators=n, cuda=False)
     if config.optimizer == "adam":
@@ -260,13 +321,22 @@ def run_torchensemble(ctx: _Context, replicate: int, n: int) -> dict:
     with torch.no_grad():
         for est in model.estimators_:
             est.eval()
-            outputs.append(torch.softmax(est(torch.from_numpy(d.x_test)).double(), dim=1).numpy().astype(np.float32))
+            outputs.append(
+                torch.softmax(est(torch.from_numpy(d.x_test)).double(), dim=1).numpy().astype(np.float32)
+            )
     params = sum(p.numel() for p in model.estimators_.parameters())
     import importlib.metadata
 
-    return {"available": True, "version": importlib.metadata.version("torchensemble"), "members": n, "epochs": config.max_epochs,
-            "train_seconds": seconds, "stored_parameters": int(params), "test_outputs": np.stack(outputs),
-            "rule": "soft voting (mean of probabilities); scored here with the benchmark's criterion too"}
+    return {
+        "available": True,
+        "version": importlib.metadata.version("torchensemble"),
+        "members": n,
+        "epochs": config.max_epochs,
+        "train_seconds": seconds,
+        "stored_parameters": int(params),
+        "test_outputs": np.stack(outputs),
+        "rule": "soft voting (mean of probabilities); scored here with the benchmark's criterion too",
+    }
 
 
 def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
@@ -282,13 +352,27 @@ def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
     options = EnsembleOptions(members=n, split=ctx.bench.treenet_split, criterion=ctx.task.criterion)
     overrides = {**ctx.bench.overrides(), "seed": ctx.bench.member_seed(replicate, 0)}
     with contextlib.redirect_stdout(sys.stderr):
-        report = train_ensemble_recipe(ctx.recipe.name, options, out_dir, overrides=overrides, data_dir=ctx.bench.data_dir,
-                                       quiet=True, plot=False)
+        report = train_ensemble_recipe(
+            ctx.recipe.name,
+            options,
+            out_dir,
+            overrides=overrides,
+            data_dir=ctx.bench.data_dir,
+            quiet=True,
+            plot=False,
+        )
     fused = _onnx_outputs(out_dir / "ensemble.onnx", d.x_test, ctx.bench.threads)
     per_example = (fused.argmax(axis=1) == d.y_test).astype(np.float64)
-    return {"available": True, "members": n, "split": ctx.bench.treenet_split, "loss": options.loss,
-            "epochs": report["epochs_run"], "train_seconds": report["times"]["train_seconds"],
-            "stored_parameters": int(report["treenet"]["fused_parameters"]["total_stored"]),
-            "trunk": report["treenet"].get("trunk"), "per_example": per_example,
-            "member_accuracies": report["metrics"]["member_accuracies"],
-            "assignment": report.get("assignment")}
+    return {
+        "available": True,
+        "members": n,
+        "split": ctx.bench.treenet_split,
+        "loss": options.loss,
+        "epochs": report["epochs_run"],
+        "train_seconds": report["times"]["train_seconds"],
+        "stored_parameters": int(report["treenet"]["fused_parameters"]["total_stored"]),
+        "trunk": report["treenet"].get("trunk"),
+        "per_example": per_example,
+        "member_accuracies": report["metrics"]["member_accuracies"],
+        "assignment": report.get("assignment"),
+    }

@@ -53,7 +53,12 @@ class SweepPoint:
 
     @property
     def is_default(self) -> bool:
-        return (self.passes, self.grow_init, self.grow_lr_scale, self.keep_main) == (DEFAULT_PASSES, "random", 1.0, "rewritten")
+        return (self.passes, self.grow_init, self.grow_lr_scale, self.keep_main) == (
+            DEFAULT_PASSES,
+            "random",
+            1.0,
+            "rewritten",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,9 +149,13 @@ class BenchConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ConfigError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
         if self.max_members < 3:
-            raise ConfigError(f"max members must be at least 3 (main, peer and one grown member), got {self.max_members}")
+            raise ConfigError(
+                f"max members must be at least 3 (main, peer and one grown member), got {self.max_members}"
+            )
         if not 2 <= self.sweep_members <= self.max_members:
-            raise ConfigError(f"sweep members must be in [2, max members = {self.max_members}], got {self.sweep_members}")
+            raise ConfigError(
+                f"sweep members must be in [2, max members = {self.max_members}], got {self.sweep_members}"
+            )
         if self.size_patience < 1:
             raise ConfigError(f"size patience must be at least 1, got {self.size_patience}")
         if self.min_gain < 0 or self.min_gain_relative_mse < 0:
@@ -161,7 +170,11 @@ class BenchConfig:
 
         for point in self.sweep:
             parse_pipeline(point.passes)
-            if point.grow_init not in ("random", "main") or point.keep_main not in ("rewritten", "whole") or not point.grow_lr_scale > 0:
+            if (
+                point.grow_init not in ("random", "main")
+                or point.keep_main not in ("rewritten", "whole")
+                or not point.grow_lr_scale > 0
+            ):
                 raise ConfigError(f"sweep point {point.name!r}: bad grow/keep_main options")
 
     def overrides(self) -> dict:

@@ -21,9 +21,18 @@ def layer_macs(net) -> list[dict]:
         else:
             _, oh, ow = shapes[layer.name]
             kh, kw = layer.kernel_shape
-            per_neuron = layer.weight.shape[1] * kh * kw * oh * ow  # a grouped conv's filter reads in/groups channels
-        out.append({"layer": layer.name, "own": (layer.num_neurons - frozen) * per_neuron, "frozen": frozen * per_neuron,
-                    "neurons": layer.num_neurons, "frozen_neurons": frozen})
+            per_neuron = (
+                layer.weight.shape[1] * kh * kw * oh * ow
+            )  # a grouped conv's filter reads in/groups channels
+        out.append(
+            {
+                "layer": layer.name,
+                "own": (layer.num_neurons - frozen) * per_neuron,
+                "frozen": frozen * per_neuron,
+                "neurons": layer.num_neurons,
+                "frozen_neurons": frozen,
+            }
+        )
     return out
 
 

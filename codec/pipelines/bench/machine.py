@@ -21,7 +21,9 @@ from codec.version import __version__
 # --------------------------------------------------------------------------------------------------------
 
 
-def _time_call(fn: Callable[[], object], min_seconds: float = 0.3, min_reps: int = 5, max_reps: int = 2000) -> float:
+def _time_call(
+    fn: Callable[[], object], min_seconds: float = 0.3, min_reps: int = 5, max_reps: int = 2000
+) -> float:
     """Median seconds per call (after one warm-up call), repeating for at least `min_seconds`."""
     fn()
     times = []
@@ -33,7 +35,9 @@ def _time_call(fn: Callable[[], object], min_seconds: float = 0.3, min_reps: int
     return float(np.median(times))
 
 
-def gemm_rates(threads: int | None, sizes: Sequence[tuple[int, int, int]] = ((256, 784, 128), (1024, 1024, 1024))) -> list[dict]:
+def gemm_rates(
+    threads: int | None, sizes: Sequence[tuple[int, int, int]] = ((256, 784, 128), (1024, 1024, 1024))
+) -> list[dict]:
     """Measured float32 GEMM GFLOP/s of numpy (BLAS) and torch at the given (m, k, n) shapes."""
     import torch
 
@@ -50,9 +54,15 @@ def gemm_rates(threads: int | None, sizes: Sequence[tuple[int, int, int]] = ((25
                 b = rng.standard_normal((k, n), dtype=np.float32)
                 ta, tb = torch.from_numpy(a), torch.from_numpy(b)
                 flop = 2.0 * m * k * n
-                out.append({"m": m, "k": k, "n": n,
-                            "numpy_gflops": flop / _time_call(lambda a=a, b=b: a @ b) / 1e9,
-                            "torch_gflops": flop / _time_call(lambda ta=ta, tb=tb: torch.mm(ta, tb)) / 1e9})
+                out.append(
+                    {
+                        "m": m,
+                        "k": k,
+                        "n": n,
+                        "numpy_gflops": flop / _time_call(lambda a=a, b=b: a @ b) / 1e9,
+                        "torch_gflops": flop / _time_call(lambda ta=ta, tb=tb: torch.mm(ta, tb)) / 1e9,
+                    }
+                )
     finally:
         torch.set_num_threads(previous)
     return out
@@ -68,8 +78,14 @@ def _blas_threads(threads: int | None):
     return threadpool_limits(limits=threads)
 
 
-def measure_inference(ensemble: Path, member_files: Sequence[Path], x: np.ndarray, criterion: str, batches: Sequence[int],
-                      threads: int | None) -> dict:
+def measure_inference(
+    ensemble: Path,
+    member_files: Sequence[Path],
+    x: np.ndarray,
+    criterion: str,
+    batches: Sequence[int],
+    threads: int | None,
+) -> dict:
     """Throughput (examples/s) of the fused graph, the members as separate onnxruntime sessions (outputs
     combined with numpy), and a torch loop over the members (same combine), with the FLOP bound."""
     import torch
@@ -118,7 +134,9 @@ def measure_inference(ensemble: Path, member_files: Sequence[Path], x: np.ndarra
                     return fused.run(None, {fused_name: xb})[0]
 
                 def run_separate(xb=xb):
-                    return combine(np.stack([s.run(None, {n: xb})[0] for s, n in zip(sessions, names)]), criterion)
+                    return combine(
+                        np.stack([s.run(None, {n: xb})[0] for s, n in zip(sessions, names)]), criterion
+                    )
 
                 def run_torch(tb=tb):
                     with torch.no_grad():
@@ -126,7 +144,11 @@ def measure_inference(ensemble: Path, member_files: Sequence[Path], x: np.ndarra
 
                 agreement = float(np.max(np.abs(run_fused() - run_separate())))
                 row = {"batch": batch, "max_abs_diff_fused_vs_separate": agreement}
-                for label, fn in (("fused_onnx", run_fused), ("separate_onnx", run_separate), ("torch_loop", run_torch)):
+                for label, fn in (
+                    ("fused_onnx", run_fused),
+                    ("separate_onnx", run_separate),
+                    ("torch_loop", run_torch),
+                ):
                     seconds = _time_call(fn)
                     row[label] = {"seconds_per_batch": seconds, "examples_per_second": batch / seconds}
                 results.append(row)
@@ -136,10 +158,19 @@ def measure_inference(ensemble: Path, member_files: Sequence[Path], x: np.ndarra
     best = max(max(g["numpy_gflops"], g["torch_gflops"]) for g in gemm)
     for row in results:
         row["bound_examples_per_second"] = best * 1e9 / flops
-        row["fused_fraction_of_bound"] = row["fused_onnx"]["examples_per_second"] / row["bound_examples_per_second"]
-    return {"members": len(member_files), "criterion": criterion, "flops_per_example_fused": flops,
-            "flops_per_example_separate": separate_flops, "gemm": gemm, "gemm_best_gflops": best, "threads": threads,
-            "batches": results}
+        row["fused_fraction_of_bound"] = (
+            row["fused_onnx"]["examples_per_second"] / row["bound_examples_per_second"]
+        )
+    return {
+        "members": len(member_files),
+        "criterion": criterion,
+        "flops_per_example_fused": flops,
+        "flops_per_example_separate": separate_flops,
+        "gemm": gemm,
+        "gemm_best_gflops": best,
+        "threads": threads,
+        "batches": results,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -152,8 +183,13 @@ def machine_facts(threads: int | None) -> dict:
     import importlib.metadata as md
     import subprocess
 
-    facts = {"platform": platform.platform(), "python": platform.python_version(), "machine": platform.machine(),
-             "logical_cpus": os.cpu_count(), "threads": threads}
+    facts = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+    }
     with contextlib.suppress(AttributeError):
         facts["cpus_available"] = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError):
@@ -174,11 +210,22 @@ def machine_facts(threads: int | None) -> dict:
     facts["versions"] = versions
     repo = Path(__file__).resolve().parents[1]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         if commit.returncode == 0:
             facts["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10, check=False)
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
             facts["git_dirty"] = bool(dirty.stdout.strip())
     return facts
 

@@ -50,8 +50,15 @@ def _strip_arrays(obj):
     return obj
 
 
-def bench_recipe(recipe_name: str, bench: BenchConfig, work: Path, *, log: Callable[[str], None] = lambda s: None,
-                 keep_runs: bool = False, sweep: bool = True) -> dict:
+def bench_recipe(
+    recipe_name: str,
+    bench: BenchConfig,
+    work: Path,
+    *,
+    log: Callable[[str], None] = lambda s: None,
+    keep_runs: bool = False,
+    sweep: bool = True,
+) -> dict:
     """Run every part of the benchmark for one recipe; returns its JSON-able result. The compile run
     directories are left in `work` (code_<seed>/, sweep_<seed>_<point>/) when `keep_runs`."""
     import torch
@@ -78,33 +85,87 @@ def bench_recipe(recipe_name: str, bench: BenchConfig, work: Path, *, log: Calla
         need = bench.sweep_members if index < sweep_seeds else 2
         base = run_baseline(ctx, replicate, need)
         log(f"{recipe.name} seed {replicate}: CODE with {bench.max_members} members")
-        code = run_code(ctx, replicate, base, SweepPoint("default"), bench.max_members, work / f"code_{replicate}")
+        code = run_code(
+            ctx, replicate, base, SweepPoint("default"), bench.max_members, work / f"code_{replicate}"
+        )
         report = code.report
         tp_dnn = base.arm.members[0]["parameters"]
-        analysis = analyse_seed(task, base.arm, base.n_baseline, code.arm, val_t, test_t, tp_dnn=tp_dnn,
-                                csn_parameters=report["csn"]["parameters"], tp_codedn=report["parameters"]["grown_member_trainable"],
-                                n_boot=bench.n_boot, seed=replicate)
+        analysis = analyse_seed(
+            task,
+            base.arm,
+            base.n_baseline,
+            code.arm,
+            val_t,
+            test_t,
+            tp_dnn=tp_dnn,
+            csn_parameters=report["csn"]["parameters"],
+            tp_codedn=report["parameters"]["grown_member_trainable"],
+            n_boot=bench.n_boot,
+            seed=replicate,
+        )
         consistency = _consistency(task, code.arm, report, test_t)
-        per_seed.append({
-            "seed": replicate,
-            "member_seeds": [m["seed"] for m in base.arm.members],
-            "baseline": {"members": base.arm.members, "n_baseline": base.n_baseline, "why": base.why,
-                         "curve": _curve_points(task, base.arm, val_t, test_t)},
-            "code": {"members": code.arm.members, "curve": _curve_points(task, code.arm, val_t, test_t),
-                     "time": report["time"], "epochs": report["epochs"], "csn": report["csn"], "csn_layer_widths": code.csn_widths,
-                     "parameters": report["parameters"], "memory_footprint_M_all_members": report["memory_footprint_M"],
-                     "passes_fraction": report["time"]["passes_fraction_of_training"], "compile_quality": report["quality"],
-                     "recomputed_vs_compile_max_abs_diff": consistency},
-            **analysis,
-        })
+        per_seed.append(
+            {
+                "seed": replicate,
+                "member_seeds": [m["seed"] for m in base.arm.members],
+                "baseline": {
+                    "members": base.arm.members,
+                    "n_baseline": base.n_baseline,
+                    "why": base.why,
+                    "curve": _curve_points(task, base.arm, val_t, test_t),
+                },
+                "code": {
+                    "members": code.arm.members,
+                    "curve": _curve_points(task, code.arm, val_t, test_t),
+                    "time": report["time"],
+                    "epochs": report["epochs"],
+                    "csn": report["csn"],
+                    "csn_layer_widths": code.csn_widths,
+                    "parameters": report["parameters"],
+                    "memory_footprint_M_all_members": report["memory_footprint_M"],
+                    "passes_fraction": report["time"]["passes_fraction_of_training"],
+                    "compile_quality": report["quality"],
+                    "recomputed_vs_compile_max_abs_diff": consistency,
+                },
+                **analysis,
+            }
+        )
         if index < sweep_seeds:
             k = bench.sweep_members
             default = code.arm.prefix(k)
-            sweep.append(_sweep_row(task, SweepPoint("default"), default, base, report, code.csn_widths, val_t, test_t, bench, replicate))
+            sweep.append(
+                _sweep_row(
+                    task,
+                    SweepPoint("default"),
+                    default,
+                    base,
+                    report,
+                    code.csn_widths,
+                    val_t,
+                    test_t,
+                    bench,
+                    replicate,
+                )
+            )
             for point in sweep_points:
                 log(f"{recipe.name} seed {replicate}: sweep {point.name}")
-                run = run_code(ctx, replicate, base, point, k, work / f"sweep_{replicate}_{_slug(point.name)}")
-                sweep.append(_sweep_row(task, point, run.arm, base, run.report, run.csn_widths, val_t, test_t, bench, replicate))
+                run = run_code(
+                    ctx, replicate, base, point, k, work / f"sweep_{replicate}_{_slug(point.name)}"
+                )
+                sweep.append(
+                    _sweep_row(
+                        task,
+                        point,
+                        run.arm,
+                        base,
+                        run.report,
+                        run.csn_widths,
+                        val_t,
+                        test_t,
+                        bench,
+                        replicate,
+                    )
+                )
                 if not keep_runs:
                     shutil.rmtree(run.run_dir, ignore_errors=True)
         if bench.compare and data.classify and index < bench.compare_seeds:
@@ -115,27 +176,49 @@ def bench_recipe(recipe_name: str, bench: BenchConfig, work: Path, *, log: Calla
             if te["available"]:
                 outputs = te.pop("test_outputs")
                 te["criterion"] = analyse_against(task, base.arm, n, outputs, test_t, bench.n_boot, replicate)
-                te["soft_voting"] = analyse_against(task, base.arm, n, None, test_t, bench.n_boot, replicate,
-                                                    per_example=(np.mean(outputs, axis=0).argmax(axis=1) == test_t).astype(np.float64))
+                te["soft_voting"] = analyse_against(
+                    task,
+                    base.arm,
+                    n,
+                    None,
+                    test_t,
+                    bench.n_boot,
+                    replicate,
+                    per_example=(np.mean(outputs, axis=0).argmax(axis=1) == test_t).astype(np.float64),
+                )
             row["torchensemble"] = te
             tn = run_treenet(ctx, replicate, n)
             if tn["available"]:
                 per = tn.pop("per_example")
-                tn.update(analyse_against(task, base.arm, n, None, test_t, bench.n_boot, replicate, per_example=per))
+                tn.update(
+                    analyse_against(task, base.arm, n, None, test_t, bench.n_boot, replicate, per_example=per)
+                )
                 if assignment is None and tn.get("assignment"):
                     assignment = {"source": f"TreeNet, seed {replicate}", **tn["assignment"]}
             row["treenet"] = tn
-            row["baseline"] = {"train_seconds": float(base.arm.cumulative_seconds[n - 1]), "stored_parameters": int(base.arm.stored_parameters[n - 1]),
-                               "test": quality_ci(task.per_example(base.arm.test[:n], test_t), bench.n_boot, replicate)}
+            row["baseline"] = {
+                "train_seconds": float(base.arm.cumulative_seconds[n - 1]),
+                "stored_parameters": int(base.arm.stored_parameters[n - 1]),
+                "test": quality_ci(task.per_example(base.arm.test[:n], test_t), bench.n_boot, replicate),
+            }
             k_code = analysis["table1"]["n_code"] or len(code.arm)
-            row["code"] = {"members": k_code, "train_seconds": float(code.arm.cumulative_seconds[k_code - 1]),
-                           "stored_parameters": int(code.arm.stored_parameters[k_code - 1]),
-                           **analyse_against(task, base.arm, n, code.arm.test[:k_code], test_t, bench.n_boot, replicate)}
+            row["code"] = {
+                "members": k_code,
+                "train_seconds": float(code.arm.cumulative_seconds[k_code - 1]),
+                "stored_parameters": int(code.arm.stored_parameters[k_code - 1]),
+                **analyse_against(task, base.arm, n, code.arm.test[:k_code], test_t, bench.n_boot, replicate),
+            }
             comparisons.append(row)
         if bench.inference and index == 0:
             log(f"{recipe.name} seed {replicate}: fused inference throughput")
-            inference = measure_inference(code.run_dir / "ensemble.onnx", code.member_files, data.x_test, task.criterion,
-                                          bench.inference_batches, bench.threads)
+            inference = measure_inference(
+                code.run_dir / "ensemble.onnx",
+                code.member_files,
+                data.x_test,
+                task.criterion,
+                bench.inference_batches,
+                bench.threads,
+            )
         if not keep_runs:
             shutil.rmtree(code.run_dir, ignore_errors=True)
     result = {
@@ -171,13 +254,17 @@ def _slug(name: str) -> str:
 def _consistency(task: Task, arm: Arm, report: dict, test_target) -> float:
     """Our recomputed test curve of the CODE members against compile's own evaluation (should be ~0)."""
     ours = task.curve(arm.test, test_target)
-    theirs = report["quality"].get("cumulative_accuracy" if task.kind == "classification" else "cumulative_mse")
+    theirs = report["quality"].get(
+        "cumulative_accuracy" if task.kind == "classification" else "cumulative_mse"
+    )
     if theirs is None or len(theirs) != len(ours):
         return float("nan")
     return float(np.max(np.abs(ours - np.asarray(theirs))))
 
 
-def _sweep_row(task, point, arm: Arm, base: BaselineRun, report, widths, val_t, test_t, bench, replicate) -> dict:
+def _sweep_row(
+    task, point, arm: Arm, base: BaselineRun, report, widths, val_t, test_t, bench, replicate
+) -> dict:
     k = len(arm)
     k_base = min(k, len(base.arm))
     per = task.per_example(arm.test, test_t)
@@ -217,7 +304,12 @@ def summarise_recipe(per_seed: list[dict], n_boot: int) -> dict:
 
     t1 = lambda s: s["table1"]
     t2 = lambda s: s["table2"]
-    budget_verdicts = [t2(s)["at_budget"]["vs_baseline"]["verdict"] if t2(s)["at_budget"] else "no CODE ensemble within budget" for s in per_seed]
+    budget_verdicts = [
+        t2(s)["at_budget"]["vs_baseline"]["verdict"]
+        if t2(s)["at_budget"]
+        else "no CODE ensemble within budget"
+        for s in per_seed
+    ]
     return {
         "n_baseline": summarise(col(lambda s: t1(s)["n_baseline"]), n_boot),
         "n_code": summarise(col(lambda s: t1(s)["n_code"]), n_boot),
@@ -237,8 +329,12 @@ def summarise_recipe(per_seed: list[dict], n_boot: int) -> dict:
         "code_unbounded_test": summarise(col(lambda s: t2(s)["unbounded"]["test"]["value"]), n_boot),
         "code_unbounded_diff": summarise(col(lambda s: t2(s)["unbounded"]["vs_baseline"]["diff"]), n_boot),
         "code_unbounded_verdicts": [t2(s)["unbounded"]["vs_baseline"]["verdict"] for s in per_seed],
-        "baseline_member_epochs": summarise([m["epochs"] for s in per_seed for m in s["baseline"]["members"]], n_boot),
-        "grown_member_epochs": summarise([m["epochs"] for s in per_seed for m in s["code"]["members"][2:]], n_boot),
+        "baseline_member_epochs": summarise(
+            [m["epochs"] for s in per_seed for m in s["baseline"]["members"]], n_boot
+        ),
+        "grown_member_epochs": summarise(
+            [m["epochs"] for s in per_seed for m in s["code"]["members"][2:]], n_boot
+        ),
     }
 
 
@@ -269,8 +365,14 @@ def headline(result: dict) -> dict:
     }
 
 
-def run_bench(bench: BenchConfig, out_dir: str | os.PathLike, *, command: str, work_dir: str | os.PathLike | None = None,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+def run_bench(
+    bench: BenchConfig,
+    out_dir: str | os.PathLike,
+    *,
+    command: str,
+    work_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
     """Run the benchmark; writes ``<out_dir>/<recipe>.json`` per recipe and the index ``bench.json``.
 
     Compile runs and checkpoints go to `work_dir` and stay there (``<recipe>/code_<seed>/`` ...) when it is
@@ -290,7 +392,14 @@ def run_bench(bench: BenchConfig, out_dir: str | os.PathLike, *, command: str, w
     files, headlines = {}, []
     try:
         for position, name in enumerate(bench.recipes):
-            result = bench_recipe(name, bench, work / name, log=log, keep_runs=not own_work, sweep=position < bench.sweep_recipes)
+            result = bench_recipe(
+                name,
+                bench,
+                work / name,
+                log=log,
+                keep_runs=not own_work,
+                sweep=position < bench.sweep_recipes,
+            )
             result.update(command=command, machine=machine, config=bench.to_dict())
             path = out / f"{result['recipe']}.json"
             write_json_atomic(path, result)
