@@ -544,7 +544,8 @@ def print_summary(record: dict, args) -> None:
             print(row + (f"   {speed:.2f}x" if speed else ""))
         single = config["single"]["median_epoch_seconds"]
         print(
-            f"{recipe_name:14s}   1 engine {single['engine_k1']:.4f}  hand-written {single['handwritten_k1']:.4f}"
+            f"{recipe_name:14s}   1 engine {single['engine_k1']:.4f}  hand-written "
+            f"{single['handwritten_k1']:.4f}"
             f"  ratio {config['single']['ratio_engine_vs_handwritten']:.3f}"
         )
     print("\nper-step breakdown (ms): gather / forward+loss / backward / optimizer")
@@ -558,15 +559,18 @@ def print_summary(record: dict, args) -> None:
     if "compile" in record:
         c = record["compile"]
         print(
-            f"\ncodec compile {c['recipe']} ({c['members']} members): {c['compile']['seconds']:.1f} s, accuracy "
-            f"{c['compile']['accuracy']:.4f}; baseline of {c['members']} separate runs: {c['baseline']['seconds']:.1f} s,"
+            f"\ncodec compile {c['recipe']} ({c['members']} members): {c['compile']['seconds']:.1f} s, "
+            "accuracy "
+            f"{c['compile']['accuracy']:.4f}; baseline of {c['members']} separate runs: "
+            f"{c['baseline']['seconds']:.1f} s,"
             f" accuracy {c['baseline']['accuracy']:.4f}; reached the baseline's quality: "
             f"{c['compile_reached_baseline_quality']}"
         )
     print()
     for name, value in record["targets"].items():
         print(
-            f"{'met   ' if value['met'] else 'MISSED'} {name}: {json.dumps({k: v for k, v in value.items() if k != 'met'})}"
+            f"{'met   ' if value['met'] else 'MISSED'} {name}: "
+            f"{json.dumps({k: v for k, v in value.items() if k != 'met'})}"
         )
 
 

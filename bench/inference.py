@@ -1,9 +1,9 @@
 """Inference throughput of the fused ensemble: packed graph vs per-member graph vs N separate sessions.
 
-N = 10 members of one MLP architecture (by default, one after the other, `classifier_m`'s 784-512-256-128-64-10
-and `classifier_s`'s 784-128-96-64-32-10 on a (1, 28, 28) input; random weights: inference cost does not
-depend on training), three arms and a bound, each arm onnxruntime with the same intra-op threads (the
-providers `codec.runtime.execution.session` picks, recorded):
+N = 10 members of one MLP architecture (by default, one after the other, `classifier_m`'s
+784-512-256-128-64-10 and `classifier_s`'s 784-128-96-64-32-10 on a (1, 28, 28) input; random weights:
+inference cost does not depend on training), three arms and a bound, each arm onnxruntime with the same
+intra-op threads (the providers `codec.runtime.execution.session` picks, recorded):
   * ``fused_packed``: `emit_ensemble(..., packed=True)`: the first layer of all members one Gemm over
     concatenated rows, deeper layers one grouped 1x1 Conv each (see ir/ensemble.py);
   * ``fused_unpacked``: `emit_ensemble(..., packed=False)`: each member's own nodes in one graph;
@@ -285,11 +285,15 @@ def run(config: dict, hidden: list[int], threads: int, criterion: str, seed: int
         rows.append(row)
         fastest = {label: batch / row[label]["seconds_per_batch_min"] for label in arms}
         print(
-            f"batch {batch}: median (fastest repeat) examples/s: packed {row['fused_packed']['examples_per_second']:.0f} "
+            f"batch {batch}: median (fastest repeat) examples/s: packed "
+            f"{row['fused_packed']['examples_per_second']:.0f} "
             f"({fastest['fused_packed']:.0f}), unpacked {row['fused_unpacked']['examples_per_second']:.0f} "
-            f"({fastest['fused_unpacked']:.0f}), separate {row['separate']['examples_per_second']:.0f} ({fastest['separate']:.0f}); "
-            f"packed/separate {row['packed_speedup_vs_separate']:.2f}x (CPU time {row['cpu_packed_speedup_vs_separate']:.2f}x), "
-            f"packed/unpacked {row['packed_speedup_vs_unpacked']:.2f}x (CPU time {row['cpu_packed_speedup_vs_unpacked']:.2f}x), "
+            f"({fastest['fused_unpacked']:.0f}), separate {row['separate']['examples_per_second']:.0f} "
+            f"({fastest['separate']:.0f}); "
+            f"packed/separate {row['packed_speedup_vs_separate']:.2f}x (CPU time "
+            f"{row['cpu_packed_speedup_vs_separate']:.2f}x), "
+            f"packed/unpacked {row['packed_speedup_vs_unpacked']:.2f}x (CPU time "
+            f"{row['cpu_packed_speedup_vs_unpacked']:.2f}x), "
             f"packed time / FLOP bound {row['packed_over_bound']:.2f}",
             file=sys.stderr,
         )
@@ -339,7 +343,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help=f"the small config {SMOKE} (to validate the script on a busy machine); the result is labelled smoke",
+        help=(
+            f"the small config {SMOKE} (to validate the script on a busy machine); the result is labelled "
+            "smoke"
+        ),
     )
     parser.add_argument("--members", type=int, help=f"members N (default {FULL['members']})")
     parser.add_argument(

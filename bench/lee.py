@@ -1,8 +1,8 @@
 """Benchmark: Lee et al., "Why M Heads are Better than One" (arXiv 1511.06314), on codec's coupled ensembles.
 
 Trains M = 4 member ensembles of the `classifier_s` MLP (784-128-96-64-32-10) on the bundled MNIST subset
-(`mnist_small`) with `codec.pipelines.train_ensemble.train_ensemble_recipe`, several seeds per configuration, and
-checks the paper's qualitative findings:
+(`mnist_small`) with `codec.pipelines.train_ensemble.train_ensemble_recipe`, several seeds per configuration,
+and checks the paper's qualitative findings:
 
 1. MCL with k = 1 raises the oracle accuracy far above a standard (independently trained, random-init)
    ensemble, while the members' own accuracy drops (each member specialises on a few classes);
@@ -59,7 +59,9 @@ CONFIGS: dict[str, dict] = {
 
 # The two bagged configurations, as the findings describe them.
 BAGGED = {
-    "bagging+random": "bagging on top of random initialisation (each member its own initialisation and bootstrap sample)",
+    "bagging+random": (
+        "bagging on top of random initialisation (each member its own initialisation and bootstrap sample)"
+    ),
     "bagging": "bagging alone (one initialisation, a bootstrap sample per member)",
 }
 
@@ -179,7 +181,8 @@ def findings(runs: list[dict], summary: dict) -> list[dict]:
         error_std, error_mcl = 1 - mean("standard", "oracle_accuracy"), 1 - mean("mcl_k1", "oracle_accuracy")
         add(
             "MCL (k=1) raises oracle accuracy far above the standard ensemble",
-            f"oracle {mean('mcl_k1', 'oracle_accuracy'):.4f} vs {mean('standard', 'oracle_accuracy'):.4f} (oracle "
+            f"oracle {mean('mcl_k1', 'oracle_accuracy'):.4f} vs "
+            f"{mean('standard', 'oracle_accuracy'):.4f} (oracle "
             f"error {error_mcl:.4f} vs {error_std:.4f}: {error_std / max(error_mcl, 1e-12):.2f}x fewer)",
             paired(runs, "mcl_k1", "standard", "oracle_accuracy"),
             +1,
@@ -195,7 +198,8 @@ def findings(runs: list[dict], summary: dict) -> list[dict]:
         if {bagged, "standard"} <= set(summary):
             add(
                 f"bagging lowers ensemble-mean accuracy vs random initialisation: {what}",
-                f"ensemble-mean accuracy {mean(bagged, 'accuracy'):.4f} vs {mean('standard', 'accuracy'):.4f}",
+                f"ensemble-mean accuracy {mean(bagged, 'accuracy'):.4f} vs "
+                f"{mean('standard', 'accuracy'):.4f}",
                 paired(runs, bagged, "standard", "accuracy"),
                 -1,
             )
@@ -215,10 +219,13 @@ def findings(runs: list[dict], summary: dict) -> list[dict]:
             )
     if {"treenet_fc1", "standard"} <= set(summary):
         add(
-            "(context) a TreeNet sharing only the lowest layer is within 0.5 points of the independent ensemble, "
+            "(context) a TreeNet sharing only the lowest layer is within 0.5 points of the independent "
+            "ensemble, "
             "with fewer parameters",
-            f"ensemble-mean accuracy {mean('treenet_fc1', 'accuracy'):.4f} vs {mean('standard', 'accuracy'):.4f}, "
-            f"{summary['treenet_fc1']['parameters_stored']} vs {summary['standard']['parameters_stored']} parameters",
+            f"ensemble-mean accuracy {mean('treenet_fc1', 'accuracy'):.4f} vs "
+            f"{mean('standard', 'accuracy'):.4f}, "
+            f"{summary['treenet_fc1']['parameters_stored']} vs "
+            f"{summary['standard']['parameters_stored']} parameters",
             paired(runs, "treenet_fc1", "standard", "accuracy"),
             +1,
             margin=0.005,
@@ -259,7 +266,8 @@ def main() -> int:
             runs.append(result)
             print(
                 f"{result['config']:<18} seed {result['seed']}: acc {result['accuracy']:.4f} "
-                f"(mean logits {result['logit_mean_accuracy']:.4f}) oracle {result['oracle_accuracy']:.4f} member {result['mean_member_accuracy']:.4f} "
+                f"(mean logits {result['logit_mean_accuracy']:.4f}) oracle "
+                f"{result['oracle_accuracy']:.4f} member {result['mean_member_accuracy']:.4f} "
                 f"({result['epochs_run']} epochs, {result['train_seconds']:.1f} s)",
                 flush=True,
             )
@@ -276,7 +284,8 @@ def main() -> int:
             "n_test": runs[0]["n_test"] if runs else None,
             "members": args.members,
             "max_epochs": args.epochs,
-            "training": "recipe defaults: Adam lr 1e-3, batch 64, early stopping patience 5 on the validation "
+            "training": "recipe defaults: Adam lr 1e-3, batch 64, early stopping patience 5 on the "
+            "validation "
             "objective, best weights restored",
             "criterion": "mean (ensemble-mean of member probabilities)",
             "seeds": args.seeds,

@@ -127,7 +127,8 @@ def _interrupted(args) -> int:
 
 def run() -> None:
     """The `codec` console script and `python -m codec`: `main`, then exit with its status. A torchrun
-    worker (`--nproc`) exits through `codec.runtime.training.distributed.exit_process`, whatever happened (see there)."""
+    worker (`--nproc`) exits through `codec.runtime.training.distributed.exit_process`, whatever happened (see
+    there)."""
     from codec.runtime.training.distributed import current, exit_process
 
     if not current().distributed:

@@ -9,7 +9,8 @@ The fused graph has four stages:
    are computed, from the member's full previous layer h_{l-1}, and h_l = Concat(csn_l, own_l) on the
    neuron axis; the member's structural layers (Pool, Flatten) then run on h_l as usual. Concat commutes
    with both (Pool is per channel, Flatten is channel-major), so this is exactly the member's function;
-4. **collect**: the members' outputs combined per criterion, matching `codec.runtime.evaluation.metrics.combine`:
+4. **collect**: the members' outputs combined per criterion, matching
+   `codec.runtime.evaluation.metrics.combine`:
    - ``prod``: Sum of Log(Max(p_i, eps)), minus the row maximum, Exp, divided by the row sum;
    - ``mean``: Mean of the p_i;
    - ``vote``: Mean of OneHot(ArgMax(p_i)) (ArgMax with select_last_index=0: a member's own ties go to
@@ -60,7 +61,8 @@ Precision: the graph computes in float32, `combine` in float64. For prod this ma
   vote agree to ~1e-7). `precision="float64"` runs the prod stage in double with combine's own clip
   (agreement ~3e-8: the final cast to float32).
 
-Members may be chains or DAGs (residual Adds, Concats: `_emit_dag_member`), with the same input shape and the same output shape; classifiers must output
+Members may be chains or DAGs (residual Adds, Concats: `_emit_dag_member`), with the same input shape and the
+same output shape; classifiers must output
 probabilities (a softmax or sigmoid output layer), because every criterion combines probabilities.
 """
 
@@ -128,20 +130,23 @@ def _frozen_prefix(member: NetworkIR) -> list[int]:
         k = int(frozen.sum())
         if k and not frozen[:k].all():
             raise ShapeError(
-                f"member {member.name!r}: the frozen-shared neurons of layer {layer.name!r} are not its leading "
+                f"member {member.name!r}: the frozen-shared neurons of layer {layer.name!r} are not "
+                "its leading "
                 "neurons (a sharing layer is [CSN neurons] ++ [own neurons])"
             )
         sizes.append(k)
     if sizes and sizes[-1]:
         raise ShapeError(
-            f"member {member.name!r}: its output layer {member.compute_layers()[-1].name!r} has frozen-shared neurons"
+            f"member {member.name!r}: its output layer {member.compute_layers()[-1].name!r} has "
+            "frozen-shared neurons"
         )
     hidden = sizes[:-1]
     depth = next((i for i, k in enumerate(hidden) if k == 0), len(hidden))
     if any(hidden[depth:]):
         later = member.hidden_layers()[depth + next(i for i, k in enumerate(hidden[depth:]) if k)]
         raise ShapeError(
-            f"member {member.name!r}: layer {later.name!r} has frozen-shared neurons but an earlier layer has none "
+            f"member {member.name!r}: layer {later.name!r} has frozen-shared neurons but an earlier "
+            "layer has none "
             "(the CSN shares leading layers only)"
         )
     return hidden[:depth]
@@ -195,28 +200,33 @@ def check_shares_csn(member: NetworkIR, csn: NetworkIR) -> int:
     csn_compute = csn.compute_layers()
     if depth > len(csn_compute):
         raise ShapeError(
-            f"member {member.name!r} has frozen-shared neurons in {depth} layers but the CSN has {len(csn_compute)}"
+            f"member {member.name!r} has frozen-shared neurons in {depth} layers but the CSN has "
+            f"{len(csn_compute)}"
         )
     if tuple(member.input_shape) != tuple(csn.input_shape):
         raise ShapeError(
-            f"member {member.name!r} takes input {list(member.input_shape)} but the CSN takes {list(csn.input_shape)}"
+            f"member {member.name!r} takes input {list(member.input_shape)} but the CSN takes "
+            f"{list(csn.input_shape)}"
         )
     member_span = member.layers[: member.index(member.hidden_layers()[depth - 1].name) + 1]
     csn_span = csn.layers[: csn.index(csn_compute[depth - 1].name) + 1]
     if len(member_span) != len(csn_span):
         raise ShapeError(
-            f"member {member.name!r}: its first {depth} shared layers and the CSN's have different structural layers between them"
+            f"member {member.name!r}: its first {depth} shared layers and the CSN's have different "
+            "structural layers between them"
         )
     for mine, theirs in zip(member_span, csn_span):
         if _structure(mine) != _structure(theirs):
             raise ShapeError(
-                f"member {member.name!r}: layer {mine.name!r} differs from CSN layer {theirs.name!r} in kind or settings"
+                f"member {member.name!r}: layer {mine.name!r} differs from CSN layer {theirs.name!r} "
+                "in kind or settings"
             )
     previous_k = None
     for l, (k, layer, shared) in enumerate(zip(sizes, member.hidden_layers(), csn_compute)):
         if k != shared.num_neurons:
             raise ShapeError(
-                f"member {member.name!r}: layer {layer.name!r} has {k} frozen-shared neurons but CSN layer {l} has {shared.num_neurons}"
+                f"member {member.name!r}: layer {layer.name!r} has {k} frozen-shared neurons but CSN "
+                f"layer {l} has {shared.num_neurons}"
             )
         rows = layer.weight[:k]
         if previous_k is None:
@@ -228,20 +238,24 @@ def check_shares_csn(member: NetworkIR, csn: NetworkIR) -> int:
             rows[:, csn_columns], shared.weight
         ):
             raise ShapeError(
-                f"member {member.name!r}: the frozen-shared rows of layer {layer.name!r} differ from the CSN's weights"
+                f"member {member.name!r}: the frozen-shared rows of layer {layer.name!r} differ from "
+                "the CSN's weights"
             )
         if np.any(rows[:, other] != 0):
             raise ShapeError(
-                f"member {member.name!r}: frozen-shared neurons of layer {layer.name!r} read non-CSN inputs (non-zero weights)"
+                f"member {member.name!r}: frozen-shared neurons of layer {layer.name!r} read non-CSN "
+                "inputs (non-zero weights)"
             )
         if not np.array_equal(layer.bias[:k], shared.bias):
             raise ShapeError(
-                f"member {member.name!r}: the frozen-shared biases of layer {layer.name!r} differ from the CSN's"
+                f"member {member.name!r}: the frozen-shared biases of layer {layer.name!r} differ from "
+                "the CSN's"
             )
         if layer.activation.kind == "softmax" and k < layer.num_neurons:
             # softmax normalises over all neurons of the layer, so CSN and own parts cannot be computed apart
             raise ShapeError(
-                f"member {member.name!r}: layer {layer.name!r} is a softmax layer only partly shared with the CSN"
+                f"member {member.name!r}: layer {layer.name!r} is a softmax layer only partly shared "
+                "with the CSN"
             )
         previous_k = k
     return depth
@@ -359,11 +373,13 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
             raise ShapeError(f"member {name!r} has no compute layer")
         if tuple(member.input_shape) != tuple(first.input_shape):
             raise ShapeError(
-                f"member {name!r} takes input {list(member.input_shape)} but member {names[0]!r} takes {list(first.input_shape)}"
+                f"member {name!r} takes input {list(member.input_shape)} but member {names[0]!r} takes "
+                f"{list(first.input_shape)}"
             )
         if tuple(member.output_shape) != tuple(first.output_shape):
             raise ShapeError(
-                f"member {name!r} outputs {list(member.output_shape)} but member {names[0]!r} outputs {list(first.output_shape)}"
+                f"member {name!r} outputs {list(member.output_shape)} but member {names[0]!r} outputs "
+                f"{list(first.output_shape)}"
             )
         if task == "classification":
             if len(member.output_shape) != 1:
@@ -373,7 +389,8 @@ def _validate(members, csn, criterion, names, task) -> tuple[str, list[str]]:
             kind = member.compute_layers()[-1].activation.kind
             if kind not in _PROBABILITY_ACTIVATIONS or not is_compute(member.layers[-1]):
                 raise ConfigError(
-                    f"member {name!r} does not output probabilities (its output layer's activation is {kind}); "
+                    f"member {name!r} does not output probabilities (its output layer's activation is "
+                    f"{kind}); "
                     "the ensemble criteria combine probabilities: end classifiers with a softmax"
                 )
     if csn is not None and tuple(csn.input_shape) != tuple(first.input_shape):
@@ -410,7 +427,8 @@ def _emit_member(
     value, l, from_csn = x, 0, True
     for layer in plan.net.layers:
         if not is_compute(layer):
-            # a structural layer on a shared value (e.g. a whole-layer trunk) is the same for every member: compute once
+            # a structural layer on a shared value (e.g. a whole-layer trunk) is the same for every member:
+            # compute once
             value = builder.structural(layer, value, shared_prefix="csn/" if from_csn else None)
             continue
         if l < plan.depth:

@@ -195,7 +195,8 @@ def _check_model(model: ir.Model, where: str) -> None:
         )
     if isinstance(version, bool) or not isinstance(version, int) or not MIN_OPSET <= version <= max_opset():
         raise ModelLoadError(
-            f"{where}the model's ONNX opset is {version}; codec (like onnxruntime) reads opsets {MIN_OPSET} to {max_opset()}"
+            f"{where}the model's ONNX opset is {version}; codec (like onnxruntime) reads opsets "
+            f"{MIN_OPSET} to {max_opset()}"
         )
     seen: set[str] = set()
     for node in model.graph:
@@ -255,7 +256,8 @@ def _check_external_data(model: ir.Model, base_dir: Path, path: Path) -> None:
         needed = (tensor.offset or 0) + max(tensor.length or 0, _declared_nbytes(tensor))
         if needed > target.stat().st_size:
             raise ModelLoadError(
-                f"{path.name}: external data {tensor.location!r} is truncated ({target.stat().st_size} bytes, "
+                f"{path.name}: external data {tensor.location!r} is truncated ({target.stat().st_size} "
+                "bytes, "
                 f"{owner} needs {needed})"
             )
 
@@ -320,7 +322,8 @@ LIFT_CHECK_MAX_VALUES = 1 << 26
 
 
 def lift_check_enabled() -> bool:
-    """Whether `lift` checks parity by default: CODEC_LIFT_CHECK unset, 1, true, yes or on (0/false/no/off skip)."""
+    """Whether `lift` checks parity by default: CODEC_LIFT_CHECK unset, 1, true, yes or on (0/false/no/off
+    skip)."""
     from codec.errors import ConfigError
 
     text = os.environ.get(LIFT_CHECK_ENV, "1").strip().lower()
@@ -400,7 +403,8 @@ def check_lift(net: NetworkIR, original: str | os.PathLike | bytes | ir.Model, e
         raise LiftError(f"the lifted network cannot be run by onnxruntime: {_ort_reason(exc)}") from exc
     if got.shape != expected.shape:
         raise LiftError(
-            f"the lifted network's output has shape {list(got.shape)} but the model's is {list(expected.shape)} "
+            f"the lifted network's output has shape {list(got.shape)} but the model's is "
+            f"{list(expected.shape)} "
             "under onnxruntime; codec would change what the model computes"
         )
     finite = np.abs(expected[np.isfinite(expected)])
@@ -480,7 +484,8 @@ def _load_without_zipmap(source, error: ModelLoadError, notes: list[str]) -> ir.
         graph.output.remove(outputs[node.output[0]])
         graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
         notes.append(
-            f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor {node.input[0]!r} it reads"
+            f"dropped output {node.output[0]!r} (ZipMap: a sequence of maps); lifted the tensor "
+            f"{node.input[0]!r} it reads"
         )
     return load_model(proto.SerializeToString())
 
@@ -592,7 +597,8 @@ class _Lifter:
             if len({id(c) for c in candidates}) != 1:
                 names = ", ".join(repr(v.name) for v in outputs)
                 raise LiftError(
-                    f"the graph has {len(outputs)} outputs ({names}); codec lifts single-output networks, or a "
+                    f"the graph has {len(outputs)} outputs ({names}); codec lifts single-output "
+                    "networks, or a "
                     "classifier with a label output and one float probabilities output"
                 )
             kept = candidates[0]
@@ -641,7 +647,8 @@ class _Lifter:
             )
         if math.prod(rest) > MAX_TENSOR_ELEMENTS:
             raise LiftError(
-                f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond codec's limit"
+                f"input {x.name!r} has shape {x.shape}: {math.prod(rest)} values per example, beyond "
+                "codec's limit"
             )
         return tuple(int(d) for d in rest)
 
@@ -703,7 +710,8 @@ class _Lifter:
         for value in data:
             if id(value) not in self.refs:
                 raise LiftError(
-                    f"it reads {value.name!r}, which is not computed from the network input by a node before it",
+                    f"it reads {value.name!r}, which is not computed from the network input by a node "
+                    "before it",
                     node.name,
                     node.op_type,
                 )
@@ -752,7 +760,8 @@ class _Lifter:
             # Well-formed inline data takes at least 1 byte per 8 bytes of tensor (int64 zeros as varints);
             # a tiny tensor declaring huge dims would make onnx_ir allocate them (4-bit unpacking does).
             raise LiftError(
-                f"its {what} {value.name!r} declares {tensor.size} elements but carries far less data (corrupt file?)",
+                f"its {what} {value.name!r} declares {tensor.size} elements but carries far less data "
+                "(corrupt file?)",
                 node.name,
                 node.op_type,
             )
@@ -839,7 +848,8 @@ class _Lifter:
         return node.outputs[0]
 
     def _layer_name(self, node: ir.Node, fallback: str) -> str:
-        """A readable unique layer name: the weight's module path ("net.1" for "net.1.weight"), else the node's."""
+        """A readable unique layer name: the weight's module path ("net.1" for "net.1.weight"), else the
+        node's."""
         weight = (
             node.inputs[1] if len(node.inputs) > 1 and node.op_type in ("Gemm", "MatMul", "Conv") else None
         )
@@ -873,7 +883,8 @@ class _Lifter:
         if others or value in self.graph.outputs:
             what = f"{others[0].name} ({others[0].op_type})" if others else "the graph output"
             raise LiftError(
-                f"it would be folded into the layer computing {value.name!r}, but {what} reads that value too; "
+                f"it would be folded into the layer computing {value.name!r}, but {what} reads that "
+                "value too; "
                 "codec folds activations and BatchNormalization only into a layer nothing else reads",
                 node.name,
                 node.op_type,
@@ -883,7 +894,8 @@ class _Lifter:
     def _add_dense(self, node: ir.Node, weight: np.ndarray, bias: np.ndarray | None) -> None:
         if len(self.shape) != 1:
             raise LiftError(
-                f"dense layer reads a tensor of shape {list(self.shape)}; flatten it to (batch, features) first",
+                f"dense layer reads a tensor of shape {list(self.shape)}; flatten it to (batch, "
+                "features) first",
                 node.name,
                 node.op_type,
             )
@@ -981,7 +993,8 @@ class _Lifter:
             )
         if weight.shape[1] * groups != self.shape[0] or weight.shape[0] % groups:
             raise LiftError(
-                f"weight of shape {list(weight.shape)} in {groups} groups does not fit {self.shape[0]} input channels",
+                f"weight of shape {list(weight.shape)} in {groups} groups does not fit {self.shape[0]} "
+                "input channels",
                 node.name,
                 node.op_type,
             )
@@ -1007,7 +1020,8 @@ class _Lifter:
         pads = self._ints(node, "pads", (0, 0, 0, 0), 4, 0)
         if self._attrs(node).get("auto_pad", "NOTSET") == "VALID" and any(pads):
             raise LiftError(
-                f"auto_pad=VALID with explicit pads {list(pads)}: onnxruntime ignores the pads but ONNX shape "
+                f"auto_pad=VALID with explicit pads {list(pads)}: onnxruntime ignores the pads but "
+                "ONNX shape "
                 "inference applies them; export with one or the other",
                 node.name,
                 node.op_type,
@@ -1079,7 +1093,8 @@ class _Lifter:
             axis = attrs.get("axis", -1)
             if axis not in (-1, rank - 1) or rank != 2:
                 raise LiftError(
-                    f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature axis of (batch, features)",
+                    f"softmax over axis {axis} of a rank-{rank} tensor; codec supports the feature "
+                    "axis of (batch, features)",
                     node.name,
                     node.op_type,
                 )
@@ -1100,7 +1115,8 @@ class _Lifter:
                 target = before
             elif not activation.monotone:
                 raise LiftError(
-                    f"{activation.kind} after a max pool: it is not monotone, so it cannot be moved onto the layer "
+                    f"{activation.kind} after a max pool: it is not monotone, so it cannot be moved "
+                    "onto the layer "
                     "before the pool (max and the activation do not commute)",
                     node.name,
                     node.op_type,
@@ -1113,7 +1129,8 @@ class _Lifter:
             )
         if target.activation.kind != "identity":
             raise LiftError(
-                f"a second activation after {target.activation.kind} on layer {target.name!r} is not supported",
+                f"a second activation after {target.activation.kind} on layer {target.name!r} is not "
+                "supported",
                 node.name,
                 node.op_type,
             )
@@ -1204,7 +1221,8 @@ class _Lifter:
             if not (is_compute(layer) or isinstance(layer, Add)):
                 what = "the network input" if source == INPUT else f"{type(layer).__name__} layer {source!r}"
                 raise LiftError(
-                    f"it adds {value.name!r}, the output of {what}; codec adds outputs of Gemm/MatMul/Conv layers "
+                    f"it adds {value.name!r}, the output of {what}; codec adds outputs of "
+                    "Gemm/MatMul/Conv layers "
                     "and of other Adds only (their neurons are tied)",
                     node.name,
                     node.op_type,
@@ -1280,7 +1298,8 @@ class _Lifter:
         flat = target == [-1, features] or (copies_batch and target in ([0, -1], [0, features]))
         if not flat:
             raise LiftError(
-                f"Reshape to {target} from {['batch', *self.shape]}; codec supports only flattening to (batch, {features})",
+                f"Reshape to {target} from {['batch', *self.shape]}; codec supports only flattening to "
+                f"(batch, {features})",
                 node.name,
                 node.op_type,
             )
@@ -1323,8 +1342,10 @@ class _Lifter:
             ]
             if list(shape[1:]) != inferred:
                 raise LiftError(
-                    f"ceil_mode pooling of a {list(self.shape[1:])} map gives {list(shape[1:])} in onnxruntime but "
-                    f"{inferred} by ONNX shape inference (its last window starts outside the input); export with "
+                    f"ceil_mode pooling of a {list(self.shape[1:])} map gives {list(shape[1:])} in "
+                    "onnxruntime but "
+                    f"{inferred} by ONNX shape inference (its last window starts outside the input); "
+                    "export with "
                     "ceil_mode=0 or other pads",
                     node.name,
                     node.op_type,
@@ -1348,7 +1369,8 @@ class _Lifter:
             raise LiftError(f"auto_pad={mode!r} is not an ONNX padding mode", node.name, node.op_type)
         if any(pads):
             raise LiftError(
-                f"auto_pad={mode} with explicit pads {list(pads)}: onnxruntime ignores the pads but ONNX shape "
+                f"auto_pad={mode} with explicit pads {list(pads)}: onnxruntime ignores the pads but "
+                "ONNX shape "
                 "inference applies them; export with one or the other",
                 node.name,
                 node.op_type,
@@ -1383,7 +1405,8 @@ class _Lifter:
         axes = sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) if axes is not None else None
         if len(self.shape) != 3 or axes != [2, 3]:
             raise LiftError(
-                f"ReduceMean over axes {axes} of shape {['batch', *self.shape]}; codec supports the mean over the "
+                f"ReduceMean over axes {axes} of shape {['batch', *self.shape]}; codec supports the "
+                "mean over the "
                 "spatial axes (2, 3) of (batch, channels, height, width)",
                 node.name,
                 node.op_type,

@@ -307,7 +307,8 @@ def _init_compute(layer: Dense | Conv) -> None:
     layer.bias = np.ascontiguousarray(layer.bias, dtype=np.float32).reshape(-1)
     if layer.bias.shape[0] != layer.weight.shape[0]:
         raise ValueError(
-            f"layer {layer.name!r}: bias has {layer.bias.shape[0]} entries for {layer.weight.shape[0]} neurons"
+            f"layer {layer.name!r}: bias has {layer.bias.shape[0]} entries for {layer.weight.shape[0]} "
+            "neurons"
         )
     if layer.roles is None:
         layer.roles = np.full(layer.weight.shape[0], Role.TRAINABLE, dtype=np.int8)
@@ -573,15 +574,18 @@ class NetworkIR:
                     f"({layer.activation.alpha:g})" if layer.activation.kind in ("leaky_relu", "elu") else ""
                 )
                 lines.append(
-                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {act}, weight {list(layer.weight.shape)} -> {list(shape)} [{roles}]"
+                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {act}, weight "
+                    f"{list(layer.weight.shape)} -> {list(shape)} [{roles}]"
                 )
             elif isinstance(layer, Pool):
                 lines.append(
-                    f"  {kind:<7} {layer.name}: {layer.mode} {list(layer.kernel_shape)} stride {list(layer.strides)} -> {list(shape)}"
+                    f"  {kind:<7} {layer.name}: {layer.mode} {list(layer.kernel_shape)} stride "
+                    f"{list(layer.strides)} -> {list(shape)}"
                 )
             elif isinstance(layer, Add):
                 lines.append(
-                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {layer.activation.kind} -> {list(shape)}"
+                    f"  {kind:<7} {layer.name}: {layer.num_neurons} neurons, {layer.activation.kind} "
+                    f"-> {list(shape)}"
                 )
             else:
                 lines.append(f"  {kind:<7} {layer.name} -> {list(shape)}")

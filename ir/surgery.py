@@ -32,12 +32,18 @@ def removal_blocker(net: NetworkIR, layer_name: str) -> str | None:
     for name in group:
         layer = net.layer(name)
         if isinstance(layer, Conv) and layer.groups > 1:
-            return f"{name!r} is a grouped convolution (groups={layer.groups}): removing a channel would leave unequal groups"
+            return (
+                f"{name!r} is a grouped convolution (groups={layer.groups}): removing a channel would "
+                "leave unequal groups"
+            )
     for layer in net.compute_layers():
         if isinstance(layer, Conv) and layer.groups > 1:
             owners, _ = net.neuron_owners(net.inputs_of(layer.name)[0])
             if members & set(owners.tolist()):
-                return f"its neurons feed the grouped convolution {layer.name!r} (groups={layer.groups}), whose groups would become unequal"
+                return (
+                    f"its neurons feed the grouped convolution {layer.name!r} (groups={layer.groups}), "
+                    "whose groups would become unequal"
+                )
     return None
 
 

@@ -150,7 +150,8 @@ def _check_train(recipe: str, task: str, train: Mapping[str, Any]) -> None:
         raise ConfigError(f"recipe {recipe!r}: optimizer must be 'adam' or 'sgd', got {train['optimizer']!r}")
     if train["loss"] != _LOSS_OF_TASK[task]:
         raise ConfigError(
-            f"recipe {recipe!r}: a {task} recipe trains with loss {_LOSS_OF_TASK[task]!r}, got {train['loss']!r}"
+            f"recipe {recipe!r}: a {task} recipe trains with loss {_LOSS_OF_TASK[task]!r}, got "
+            f"{train['loss']!r}"
         )
     inf = math.inf
     _check_number(recipe, "lr", train["lr"], 0, inf, low_open=True)

@@ -57,7 +57,8 @@ def _activation(name: str) -> nn.Module:
 def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise ShapeError(
-            f"{arch} needs image inputs shaped (channels, height, width); got {'x'.join(map(str, input_shape))}"
+            f"{arch} needs image inputs shaped (channels, height, width); got "
+            f"{'x'.join(map(str, input_shape))}"
         )
     return input_shape  # type: ignore[return-value]
 
@@ -157,7 +158,8 @@ def autoencoder_widths(hidden: Sequence[int]) -> tuple[int, int, int, int, int]:
     if len(widths) == 5:
         if widths[0] != widths[4] or widths[1] != widths[3]:
             raise ConfigError(
-                f"autoencoder: hidden widths must mirror (encode1 == decode2, encode2 == decode1), got {widths}"
+                "autoencoder: hidden widths must mirror (encode1 == decode2, encode2 == decode1), got "
+                f"{widths}"
             )
         return widths  # type: ignore[return-value]
     raise ConfigError(
@@ -362,7 +364,8 @@ def cifar10_quick(
     width: float = 1.0,
     ip1_relu: bool = False,
 ) -> nn.Sequential:
-    """Caffe's cifar10_quick: conv5x5x32-maxpool-relu, conv5x5x32-relu-avgpool, conv5x5x64-relu-avgpool, fc64, fc.
+    """Caffe's cifar10_quick: conv5x5x32-maxpool-relu, conv5x5x32-relu-avgpool, conv5x5x64-relu-avgpool, fc64,
+    fc.
 
     Caffe pools 3x3 stride 2 in ceil mode (32 -> 16 -> 8 -> 4); here the pools are padded by 1 instead
     (same sizes: 32 -> 16 -> 8 -> 4, 28 -> 14 -> 7 -> 4) and average pools exclude the padding, which

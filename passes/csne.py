@@ -58,9 +58,15 @@ def shareable_prefix(net: NetworkIR) -> tuple[list[str], dict[str, str]]:
     for layer in net.layers:
         if reason is None:
             if isinstance(layer, (Add, Concat)) or layer.name in net.sources:
-                reason = f"it is in or after the {type(layer).__name__.lower()} {layer.name!r}, where the network stops being a chain"
+                reason = (
+                    f"it is in or after the {type(layer).__name__.lower()} {layer.name!r}, where the "
+                    "network stops being a chain"
+                )
             elif layer.name in tied:
-                reason = f"its neurons are tied by a residual Add; CSNE shares leading chain layers only (from {layer.name!r} on)"
+                reason = (
+                    "its neurons are tied by a residual Add; CSNE shares leading chain layers only (from "
+                    f"{layer.name!r} on)"
+                )
             elif isinstance(layer, Conv) and layer.groups > 1:
                 reason = f"{layer.name!r} is a grouped convolution, whose channels cannot be reordered"
         if id(layer) in hidden:
@@ -190,7 +196,8 @@ class CommonSubNetworkExtraction(Transform):
             "csn_per_layer": csn.sizes,
             "csn_total": csn.total,
             "csn_fraction_per_layer": {
-                # a zero-width layer (possible in a network built in Python) has no CSN share, not a ZeroDivisionError
+                # a zero-width layer (possible in a network built in Python) has no CSN share, not a
+                # ZeroDivisionError
                 l.name: round(l.size / max(main.layer(l.name).num_neurons, 1), 4)
                 for l in csn.layers
             },

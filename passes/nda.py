@@ -86,12 +86,14 @@ class NeuronDependenceGraph:
             for layer, n in self.sizes.items():
                 text = escape(layer)
                 f.writelines(
-                    f'    <node id={quoteattr(f"{layer}/{i}")}>\n      <data key="d1">{text}</data>\n    </node>\n'
+                    f'    <node id={quoteattr(f"{layer}/{i}")}>\n      <data key="d1">{text}</data>\n  '
+                    "  </node>\n"
                     for i in range(n)
                 )
             for e in self.layers.values():
                 f.writelines(
-                    f"    <edge source={quoteattr(f'{e.previous}/{j}')} target={quoteattr(f'{e.layer}/{i}')}>\n"
+                    f"    <edge source={quoteattr(f'{e.previous}/{j}')} "
+                    f"target={quoteattr(f'{e.layer}/{i}')}>\n"
                     f'      <data key="d2">{float(w)!r}</data>\n    </edge>\n'
                     for i, j, w in zip(e.rows.tolist(), e.cols.tolist(), e.weights.tolist())
                 )

@@ -1,5 +1,5 @@
-"""codec bench: ensemble-size selection, paired statistics, the Table 1/2 analysis on hand-made ensembles, and a
-tiny end-to-end run through the command (real training, compile, sweep, comparisons, inference)."""
+"""codec bench: ensemble-size selection, paired statistics, the Table 1/2 analysis on hand-made ensembles, and
+a tiny end-to-end run through the command (real training, compile, sweep, comparisons, inference)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Bring your own network and data: `codec compile --model/--main/--peer/--data`, `codec.compile`, the user
-data formats (npz splits or x/y, npy folders, ImageFolder), normalisation, and every refusal before training."""
+data formats (npz splits or x/y, npy folders, ImageFolder), normalisation, and every refusal before
+training."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ from codec.runtime.evaluation.metrics import assignment_table, combine, oracle_a
 from codec.runtime.execution.session import predict
 
 # fmt: off
-TINY = ["--recipe", "classifier_s", "--width", "0.25", "--members", "3", "--n-train", "600", "--n-test", "200",
-        "--batch-size", "32", "--lr", "0.005", "--device", "cpu", "--threads", "1", "--quiet"]
+TINY = ["--recipe", "classifier_s", "--width", "0.25", "--members", "3", "--n-train", "600",
+        "--n-test", "200", "--batch-size", "32",
+        "--lr", "0.005", "--device", "cpu", "--threads", "1", "--quiet"]
 # fmt: on
 
 

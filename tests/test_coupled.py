@@ -1,4 +1,5 @@
-"""TreeNets, bagging and coupled training: split naming, shared-trunk gradients, fused ONNX = torch, exact resume."""
+"""TreeNets, bagging and coupled training: split naming, shared-trunk gradients, fused ONNX = torch, exact
+resume."""
 
 from __future__ import annotations
 
@@ -195,10 +196,12 @@ def test_fused_onnx_equals_torch_members_combined(split):
         np.testing.assert_allclose(outs["output"], combine(probs, criterion), atol=2e-6)
         for m in range(3):
             np.testing.assert_allclose(outs[f"member_{m}"], probs[m], atol=2e-6)
-    # (the packed graph computes a Dense layer on the members' own values as a grouped 1x1 Conv: count by layer)
+    # (the packed graph computes a Dense layer on the members' own values as a grouped 1x1 Conv:
+    # count by layer)
     convs = sum(node.op_type == "Conv" and "/conv" in node.name for node in model.graph)
     trunk_convs = {"none": 0, "conv1": 1, "relu1": 1, "conv2": 2, "pool3": 3, "fc1": 3, "all": 3}[split]
-    # the trunk once, the rest once for the three members (packed: one Conv over all members' filters per layer)
+    # the trunk once, the rest once for the three members (packed: one Conv over all members'
+    # filters per layer)
     assert convs == trunk_convs + (3 - trunk_convs)
     if split == "all":
         assert (

@@ -101,8 +101,9 @@ SCRIPT = textwrap.dedent(
 
     def dropout(seed):
         torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 12), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                                   torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 12), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.3), torch.nn.Linear(12, 8), torch.nn.ReLU(),
+                                   torch.nn.Linear(8, 4))
 
     for name, case in spec["cases"].items():
         options = EnsembleOptions(**case["options"])
@@ -111,8 +112,8 @@ SCRIPT = textwrap.dedent(
         build = dropout if case.get("net") == "dropout" else mlp
         tree = build_treenet(build, options.members, options.split, config.seed + 100 * world.rank,
                              random_init=options.random_init)
-        result = train_coupled_distributed(tree, data["x"], data["y"], data["xv"], data["yv"], config, options,
-                                           trunk=case.get("trunk", "broadcast"))
+        result = train_coupled_distributed(tree, data["x"], data["y"], data["xv"], data["yv"], config,
+                                           options, trunk=case.get("trunk", "broadcast"))
         torch.save({"state": result.module.state_dict(), "history": json.dumps(result.history),
                     "best_epoch": result.best_epoch, "stopped_early": result.stopped_early},
                    out / f"{name}_rank{world.rank}.pt")
@@ -126,8 +127,8 @@ SCRIPT = textwrap.dedent(
         tree.zero_grad(set_to_none=True)
         ties = torch.Generator().manual_seed(7)
         value = coupled_backward(tree, plan, x, y, None, EnsembleLoss(loss_name, 3), ties, scale=0.5)
-        grads[loss_name] = {"value": torch.tensor(value), **{k: p.grad.clone() for k, p in tree.named_parameters()
-                                                               if p.grad is not None}}
+        grads[loss_name] = {"value": torch.tensor(value),
+                             **{k: p.grad.clone() for k, p in tree.named_parameters() if p.grad is not None}}
     torch.save(grads, out / f"grads_rank{world.rank}.pt")
 
     # Failures reach every rank as the same one-line error (none may hang waiting for the others).
@@ -136,7 +137,8 @@ SCRIPT = textwrap.dedent(
     config = TrainConfig(**spec["config"])
     tries = {
         "other_data": (data["x"][: 150 + 10 * world.rank], data["y"][: 150 + 10 * world.rank], config),
-        "diverges": (data["x"] * 1e4, data["y"], TrainConfig(**{**spec["config"], "optimizer": "sgd", "lr": 1e6})),
+        "diverges": (data["x"] * 1e4, data["y"],
+                     TrainConfig(**{**spec["config"], "optimizer": "sgd", "lr": 1e6})),
     }
     for name, (x, y, cfg) in tries.items():
         try:

@@ -1,4 +1,5 @@
-"""codec.runtime.data: real MNIST/CIFAR files, the bundled subset, user npz, downloads over loopback, validation."""
+"""codec.runtime.data: real MNIST/CIFAR files, the bundled subset, user npz, downloads over loopback,
+validation."""
 
 from __future__ import annotations
 
@@ -197,8 +198,8 @@ def test_mnist_small_is_the_documented_subset_of_mnist(full_mnist):
 def test_make_bundled_data_regenerates_the_bundled_arrays(shared_data, tmp_path):
     out = tmp_path / "regenerated.npz"
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_bundled_data.py"), "--source", str(shared_data / "mnist.npz"),
-         "--out", str(out)],
+        [sys.executable, str(REPO / "tools" / "make_bundled_data.py"), "--source",
+         str(shared_data / "mnist.npz"), "--out", str(out)],
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     assert "sha256" in result.stdout
@@ -321,8 +322,8 @@ def test_user_npz_uint8_hwc_images_become_scaled_nchw(tmp_path):
     x_train = rng.integers(0, 256, size=(20, 8, 6, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, size=(5, 8, 6, 3), dtype=np.uint8)
     path = tmp_path / "user.npz"
-    np.savez(path, x_train=x_train, y_train=np.arange(20) % 3, x_test=x_test, y_test=np.array([0, 1, 2, 0, 1]),
-             class_names=np.array(["cat", "dog", "owl"]))  # fmt: skip
+    np.savez(path, x_train=x_train, y_train=np.arange(20) % 3, x_test=x_test,
+             y_test=np.array([0, 1, 2, 0, 1]), class_names=np.array(["cat", "dog", "owl"]))  # fmt: skip
     ds = load_dataset(f"npz:{path}")
     assert ds.name == f"npz:{path}" and ds.input_shape == (3, 8, 6)
     assert ds.class_names == ("cat", "dog", "owl") and ds.num_classes == 3

@@ -230,7 +230,8 @@ def test_bad_data_is_a_one_line_error(case, models, tmp_path, capsys):
 def _write_idx(
     folder: Path, images: np.ndarray, labels: np.ndarray, test_images=None, test_labels=None, cut: int = 0
 ) -> None:
-    """MNIST's four IDX files (uncompressed) in torchvision's layout; `cut` bytes dropped from train images."""
+    """MNIST's four IDX files (uncompressed) in torchvision's layout; `cut` bytes dropped from train
+    images."""
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True)
     test_images = images if test_images is None else test_images
@@ -672,7 +673,8 @@ STREAMER = textwrap.dedent(
     w = rng.integers(-1, 2, (8, dim)).astype(np.float32)
     b = np.full(8, -0.5, np.float32)
     net = NetworkIR("stream", "input", "output", (dim,),
-                    [Dense("h", w, b, Activation("relu")), Dense("out", np.ones((2, 8), np.float32), np.zeros(2, np.float32))])
+                    [Dense("h", w, b, Activation("relu")),
+                     Dense("out", np.ones((2, 8), np.float32), np.zeros(2, np.float32))])
     profile(net, np.zeros((64, dim), np.float32), batch_size=64)  # sessions, thread pools, kernels: warmed up
 
     def vm_bytes():
@@ -702,9 +704,10 @@ STREAMER = textwrap.dedent(
         whole = "loaded"
     except MemoryError:
         whole = "MemoryError"
-    print(json.dumps({"count": stats.count, "fire": stats.layers["h"].fire.tolist(), "expected": expected.tolist(),
-                      "whole": whole, "file_mib": size >> 20, "cap_headroom_mib": (size // 4) >> 20,
-                      "rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) >> 10}))
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    print(json.dumps({"count": stats.count, "fire": stats.layers["h"].fire.tolist(),
+                      "expected": expected.tolist(), "whole": whole, "file_mib": size >> 20,
+                      "cap_headroom_mib": (size // 4) >> 20, "rss_growth_mib": rss_growth >> 10}))
     """
 )
 

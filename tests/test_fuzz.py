@@ -33,7 +33,8 @@ EXAMPLES = int(os.environ.get("CODEC_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=True,  # the same cases on every run: CI stays reproducible; raise CODEC_FUZZ_EXAMPLES to explore
+    # the same cases on every run: CI stays reproducible; raise CODEC_FUZZ_EXAMPLES to explore
+    derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

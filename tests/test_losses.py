@@ -1,4 +1,5 @@
-"""Ensemble-aware losses against hand computations: MCL assignment, k = M, score/probability averaging, ties."""
+"""Ensemble-aware losses against hand computations: MCL assignment, k = M, score/probability averaging,
+ties."""
 
 from __future__ import annotations
 

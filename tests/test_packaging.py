@@ -40,7 +40,8 @@ def test_wheel_contains_and_imports_everything(tmp_path):
     for package in ("codec", "codec/commands", "codec/ir", "codec/passes", "codec/runtime", "codec/models"):
         assert f"{package}/__init__.py" in names, package
     script = (
-        "import codec, codec.ir, codec.passes, codec.runtime.execution.profile, codec.runtime.data, codec.models, codec.cli;"
+        "import codec, codec.ir, codec.passes, codec.runtime.execution.profile, codec.runtime.data, "
+        "codec.models, codec.cli;"
         "from codec.runtime.data import load_dataset;"
         "assert codec.__file__.startswith(%r), codec.__file__;"
         "print(load_dataset('mnist_small').x_train.shape)" % str(site)

@@ -1,5 +1,6 @@
 """codec report: a self-contained HTML page (tables and inline SVG, no scripts, no network) from a tiny real
-benchmark, a compile run directory and a coupled-ensemble run; rendered by headless Chromium when it is installed."""
+benchmark, a compile run directory and a coupled-ensemble run; rendered by headless Chromium when it is
+installed."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ QUICK = Path(__file__).resolve().parents[1] / "bench" / "quick"
 
 @pytest.fixture(scope="module")
 def bench_dir() -> Path:
-    """The committed quick-profile results (`codec bench --profile quick`; tests/test_bench.py checks that a fresh
+    """The committed quick-profile results (`codec bench --profile quick`; tests/test_bench.py checks that a
+    fresh
     tiny run renders too)."""
     if not (QUICK / "bench.json").is_file():
         pytest.fail(f"{QUICK}/bench.json is missing: run the command in bench/README.md")

@@ -694,7 +694,10 @@ def test_the_scanner_catches_every_unsafe_form():
     ]
     for source in bad:
         assert unsafe_loads(source), source
-    good = "import torch, numpy as np\ntorch.load(p, map_location='cpu', weights_only=True)\nnp.load(p, allow_pickle=False)\n"
+    good = (
+        "import torch, numpy as np\ntorch.load(p, map_location='cpu', weights_only=True)\nnp.load(p, "
+        "allow_pickle=False)\n"
+    )
     assert unsafe_loads(good) == []
 
 

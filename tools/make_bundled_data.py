@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ["CODEC_DATA_DIR"]) / "mnist.npz"
         if os.environ.get("CODEC_DATA_DIR")
         else DEFAULT_SOURCE,
-        help="keras-layout mnist.npz of the full MNIST (default: $CODEC_DATA_DIR/mnist.npz or ../shared/data/mnist.npz)",
+        help=(
+            "keras-layout mnist.npz of the full MNIST (default: $CODEC_DATA_DIR/mnist.npz or "
+            "../shared/data/mnist.npz)"
+        ),
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"where to write (default: {DEFAULT_OUT})"

@@ -1,4 +1,5 @@
-"""`codec bench --profile quick -o bench/quick/`: CODE against independent ensembles, torchensemble and a TreeNet."""
+"""`codec bench --profile quick -o bench/quick/`: CODE against independent ensembles, torchensemble and a
+TreeNet."""
 
 from __future__ import annotations
 
@@ -20,16 +21,23 @@ from codec.commands._common import (
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark CODE against independently trained ensembles (the seed papers' tables, with statistics)",
+        help=(
+            "benchmark CODE against independently trained ensembles (the seed papers' tables, with "
+            "statistics)"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Per recipe and seed: a baseline of independent members (grown until 2 members in a row gain less\n"
-            "than --min-gain on validation), CODE seeded with the baseline's first two members, a sweep over CODE's\n"
+            "Per recipe and seed: a baseline of independent members (grown until 2 members in a row "
+            "gain less\n"
+            "than --min-gain on validation), CODE seeded with the baseline's first two members, a "
+            "sweep over CODE's\n"
             "open choices, torchensemble's VotingClassifier and a TreeNet side by side, and fused-ensemble\n"
-            "inference throughput against a FLOP bound. Every comparison is paired on the same test examples\n"
+            "inference throughput against a FLOP bound. Every comparison is paired on the same test "
+            "examples\n"
             "with bootstrap CIs. Writes OUT/<recipe>.json and OUT/bench.json; render them with\n"
             "`codec report OUT -o OUT/report.html`.\n\n"
-            "profiles: quick (small MLP and autoencoder on the bundled MNIST subset, 3 seeds, under 10 minutes\n"
+            "profiles: quick (small MLP and autoencoder on the bundled MNIST subset, 3 seeds, under 10 "
+            "minutes\n"
             "on 2 cores) and "
             "full (the real recipes: classifier_m autoenc_m on MNIST, classifier_cj cifar10_quick_j on the\n"
             "CIFAR-10 JPEG copy; pass --data-dir)."
@@ -66,7 +74,9 @@ def register(subparsers) -> None:
         "--min-gain",
         type=fraction,
         default=None,
-        help="validation accuracy a member must add to count as an improvement of the baseline (default 0.002)",
+        help=(
+            "validation accuracy a member must add to count as an improvement of the baseline (default 0.002)"
+        ),
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=None, help="max epochs per member (default: the profile's)"
@@ -178,10 +188,14 @@ def summary(index: dict, out: Path) -> str:
         rows, ["recipe", "data", "N_base", "reached", "time", "work", "M", "passes", "CODE-base", "per seed"]
     )
     text += (
-        f"\n\ntime/work: CODE's training to reach the baseline's validation quality, as a fraction of the baseline's"
-        f" (paper: 43.51%); M: memory footprint (paper: 52.38%); passes: share of training time (paper: <0.05%)."
-        f"\nCODE-base: test quality difference (accuracy points, or MSE), CODE at its size best on validation minus the"
+        "\n\ntime/work: CODE's training to reach the baseline's validation quality, as a fraction of "
+        "the baseline's"
+        " (paper: 43.51%); M: memory footprint (paper: 52.38%); passes: share of training time "
+        "(paper: <0.05%)."
+        "\nCODE-base: test quality difference (accuracy points, or MSE), CODE at its size best on "
+        "validation minus the"
         f" baseline, median over seeds; per seed: paired bootstrap verdict (better/worse/not significant)."
-        f"\nwrote {out}/bench.json ({index['wall_seconds']:.0f}s); render: codec report {out} -o {out}/report.html"
+        f"\nwrote {out}/bench.json ({index['wall_seconds']:.0f}s); render: codec report {out} -o "
+        f"{out}/report.html"
     )
     return text

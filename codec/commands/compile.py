@@ -23,7 +23,10 @@ from codec.commands._common import (
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compile",
-        help="train main and peer, run the passes, grow the other members around the CSN, emit the fused ensemble",
+        help=(
+            "train main and peer, run the passes, grow the other members around the CSN, emit the fused "
+            "ensemble"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "The whole CODE pipeline in one command:\n"
@@ -33,13 +36,19 @@ def register(subparsers) -> None:
             "  4. emit ensemble.onnx: input dispatched, CSN computed once, members, collect\n"
             "  5. evaluate members and the ensemble on the test set; write report.json\n\n"
             "Main and peer come from one of:\n"
-            "  --recipe NAME            a zoo architecture with its training settings (codec train --list-recipes)\n"
-            "  --model ARCH.onnx        your architecture (lifted, trained through the torch backend; main starts\n"
+            "  --recipe NAME            a zoo architecture with its training settings (codec train "
+            "--list-recipes)\n"
+            "  --model ARCH.onnx        your architecture (lifted, trained through the torch backend; "
+            "main starts\n"
             "                           from its weights, or afresh with --init random; peer always afresh)\n"
-            "  --main A.onnx --peer B.onnx  two members you already trained (no training: straight to the passes)\n"
-            "--model and --main/--peer need --data. The loss follows the output: a softmax output trains with\n"
-            "cross-entropy; logits (no activation, one output per class) get a softmax appended, with a note\n"
-            "(the rule codec eval applies to logits); an output as wide as the input is an autoencoder (MSE).\n"
+            "  --main A.onnx --peer B.onnx  two members you already trained (no training: straight to "
+            "the passes)\n"
+            "--model and --main/--peer need --data. The loss follows the output: a softmax output "
+            "trains with\n"
+            "cross-entropy; logits (no activation, one output per class) get a softmax appended, with "
+            "a note\n"
+            "(the rule codec eval applies to logits); an output as wide as the input is an autoencoder "
+            "(MSE).\n"
             "--loss overrides. All of this, and the data against the model, is checked before training.\n\n"
             "-o is the run directory (ensemble.onnx goes inside it), or a path ending in .onnx for the\n"
             "ensemble itself, with the run directory beside it (<name>.run/). Interrupted? Run the same\n"
@@ -139,7 +148,10 @@ def register(subparsers) -> None:
         "--loss",
         choices=("ce", "mse"),
         default=None,
-        help="ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, or the recipe's",
+        help=(
+            "ce (cross-entropy on labels) or mse (reconstruct the input); default: from the output layer, "
+            "or the recipe's"
+        ),
     )
     parser.add_argument(
         "--optimizer",
@@ -276,8 +288,11 @@ def summary(report: dict, run_dir: Path) -> str:
     text += table(rows, ["member", f"test {metric}"])
     csn = report["csn"]
     text += (
-        f"\n\nCSN: {csn['total']} neurons ({', '.join(f'{k} {v}' for k, v in csn['per_layer'].items())}), {csn['parameters']:,} parameters"
-        f"\nmemory footprint M = {report['memory_footprint_M']:.3f} of {report['members']} conventional members "
+        f"\n\nCSN: {csn['total']} neurons "
+        f"({', '.join(f'{k} {v}' for k, v in csn['per_layer'].items())}), {csn['parameters']:,} "
+        "parameters"
+        f"\nmemory footprint M = {report['memory_footprint_M']:.3f} of {report['members']} "
+        "conventional members "
         f"({report['parameters']['fused_graph_stored']:,} parameters stored)"
         f"\ntime: main {t['train_main']:.1f}s, peer {t['train_peer']:.1f}s, passes {t['passes']:.2f}s, "
         f"grow {sum(t['grow']):.1f}s ({len(t['grow'])} members)"

@@ -23,17 +23,26 @@ from codec.pipelines.export import DEFAULT_ATOL, DEFAULT_SAMPLES, ExportOptions,
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="check a fused ensemble (ONNX checker, shapes, parity with its members) and write a deployable model",
+        help=(
+            "check a fused ensemble (ONNX checker, shapes, parity with its members) and write a deployable "
+            "model"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "The deployment step: load ENSEMBLE safely, run the full ONNX checker and strict shape inference,\n"
+            "The deployment step: load ENSEMBLE safely, run the full ONNX checker and strict shape "
+            "inference,\n"
             "check parity (the fused model vs. its members run one by one and combined by the ensemble's\n"
             "criterion, with runtime.metrics.combine), then write the deployable model and a model card.\n\n"
-            "Members: --members, else the ensemble's codec.members metadata (paths relative to it), else the\n"
-            "member_i outputs of the fused graph (checks only the collect stage). The members of a `codec compile`\n"
-            "run are the files its graph computes: opt/main.onnx and opt/peer.onnx (as the passes left them)\n"
-            "and members/grown_<i>.onnx (members/main.onnx with --keep-main whole); its ensemble.onnx names them.\n"
-            "Parity fails (exit status 2, nothing written) when the largest absolute error exceeds --atol.\n\n"
+            "Members: --members, else the ensemble's codec.members metadata (paths relative to it), "
+            "else the\n"
+            "member_i outputs of the fused graph (checks only the collect stage). The members of a "
+            "`codec compile`\n"
+            "run are the files its graph computes: opt/main.onnx and opt/peer.onnx (as the passes left "
+            "them)\n"
+            "and members/grown_<i>.onnx (members/main.onnx with --keep-main whole); its ensemble.onnx "
+            "names them.\n"
+            "Parity fails (exit status 2, nothing written) when the largest absolute error exceeds "
+            "--atol.\n\n"
             "Example:\n"
             "  codec export out/ensemble.onnx -o deploy/model.onnx --data mnist_small --limit 512"
         ),
@@ -97,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     card = export_ensemble(options)
     parity, data, data_file = card["parity"], card["parity"]["data"], card["external_data"]
     human = (
-        f"{args.ensemble} -> {args.output}{f' (+ {data_file})' if data_file else ''}: {card['file_size_bytes']} bytes\n"
+        f"{args.ensemble} -> {args.output}{f' (+ {data_file})' if data_file else ''}: "
+        f"{card['file_size_bytes']} bytes\n"
         f"parity: max abs error {parity['max_abs_error']:.3g} <= {args.atol:g} on {data['examples']} inputs "
         f"({data['source']}) against {parity['reference']}, criterion {parity['criterion']}\n"
         f"card: {card['card']}"

@@ -1,4 +1,5 @@
-"""`codec inspect model.onnx`: the model as codec sees it — layers, neurons, parameters, what cannot be lifted."""
+"""`codec inspect model.onnx`: the model as codec sees it — layers, neurons, parameters, what cannot be
+lifted."""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     )
     human = (
         f"{args.model}: input {net.input_name} {list(net.input_shape)} -> output {net.output_name} "
-        f"{list(net.output_shape)}\n{len(net.compute_layers())} compute layers, {payload['hidden_neurons']} hidden "
+        f"{list(net.output_shape)}\n{len(net.compute_layers())} compute layers, "
+        f"{payload['hidden_neurons']} hidden "
         f"neurons, {net.num_parameters:,} parameters\n"
         + "".join(f"{line}\n" for line in payload.get("dropped", []))
         + f"\n{body}"

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     def after_pass(p, mod, record):
         if not args.quiet:
             print(
-                f"codec opt: {p.name} done in {record['seconds']:.2f}s{' (modified)' if record['modified'] else ''}",
+                f"codec opt: {p.name} done in "
+                f"{record['seconds']:.2f}s{' (modified)' if record['modified'] else ''}",
                 file=sys.stderr,
             )
         if args.print_ir_after_all:

@@ -11,15 +11,19 @@ from codec.commands._common import emit
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="render benchmark results or runs as one self-contained HTML page (inline SVG plots, no scripts)",
+        help=(
+            "render benchmark results or runs as one self-contained HTML page (inline SVG plots, no scripts)"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Each input becomes a section of the page:\n"
             "  a `codec bench` output folder (bench.json) or one <recipe>.json: Table 1/2 analogues, memory\n"
-            "    footprint, pass-time share, quality vs training time, CSN per layer, sweep, torchensemble and\n"
+            "    footprint, pass-time share, quality vs training time, CSN per layer, sweep, "
+            "torchensemble and\n"
             "    TreeNet side by side, fused inference throughput;\n"
             "  a `codec compile` run directory: members, time per phase, memory, CSN per layer;\n"
-            "  a `codec train-ensemble` run (report.json with an assignment table): the specialisation heatmap.\n"
+            "  a `codec train-ensemble` run (report.json with an assignment table): the specialisation "
+            "heatmap.\n"
             "The page needs no network and no JavaScript."
         ),
     )

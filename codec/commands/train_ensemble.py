@@ -32,7 +32,8 @@ a recipe. --split none (or 0) trains M independent networks, an integer n shares
 
 Losses (--loss): independent (sum of the members' cross-entropies), score_avg (cross-entropy of the mean
 logits), prob_avg (NLL of the mean probabilities; for both, Lee et al. multiply SGD's learning rate by M:
---lr-scale-by-members; Adam's steps do not shrink with the gradient, so there it makes them M times larger), mcl (Multiple Choice Learning: each example trains only the --k members with the
+--lr-scale-by-members; Adam's steps do not shrink with the gradient, so there it makes them M times larger), \
+mcl (Multiple Choice Learning: each example trains only the --k members with the
 lowest loss on it, ties broken at random; --alpha mixes in the independent loss, --pretrain-epochs trains
 with the independent loss first).
 
@@ -254,7 +255,8 @@ def _list_splits(recipe, args) -> int:
         sys.stdout.write("\n")
         return 0
     print(
-        f"split points of {recipe.name} (--split NAME or --split N shares modules 1..N; none = 0, all = {len(names)}):"
+        f"split points of {recipe.name} (--split NAME or --split N shares modules 1..N; none = 0, all "
+        f"= {len(names)}):"
     )
     for row in rows:
         print(f"  {row['index']:>3}  {row['name']:<12} {row['module']}")
@@ -276,7 +278,8 @@ def format_report(report: dict) -> str:
         ),
         (
             f"  {report['epochs_run']} epochs, best epoch {report['best_epoch']}"
-            f"{' (stopped early)' if report['stopped_early'] else ''}, {report['times']['train_seconds']:.1f} s; "
+            f"{' (stopped early)' if report['stopped_early'] else ''}, "
+            f"{report['times']['train_seconds']:.1f} s; "
             f"parameters stored {tree['parameters']['stored']} (unshared {tree['parameters']['unshared']})"
         ),
         (

@@ -240,7 +240,8 @@ def _output_rule(
     if kind != "identity" or not isinstance(last, Dense) or not ends_in_last:
         raise ShapeError(
             f"{what} ends in {kind} ({type(last).__name__} {last.name!r}"
-            f"{'' if ends_in_last else ', followed by other layers'}): a classifier must end in a Dense layer "
+            f"{'' if ends_in_last else ', followed by other layers'}): a classifier must end in a "
+            "Dense layer "
             "with a softmax or no activation (logits)"
         )
     if options.loss is None and width != num_classes:
@@ -472,7 +473,10 @@ def _run_passes(run: Run, options: CompileOptions, data: RecipeData) -> dict:
 
 
 def _damaged(path: Path, why: str) -> str:
-    return f"{path} is damaged: {why}; restore the file, or restart the run (without --resume, or in another -o folder)"
+    return (
+        f"{path} is damaged: {why}; restore the file, or restart the run (without --resume, or in another "
+        "-o folder)"
+    )
 
 
 def _read_run_json(path: Path, kind: type):
@@ -763,7 +767,8 @@ def _report(
             "peer": peer_facts["epochs"],
             "grow": [g["epochs"] for g in grown_facts],
         },
-        # how the engine trained each member: its own early stopping beside its group's ensemble-level stopping
+        # how the engine trained each member: its own early stopping beside its group's ensemble-level
+        # stopping
         "training": {
             name: {
                 key: facts.get(key)

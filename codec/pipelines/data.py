@@ -2,7 +2,8 @@
 
 `load_recipe_data` is the one place where a recipe's data is prepared: the dataset, its n_train/n_test
 subsets and its validation split, both drawn with `DATA_SEED` so that every member of an ensemble, every
-arm of a benchmark and every rerun sees the same examples. (torch is imported only when a recipe's data is loaded.) `codec train`, `codec train-ensemble`,
+arm of a benchmark and every rerun sees the same examples. (torch is imported only when a recipe's data is
+loaded.) `codec train`, `codec train-ensemble`,
 `codec compile` and `codec bench` all use it.
 """
 

@@ -3,8 +3,8 @@
 The deployment step of the pipeline. It loads the model safely (`codec.ir.load_model`: external data must
 stay beside it), runs the full ONNX checker and strict shape inference, then checks *parity*: the fused
 model on a batch of inputs against its members run one by one with onnxruntime and combined by
-`codec.runtime.evaluation.metrics.combine` (the one definition of every criterion). Only when the largest absolute
-difference is within --atol does it write the deployable model (atomically; tensors inline, or in
+`codec.runtime.evaluation.metrics.combine` (the one definition of every criterion). Only when the largest
+absolute difference is within --atol does it write the deployable model (atomically; tensors inline, or in
 `<name>.data` beside it with --external-data) and a model card (JSON) describing it.
 
 Members come from --members, else from the ensemble's `codec.members` metadata (paths relative to the
@@ -138,7 +138,8 @@ def _static_input_shape(inputs: list[dict], path: Path) -> tuple[int, ...]:
     dims = inputs[0]["shape"][1:]
     if not all(isinstance(d, int) and d > 0 for d in dims):
         raise ShapeError(
-            f"{path.name}: input {inputs[0]['name']!r} has shape {inputs[0]['shape']}; only the batch dimension may be dynamic"
+            f"{path.name}: input {inputs[0]['name']!r} has shape {inputs[0]['shape']}; only the batch "
+            "dimension may be dynamic"
         )
     return tuple(dims)
 
@@ -205,7 +206,8 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
     expected = len(description["members"]) if description.get("members") else None
     if paths and expected is not None and len(paths) != expected:
         raise ShapeError(
-            f"{options.ensemble.name} has {expected} members but {len(paths)} member files were given ({source})"
+            f"{options.ensemble.name} has {expected} members but {len(paths)} member files were given "
+            f"({source})"
         )
     record = {"criterion": criterion, "atol": options.atol, "examples": len(x)}
     if paths:
@@ -213,7 +215,8 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
         shapes = {o.shape for o in outs}
         if len(shapes) != 1 or next(iter(shapes)) != fused.shape:
             raise ShapeError(
-                f"member outputs {sorted(map(list, shapes))} do not match the ensemble's output {list(fused.shape)}"
+                f"member outputs {sorted(map(list, shapes))} do not match the ensemble's output "
+                f"{list(fused.shape)}"
             )
         stack = np.stack(outs)
         record.update(reference="member models", member_files=[str(p) for p in paths], members_from=source)
@@ -226,7 +229,8 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
         )
     else:
         raise ConfigError(
-            f"no members to check {options.ensemble.name} against: give --members (it has no codec.members metadata "
+            f"no members to check {options.ensemble.name} against: give --members (it has no "
+            "codec.members metadata "
             "and no member_i outputs)"
         )
     error = float(np.max(np.abs(fused.astype(np.float64) - _reference(stack, criterion, task))))
@@ -240,9 +244,13 @@ def check_parity(options: ExportOptions, model, description: dict, x: np.ndarray
         worst = ""
         if record.get("member_max_abs_error"):
             i = int(np.argmax(record["member_max_abs_error"]))
-            worst = f"; member {i} ({Path(record['member_files'][i]).name}) differs by {record['member_max_abs_error'][i]:.3g}"
+            worst = (
+                f"; member {i} ({Path(record['member_files'][i]).name}) differs by "
+                f"{record['member_max_abs_error'][i]:.3g}"
+            )
         raise ParityError(
-            f"parity failed: {options.ensemble.name} differs from its members combined by {criterion} by {error:.3g} "
+            f"parity failed: {options.ensemble.name} differs from its members combined by {criterion} "
+            f"by {error:.3g} "
             f"(> --atol {options.atol:g}){worst}"
         )
     return record, fused
@@ -259,9 +267,8 @@ def validate_description(description: dict, path: Path) -> dict:
 
     def bad(key: str, expected: str):
         raise ModelLoadError(
-            f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, got {description[key]!r}"[
-                :400
-            ]
+            f"{Path(path).name}: its codec.ensemble metadata is malformed: {key!r} must be {expected}, "
+            f"got {description[key]!r}"[:400]
         )
 
     def is_count(v) -> bool:
@@ -399,7 +406,8 @@ def export_ensemble(options: ExportOptions) -> dict:
             if written is not None:
                 written.unlink(missing_ok=True)
         raise ParityError(
-            f"the written {out.name} differs from {options.ensemble.name} by {parity['written_max_abs_error']:.3g}; removed it"
+            f"the written {out.name} differs from {options.ensemble.name} by "
+            f"{parity['written_max_abs_error']:.3g}; removed it"
         )
     parameters = description.get("parameters", {})
     stored = int(

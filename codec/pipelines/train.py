@@ -28,7 +28,8 @@ def train_recipe(
     """Train one member of a named recipe and export it to ONNX.
 
     Loads the recipe's dataset, takes its n_train/n_test subsets and validation split (with `DATA_SEED`,
-    so all members of an ensemble share the data: `codec.pipelines.data.load_recipe_data`), builds the network with `seed`, trains it, exports it
+    so all members of an ensemble share the data: `codec.pipelines.data.load_recipe_data`), builds the network
+    with `seed`, trains it, exports it
     to `out_path`, and scores the exported ONNX model with onnxruntime on the test set.
 
     Args:

@@ -108,13 +108,17 @@ DATASETS: dict[str, DatasetInfo] = {
     "npz": DatasetInfo(
         spec="npz:PATH",
         description=(
-            "your own data: an .npz with x_train, y_train (optional x_val, y_val, x_test, y_test, class_names), "
-            "or x, y alone (one split, for calibration); uint8 images are scaled by 1/255, NHWC images become NCHW"
+            "your own data: an .npz with x_train, y_train (optional x_val, y_val, x_test, y_test, "
+            "class_names), "
+            "or x, y alone (one split, for calibration); uint8 images are scaled by 1/255, NHWC images "
+            "become NCHW"
         ),
     ),
     "npy": DatasetInfo(
         spec="npy:DIR",
-        description="your own data as .npy files in DIR, named like the npz arrays (x_train.npy, y_train.npy, ...)",
+        description=(
+            "your own data as .npy files in DIR, named like the npz arrays (x_train.npy, y_train.npy, ...)"
+        ),
     ),
     "folder": DatasetInfo(
         spec="folder:DIR",

@@ -73,7 +73,8 @@ class Dataset:
             object.__setattr__(self, "y_val", np.asarray(self.y_val).astype(np.int64, copy=False))
             if self.x_val.shape[1:] != self.x_train.shape[1:]:
                 raise DataError(
-                    f"{self.name}: train examples have shape {self.x_train.shape[1:]} but validation examples "
+                    f"{self.name}: train examples have shape {self.x_train.shape[1:]} but validation "
+                    "examples "
                     f"{self.x_val.shape[1:]}"
                 )
         object.__setattr__(self, "notes", tuple(str(n) for n in self.notes))
@@ -266,7 +267,8 @@ def validate_arrays(
         raise DataError(f"{name}: label {int(np.argmin(y))} is {low}; labels must be >= 0")
     if num_classes is not None and high >= num_classes:
         raise DataError(
-            f"{name}: label {int(np.argmax(y))} is {high}, out of range for {num_classes} classes (0..{num_classes - 1})"
+            f"{name}: label {int(np.argmax(y))} is {high}, out of range for {num_classes} classes "
+            f"(0..{num_classes - 1})"
         )
 
 

@@ -72,7 +72,8 @@ def fetch_file(
             log.warning("download of %s failed: %s", url, exc)
             failures.append(f"{url} failed ({exc})")
     raise DataError(
-        f"cannot download {name}: {'; '.join(failures)}; download {filename} by hand and put it in {dest.parent}"
+        f"cannot download {name}: {'; '.join(failures)}; download {filename} by hand and put it in "
+        f"{dest.parent}"
     )
 
 

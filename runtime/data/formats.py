@@ -114,7 +114,8 @@ def _dataset_from_arrays(
         if num_classes > MAX_INFERRED_CLASSES:
             # class names are made for every integer below the largest label: 2**33 would allocate ~100 GB
             raise DataError(
-                f"{source}: the largest label is {num_classes - 1}, so {num_classes} classes would be inferred, "
+                f"{source}: the largest label is {num_classes - 1}, so {num_classes} classes would be "
+                "inferred, "
                 f"past the limit of {MAX_INFERRED_CLASSES}; store a class_names array or relabel 0..K-1"
             )
         class_names = [str(c) for c in range(num_classes)]
@@ -190,7 +191,8 @@ def _check_npz_sizes(path: Path, names: Sequence[str]) -> None:
                 and info.file_size > 1100 * info.compress_size + 4096
             ):
                 raise DataError(
-                    f"{path}: member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
+                    f"{path}: member {info.filename} declares {info.file_size} bytes from "
+                    f"{info.compress_size} "
                     "compressed (more than deflate can produce): corrupt or a decompression bomb"
                 )
             with archive.open(info) as member:

@@ -88,7 +88,8 @@ def member_outputs(
         out = model_outputs(session, x, batch_size=batch_size, name=name)
         if outputs and out.shape != outputs[0].shape:
             raise ShapeError(
-                f"member {name} outputs {out.shape[1:]} per example but {names[0]} outputs {outputs[0].shape[1:]}"
+                f"member {name} outputs {out.shape[1:]} per example but {names[0]} outputs "
+                f"{outputs[0].shape[1:]}"
             )
         outputs.append(out)
     return np.stack(outputs).astype(np.float64)

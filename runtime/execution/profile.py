@@ -5,7 +5,8 @@ calibration inputs (the calibration set itself may be a memory-mapped array or a
 
 Per input, a Dense neuron's *activation* is its post-activation output. A Conv neuron is a channel: its
 activation on an input is the spatial mean of its post-activation map (an Add's channels alike: a DAG's
-hidden Adds are profiled too, since the neurons they tie must be dead in every tied layer to be removed), and it *fires* on that input when
+hidden Adds are profiled too, since the neurons they tie must be dead in every tied layer to be removed), and
+it *fires* on that input when
 its firing condition holds at any position (so "never fires" means "zero everywhere, on every input" for
 ReLU, which is what dead-neuron elimination needs). The firing condition is per activation function, see
 `codec.ir.Activation.fire_threshold`.
@@ -333,8 +334,10 @@ def _check_stats_budget(nets: list[NetworkIR], pair: bool, limit: int | None) ->
     if total > limit:
         layer = max(sizes, key=sizes.get)
         raise ShapeError(
-            f"profiling needs {_mib(total)} for its statistics, more than the budget of {_mib(limit)}; the largest "
-            f"share is layer {layer} ({_mib(sizes[layer])}); set {MAX_STATS_BYTES_ENV}=BYTES to raise the budget"
+            f"profiling needs {_mib(total)} for its statistics, more than the budget of {_mib(limit)}; "
+            "the largest "
+            f"share is layer {layer} ({_mib(sizes[layer])}); set {MAX_STATS_BYTES_ENV}=BYTES to raise "
+            "the budget"
         )
 
 

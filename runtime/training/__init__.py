@@ -1,1 +1,2 @@
-"""Training with the torch backend: members, grown members, coupled ensembles, losses, torch <-> IR, torchrun."""
+"""Training with the torch backend: members, grown members, coupled ensembles, losses, torch <-> IR,
+torchrun."""

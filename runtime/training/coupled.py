@@ -157,7 +157,8 @@ class EnsembleOptions:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.bagging and not self.ensemble_loss().memberwise:
             raise ConfigError(
-                f"bagging gives each member its own sample, but the {self.loss} loss scores the combined output; "
+                f"bagging gives each member its own sample, but the {self.loss} loss scores the "
+                "combined output; "
                 "use --variation random with it"
             )
 
@@ -251,7 +252,8 @@ def resolve_split(model: nn.Sequential, split: str | int | None) -> int:
         count = names.index(text) + 1
     else:
         raise ConfigError(
-            f"unknown split {split!r}; choose none, all, an integer 0..{len(names)}, or one of: {', '.join(names)}"
+            f"unknown split {split!r}; choose none, all, an integer 0..{len(names)}, or one of: "
+            f"{', '.join(names)}"
         )
     if not any(isinstance(m, _WEIGHTED) for m in list(model)[count:]):
         count = len(names)  # no weights left for the branches: they would all be the same network
@@ -295,7 +297,8 @@ class TreeNet(nn.Module):
         return nn.Sequential(*self.trunk, *self.branches[index])
 
     def parameter_counts(self) -> dict:
-        """Trainable parameters: trunk, each branch, stored (trunk once) and unshared (M separate networks)."""
+        """Trainable parameters: trunk, each branch, stored (trunk once) and unshared (M separate
+        networks)."""
         trunk = sum(p.numel() for p in self.trunk.parameters())
         branches = [sum(p.numel() for p in b.parameters()) for b in self.branches]
         return {
@@ -369,7 +372,8 @@ def sequential_to_network(
     the first `frozen_modules` modules get Role.FROZEN_SHARED on every neuron.
 
     Raises:
-        ConfigError: a module codec cannot express (named), or a network that does not end in a weighted layer.
+        ConfigError: a module codec cannot express (named), or a network that does not end in a weighted
+            layer.
     """
     layers: list = []
     frozen = np.int8(Role.FROZEN_SHARED)
@@ -748,7 +752,8 @@ class _CoupledUnit(_ModuleUnit):
                 value = self.loss(self.module(xb), yb, wb if self.loss.memberwise else None, self.ties)
                 if not torch.isfinite(value):
                     raise DataError(
-                        f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch {batch}; check "
+                        f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch "
+                        f"{batch}; check "
                         f"the data or lower the learning rate (lr {self.optimizer.param_groups[0]['lr']:g})"
                     )
                 (value / self.options.accumulate).backward()

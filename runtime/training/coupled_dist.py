@@ -335,7 +335,8 @@ def allreduce_trunk_gradients(treenet: TreeNet) -> None:
 
 @torch.no_grad()
 def broadcast_state(treenet: nn.Module, owner: Callable[[str], int]) -> None:
-    """Overwrite every rank's state_dict entries with their owner's (one flat broadcast per owner and dtype)."""
+    """Overwrite every rank's state_dict entries with their owner's (one flat broadcast per owner and
+    dtype)."""
     groups: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
     for key, tensor in treenet.state_dict().items():  # the same keys in the same order on every rank
         groups.setdefault((owner(key), tensor.dtype), []).append(tensor)
@@ -531,7 +532,8 @@ def train_coupled_distributed(
 ) -> CoupledResult:
     """Train a TreeNet's members together, spread over the ranks of a torchrun job (module docstring).
 
-    Call it on every rank, after `codec.runtime.training.distributed.init()`, with the same arguments. Without a process
+    Call it on every rank, after `codec.runtime.training.distributed.init()`, with the same arguments. Without
+    a process
     group, or with one process, it is `train_coupled` (no checkpoint). Rank 0's initial weights are sent to
     every rank first, so the ranks need not have built the TreeNet from the same seed.
 

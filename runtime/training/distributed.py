@@ -223,7 +223,8 @@ def run_task_groups(names: list[str], fn: Callable[[list[str]], dict[str, Any]])
     for their_part, error in failed:
         label = "+".join(their_part)
         print(
-            f"codec: tasks {label} failed on their rank ({error.strip().splitlines()[-1]}); retrying on rank 0",
+            f"codec: tasks {label} failed on their rank ({error.strip().splitlines()[-1]}); retrying "
+            "on rank 0",
             file=sys.stderr,
         )
         if world.is_main:

@@ -23,11 +23,11 @@ so a frozen member's moments and step count stay as they were.
 
 Why baddbmm over stacked leaves rather than ``torch.func.stack_module_state`` + ``vmap``: both lay the
 weights out the same way, and the engine was not slower than vmap in bench/engine.py's runs (arms
-"engine" and "vmap", bench/README.md); with the backward written out (`_StackedLinear`: the weight gradient as g^T h,
-the product addmm's backward forms for nn.Linear) every forward and backward is bit-identical per member
-to nn.Linear's, so on CPU a stacked run gives exactly the weights of K separate runs (tests/test_engine.py
-checks equality, not closeness); and per-member freezing, LRs and checkpoints are plain slices of the
-stacked tensors, with no functional optimizer.
+"engine" and "vmap", bench/README.md); with the backward written out (`_StackedLinear`: the weight gradient as
+g^T h, the product addmm's backward forms for nn.Linear) every forward and backward is bit-identical per
+member to nn.Linear's, so on CPU a stacked run gives exactly the weights of K separate runs
+(tests/test_engine.py checks equality, not closeness); and per-member freezing, LRs and checkpoints are plain
+slices of the stacked tensors, with no functional optimizer.
 
 Convolutional layers are stacked as one grouped convolution (groups = K over the members' channels,
 concatenated): that is float-close to K separate convolutions, not bit-identical (tests/test_engine.py).
@@ -648,7 +648,8 @@ def train_members(
         objective: for one module trained with its own loss (a coupled ensemble: runtime/training/
             coupled.py): ``objective(module, config, seed, device)`` builds the unit that trains it, a
             `_ModuleUnit` with the hooks `check_outputs`, `fingerprint`, `check_resume`, `begin_epoch`,
-            `validate` and `agree` (see `_ModuleUnit`'s defaults); the loop, early stopping, checkpoint and progress
+            `validate` and `agree` (see `_ModuleUnit`'s defaults); the loop, early stopping, checkpoint and
+            progress
             bar stay the engine's.
 
     Returns:

@@ -54,7 +54,8 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def _check_weights(weights: torch.Tensor | None, logits: torch.Tensor) -> None:
     if weights is not None and tuple(weights.shape) != tuple(logits.shape[:2]):
         raise ShapeError(
-            f"example weights have shape {tuple(weights.shape)}; want (members, batch) = {tuple(logits.shape[:2])}"
+            f"example weights have shape {tuple(weights.shape)}; want (members, batch) = "
+            f"{tuple(logits.shape[:2])}"
         )
 
 
@@ -252,7 +253,8 @@ class EnsembleLoss:
     def _check_members(self, logits: torch.Tensor) -> None:
         if logits.ndim != 3 or logits.shape[0] != self.members:
             raise ShapeError(
-                f"the {self.name} loss is for {self.members} members, got logits of shape {tuple(logits.shape)}"
+                f"the {self.name} loss is for {self.members} members, got logits of shape "
+                f"{tuple(logits.shape)}"
             )
 
     def to_dict(self) -> dict:

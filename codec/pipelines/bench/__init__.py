@@ -13,8 +13,8 @@ Per recipe and replicate seed s (member i of replicate s is trained with seed ``
    it gains at least `min_gain` (accuracy, absolute; autoencoders: relative MSE decrease); growing stops
    after `size_patience` members in a row that do not, or at `max_members`. Those extra members are trained
    (that is how one finds out) but neither kept nor charged to the baseline's time.
-2. **CODE**: `codec.pipelines.compile.compile_ensemble` with `max_members` members. Its main and peer *are* the
-   baseline's first two members (same seeds, identical training); the compile run directory is seeded with
+2. **CODE**: `codec.pipelines.compile.compile_ensemble` with `max_members` members. Its main and peer *are*
+   the baseline's first two members (same seeds, identical training); the compile run directory is seeded with
    them and resumed, so they are not trained twice and both methods pay exactly the same for them. CODE's
    extra cost is the passes and the grown members.
 3. **Table 1 analogue** (CODE paper): N_code = the smallest CODE ensemble whose validation quality reaches the
@@ -34,7 +34,8 @@ Per recipe and replicate seed s (member i of replicate s is trained with seed ``
    float32 GEMM rate (numpy and torch, measured in the same run).
 
 Statistics: every test quality has a percentile bootstrap CI over test examples
-(`codec.runtime.evaluation.stats.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test examples
+(`codec.runtime.evaluation.stats.bootstrap_ci`); every CODE-vs-other comparison is *paired* on the same test
+examples
 (bootstrap CI of the difference, and McNemar's exact test for classifiers) and marked not significant when
 the CI contains 0. Across seeds: medians with min/max and a bootstrap CI of the mean over seeds (with three
 seeds that interval is crude; the raw per-seed numbers are always recorded).

@@ -33,7 +33,8 @@ def select_members(
         if bad >= patience:
             return (
                 best_k,
-                f"members {k - patience + 1}..{k} each gained < {min_gain:g} over {best_k} members on validation",
+                f"members {k - patience + 1}..{k} each gained < {min_gain:g} over {best_k} members on "
+                "validation",
                 True,
             )
     if len(curve) >= max_members:

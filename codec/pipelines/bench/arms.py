@@ -1,4 +1,5 @@
-"""The arms: the baseline's independent members, CODE, torchensemble and a TreeNet, trained on one recipe's data."""
+"""The arms: the baseline's independent members, CODE, torchensemble and a TreeNet, trained on one recipe's
+data."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ BenchData = RecipeData
 
 
 def load_bench_data(recipe, config, data_dir) -> RecipeData:
-    """The recipe's data with compile's subset and validation split (DATA_SEED), so every arm sees the same."""
+    """The recipe's data with compile's subset and validation split (DATA_SEED), so every arm sees the
+    same."""
     return load_recipe_data(recipe, config, data_dir, need_validation=True)
 
 

@@ -107,10 +107,12 @@ class BenchConfig:
         sweep_members: ensemble size at which sweep points are compared.
         compare: run torchensemble's VotingClassifier and a TreeNet (classifiers only).
         compare_seeds: how many seeds the comparisons run on.
-        treenet_split: where the TreeNet's shared trunk ends (a module name, see codec.runtime.training.coupled).
+        treenet_split: where the TreeNet's shared trunk ends (a module name, see
+            codec.runtime.training.coupled).
         inference: measure fused-ensemble inference throughput (first seed).
         inference_batches: batch sizes of the throughput measurement.
-        threads: torch / onnxruntime / BLAS threads (1: small MLPs on a busy machine are fastest single-threaded).
+        threads: torch / onnxruntime / BLAS threads (1: small MLPs on a busy machine are fastest
+            single-threaded).
         n_boot: bootstrap replicates per interval.
         data_dir: where data sets live (None: codec's default).
     """
@@ -195,7 +197,8 @@ class BenchConfig:
 
 
 PROFILES: dict[str, BenchConfig] = {
-    # Under 10 minutes on 2 busy CPU cores: the small MLP and autoencoder on the bundled 5k MNIST subset, 3 seeds,
+    # Under 10 minutes on 2 busy CPU cores: the small MLP and autoencoder on the bundled 5k MNIST subset, 3
+    # seeds,
     # the recipes' own training (15 epochs max), ensembles of up to 6, the sweep at 3 members on the MLP.
     "quick": BenchConfig(
         profile="quick",

@@ -214,7 +214,9 @@ def _meta(data: dict) -> str:
         parts.append("versions: " + esc(", ".join(f"{k} {v}" for k, v in versions.items())))
         if machine.get("git_commit"):
             parts.append(
-                f"codec commit <code>{esc(machine['git_commit'][:12])}</code>{' (uncommitted changes)' if machine.get('git_dirty') else ''}"
+                "codec commit "
+                f"<code>{esc(machine['git_commit'][:12])}</code>"
+                f"{' (uncommitted changes)' if machine.get('git_dirty') else ''}"
             )
     if data.get("wall_seconds") is not None:
         parts.append(f"wall time {data['wall_seconds']:.0f} s")
@@ -278,11 +280,16 @@ def _headline_section(recipes: list[dict], paper: dict) -> str:
     return (
         '<h2 id="headline">Headline</h2>'
         + table(header, rows, left=2, classes=classes)
-        + '<p class="note">Cells are <b>median [min, max] over seeds</b>. <i>time/work to reach</i>: training time (work: FLOP '
-        "estimate) CODE needs to reach the baseline's validation quality, as a fraction of the baseline's; seeds where CODE never "
-        "reaches it are counted as not reached and left out of the median. <i>memory M</i>: parameters stored by the fused CODE "
-        "ensemble over N<sub>baseline</sub> conventional members. <i>CODE − baseline</i>: test quality of CODE at the size best on "
-        "validation minus the baseline's, paired on the same test examples; a difference whose 95 % bootstrap CI contains 0 is "
+        + '<p class="note">Cells are <b>median [min, max] over seeds</b>. <i>time/work to reach</i>: '
+        "training time (work: FLOP "
+        "estimate) CODE needs to reach the baseline's validation quality, as a fraction of the "
+        "baseline's; seeds where CODE never "
+        "reaches it are counted as not reached and left out of the median. <i>memory M</i>: parameters "
+        "stored by the fused CODE "
+        "ensemble over N<sub>baseline</sub> conventional members. <i>CODE − baseline</i>: test quality "
+        "of CODE at the size best on "
+        "validation minus the baseline's, paired on the same test examples; a difference whose 95 % "
+        "bootstrap CI contains 0 is "
         '<span class="ns">not significant</span>.</p>'
     )
 
@@ -294,9 +301,12 @@ def _recipe_section(r: dict) -> str:
         f'<h2 id="recipe-{esc(name)}">{esc(name)} — {esc(r["dataset_label"])}</h2>',
         (
             f'<p class="meta">{esc(r.get("recipe_description", ""))}<br>data: {r["data"]["train"]:,} train / '
-            f"{r['data']['validation']:,} validation / {r['data']['test']:,} test; quality: test {esc(metric)} "
-            f"({'higher' if r['higher_is_better'] else 'lower'} is better), members combined by {esc(r['criterion'])}; "
-            f"seeds {esc(', '.join(map(str, r['seeds'])))}; max epochs {r['train_config'].get('max_epochs')}, "
+            f"{r['data']['validation']:,} validation / {r['data']['test']:,} test; quality: test "
+            f"{esc(metric)} "
+            f"({'higher' if r['higher_is_better'] else 'lower'} is better), members combined by "
+            f"{esc(r['criterion'])}; "
+            f"seeds {esc(', '.join(map(str, r['seeds'])))}; max epochs "
+            f"{r['train_config'].get('max_epochs')}, "
             f"{r['train_config'].get('num_threads') or 'default'} thread(s).</p>"
         ),
     ]
@@ -355,7 +365,8 @@ def _interpretation(r: dict) -> str:
     trivial = sum(1 for x in r["per_seed"] if x["table1"]["n_baseline"] == 2)
     if trivial:
         sentences.append(
-            f"In {trivial} seed(s) the baseline stopped at 2 members: there CODE's main and peer are the baseline's "
+            f"In {trivial} seed(s) the baseline stopped at 2 members: there CODE's main and peer are "
+            "the baseline's "
             "own two members, so reaching it is trivial and CODE can only add the passes' time."
         )
     fractions = [
@@ -441,11 +452,16 @@ def _table1(r: dict) -> str:
     return (
         "<h3>Table 1 analogue: cost of reaching the baseline</h3>"
         + table(header, rows, classes=classes)
-        + '<p class="meta">N baseline: the size of the best ensemble on validation, growing one member at a time, where a '
-        "member counts only if it adds at least the threshold (growing stops after two members in a row that do not). "
-        "N CODE: smallest CODE ensemble (main, peer, grown members) whose validation quality reaches the baseline's; "
-        "when N baseline is 2, CODE's main and peer <i>are</i> the baseline, so CODE can only add the passes' time. "
-        "Seconds are training wall-clock (passes included for CODE) on a shared machine; work is a FLOP estimate "
+        + '<p class="meta">N baseline: the size of the best ensemble on validation, growing one member '
+        "at a time, where a "
+        "member counts only if it adds at least the threshold (growing stops after two members in a "
+        "row that do not). "
+        "N CODE: smallest CODE ensemble (main, peer, grown members) whose validation quality reaches "
+        "the baseline's; "
+        "when N baseline is 2, CODE's main and peer <i>are</i> the baseline, so CODE can only add the "
+        "passes' time. "
+        "Seconds are training wall-clock (passes included for CODE) on a shared machine; work is a "
+        "FLOP estimate "
         "independent of machine load. M is measured on the fused graph (shared parameters once) over "
         "N<sub>baseline</sub> members.</p>"
     )
@@ -485,8 +501,10 @@ def _table2(r: dict) -> str:
     return (
         "<h3>Table 2 analogue: quality at the baseline's time budget and unbounded</h3>"
         + table(header, rows)
-        + '<p class="meta">Differences are paired on the same test examples: 95 % bootstrap CI over test examples, McNemar\'s '
-        "exact test for classifiers. On 1,000 test examples one accuracy point is about two standard errors.</p>"
+        + '<p class="meta">Differences are paired on the same test examples: 95 % bootstrap CI over test '
+        "examples, McNemar's "
+        "exact test for classifiers. On 1,000 test examples one accuracy point is about two standard "
+        "errors.</p>"
     )
 
 
@@ -545,8 +563,10 @@ def _curve_plot(r: dict) -> str:
     )
     return figure(
         svg,
-        "Each point is an ensemble of the first k members (k written beside it; * marks N<sub>baseline</sub>). "
-        "CODE starts at k = 2 (main and peer, then the passes); its main and peer are the baseline's first two members.",
+        "Each point is an ensemble of the first k members (k written beside it; * marks "
+        "N<sub>baseline</sub>). "
+        "CODE starts at k = 2 (main and peer, then the passes); its main and peer are the baseline's "
+        "first two members.",
     )
 
 
@@ -573,8 +593,10 @@ def _memory_plot(r: dict) -> str:
     )
     return figure(
         svg,
-        "Parameters stored by the baseline ensemble (N<sub>baseline</sub> members) and by the fused CODE graph "
-        "(at N CODE, or all its members when it never reached the baseline): each member's own neurons plus the CSN once.",
+        "Parameters stored by the baseline ensemble (N<sub>baseline</sub> members) and by the fused "
+        "CODE graph "
+        "(at N CODE, or all its members when it never reached the baseline): each member's own neurons "
+        "plus the CSN once.",
     )
 
 
@@ -673,8 +695,10 @@ def _sweep_section(r: dict) -> str:
     return (
         "<h3>Sweep over CODE's open choices</h3>"
         + table(header, rows, left=2)
-        + '<p class="meta">Each point is a compile with the same main and peer (the baseline\'s first two members) and the '
-        "options shown, compared with the baseline ensemble of the same size on the same test examples. time/work: CODE's "
+        + '<p class="meta">Each point is a compile with the same main and peer (the baseline\'s first '
+        "two members) and the "
+        "options shown, compared with the baseline ensemble of the same size on the same test "
+        "examples. time/work: CODE's "
         "training (passes included) over the baseline's at that size.</p>"
         + figure(
             svg, "Up and to the left is better: higher quality than the baseline for less training time."
@@ -764,9 +788,12 @@ def _comparison_section(r: dict) -> str:
     return (
         "<h3>Side by side: torchensemble and a TreeNet</h3>"
         + table(header, rows)
-        + "<p class=\"meta\">Same data splits and architecture. torchensemble's members start from the baseline members' initial "
-        "weights and train in its own loop (every epoch up to the cap, keeping the epoch best on validation, no checkpoints); "
-        "the TreeNet shares its trunk and trains all branches jointly in one batched pass (codec.runtime.training.coupled). "
+        + '<p class="meta">Same data splits and architecture. torchensemble\'s members start from the '
+        "baseline members' initial "
+        "weights and train in its own loop (every epoch up to the cap, keeping the epoch best on "
+        "validation, no checkpoints); "
+        "the TreeNet shares its trunk and trains all branches jointly in one batched pass "
+        "(codec.runtime.training.coupled). "
         "Training seconds come from different training loops on a shared machine: compare them with care.</p>"
     )
 
@@ -823,9 +850,12 @@ def _inference_section(inf: dict) -> str:
     return (
         "<h3>Fused ensemble inference</h3>"
         + table(header, rows, left=0)
-        + f'<p class="meta">{inf["members"]} members, {esc(inf["criterion"])} collect, {inf.get("threads") or "default"} thread(s). '
-        f"FLOPs per example: {num(inf['flops_per_example_fused'])} fused (CSN once) vs {num(inf['flops_per_example_separate'])} "
-        f"as separate models. Bound = best measured float32 GEMM rate ({inf['gemm_best_gflops']:.1f} GFLOP/s; {esc(gemm)}) / "
+        + f'<p class="meta">{inf["members"]} members, {esc(inf["criterion"])} collect, '
+        f"{inf.get('threads') or 'default'} thread(s). "
+        f"FLOPs per example: {num(inf['flops_per_example_fused'])} fused (CSN once) vs "
+        f"{num(inf['flops_per_example_separate'])} "
+        f"as separate models. Bound = best measured float32 GEMM rate ({inf['gemm_best_gflops']:.1f} "
+        f"GFLOP/s; {esc(gemm)}) / "
         "fused FLOPs per example.</p>" + figure(svg, "Throughput in examples per second (log scale).")
     )
 
@@ -892,7 +922,8 @@ def compile_section(source: Source) -> str:
         r["recipe"] or r.get("model") or "the given main and peer"
     )  # --recipe, --model or --main/--peer
     out = [
-        f'<h2 id="compile-{esc(run_dir.name)}">compile run {esc(run_dir)}: {esc(source_name)} on {esc(r["dataset"])}</h2>'
+        f'<h2 id="compile-{esc(run_dir.name)}">compile run {esc(run_dir)}: {esc(source_name)} on '
+        f"{esc(r['dataset'])}</h2>"
     ]
     t = r["time"]
     rows = [[esc(name), esc(quality(value, metric))] for name, value in q["members"].items()]

@@ -124,11 +124,13 @@ def _legend_margin(labels: Sequence[str]) -> int:
 def _frame(width: int, height: int, title: str) -> list[str]:
     return [
         (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 '
+            f'{width} {height}" '
             f'role="img" aria-label="{esc(title)}">'
         ),
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14" font-weight="600">{esc(title)}</text>',
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14" '
+        f'font-weight="600">{esc(title)}</text>',
     ]
 
 
@@ -168,16 +170,19 @@ def line_plot(
     for t in xt:
         out.append(f'<line x1="{sx(t):.1f}" y1="{top}" x2="{sx(t):.1f}" y2="{top + ph}" stroke="#eee"/>')
         out.append(
-            f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">{esc(_tick_label(t, x_fmt))}</text>'
+            f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" '
+            f'font-size="11">{esc(_tick_label(t, x_fmt))}</text>'
         )
     for t in yt:
         out.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#eee"/>')
         out.append(
-            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11">{esc(_tick_label(t, y_fmt))}</text>'
+            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" '
+            f'font-size="11">{esc(_tick_label(t, y_fmt))}</text>'
         )
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
     out.append(
-        f'<text x="{left + pw / 2:.1f}" y="{height - 10}" text-anchor="middle" font-size="12">{esc(x_label)}</text>'
+        f'<text x="{left + pw / 2:.1f}" y="{height - 10}" text-anchor="middle" '
+        f'font-size="12">{esc(x_label)}</text>'
     )
     out.append(
         f'<text x="16" y="{top + ph / 2:.1f}" text-anchor="middle" font-size="12" '
@@ -185,10 +190,12 @@ def line_plot(
     )
     for y, label, color in hlines:
         out.append(
-            f'<line x1="{left}" y1="{sy(y):.1f}" x2="{left + pw}" y2="{sy(y):.1f}" stroke="{color}" stroke-dasharray="2 3"/>'
+            f'<line x1="{left}" y1="{sy(y):.1f}" x2="{left + pw}" y2="{sy(y):.1f}" stroke="{color}" '
+            'stroke-dasharray="2 3"/>'
         )
         out.append(
-            f'<text x="{left + pw - 4}" y="{sy(y) - 4:.1f}" text-anchor="end" font-size="10" fill="{color}">{esc(label)}</text>'
+            f'<text x="{left + pw - 4}" y="{sy(y) - 4:.1f}" text-anchor="end" font-size="10" '
+            f'fill="{color}">{esc(label)}</text>'
         )
     for s in series:
         if not s.points:
@@ -197,23 +204,27 @@ def line_plot(
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
             dash = ' stroke-dasharray="6 4"' if s.dashed else ""
             out.append(
-                f'<polyline points="{path}" fill="none" stroke="{s.color}" stroke-width="{s.width}" opacity="{s.opacity}"{dash}/>'
+                f'<polyline points="{path}" fill="none" stroke="{s.color}" stroke-width="{s.width}" '
+                f'opacity="{s.opacity}"{dash}/>'
             )
         radius = 3 if len(s.points) > 1 else 5  # a lone point (one ensemble) is drawn larger
         for i, (x, y) in enumerate(s.points):
             out.append(
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="{s.color}" opacity="{s.opacity}"/>'
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="{s.color}" '
+                f'opacity="{s.opacity}"/>'
             )
             if i < len(s.labels) and s.labels[i]:
                 out.append(
-                    f'<text x="{sx(x) + 4:.1f}" y="{sy(y) - 5:.1f}" font-size="9" fill="{s.color}">{esc(s.labels[i])}</text>'
+                    f'<text x="{sx(x) + 4:.1f}" y="{sy(y) - 5:.1f}" font-size="9" '
+                    f'fill="{s.color}">{esc(s.labels[i])}</text>'
                 )
     legend = [s for s in series if s.legend]
     for i, s in enumerate(legend):
         y = top + 10 + 18 * i
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         out.append(
-            f'<line x1="{left + pw + 12}" y1="{y}" x2="{left + pw + 36}" y2="{y}" stroke="{s.color}" stroke-width="2"{dash}/>'
+            f'<line x1="{left + pw + 12}" y1="{y}" x2="{left + pw + 36}" y2="{y}" stroke="{s.color}" '
+            f'stroke-width="2"{dash}/>'
         )
         out.append(f'<text x="{left + pw + 40}" y="{y + 4}" font-size="11">{esc(s.name)}</text>')
     out.append("</svg>")
@@ -263,7 +274,8 @@ def bar_chart(
     for t in yt:
         out.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#eee"/>')
         out.append(
-            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11">{esc(_tick_label(t, y_fmt))}</text>'
+            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" '
+            f'font-size="11">{esc(_tick_label(t, y_fmt))}</text>'
         )
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
     out.append(
@@ -281,14 +293,16 @@ def bar_chart(
             if stacked:
                 top_y = sy(sum(values[h][i] for h in range(g + 1)))
                 out.append(
-                    f'<rect x="{x:.1f}" y="{top_y:.1f}" width="{bw:.1f}" height="{max(base - top_y, 0):.1f}" fill="{color}">'
+                    f'<rect x="{x:.1f}" y="{top_y:.1f}" width="{bw:.1f}" '
+                    f'height="{max(base - top_y, 0):.1f}" fill="{color}">'
                     f"<title>{esc(name)}: {esc(num(v))}</title></rect>"
                 )
                 base = top_y
             else:
                 y = sy(v)
                 out.append(
-                    f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{max(base - y, 0):.1f}" fill="{color}">'
+                    f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{max(base - y, 0):.1f}" '
+                    f'fill="{color}">'
                     f"<title>{esc(name)}: {esc(num(v))}</title></rect>"
                 )
         label_x = left + slot * i + slot / 2
@@ -323,11 +337,13 @@ def heatmap(
     for j, label in enumerate(col_labels):
         x = left + j * cell + cell / 2
         out.append(
-            f'<text x="{x:.1f}" y="{top - 8}" text-anchor="start" font-size="10" transform="rotate(-40 {x:.1f} {top - 8})">{esc(label)}</text>'
+            f'<text x="{x:.1f}" y="{top - 8}" text-anchor="start" font-size="10" transform="rotate(-40 '
+            f'{x:.1f} {top - 8})">{esc(label)}</text>'
         )
     for i, label in enumerate(row_labels):
         out.append(
-            f'<text x="{left - 6}" y="{top + i * cell + cell / 2 + 4:.1f}" text-anchor="end" font-size="11">{esc(label)}</text>'
+            f'<text x="{left - 6}" y="{top + i * cell + cell / 2 + 4:.1f}" text-anchor="end" '
+            f'font-size="11">{esc(label)}</text>'
         )
         for j in range(cols):
             v = float(values[i][j])
@@ -336,12 +352,14 @@ def heatmap(
             text_color = "white" if share > 0.55 else "#222"
             x, y = left + j * cell, top + i * cell
             out.append(
-                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({r},{g},{b})" stroke="white">'
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({r},{g},{b})" '
+                'stroke="white">'
                 f"<title>{esc(row_labels[i])} / {esc(col_labels[j])}: {esc(num(v))}</title></rect>"
             )
             label = f"{int(v)}" if v == int(v) else f"{v:.2g}"
             out.append(
-                f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" font-size="10" fill="{text_color}">{esc(label)}</text>'
+                f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" font-size="10" '
+                f'fill="{text_color}">{esc(label)}</text>'
             )
     out.append("</svg>")
     return "\n".join(out)
@@ -371,7 +389,8 @@ def assignment_svg(
     ]
     if len(class_names) != classes or len(member_names) != members:
         raise ShapeError(
-            f"{len(member_names)} member and {len(class_names)} class labels for a {members} x {classes} table"
+            f"{len(member_names)} member and {len(class_names)} class labels for a {members} x "
+            f"{classes} table"
         )
     svg = heatmap(counts.tolist(), member_names, class_names, title=title)
     path = Path(path)
