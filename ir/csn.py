@@ -61,7 +61,7 @@ class CSN:
         return depth
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CSN":
+    def from_dict(cls, data: dict) -> CSN:
         """Rebuild from `to_dict()` output (csn.json); the network is rebuilt with `csn_network`."""
         layers = []
         for l in data["layers"]:

@@ -17,8 +17,8 @@ import copy
 import dataclasses
 import enum
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Union
 
 import numpy as np
 
@@ -296,8 +296,8 @@ class Concat:
     name: str
 
 
-ComputeLayer = Union[Dense, Conv]
-Layer = Union[Dense, Conv, Pool, Flatten, Add, Concat]
+ComputeLayer = Dense | Conv
+Layer = Dense | Conv | Pool | Flatten | Add | Concat
 # The name under which a layer lists the network's input among its sources.
 INPUT = "<input>"
 
@@ -351,7 +351,7 @@ class NetworkIR:
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
-    def copy(self) -> "NetworkIR":
+    def copy(self) -> NetworkIR:
         """A deep copy (weights included): passes transform copies, never the analysed original."""
         return copy.deepcopy(self)
 
@@ -593,7 +593,7 @@ class NetworkIR:
                 lines[-1] += f" <- {', '.join(self.inputs_of(layer.name))}"
         return "\n".join(lines)
 
-    def same_architecture(self, other: "NetworkIR", widths: bool = True) -> str | None:
+    def same_architecture(self, other: NetworkIR, widths: bool = True) -> str | None:
         """None when `other` has the same input shape, layer kinds, activations and (with `widths`) neuron
         counts; else the first difference, as a phrase for an error message."""
         if tuple(self.input_shape) != tuple(other.input_shape):

@@ -170,8 +170,9 @@ class PassResult:
     details: dict = field(default_factory=dict)
 
 
+# noqa B024 below: Pass's subclasses Analysis and Transform declare the abstract methods
 @dataclass(frozen=True)
-class Pass(abc.ABC):
+class Pass(abc.ABC):  # noqa: B024
     """Base of analyses and transforms. Subclasses are frozen dataclasses: fields are options.
 
     A subclass that needs its own `__post_init__` calls `super().__post_init__()` from it.
@@ -201,10 +202,10 @@ class Pass(abc.ABC):
                     f"is not a valid {type_name(kind)}"
                 )
 
-    def check_options(self) -> None:
+    def check_options(self) -> None:  # noqa: B027 (an optional hook: no checks by default)
         """Raise ConfigError for impossible option values (e.g. thresholds outside [0, 1])."""
 
-    def requires_module(self, module: EnsembleModule) -> None:
+    def requires_module(self, module: EnsembleModule) -> None:  # noqa: B027 (an optional hook)
         """Raise PassError (naming the pass) when this pass cannot run on `module` at all (e.g. csne
         without a peer). Checked before any analysis is computed."""
 

@@ -149,7 +149,8 @@ class CommonSubNetworkExtraction(Transform):
                 (together >= self.fire) & (correlation >= self.corr),
             )
         matches: dict[str, np.ndarray] = {l.name: np.full(l.num_neurons, -1, np.int64) for l in hidden}
-        for iteration in range(1, self.max_iter + 1):
+        # `iteration` is read after the loop (the number of iterations run): hence the noqa
+        for iteration in range(1, self.max_iter + 1):  # noqa: B007
             changed = False
             below: np.ndarray | None = None  # CSN membership of the layer below (None: the network input)
             for layer in hidden:

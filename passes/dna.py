@@ -22,7 +22,6 @@ from codec.passes.activations import ActivationAnalysis
 from codec.passes.base import Analysis, AnalysisManagerProtocol, EnsembleModule, PassError
 from codec.passes.registry import register_pass
 
-
 DeadNeurons = dict[str, dict[str, np.ndarray]]  # member -> hidden layer -> dead neuron indices
 
 

@@ -278,8 +278,11 @@ def test_api_compiles_a_small_cnn_module_on_numpy_images(tmp_path):
     from codec.runtime.data import load_dataset as load
 
     data = load("mnist_small").subset(600, 200, seed=0)
+
     # uint8 NHWC images as a user holds them; codec scales them to [0, 1] and makes them NCHW.
-    to_user = lambda x: np.round(x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    def to_user(x):
+        return np.round(x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+
     result = codec.compile(
         _SmallCNN(),
         (to_user(data.x_train), data.y_train, None, None, to_user(data.x_test), data.y_test),

@@ -63,7 +63,7 @@ def test_rendered_help_lines_agree(commands, monkeypatch):
         for flag in DATA_OPTIONS:
             line = next(l for l in text.splitlines() if l.strip().startswith(flag + " "))
             lines.setdefault(flag, {})[name] = re.sub(r"\s*\(default [^)]*\)$", "", " ".join(line.split()))
-    for flag, by_command in lines.items():
+    for by_command in lines.values():
         assert len(set(by_command.values())) == 1, by_command
 
 

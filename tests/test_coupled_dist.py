@@ -303,7 +303,10 @@ def test_one_process_is_train_coupled():
     b = train_coupled(build_treenet(mlp, 2, "relu1", 3), x, y, None, None, config, options)
     for key, value in b.module.state_dict().items():
         assert torch.equal(a.module.state_dict()[key], value)
-    drop = lambda history: [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+    def drop(history):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
     assert drop(a.history) == drop(b.history) and len(a.history) == 2
     with pytest.raises(ConfigError, match="unknown trunk mode 'sideways'"):
         train_coupled_distributed(

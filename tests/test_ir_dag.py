@@ -114,7 +114,9 @@ def _gelu_graph(mul_form: bool, scale_after: float | None = None) -> bytes:
     """A Gemm and GELU written out as nodes: Div by sqrt(2) (the legacy exporter) or Mul by 1/sqrt(2)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)
+    def c(name, v):
+        return numpy_helper.from_array(np.array(v, np.float32), name)
+
     first = (
         helper.make_node("Mul", ["h", "k"], ["s"], name="scale")
         if mul_form

@@ -43,8 +43,8 @@ def test_wheel_contains_and_imports_everything(tmp_path):
         "import codec, codec.ir, codec.passes, codec.runtime.execution.profile, codec.runtime.data, "
         "codec.models, codec.cli;"
         "from codec.runtime.data import load_dataset;"
-        "assert codec.__file__.startswith(%r), codec.__file__;"
-        "print(load_dataset('mnist_small').x_train.shape)" % str(site)
+        f"assert codec.__file__.startswith({str(site)!r}), codec.__file__;"
+        "print(load_dataset('mnist_small').x_train.shape)"
     )
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONSAFEPATH="1")
     run = subprocess.run(

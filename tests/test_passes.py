@@ -119,7 +119,6 @@ def test_csn_rewrite_is_a_reordering_when_csn_inputs_are_closed(calibration):
 
 def test_fold_mean_vs_drop(calibration):
     main, peer, *_ = planted_pair(np.random.default_rng(0))
-    x = calibration.x[:500]
     outs = {}
     for mode in ("fold_mean", "drop"):
         out, _ = run(

@@ -49,9 +49,8 @@ def _hidden_outputs(module: nn.Sequential, x: np.ndarray) -> list[np.ndarray]:
     outs, h = [], torch.from_numpy(x)
     layers = list(module)
     with torch.no_grad():
-        for i, layer in enumerate(layers):
+        for layer in layers:
             h = layer(h)
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
             is_act = isinstance(layer, (nn.ReLU, nn.Sigmoid, nn.Tanh))
             if is_act:
                 outs.append(h.numpy().copy())

@@ -11,10 +11,10 @@ import torch
 
 from codec.errors import ConfigError, DataError, ModelLoadError
 from codec.models import build_model, get_recipe
+from codec.pipelines.train import train_recipe
 from codec.runtime.data import load_dataset
 from codec.runtime.evaluation.metrics import accuracy
 from codec.runtime.execution.session import create_session, predict
-from codec.pipelines.train import train_recipe
 from codec.runtime.training.train import (
     TrainConfig,
     export_onnx,

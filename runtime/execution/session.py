@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from codec.errors import ModelLoadError, ShapeError, first_line
-from codec.runtime.execution.inputs import InputSpec, batches
 from codec.io import regular_file
+from codec.runtime.execution.inputs import InputSpec, batches
 
 
 def providers() -> list[str]:

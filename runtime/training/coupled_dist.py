@@ -447,7 +447,8 @@ class _DistributedCoupledUnit(_CoupledUnit):
                     "monitored": monitored if monitored is not None else self.train_loss,
                     "error": None,
                 }
-            except Exception as exc:  # noqa: BLE001 - the other ranks wait for a decision: send them any failure
+            # the other ranks wait for a decision: send them any failure
+            except Exception as exc:  # noqa: BLE001
                 failure = exc
                 decision = {"error": [isinstance(exc, DataError), f"{type(exc).__name__}: {exc}"]}
         decision = distributed.broadcast(decision)

@@ -18,8 +18,9 @@ import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from codec.errors import CodecError
 
@@ -102,7 +103,8 @@ def exit_process(code: int = 0) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001, S110 - a closed or broken stream must not change the exit status
+            # a closed or broken stream must not change the exit status
+            except Exception:  # noqa: BLE001, S110
                 pass
         os._exit(code)
 

@@ -302,8 +302,12 @@ def summarise_recipe(per_seed: list[dict], n_boot: int) -> dict:
                 out.append(None)
         return out
 
-    t1 = lambda s: s["table1"]
-    t2 = lambda s: s["table2"]
+    def t1(s):
+        return s["table1"]
+
+    def t2(s):
+        return s["table2"]
+
     budget_verdicts = [
         t2(s)["at_budget"]["vs_baseline"]["verdict"]
         if t2(s)["at_budget"]

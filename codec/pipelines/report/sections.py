@@ -801,7 +801,10 @@ def _comparison_section(r: dict) -> str:
 def _inference_section(inf: dict) -> str:
     rows = []
     for b in inf["batches"]:
-        rate = lambda v: f"{v:,.0f}"
+
+        def rate(v):
+            return f"{v:,.0f}"
+
         rows.append(
             [
                 esc(b["batch"]),
