@@ -645,24 +645,10 @@ def train_coupled(
         ConfigError: options that do not fit (members, loss), or a checkpoint written under other options.
         DataError: bad data or a non-finite loss (names the epoch and batch).
     """
-    config.validate()
-    if config.loss != "ce":
-        raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
-    if treenet.members != options.members:
-        raise ConfigError(
-            f"the TreeNet has {treenet.members} members but the options ask for {options.members}"
-        )
-    x_t, _, _, _ = _check_training_data(x_train, y_train, x_val, y_val, "ce")
-    n = x_t.shape[0]
-    weights = (
-        torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
+    _, _, _, _, weights, bag_unique, step_config = coupled_setup(
+        treenet, x_train, y_train, x_val, y_val, config, options
     )
-    bag_unique = (
-        [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
-    )
-    step_config = config
-    if options.lr_scale_by_members:
-        step_config = dataclasses.replace(config, lr=config.lr * options.members)
+    n = x_train.shape[0]
 
     def objective(module, member_config, seed, device):
         return _CoupledUnit(module, step_config, options, weights, n, device)
@@ -686,6 +672,38 @@ def train_coupled(
         else lambda e, record: on_epoch_end(e, record["members"][0]),
         objective=objective,
     )
+    return coupled_result(treenet, run, bag_unique)
+
+
+def coupled_setup(treenet, x_train, y_train, x_val, y_val, config: TrainConfig, options):
+    """What a coupled run (single-process or distributed) checks and derives before training.
+
+    Returns (x, y, x_val, y_val) as tensors, the bootstrap weights (None without bagging), each member's
+    share of unique examples, and the config a step uses (lr scaled by the members if asked).
+    """
+    config.validate()
+    if config.loss != "ce":
+        raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
+    if treenet.members != options.members:
+        raise ConfigError(
+            f"the TreeNet has {treenet.members} members but the options ask for {options.members}"
+        )
+    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, "ce")
+    n = x_t.shape[0]
+    weights = (
+        torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
+    )
+    bag_unique = (
+        [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
+    )
+    step_config = config
+    if options.lr_scale_by_members:
+        step_config = dataclasses.replace(config, lr=config.lr * options.members)
+    return x_t, y_t, xv_t, yv_t, weights, bag_unique, step_config
+
+
+def coupled_result(treenet, run, bag_unique) -> CoupledResult:
+    """The engine's run of a TreeNet (its one module) as a CoupledResult."""
     result = run.members[0]
     return CoupledResult(
         module=treenet,

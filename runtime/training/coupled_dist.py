@@ -54,14 +54,14 @@ from codec.runtime.training.coupled import (
     TreeNet,
     _CoupledUnit,
     _stream_seed,
-    bootstrap_weights,
+    coupled_result,
+    coupled_setup,
     train_coupled,
 )
 from codec.runtime.training.engine import train_members
 from codec.runtime.training.losses import EnsembleLoss
 from codec.runtime.training.train import (
     _TRAJECTORY_FIELDS,
-    _check_training_data,
     _make_optimizer,
     _make_scheduler,
     seed_everything,
@@ -562,26 +562,12 @@ def train_coupled_distributed(
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return train_coupled(treenet, x_train, y_train, x_val, y_val, config, options, desc=desc)
 
-    config.validate()
-    if config.loss != "ce":
-        raise ConfigError(f"coupled ensembles train classifiers (loss 'ce'), not {config.loss!r}")
-    if treenet.members != options.members:
-        raise ConfigError(
-            f"the TreeNet has {treenet.members} members but the options ask for {options.members}"
-        )
-    x_t, y_t, xv_t, yv_t = _check_training_data(x_train, y_train, x_val, y_val, "ce")
+    x_t, y_t, xv_t, yv_t, weights, bag_unique, step_config = coupled_setup(
+        treenet, x_train, y_train, x_val, y_val, config, options
+    )
     rank, size = dist.get_rank(), dist.get_world_size()
     device = _resolve_device(config)
     n = x_t.shape[0]
-    weights = (
-        torch.from_numpy(bootstrap_weights(n, options.members, config.seed)) if options.bagging else None
-    )
-    bag_unique = (
-        [float((w > 0).float().mean()) for w in weights] if weights is not None else [1.0] * options.members
-    )
-    step_config = config
-    if options.lr_scale_by_members:
-        step_config = dataclasses.replace(config, lr=config.lr * options.members)
 
     previous_threads = torch.get_num_threads()
     if config.num_threads:
@@ -629,16 +615,7 @@ def train_coupled_distributed(
         desc=desc,
         objective=objective,
     )
-    result = run.members[0]
-    return CoupledResult(
-        module=treenet,
-        history=result.history,
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        train_seconds=result.train_seconds,
-        stopped_early=result.stopped_early,
-        bag_unique=bag_unique,
-    )
+    return coupled_result(treenet, run, bag_unique)
 
 
 __all__ = [
