@@ -12,14 +12,27 @@ For classifiers the module returns logits (the output layer's softmax is left to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.errors import ShapeError
-from codec.ir.network import INPUT, Add, Concat, Conv, Dense, Flatten, NetworkIR, Pool, Role, is_compute
+from codec.errors import ConfigError, ShapeError
+from codec.ir.network import (
+    INPUT,
+    Activation,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    NetworkIR,
+    Pool,
+    Role,
+    is_compute,
+)
 
 
 def activation(kind: str, alpha: float, z: torch.Tensor) -> torch.Tensor:
@@ -242,3 +255,132 @@ def reinitialise_trainable(module: IRModule, seed: int) -> None:
                 bound = 1.0 / math.sqrt(fan_in)
                 block.weight.copy_(torch.rand(block.weight.shape, generator=generator) * 2 * bound - bound)
                 block.bias.copy_(torch.rand(block.bias.shape, generator=generator) * 2 * bound - bound)
+
+
+# torch nn.Sequential (the zoo's modules, a TreeNet's trunk and branches) -> NetworkIR, without an ONNX
+# round trip: the coupled pipeline builds each member's IR from its trained modules this way.
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def sequential_to_network(
+    model: nn.Sequential,
+    input_shape: Sequence[int],
+    names: Sequence[str],
+    *,
+    frozen_modules: int = 0,
+    name: str = "member",
+) -> NetworkIR:
+    """A classifier Sequential (logits out) as a NetworkIR outputting probabilities (softmax appended).
+
+    Activations become the activation of the compute layer before them (across max pools and flattens,
+    which commute with monotone activations); Dropout is dropped (inference). Compute layers made from
+    the first `frozen_modules` modules get Role.FROZEN_SHARED on every neuron.
+
+    Raises:
+        ConfigError: a module codec cannot express (named), or a network that does not end in a weighted
+            layer.
+    """
+    layers: list = []
+    frozen = np.int8(Role.FROZEN_SHARED)
+
+    def roles(index: int, count: int):
+        return np.full(count, frozen, np.int8) if index < frozen_modules else None
+
+    for index, (module, label) in enumerate(zip(model, names)):
+        kind = type(module)
+        if kind is nn.Conv2d:
+            if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+                raise ConfigError(
+                    f"cannot export {label}: only zero-padded Conv2d with groups=1 and numeric padding"
+                )
+            weight = module.weight.detach().cpu().numpy()
+            bias = (
+                module.bias.detach().cpu().numpy()
+                if module.bias is not None
+                else np.zeros(weight.shape[0], np.float32)
+            )
+            ph, pw = _pair(module.padding)
+            layers.append(
+                Conv(
+                    label,
+                    weight,
+                    bias,
+                    Activation(),
+                    roles(index, weight.shape[0]),
+                    strides=_pair(module.stride),
+                    pads=(ph, pw, ph, pw),
+                    dilations=_pair(module.dilation),
+                )
+            )
+        elif kind is nn.Linear:
+            weight = module.weight.detach().cpu().numpy()
+            bias = (
+                module.bias.detach().cpu().numpy()
+                if module.bias is not None
+                else np.zeros(weight.shape[0], np.float32)
+            )
+            layers.append(Dense(label, weight, bias, Activation(), roles(index, weight.shape[0])))
+        elif kind in (nn.MaxPool2d, nn.AvgPool2d):
+            kernel = _pair(module.kernel_size)
+            stride = _pair(module.stride if module.stride is not None else module.kernel_size)
+            ph, pw = _pair(module.padding)
+            if kind is nn.MaxPool2d:
+                if _pair(module.dilation) != (1, 1) or module.return_indices:
+                    raise ConfigError(f"cannot export {label}: dilated max pooling or pooling indices")
+                layers.append(
+                    Pool(label, "max", kernel, stride, (ph, pw, ph, pw), ceil_mode=bool(module.ceil_mode))
+                )
+            else:
+                if module.divisor_override is not None:
+                    raise ConfigError(f"cannot export {label}: average pooling with divisor_override")
+                layers.append(
+                    Pool(
+                        label,
+                        "avg",
+                        kernel,
+                        stride,
+                        (ph, pw, ph, pw),
+                        ceil_mode=bool(module.ceil_mode),
+                        count_include_pad=bool(module.count_include_pad),
+                    )
+                )
+        elif kind is nn.Flatten:
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise ConfigError(f"cannot export {label}: Flatten must flatten dims 1..-1")
+            layers.append(Flatten(label))
+        elif kind in _ACTIVATION_MODULES:
+            alpha = float(module.negative_slope) if kind is nn.LeakyReLU else 0.01
+            _fold_activation(layers, Activation(_ACTIVATION_MODULES[kind], alpha), label)
+        elif kind in (nn.Dropout, nn.Identity):
+            continue
+        else:
+            raise ConfigError(f"cannot export {label} ({kind.__name__}) to codec's IR")
+    if not layers or not is_compute(layers[-1]) or layers[-1].activation.kind != "identity":
+        raise ConfigError(
+            "a fused classifier ensemble needs members ending in a Linear or Conv2d layer that outputs logits"
+        )
+    layers[-1].activation = Activation("softmax")
+    return NetworkIR(name, "input", "output", tuple(int(d) for d in input_shape), layers)
+
+
+def _fold_activation(layers: list, act: Activation, label: str) -> None:
+    """Put `act` on the last compute layer, past the max pools and flattens after it (they commute)."""
+    for layer in reversed(layers):
+        if is_compute(layer):
+            if layer.activation.kind != "identity":
+                raise ConfigError(
+                    f"cannot export {label}: {layer.name} already has the activation {layer.activation.kind}"
+                )
+            layer.activation = act
+            return
+        if isinstance(layer, Pool) and layer.mode == "max" or isinstance(layer, Flatten):
+            continue
+        raise ConfigError(
+            f"cannot export {label}: an activation after {layer.name} ({layer.mode} pool) does not "
+            "commute into the layer before it"
+        )
+    raise ConfigError(f"cannot export {label}: an activation with no weighted layer before it")
