@@ -71,6 +71,7 @@ from codec.runtime.training.train import (
     EarlyStopping,
     TrainConfig,
     _check_training_data,
+    batched_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -441,16 +442,7 @@ class CoupledResult:
 def ensemble_logits(treenet: nn.Module, x, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """(M, N, K) logits of every member on `x`, in eval mode, on the CPU (train/eval mode restored)."""
     x_t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    device = next(treenet.parameters()).device
-    was_training = treenet.training
-    treenet.eval()
-    try:
-        parts = [
-            treenet(x_t[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x_t), batch_size)
-        ]
-    finally:
-        treenet.train(was_training)
-    return torch.cat(parts, dim=1)
+    return batched_forward(treenet, x_t, batch_size, dim=1)
 
 
 def _validation(logits: torch.Tensor, labels: torch.Tensor, loss: EnsembleLoss, monitor: str) -> dict:

@@ -411,30 +411,17 @@ class _StackedUnit:
         self.names: list[str] = []  # state-dict keys of the template, in parameter order
         self.params: list[torch.Tensor] = []
         for position, layer in enumerate(template):
-            if isinstance(layer, nn.Linear):
-                weight = torch.stack([m[position].weight.detach() for m in modules]).to(device)
-                self.plan.append(("linear", len(self.params)))
-                self.params.append(weight.clone().requires_grad_(True))
-                self.names.append(f"{position}.weight")
-                if layer.bias is not None:
-                    bias = torch.stack([m[position].bias.detach() for m in modules]).to(device)
-                    self.params.append(bias.clone().requires_grad_(True))
-                    self.names.append(f"{position}.bias")
-                else:
-                    self.params.append(None)  # type: ignore[arg-type]
-                    self.names.append("")
-            elif isinstance(layer, nn.Conv2d):
-                weight = torch.stack([m[position].weight.detach() for m in modules]).to(device)
-                self.plan.append(("conv", (len(self.params), layer)))
-                self.params.append(weight.clone().requires_grad_(True))
-                self.names.append(f"{position}.weight")
-                if layer.bias is not None:
-                    bias = torch.stack([m[position].bias.detach() for m in modules]).to(device)
-                    self.params.append(bias.clone().requires_grad_(True))
-                    self.names.append(f"{position}.bias")
-                else:
-                    self.params.append(None)  # type: ignore[arg-type]
-                    self.names.append("")
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+                self.plan.append((kind, len(self.params) if kind == "linear" else (len(self.params), layer)))
+                for attr in ("weight", "bias"):
+                    if getattr(layer, attr) is None:  # only a bias can be absent
+                        self.params.append(None)  # type: ignore[arg-type]
+                        self.names.append("")
+                        continue
+                    stacked = torch.stack([getattr(m[position], attr).detach() for m in modules]).to(device)
+                    self.params.append(stacked.clone().requires_grad_(True))
+                    self.names.append(f"{position}.{attr}")
             elif isinstance(layer, nn.Flatten):
                 self.plan.append(("flatten", None))
             elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):

@@ -617,6 +617,13 @@ def predict_torch(module: nn.Module, x, batch_size: int = 512) -> np.ndarray:
     x_t = _as_tensor(x, "inputs", torch.float32)
     if x_t.shape[0] == 0:
         raise DataError("no inputs to run the model on (empty data)")
+    return batched_forward(module, x_t, batch_size).numpy()
+
+
+@torch.no_grad()
+def batched_forward(module: nn.Module, x_t: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
+    """`module`'s float outputs on `x_t` in eval mode, `batch_size` rows at a time, concatenated along
+    `dim` on the CPU (the batch axis: 0 for a member, 1 for a TreeNet's (M, N, K)); train mode restored."""
     try:
         device = next(module.parameters()).device
     except StopIteration:
@@ -629,7 +636,7 @@ def predict_torch(module: nn.Module, x, batch_size: int = 512) -> np.ndarray:
         ]
     finally:
         module.train(was_training)
-    return torch.cat(parts).numpy()
+    return torch.cat(parts, dim=dim)
 
 
 def export_onnx(
