@@ -726,11 +726,14 @@ def test_sessions_put_cuda_first_when_onnxruntime_has_it(monkeypatch):
     assert providers() == ["CPUExecutionProvider"]
 
 
-def test_packed_ensemble_runs_on_cuda_like_on_cpu():
+def _ort_has_cuda() -> bool:
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("this onnxruntime build has no CUDA provider")
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _ort_has_cuda(), reason="this onnxruntime build has no CUDA provider")
+def test_packed_ensemble_runs_on_cuda_like_on_cpu():
     from codec.runtime.execution.session import create_session
 
     rng = np.random.default_rng(18)
