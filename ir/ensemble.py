@@ -432,26 +432,27 @@ def _emit_member(
             value = builder.structural(layer, value, shared_prefix="csn/" if from_csn else None)
             continue
         if l < plan.depth:
-            k = int((layer.roles == Role.FROZEN_SHARED).sum())
-            if k < layer.num_neurons:
-                own = replace(
-                    layer,
-                    name=f"{layer.name}.own",
-                    weight=layer.weight[k:],
-                    bias=layer.bias[k:],
-                    roles=layer.roles[k:],
-                )
-                own_value = builder.layer(own, value)
-                value = builder.node(
-                    "Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1}
-                )
-                from_csn = False
-            else:
-                value, from_csn = csn_values[l], True
+            value, from_csn = _emit_shared_layer(builder, layer, value, csn_values[l], prefix)
         else:
             value, from_csn = builder.layer(layer, value), False
         l += 1
     return value
+
+
+def _emit_shared_layer(
+    builder: _FusedBuilder, layer, value: ir.Value, csn_value: ir.Value, prefix: str
+) -> tuple[ir.Value, bool]:
+    """A member's layer that shares its leading (frozen) neurons with the CSN layer `csn_value`: the
+    member computes only its own neurons and concatenates them after the CSN's. Returns the layer's value
+    and whether it is the whole CSN layer (the same value for every member)."""
+    k = int((layer.roles == Role.FROZEN_SHARED).sum())
+    if k == layer.num_neurons:
+        return csn_value, True
+    own = replace(
+        layer, name=f"{layer.name}.own", weight=layer.weight[k:], bias=layer.bias[k:], roles=layer.roles[k:]
+    )
+    own_value = builder.layer(own, value)
+    return builder.node("Concat", [csn_value, own_value], f"{prefix}{layer.name}.concat", {"axis": 1}), False
 
 
 def _emit_dag_member(
@@ -477,21 +478,8 @@ def _emit_dag_member(
             if from_csn:
                 shared_value.add(layer.name)
         elif l < plan.depth:
-            k = int((layer.roles == Role.FROZEN_SHARED).sum())
-            if k < layer.num_neurons:
-                own = replace(
-                    layer,
-                    name=f"{layer.name}.own",
-                    weight=layer.weight[k:],
-                    bias=layer.bias[k:],
-                    roles=layer.roles[k:],
-                )
-                own_value = builder.layer(own, ins[0])
-                value = builder.node(
-                    "Concat", [csn_values[l], own_value], f"{prefix}{layer.name}.concat", {"axis": 1}
-                )
-            else:
-                value = csn_values[l]
+            value, whole = _emit_shared_layer(builder, layer, ins[0], csn_values[l], prefix)
+            if whole:
                 shared_value.add(layer.name)
         else:
             value = builder.layer(layer, ins[0])
