@@ -18,6 +18,7 @@ from codec.commands._common import (
     small_overrides,
     table,
 )
+from codec.ir.criteria import CRITERIA
 
 
 def register(subparsers) -> None:
@@ -134,7 +135,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--criterion",
-        choices=("prod", "mean", "vote", "max"),
+        choices=CRITERIA,
         default=None,
         help="collect criterion (default prod for classifiers, mean for autoencoders)",
     )
