@@ -32,10 +32,19 @@ slices of the stacked tensors, with no functional optimizer.
 Convolutional layers are stacked as one grouped convolution (groups = K over the members' channels,
 concatenated): that is float-close to K separate convolutions, not bit-identical (tests/test_engine.py).
 
-Members that cannot be stacked (dropout with p > 0, batch norm, grown members with their frozen CSN,
-custom modules) are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within
-each epoch by the same loop, each with its own global-RNG state swapped in for its steps, so dropout draws
-the same masks as a separate run would.
+**Grown members** (runtime/training/grow.py: `IRModule`s built from one CSNE template, or the
+`CachedCSNModule`s around them) are stacked by `_GrownStackedUnit` when `grown_unstackable_reason` finds
+nothing against it (a chain of dense and ungrouped conv IRLayers, pools and Flattens) and they share one
+CSN: each layer's trainable rows are stacked [K, out - k, in] as above, and its k frozen CSN rows, the same
+in every member, are read from the CSN-cache columns of each member's own batch or, uncached, computed for
+all K members' batches by one no-grad product. Dense grown members are bit-identical to their module-unit
+runs on CPU; conv ones float-close (grouped convolution). A grown member that cannot be stacked (a DAG
+member, a grouped convolution, a softmax inside the network) is a module unit, and grow.py records why.
+
+Members that cannot be stacked (dropout with p > 0, batch norm, custom modules, the grown members above)
+are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within each epoch by the
+same loop, each with its own global-RNG state swapped in for its steps, so dropout draws the same masks as
+a separate run would.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ Because CSN neurons depend only on the input and never change, their pre-activat
 once for the whole training set and cached (`cache`): each training step then skips the CSN's forward
 pass. The cache is fed to the model as extra input columns, so the ordinary training loop (early
 stopping, checkpoints, exact resume) trains grown members unchanged. `train_grown_members` trains several
-grown members in one engine run (runtime/training/engine.py) with the cache computed once for all of them;
-they are module units there, not stacked (the stacked layout covers plain MLPs only).
+grown members in one engine run (runtime/training/engine.py) with the cache computed once for all of them,
+stacked (`engine._GrownStackedUnit`: one forward and backward per step for all K, the trainable rows as
+[K, out - k, in] tensors, the frozen CSN pre-activations read from the cache or, uncached, computed once
+per step for all K members' batches). Members the stacked layout cannot compute (DAG members, grouped
+convolutions) train as module units; each member's facts say whether it was stacked ("stacked") and, if
+not, why ("unstacked_reason").
 """
 
 from __future__ import annotations
