@@ -269,3 +269,53 @@ def test_unstackable_grown_members_are_module_units_and_say_why(template, data):
     for _, _, facts in grown:
         assert not facts["stacked"]
         assert facts["unstacked_reason"] == "a softmax that is not the last layer's logits"
+
+
+def test_lifted_members_without_a_csn_are_stacked_too(data):
+    """`--model` members (IRModules with no frozen rows) take the same stacked unit, exactly."""
+    import torch
+
+    from codec.runtime.training.engine import train_members
+    from codec.runtime.training.torch_ir import IRModule, reinitialise_trainable
+
+    main, *_ = planted_pair(np.random.default_rng(0))
+    x, y, xv, yv = data
+
+    def members():
+        modules = [IRModule(main) for _ in range(3)]
+        for seed, module in enumerate(modules):
+            reinitialise_trainable(module, seed)
+        return modules
+
+    runs = [
+        train_members(members(), x, y, xv, yv, _config(), seeds=[0, 1, 2], stack=stack)
+        for stack in (True, False)
+    ]
+    assert runs[0].stacked == [0, 1, 2] and runs[1].stacked == []
+    for a, b in zip(runs[0].members, runs[1].members):
+        sa, sb = a.module.state_dict(), b.module.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_module_unit_checkpoint_is_refused_by_the_stacked_run(template, data, tmp_path):
+    """A grow checkpoint written with module units is not reinterpreted as a stacked one: one line."""
+    from codec.errors import ConfigError
+    from codec.runtime.training.grow import train_grown_members
+
+    rewritten, _ = template
+    x, y, xv, yv = data
+    path = tmp_path / "grown.ckpt"
+    config = dataclasses.replace(_config(), max_epochs=1)
+    train_grown_members(rewritten, x, y, xv, yv, config, seeds=[5, 6], checkpoint_path=path, stack=False)
+    with pytest.raises(ConfigError, match="stacked otherwise"):
+        train_grown_members(
+            rewritten,
+            x,
+            y,
+            xv,
+            yv,
+            dataclasses.replace(config, max_epochs=2),
+            seeds=[5, 6],
+            checkpoint_path=path,
+            resume=True,
+        )

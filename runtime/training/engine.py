@@ -40,6 +40,7 @@ in every member, are read from the CSN-cache columns of each member's own batch 
 all K members' batches by one no-grad product. Dense grown members are bit-identical to their module-unit
 runs on CPU; conv ones float-close (grouped convolution). A grown member that cannot be stacked (a DAG
 member, a grouped convolution, a softmax inside the network) is a module unit, and grow.py records why.
+The same unit stacks lifted members without a CSN (`codec compile --model`: IRModules, no frozen rows).
 
 Members that cannot be stacked (dropout with p > 0, batch norm, custom modules, the grown members above)
 are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within each epoch by the
