@@ -153,16 +153,59 @@ def _assert_same_members(stacked, units, atol=0.0):
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
-def test_stacked_grown_members_equal_module_units_with_early_stopping(template, data, cache):
+def test_stacked_grown_members_equal_module_units_with_early_stopping(
+    template, data, cache, tmp_path, monkeypatch
+):
     """Exact on CPU: the stacked dense layers are nn.Linear's operations; one member stops early and is
-    frozen while the others go on."""
+    frozen (its stacked rows and optimizer steps no longer move) while the others go on."""
+    import torch
+
+    from codec.runtime.training import engine
+
     rewritten, _ = template
     config = dataclasses.replace(_config(), lr=5e-2, max_epochs=10, patience=1)
-    stacked, units = _train_both(rewritten, data, config, [5, 6, 7, 8], GrowOptions(cache=cache))
+    saved = {}
+    save = engine._save_checkpoint
+
+    def save_and_keep(where, state):
+        save(where, state)
+        if where.name == "stacked.ckpt":
+            saved[state["epoch"]] = state["units"][0]
+
+    monkeypatch.setattr(engine, "_save_checkpoint", save_and_keep)
+    seeds, options = [5, 6, 7, 8], GrowOptions(cache=cache)
+    stacked, units = [
+        _train_with_checkpoint(rewritten, data, config, seeds, options, stack, tmp_path / name)
+        for stack, name in ((True, "stacked.ckpt"), (False, "units.ckpt"))
+    ]
     assert all(facts["csn_cache"] == (cache == "on") for _, _, facts in stacked)
     epochs = [result.epochs_run for _, result, _ in stacked]
     assert min(epochs) < max(epochs)  # someone stopped early while another went on
     _assert_same_members(stacked, units)
+    early = epochs.index(min(epochs))
+    at_stop, last = saved[min(epochs)], saved[max(epochs)]
+    assert last["optimizer"]["steps"][early] == at_stop["optimizer"]["steps"][early]
+    for before, after in zip(at_stop["params"], last["params"]):
+        assert torch.equal(before[early], after[early])
+        assert not torch.equal(before[epochs.index(max(epochs))], after[epochs.index(max(epochs))])
+
+
+def _train_with_checkpoint(template, data, config, seeds, options, stack, checkpoint_path):
+    from codec.runtime.training.grow import train_grown_members
+
+    x, y, xv, yv = data
+    return train_grown_members(
+        template,
+        x,
+        y,
+        xv,
+        yv,
+        config,
+        seeds=seeds,
+        options=options,
+        stack=stack,
+        checkpoint_path=checkpoint_path,
+    )
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
