@@ -479,14 +479,23 @@ def _size_points(task, val: np.ndarray, test: np.ndarray, val_target, test_targe
     ]
 
 
+# A value within this relative distance of the target counts as reaching it: the same members scored
+# after a graph rewrite (CODE's main and peer after the passes: neurons reordered) differ from the
+# baseline's in float32 summation order, about 1e-10 relative in an MSE, and that must not decide.
+REACH_RTOL = 1e-6
+
+
 def time_to_quality(task, points: list[dict], target_val: float, baseline_seconds: float) -> dict:
     """The earliest size at which an arm's ensemble reaches `target_val` on validation (decided on
     validation, reported with its test quality, like `codec bench`), or "not reached".
 
     Points need not be sorted by time (sizes that share one time are common): the earliest by seconds wins,
-    the smaller size on a tie.
+    the smaller size on a tie. Reaching allows `REACH_RTOL` of float noise.
     """
-    reaching = [p for p in points if task.reaches(p["val"], target_val)]
+    slack = REACH_RTOL * abs(target_val)
+    reaching = [
+        p for p in points if task.reaches(p["val"], target_val) or abs(p["val"] - target_val) <= slack
+    ]
     if not reaching:
         return {"reached": False, "k": None, "seconds": None, "val": None, "test": None, "fraction": None}
     first = min(reaching, key=lambda p: (p["seconds"], p["k"]))
@@ -522,8 +531,9 @@ def end_to_end(
       for a smaller size; it is not run.)
 
     Every time is training seconds (plus the passes for CODE): data loading, export and scoring are out of
-    every arm. The target is the full baseline's (n_baseline members) validation quality with the recipe's
-    default criterion; each arm's earliest size reaching it is reported with its test quality.
+    every arm. Every arm's members are scored by onnxruntime on their ONNX files. The target is the full
+    baseline's (n_baseline members) validation quality with the recipe's default criterion; each arm's
+    earliest size reaching it (within `REACH_RTOL`) is reported with its test quality.
     """
     import dataclasses
 
@@ -532,7 +542,7 @@ def end_to_end(
     from codec.pipelines.data import load_recipe_data
     from codec.runtime.evaluation.scoring import member_outputs, softmax_scores
     from codec.runtime.evaluation.stats import Task
-    from codec.runtime.training.train import predict_torch
+    from codec.runtime.training.train import export_onnx
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     recipe = get_recipe(recipe_name)
@@ -541,18 +551,27 @@ def end_to_end(
     task = Task(recipe.task, default_criterion(recipe.task))
     val_target, test_target = data.target("val"), data.target("test")
 
-    def outputs(module, x):
-        out = predict_torch(module, x, batch_size=1024)
+    def scored(files: list[Path], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every arm's members are scored the same way, by onnxruntime on their ONNX files, as compile's
+        report scores them (a torch-scored baseline would differ from CODE in float noise alone)."""
+        val = member_outputs(files, data.x_val, names=names, threads=threads)
+        test = member_outputs(files, data.x_test, names=names, threads=threads)
         if data.classify:
-            return torch.softmax(torch.from_numpy(out).double(), dim=1).numpy()
-        return out.reshape(len(out), -1)
+            return softmax_scores(val, names)[0], softmax_scores(test, names)[0]
+        return val.reshape(len(files), len(data.x_val), -1), test.reshape(len(files), len(data.x_test), -1)
+
+    def exported(modules, arm: str) -> list[Path]:
+        return [
+            export_onnx(module, workdir / f"{arm}_{i}.onnx", data.input_shape, task=recipe.task)
+            for i, module in enumerate(modules)
+        ]
 
     def build(i):
         return recipe.build(data.input_shape, data.num_outputs, seed=seed + i)
 
     # baseline: N separate loops, one after the other
     load_before = _loadavg()
-    facts, val, test = [], [], []
+    facts, modules = [], []
     for i in range(n_baseline):
         result = train_member(
             build(i),
@@ -563,14 +582,14 @@ def end_to_end(
             dataclasses.replace(config, seed=seed + i),
         )
         facts.append({"seed": seed + i, "epochs": result.epochs_run, "train_seconds": result.train_seconds})
-        val.append(outputs(result.module, data.x_val))
-        test.append(outputs(result.module, data.x_test))
+        modules.append(result.module)
         print(
             f"e2e baseline member {i}: {result.epochs_run} epochs, {result.train_seconds:.1f} s",
             file=sys.stderr,
         )
     cumulative = np.cumsum([f["train_seconds"] for f in facts])
-    baseline_points = _size_points(task, np.stack(val), np.stack(test), val_target, test_target, cumulative)
+    val, test = scored(exported(modules, "baseline"), [f"baseline_{i}" for i in range(n_baseline)])
+    baseline_points = _size_points(task, val, test, val_target, test_target, cumulative)
     baseline = {
         "members": facts,
         "sizes": baseline_points,
@@ -590,8 +609,9 @@ def end_to_end(
         dataclasses.replace(config, seed=seed),
         seeds=[seed + i for i in range(n_baseline)],
     )
-    val = np.stack([outputs(r.module, data.x_val) for r in trained.members])
-    test = np.stack([outputs(r.module, data.x_test) for r in trained.members])
+    val, test = scored(
+        exported([r.module for r in trained.members], "engine"), [f"engine_{i}" for i in range(n_baseline)]
+    )
     engine_seconds = [trained.train_seconds] * n_baseline  # one run: every size at its end
     engine = {
         "members": [{"seed": seed + i, "epochs": r.epochs_run} for i, r in enumerate(trained.members)],
@@ -629,16 +649,7 @@ def end_to_end(
         run_dir / "opt" / "peer.onnx",
         *[run_dir / "members" / f"{g}.onnx" for g in grown_names],
     ]
-    names = ["main", "peer", *grown_names]
-    val = member_outputs(files, data.x_val, names=names, threads=threads)
-    test = member_outputs(files, data.x_test, names=names, threads=threads)
-    if data.classify:
-        val, test = softmax_scores(val, names)[0], softmax_scores(test, names)[0]
-    else:
-        val, test = (
-            val.reshape(len(files), len(data.x_val), -1),
-            test.reshape(len(files), len(data.x_test), -1),
-        )
+    val, test = scored(files, ["main", "peer", *grown_names])
     available = [main_peer + passes] * 2 + [main_peer + passes + grown] * (n_max - 2)
     code = {
         "members": n_max,

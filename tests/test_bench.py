@@ -405,6 +405,9 @@ def test_engine_bench_time_to_quality_is_decided_on_validation_and_earliest_in_t
         {"k": 2, "seconds": 3.0, "val": 0.03, "test": 0.04},
     ]
     assert engine.time_to_quality(REC, mse, 0.04, 2.0)["k"] == 2
+    # float noise (the same ensemble scored after a rewrite) reaches; a real difference does not
+    assert engine.time_to_quality(REC, mse, 0.03 * (1 - 1e-9), 2.0)["k"] == 2
+    assert engine.time_to_quality(REC, mse, 0.03 * (1 - 1e-4), 2.0)["reached"] is False
 
 
 def test_engine_bench_end_to_end_protocol(tmp_path):
