@@ -872,10 +872,12 @@ def targets(record: dict, args) -> dict:
         cell = config["members"].get("8")
         if cell is not None and "speedup_engine_vs_separate" in cell and recipe_name == "classifier_s":
             speedup = cell["speedup_engine_vs_separate"]
-            out["classifier_s: stacked K=8 >= 3x faster per member than separate"] = {
-                "speedup": speedup,
-                "met": speedup >= 3.0,
-            }
+            target = {"speedup": speedup, "met": speedup >= 3.0}
+            roof = config.get("roofline", {}).get("per_k", {}).get("8", {})
+            if "best_possible_speedup_over_separate" in roof:
+                # beside the miss: the most any engine could gain over separate loops on this machine
+                target["machine_limit_speedup"] = roof["best_possible_speedup_over_separate"]
+            out["classifier_s: stacked K=8 >= 3x faster per member than separate"] = target
     return out
 
 
@@ -883,6 +885,12 @@ def print_summary(record: dict, args) -> None:
     if record["configs"]:
         print_arms(record, args)
     print_end_to_end(record)
+    print()
+    for name, value in record["targets"].items():
+        print(
+            f"{'met   ' if value['met'] else 'MISSED'} {name}: "
+            f"{json.dumps({k: v for k, v in value.items() if k != 'met'})}"
+        )
 
 
 def print_arms(record: dict, args) -> None:
