@@ -69,6 +69,7 @@ def test_run_writes_fused_ensemble_members_report_and_heatmap(mcl_run):
     ] == [1, 1, 1]
     assert report["n_train"] == 540 and report["n_val"] == 60 and report["n_test"] == 200
     assert report["epochs_run"] == 2 and len(report["history"]) == 2
+    assert report["heads_stacked"] is True  # MLP branches: trained as one stacked computation
     assert (out / "assignment.svg").read_text().startswith("<svg ")
     assert (out / "ensemble.ckpt").is_file()
 
@@ -162,6 +163,7 @@ def test_bagged_treenet_human_summary(tmp_path, capsys):
     assert "oracle" in out and "lowest-loss member per test example" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(0.55 < u < 0.72 for u in report["bag_unique_fraction"])
+    assert report["heads_stacked"] is False  # everything shared: no branch weights to stack
     accuracies = report["metrics"]["member_accuracies"]
     assert accuracies[0] == accuracies[1] == accuracies[2]  # full sharing: the heads are one network
 
