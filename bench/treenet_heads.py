@@ -6,12 +6,13 @@ on the bundled `mnist_small` training images (4,500; the last 500 validate) with
 leaves, runtime/training/coupled.py `_StackedHeads`) and once with ``stack_heads=False`` (the loop), the
 two arms interleaved within each repeat so load changes hit both. Epoch time is each run's median epoch
 ("seconds" in its history: training plus validation), on 1 torch thread. The load average is recorded
-before and after: the machine is shared, so the figures are rough. The two arms also end with the same
-weights (checked and recorded: exact for MLP heads).
+before and after: the machine is shared, so the figures are rough (the paired ratio, loop over stacked
+within each repeat, is the steadier one). The two arms also end with the same weights (checked and
+recorded: exact for MLP heads).
 
 Usage (from the repository root):
-    python bench/treenet_heads.py -o bench/treenet_heads.json            # M = 4 and 8, 3 repeats
-    python bench/treenet_heads.py --members 4 --repeats 1 --epochs 1     # quicker look
+    python bench/treenet_heads.py --repeats 5 -o bench/treenet_heads.json   # M = 4 and 8
+    python bench/treenet_heads.py --members 4 --repeats 1 --epochs 1        # quicker look
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ def main(argv=None) -> int:
             "median_stacked": stacked,
             "median_loop": loop,
             "speedup": loop / stacked,
+            # each repeat's two runs ran back to back: their ratio is less exposed to load changes
+            "paired_speedups": [a / b for a, b in zip(rows["loop"], rows["stacked"])],
+            "median_paired_speedup": statistics.median(a / b for a, b in zip(rows["loop"], rows["stacked"])),
             "same_weights": same,
         }
         print(
-            f"M={m}: stacked {stacked:.3f} s/epoch, loop {loop:.3f} s/epoch, {loop / stacked:.2f}x, "
-            f"same weights: {same}"
+            f"M={m}: stacked {stacked:.3f} s/epoch, loop {loop:.3f} s/epoch, {loop / stacked:.2f}x "
+            f"(median paired {results[str(m)]['median_paired_speedup']:.2f}x), same weights: {same}"
         )
     record = {
         "command": command_line(),

@@ -37,6 +37,18 @@ score- and probability-averaged losses), gradients optionally accumulated over `
 early stopping on a validation loss (`MONITORS`, see `EnsembleOptions.monitor`), a checkpoint written
 atomically at every epoch end and read with ``torch.load(weights_only=True)``, and exact resume.
 
+**Stacked heads** (`heads_stackable`, `_StackedHeads`): when the branches are stackable (more than one, of
+equal shapes, each an `nn.Sequential` the engine can stack: Linear, Conv2d, pools, element-wise
+activations, Flatten, Dropout(p=0)), training runs them as one stacked computation: each layer's weights
+one leaf [M, out, in] (the engine's `_StackedLinear`, a grouped convolution for Conv2d), the trunk's output
+fed to all M at once (`_BranchInputs`, whose backward sums the branches' gradients in autograd's order for
+M separate branches). The leaves are written back into the branch modules at the end of every training
+epoch, and the checkpoint keeps the loop's layout, so the branches stay what everything else reads
+(export, `member`, checkpoints, the distributed rank split). MLP heads train bit for bit as the loop does
+on the CPU; convolutional heads float-close. Dropout with p > 0, batch norm or branches of different
+shapes keep the loop; `CoupledResult.heads_stacked` (report.json's ``heads_stacked``) says which ran.
+docs/decisions.md has why and what was measured.
+
 **Export** (`treenet_networks`, `emit_treenet`): each member becomes a NetworkIR whose trunk layers are
 whole FROZEN_SHARED copies of a trunk chain (the CSN), so `codec.ir.ensemble.emit_ensemble` computes the
 trunk once in the fused graph.
