@@ -587,3 +587,14 @@ def test_unstackable_heads_keep_the_loop():
     spatial = TreeNet(nn.Sequential(), [nn.Sequential(nn.Linear(6, 4), nn.Flatten()) for _ in range(2)], [])
     assert spatial.heads_stacked and not spatial.stacks_on(torch.zeros(2, 1, 6, 6))
     assert spatial(torch.zeros(2, 1, 6, 6)).shape == (2, 2, 24)
+
+
+def test_stacked_forward_gives_a_callers_backward_the_loops_gradients():
+    x, y = (torch.from_numpy(a) for a in toy_data(24))
+    grads = []
+    for stack in (True, False):
+        tree = build_treenet(mlp, 3, "fc1", seed=2, stack_heads=stack)
+        independent_ce(tree(x), y).backward()  # the caller's own step: gradients land on the branch modules
+        grads.append([p.grad.clone() for p in tree.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    _assert_same(grads[0], grads[1])
