@@ -583,6 +583,9 @@ def test_unstackable_heads_keep_the_loop():
     batch_norm = TreeNet(trunk, [nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4)) for _ in range(2)], [])
     widths = TreeNet(trunk, [nn.Sequential(nn.Linear(8, w), nn.ReLU(), nn.Linear(w, 4)) for w in (5, 6)], [])
     assert not batch_norm.heads_stacked and not widths.heads_stacked
+    # equal shapes, other settings: the stacked computation would follow branch 0's
+    slopes = TreeNet(trunk, [nn.Sequential(nn.LeakyReLU(a), nn.Linear(8, 4)) for a in (0.1, 0.2)], [])
+    assert not slopes.heads_stacked
     # a Linear head on a spatial trunk output acts on the last axis: left to the loop
     spatial = TreeNet(nn.Sequential(), [nn.Sequential(nn.Linear(6, 4), nn.Flatten()) for _ in range(2)], [])
     assert spatial.heads_stacked and not spatial.stacks_on(torch.zeros(2, 1, 6, 6))

@@ -375,13 +375,15 @@ class TreeNet(nn.Module):
 def heads_stackable(branches: Sequence[nn.Module]) -> bool:
     """True when a TreeNet's branches can run as one stacked computation: more than one, each
     `codec.runtime.training.engine.stackable` (Linear, Conv2d, pools, element-wise activations, Flatten,
-    Dropout(p=0)), all of the same shapes, every parameter trainable. Dropout with p > 0, batch norm or
-    other modules keep the loop over branches."""
+    Dropout(p=0)), all of the same shapes and settings (the stacked computation follows branch 0's
+    strides, paddings, pool sizes and activation parameters), every parameter trainable. Dropout with
+    p > 0, batch norm or other modules keep the loop over branches."""
     branches = list(branches)
     return (
         len(branches) > 1
         and all(stackable(b) for b in branches)
         and _same_shapes(branches)
+        and all([repr(m) for m in b] == [repr(m) for m in branches[0]] for b in branches[1:])
         and all(p.requires_grad for b in branches for p in b.parameters())
     )
 
