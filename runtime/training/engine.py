@@ -398,6 +398,81 @@ class _StackedOptimizer:
                 mine.copy_(saved)
 
 
+def stack_layers(modules: Sequence[nn.Module], device: torch.device) -> tuple[list, list[str], list]:
+    """The stacked layout of K `stackable` Sequentials of equal shapes (`_StackedUnit`'s, shared with the
+    TreeNet's stacked heads in runtime/training/coupled.py).
+
+    Returns the plan `stacked_forward` follows, the state-dict keys of the stacked parameters in the
+    template's parameter order ("" for an absent bias), and the parameters: new leaf tensors [K, ...]
+    that require grad, copied from the modules (None for an absent bias).
+    """
+    template = modules[0]
+    plan: list[tuple[str, object]] = []
+    names: list[str] = []  # state-dict keys of the template, in parameter order ("" for an absent bias)
+    params: list[torch.Tensor | None] = []
+    for position, layer in enumerate(template):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            plan.append((kind, len(params) if kind == "linear" else (len(params), layer)))
+            for attr in ("weight", "bias"):
+                if getattr(layer, attr) is None:  # only a bias can be absent
+                    params.append(None)
+                    names.append("")
+                    continue
+                stacked = torch.stack([getattr(m[position], attr).detach() for m in modules]).to(device)
+                params.append(stacked.clone().requires_grad_(True))
+                names.append(f"{position}.{attr}")
+        elif isinstance(layer, nn.Flatten):
+            plan.append(("flatten", None))
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            plan.append(("spatial", copy.deepcopy(layer).to(device)))
+        elif isinstance(layer, nn.Dropout):
+            continue
+        else:
+            plan.append(("elementwise", copy.deepcopy(layer).to(device)))
+    return plan, names, params
+
+
+def stacked_forward(plan: list, params: list, x: torch.Tensor) -> torch.Tensor:
+    """`stack_layers`' plan on (K, B, ...) inputs, member k's batch in row k, to (K, B, outputs)."""
+    members = x.shape[0]
+    h = x
+    grouped = False  # h is (B, K*C, H, W)
+
+    def to_grouped(t):
+        return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
+
+    for kind, what in plan:
+        if kind == "linear":
+            h = _StackedLinear.apply(h, params[what], params[what + 1])
+        elif kind == "conv":
+            index, layer = what
+            if not grouped:
+                h, grouped = to_grouped(h), True
+            weight, bias = params[index], params[index + 1]
+            h = F.conv2d(
+                h,
+                weight.reshape(-1, *weight.shape[2:]),
+                None if bias is None else bias.reshape(-1),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups=members,
+            )
+        elif kind == "spatial":
+            if not grouped:
+                h, grouped = to_grouped(h), True
+            h = what(h)
+        elif kind == "flatten":
+            if grouped:
+                h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
+            else:
+                h = h.reshape(h.shape[0], h.shape[1], -1)
+        else:
+            h = what(h)
+    return h
+
+
 class _StackedUnit:
     """K members with equal shapes as stacked [K, ...] weights: one forward/backward for all K.
 
@@ -418,30 +493,7 @@ class _StackedUnit:
         self.modules = modules
         self.device = device
         self.lr_decay = config.lr_decay if config.lr_decay not in (None, 1.0) else None
-        template = modules[0]
-        self.plan: list[tuple[str, object]] = []
-        self.names: list[str] = []  # state-dict keys of the template, in parameter order
-        self.params: list[torch.Tensor] = []
-        for position, layer in enumerate(template):
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                kind = "linear" if isinstance(layer, nn.Linear) else "conv"
-                self.plan.append((kind, len(self.params) if kind == "linear" else (len(self.params), layer)))
-                for attr in ("weight", "bias"):
-                    if getattr(layer, attr) is None:  # only a bias can be absent
-                        self.params.append(None)  # type: ignore[arg-type]
-                        self.names.append("")
-                        continue
-                    stacked = torch.stack([getattr(m[position], attr).detach() for m in modules]).to(device)
-                    self.params.append(stacked.clone().requires_grad_(True))
-                    self.names.append(f"{position}.{attr}")
-            elif isinstance(layer, nn.Flatten):
-                self.plan.append(("flatten", None))
-            elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
-                self.plan.append(("spatial", copy.deepcopy(layer).to(device)))
-            elif isinstance(layer, nn.Dropout):
-                continue
-            else:
-                self.plan.append(("elementwise", copy.deepcopy(layer).to(device)))
+        self.plan, self.names, self.params = stack_layers(modules, device)
         self.trainable = [p for p in self.params if p is not None]
         self.optimizer = _StackedOptimizer(self.trainable, config, [lrs[i] for i in self.indices])
 
@@ -453,42 +505,7 @@ class _StackedUnit:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, ...) inputs, member k's batch in row k, to (K, B, outputs)."""
-        members = x.shape[0]
-        h = x
-        grouped = False  # h is (B, K*C, H, W)
-
-        def to_grouped(t):
-            return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
-
-        for kind, what in self.plan:
-            if kind == "linear":
-                h = _StackedLinear.apply(h, self.params[what], self.params[what + 1])
-            elif kind == "conv":
-                index, layer = what
-                if not grouped:
-                    h, grouped = to_grouped(h), True
-                weight, bias = self.params[index], self.params[index + 1]
-                h = F.conv2d(
-                    h,
-                    weight.reshape(-1, *weight.shape[2:]),
-                    None if bias is None else bias.reshape(-1),
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    groups=members,
-                )
-            elif kind == "spatial":
-                if not grouped:
-                    h, grouped = to_grouped(h), True
-                h = what(h)
-            elif kind == "flatten":
-                if grouped:
-                    h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
-                else:
-                    h = h.reshape(h.shape[0], h.shape[1], -1)
-            else:
-                h = what(h)
-        return h
+        return stacked_forward(self.plan, self.params, x)
 
     def train_epoch(
         self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str], active: list[int]
