@@ -942,7 +942,24 @@ class _Lifter:
         if weight.ndim != 2:
             raise LiftError(f"weight has rank {weight.ndim}; expected 2", node.name, node.op_type)
         weight = weight if attrs.get("transB", 0) else weight.T
-        weight = weight * np.float32(self._float(node, "alpha", 1.0))
+        alpha = np.float32(self._float(node, "alpha", 1.0))
+        if alpha != 1 and weight.size:
+            # onnxruntime computes alpha * (A @ B); codec folds alpha into B. The two commute (up to
+            # rounding) unless A @ B leaves float32's range before alpha scales it (weights near its
+            # limit), or alpha * B does: then one side is inf/NaN where the other is not.
+            limit = np.finfo(np.float32).max / 2.0**32 / weight.shape[1]
+            largest = float(np.abs(weight).max())
+            with np.errstate(over="ignore"):
+                folded = weight * alpha
+            if largest > limit or not np.all(np.isfinite(folded)):
+                raise LiftError(
+                    f"alpha={float(alpha):g} with weights up to {largest:.3g}: A @ B or alpha * B leaves "
+                    "float32's range, so folding alpha into the weights would change where the model "
+                    "overflows",
+                    node.name,
+                    node.op_type,
+                )
+            weight = folded
         bias = self._const(node, 2, "bias")
         if bias is not None:
             bias = self._per_output_bias(

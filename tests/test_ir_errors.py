@@ -546,3 +546,32 @@ def test_dead_branch_refused():
     with pytest.raises(LiftError, match="not on the path") as err:
         lift(_model(nodes, {"w": W, "b": B}))
     assert err.value.node == "fc2"
+
+
+@pytest.mark.parametrize(
+    "alpha, scale, refused",
+    [
+        (7.7e-34, 2.8e38, True),  # the fuzzer's finding: A @ B overflows in onnxruntime, folded it does not
+        (1e30, 1e10, True),  # alpha * B overflows when folded
+        (0.5, 3.0, False),  # an ordinary alpha folds and keeps the function
+        (1e-3, 1e20, False),  # large weights well inside float32's range
+    ],
+)
+def test_gemm_alpha_is_folded_only_where_it_cannot_change_overflow(alpha, scale, refused):
+    """Gemm's alpha is folded into the weights only where A @ B and alpha * B both stay inside float32's
+    range (found by tools/fuzz_loader.py, seed 83: with the check off, codec's lift was finite where the
+    model gives NaN)."""
+    w = (RNG.standard_normal((3, 4)) * scale / 3).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1, alpha=alpha)]
+    model = _free_model(nodes, {"w": w}, ("n", 4))
+    if refused:
+        with pytest.raises(LiftError, match="folding alpha"):
+            lift(model, check=False)
+    else:
+        from conftest import run_onnx
+
+        from codec.ir import lower, to_bytes
+
+        x = RNG.standard_normal((5, 4)).astype(np.float32)
+        got = run_onnx(to_bytes(lower(lift(model, check=False))), x)
+        np.testing.assert_allclose(got, run_onnx(model, x), rtol=1e-5)
