@@ -905,3 +905,157 @@ def test_ndg_graphml_is_streamed_and_budgeted(tmp_path, monkeypatch):
     small.write_graphml(tmp_path / "small.graphml")
     read = nx.read_graphml(tmp_path / "small.graphml")
     assert sorted(read.edges(data="weight")) == [("a/1", "b/0", 0.25), ("a/1", "b/1", 1.0)]
+
+
+def _npy_with_header(path: Path, shape, descr: str = "<f4", data: bytes = b"") -> None:
+    """An .npy file whose header declares `shape` whatever `data` it really holds (a hostile file)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    path.write_bytes(buf.getvalue() + data)
+
+
+def _npy_dir(folder: Path, **arrays) -> Path:
+    folder.mkdir()
+    base = {"x": np.zeros((8, 4), np.float32), "y": np.arange(8) % 2}
+    base.update(arrays)
+    for name, value in base.items():
+        np.save(folder / f"{name}.npy", value)
+    return folder
+
+
+def test_npy_headers_are_budgeted_before_numpy_allocates(tmp_path, monkeypatch):
+    """npy:DIR reads every header first: a file declaring 4 GiB in 200 bytes made numpy allocate the
+    4 GiB before finding the data missing; a negative dimension, an honest set past the budget (summed
+    over the folder's files, as float32) and a label of 2**33 are one line too."""
+    from codec.runtime.data import load_dataset
+
+    bomb = _npy_dir(tmp_path / "bomb")
+    _npy_with_header(bomb / "x.npy", (1 << 28, 4), data=bytes(64))  # 4 GiB of float32 declared
+    assert (bomb / "x.npy").stat().st_size < 256
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"declares shape \(268435456, 4\).*truncated or corrupt") as err:
+            load_dataset(f"npy:{bomb}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _one_line(err.value)
+    assert str(bomb / "x.npy") in str(err.value) and peak < 16 << 20, peak
+    _npy_with_header(bomb / "x.npy", (8, -4), data=bytes(128))
+    with pytest.raises(DataError, match="negative dimension"):
+        load_dataset(f"npy:{bomb}")
+
+    # 1 MiB of uint8 is 4 MiB as float32: the budget counts what codec holds, over all files together
+    honest = _npy_dir(
+        tmp_path / "honest",
+        x=np.zeros((4096, 256), np.uint8),
+        y=np.arange(4096) % 2,
+        x_test=np.zeros((4, 256), np.uint8),
+        y_test=np.arange(4) % 2,
+    )
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
+    with pytest.raises(DataError, match=r"past the limit of 1048576 bytes \(set CODEC_MAX_DATA_BYTES"):
+        load_dataset(f"npy:{honest}")
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(64 << 20))
+    assert load_dataset(f"npy:{honest}").x_train.shape == (4096, 256)
+
+    huge_label = _npy_dir(tmp_path / "label", y=np.array([0, 1, 2**33, 1, 0, 1, 0, 1]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="largest label is 8589934592.*limit of 65536"):
+            load_dataset(f"npy:{huge_label}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+def _png(path: Path, width: int, height: int, rows: int | None = None) -> None:
+    """A grey PNG declaring width x height, holding only its first `rows` rows of (zero) pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = height if rows is None else rows
+    pixels = zlib.compress(bytes((width + 1) * rows), 9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def decoded_images(monkeypatch):
+    """Counts the images Pillow decodes (ImageFile.load), to prove a refusal came before any decoding."""
+    from PIL import ImageFile
+
+    count = {"n": 0}
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        count["n"] += 1
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return count
+
+
+@pytest.mark.parametrize(
+    "width, height, fragment",
+    [
+        (10000, 10000, r"declares 10000x10000 = 100000000 pixels, past the limit of 89478485"),
+        (20000, 20000, "refused as a decompression bomb"),  # past 2x the limit Pillow raises itself
+    ],
+)
+def test_a_decompression_bomb_image_is_refused_from_its_header(
+    width, height, fragment, tmp_path, decoded_images
+):
+    """A 10000x10000 PNG is a few hundred bytes here (its rows are missing); decoding it allocates
+    100 MB in Pillow. Pillow only warns below 2x its limit (and raises a non-OSError above it, which was a
+    traceback): refused in one line from the header, before any image is decoded."""
+    from codec.runtime.data import load_dataset
+
+    _png(tmp_path / "imgs" / "b" / "bomb.png", width, height, rows=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=fragment) as err:
+            load_dataset(f"folder:{tmp_path / 'imgs'}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _one_line(err.value)
+    assert "bomb.png" in str(err.value) and decoded_images["n"] == 0 and peak < 16 << 20
+
+
+def test_an_image_folder_is_budgeted_before_decoding(tmp_path, monkeypatch, decoded_images):
+    """Image count x decoded size (float32, RGB when any image has colour), summed over train/ and test/,
+    is checked against CODEC_MAX_DATA_BYTES from the headers alone; within the budget the set loads."""
+    from PIL import Image
+
+    from codec.runtime.data import load_dataset
+
+    for split, count in (("train", 10), ("test", 2)):
+        for label in ("a", "b"):
+            (tmp_path / "imgs" / split / label).mkdir(parents=True)
+            for i in range(count):
+                mode = "RGB" if i == 0 else "L"
+                Image.new(mode, (64, 64)).save(tmp_path / "imgs" / split / label / f"{i}.png")
+    # 24 images of 64x64x3 as float32: 1,179,648 bytes
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
+    with pytest.raises(
+        DataError, match=r"the image folder \(24 images\) declares 1179648 bytes.*1048576"
+    ) as err:
+        load_dataset(f"folder:{tmp_path / 'imgs'}")
+    _one_line(err.value)
+    assert decoded_images["n"] == 0
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1179648))
+    dataset = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    assert dataset.x_train.shape == (20, 3, 64, 64) and dataset.x_test.shape == (4, 3, 64, 64)
+    assert decoded_images["n"] >= 24  # the spy sees decoding (Pillow may load an image twice to convert it)
