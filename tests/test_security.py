@@ -621,6 +621,25 @@ def test_fuzz_target_seeds_lift_and_short_fuzz_run_finds_nothing():
     assert recorder.outcomes.get("ok", 0) > 0 and recorder.outcomes.get("LiftError", 0) > 0
 
 
+def test_data_fuzz_target_seeds_load_and_short_fuzz_run_finds_nothing(tmp_path, monkeypatch):
+    """A short deterministic run of the data fuzz target (tools/fuzz_data.py; campaigns in
+    docs/guarantees.md): every seed kind loads, and mutated npz/npy/IDX/folder inputs are loaded or
+    refused with a CodecError, never anything else."""
+    import fuzz_data
+    from fuzz_data import Recorder, check_data, run_random, seed_inputs, unpack
+
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(256 << 20))
+    monkeypatch.setattr(fuzz_data, "_WORK", tmp_path)
+    seeds = seed_inputs()
+    assert {unpack(s)[0] for s in seeds} == {"npz", "npy", "idx", "folder"}
+    assert [check_data(s)[0] for s in seeds] == ["ok"] * len(seeds)
+    recorder = Recorder(findings_dir=None, check=check_data, suffix=".zip")
+    run_random(recorder, seeds, runs=1000, seconds=0, seed=2024)
+    assert recorder.iterations == 1000
+    assert recorder.findings == {}, recorder.findings
+    assert recorder.outcomes.get("ok", 0) > 0 and recorder.outcomes.get("DataError", 0) > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Never unpickle
 # ---------------------------------------------------------------------------------------------------
@@ -1036,7 +1055,8 @@ def test_a_decompression_bomb_image_is_refused_from_its_header(
 
 def test_an_image_folder_is_budgeted_before_decoding(tmp_path, monkeypatch, decoded_images):
     """Image count x decoded size (float32, RGB when any image has colour), summed over train/ and test/,
-    is checked against CODEC_MAX_DATA_BYTES from the headers alone; within the budget the set loads."""
+    is checked against CODEC_MAX_DATA_BYTES from the headers alone; within the budget the set loads
+    (a grey test/ beside a colour train/ is read as RGB: it was refused for its channel count)."""
     from PIL import Image
 
     from codec.runtime.data import load_dataset
@@ -1045,7 +1065,7 @@ def test_an_image_folder_is_budgeted_before_decoding(tmp_path, monkeypatch, deco
         for label in ("a", "b"):
             (tmp_path / "imgs" / split / label).mkdir(parents=True)
             for i in range(count):
-                mode = "RGB" if i == 0 else "L"
+                mode = "RGB" if i == 0 and split == "train" else "L"  # test/ all grey: read as RGB too
                 Image.new(mode, (64, 64)).save(tmp_path / "imgs" / split / label / f"{i}.png")
     # 24 images of 64x64x3 as float32: 1,179,648 bytes
     monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
@@ -1059,3 +1079,70 @@ def test_an_image_folder_is_budgeted_before_decoding(tmp_path, monkeypatch, deco
     dataset = load_dataset(f"folder:{tmp_path / 'imgs'}")
     assert dataset.x_train.shape == (20, 3, 64, 64) and dataset.x_test.shape == (4, 3, 64, 64)
     assert decoded_images["n"] >= 24  # the spy sees decoding (Pillow may load an image twice to convert it)
+
+
+def _unclosed_npy_header() -> bytes:
+    """An npy header with an unclosed bracket: numpy's tokenizer raised tokenize.TokenError (found by
+    tools/fuzz_data.py, seed 1)."""
+    import struct
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4"
+    header += b" " * (118 - len(header)) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(48)
+
+
+def test_data_fuzz_findings_are_one_line(tmp_path):
+    """The data fuzzer's findings (tools/fuzz_data.py, seeds 1-3): a corrupt lzma-compressed npz member
+    escaped as lzma.LZMAError, an unsupported zip version as NotImplementedError and an unclosed npy
+    header as tokenize.TokenError: all three were tracebacks."""
+    import io
+    import zipfile
+
+    from codec.runtime.data import load_dataset
+
+    path = tmp_path / "lzma.npz"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((8, 4), np.float32))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_LZMA) as archive:
+        archive.writestr("x.npy", buf.getvalue())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"PK\x03\x04") + 30 + len("x.npy")
+    raw[start + 8 : start + 40] = bytes(range(32))  # corrupt the lzma stream, keep the zip headers
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="lzma.npz: cannot read as .npz") as err:
+        load_dataset(f"npz:{path}")
+    _one_line(err.value)
+
+    # seeds 2 and 3: a member needing "zip version 8.7" raised NotImplementedError
+    path = tmp_path / "version.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", _npy_bytes_of(np.zeros((8, 4), np.float32)))
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 6 : central + 8] = (87).to_bytes(2, "little")  # version needed to extract
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="version.npz: cannot read as .npz: zip file version 8.7") as err:
+        load_dataset(f"npz:{path}")
+    _one_line(err.value)
+
+    folder = _npy_dir(tmp_path / "npy")
+    (folder / "x.npy").write_bytes(_unclosed_npy_header())
+    with pytest.raises(DataError, match=r"x.npy: not a valid .npy header") as err:
+        load_dataset(f"npy:{folder}")
+    _one_line(err.value)
+    with zipfile.ZipFile(tmp_path / "header.npz", "w") as archive:
+        archive.writestr("x.npy", _unclosed_npy_header())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    with pytest.raises(DataError, match=r"member x.npy: not a valid .npy header") as err:
+        load_dataset(f"npz:{tmp_path / 'header.npz'}")
+    _one_line(err.value)
+
+
+def _npy_bytes_of(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

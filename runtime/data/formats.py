@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import logging
+import lzma
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -179,10 +181,13 @@ def _npy_header(stream, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """The shape, dtype and data size an npy stream's header declares (read from the header alone:
     numpy allocates that many bytes before it reads any). Leaves `stream` at the start of the data."""
     version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=10000)
-    else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=10000)
+    try:
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=10000)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=10000)
+    except tokenize.TokenError as exc:  # numpy tokenizes the header: an unclosed bracket escapes as this
+        raise DataError(f"{where}: not a valid .npy header: {_one_line(exc)}") from exc
     if any(d < 0 for d in shape):
         raise DataError(f"{where} declares shape {shape}, with a negative dimension: corrupt")
     return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -280,7 +285,18 @@ def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ())
             return {k: npz[k] for k in (*required, *optional) if k in npz.files}
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+        NotImplementedError,
+    ) as exc:
+        # zip members may be lzma- or bzip2-compressed (a corrupt lzma stream raises its own error), and
+        # zipfile raises NotImplementedError for a version or compression method it does not know
         raise DataError(f"{path}: cannot read as .npz: {_one_line(exc)}") from exc
 
 

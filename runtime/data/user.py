@@ -12,7 +12,7 @@ Array layouts (the same names in an `.npz`, or as `<name>.npy` files in a folder
 `DIR/train/<class>/...` with optional `DIR/val/` and `DIR/test/` beside it. Images are PNG or JPEG (read
 with Pillow), all of one size (no resizing: a different size is refused, naming the file); classes are
 the subfolder names in sorted order, as ImageFolder numbers them. Grey images stay one channel unless
-any image has colour, then all are read as RGB.
+any image (of any split) has colour, then all are read as RGB.
 
 Values: uint8 pixels are scaled by 1/255 (so images are in [0, 1]); NHWC images become NCHW.
 `Normalization` then optionally standardises per channel (axis 1: an image's colour channel, a tabular
@@ -114,10 +114,12 @@ def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
     # together, as an .npz's members are: a folder of small files declaring many GB is one line.
     headers = {split: _image_headers(files) for split, (files, _) in found.items()}
     _check_image_budget(path, headers)
+    # one colour rule for every split (a grey test set beside a colour training set is read as RGB too)
+    colour = any(_colour(split) for split in headers.values())
     arrays = {"class_names": np.array(classes)}
     for split, (files, labels) in found.items():
         suffix = f"_{split}" if split else ""
-        arrays[f"x{suffix}"] = _decode_images(files, headers[split])
+        arrays[f"x{suffix}"] = _decode_images(files, headers[split], colour)
         arrays[f"y{suffix}"] = np.asarray(labels, dtype=np.int64)
     return arrays
 
@@ -206,19 +208,19 @@ def _check_image_budget(path: Path, headers: Mapping[str, Sequence[tuple[tuple[i
     """Refuse, before decoding, a folder whose images decode past `CODEC_MAX_DATA_BYTES` as float32."""
     from codec.runtime.data.formats import _over_budget, data_budget
 
-    total = sum(
-        4 * len(split) * split[0][0][0] * split[0][0][1] * (3 if _colour(split) else 1)
-        for split in headers.values()
-    )
+    channels = 3 if any(_colour(split) for split in headers.values()) else 1
+    total = sum(4 * len(split) * split[0][0][0] * split[0][0][1] * channels for split in headers.values())
     if total > data_budget():
         count = sum(len(split) for split in headers.values())
         raise _over_budget(path, f"the image folder ({count} images)", total)
 
 
-def _decode_images(files: Sequence[Path], headers: Sequence[tuple[tuple[int, int], str]]) -> np.ndarray:
+def _decode_images(
+    files: Sequence[Path], headers: Sequence[tuple[tuple[int, int], str]], colour: bool
+) -> np.ndarray:
     """The images, decoded one at a time into one uint8 array: NHW for grey, NHWC for colour."""
     Image = _pillow()
-    (width, height), mode = headers[0][0], "RGB" if _colour(headers) else "L"
+    (width, height), mode = headers[0][0], "RGB" if colour else "L"
     x = np.empty((len(files), height, width, 3) if mode == "RGB" else (len(files), height, width), np.uint8)
     for i, file in enumerate(files):
         try:
