@@ -1092,9 +1092,9 @@ def _unclosed_npy_header() -> bytes:
 
 
 def test_data_fuzz_findings_are_one_line(tmp_path):
-    """The data fuzzer's findings (tools/fuzz_data.py, seeds 1-3): a corrupt lzma-compressed npz member
-    escaped as lzma.LZMAError, an unsupported zip version as NotImplementedError and an unclosed npy
-    header as tokenize.TokenError: all three were tracebacks."""
+    """The data fuzzer's findings (tools/fuzz_data.py, seeds 1-3 and 11): a corrupt lzma-compressed npz
+    member escaped as lzma.LZMAError, an unsupported zip version as NotImplementedError, an unclosed npy
+    header as tokenize.TokenError, an empty shape with a 2**62 dimension as ValueError: all tracebacks."""
     import io
     import zipfile
 
@@ -1126,6 +1126,20 @@ def test_data_fuzz_findings_are_one_line(tmp_path):
     with pytest.raises(DataError, match="version.npz: cannot read as .npz: zip file version 8.7") as err:
         load_dataset(f"npz:{path}")
     _one_line(err.value)
+
+    # the first campaign (seed 11): shape (0, 0, 2**62) holds no data, but its float32 copy raised
+    # numpy's "array is too big" ValueError; refused from the header, in npy:DIR and in an npz
+    folder = _npy_dir(tmp_path / "empty")
+    _npy_with_header(folder / "x.npy", (0, 0, 2**62), descr="|u1")
+    with pytest.raises(
+        DataError, match=r"x.npy declares shape \(0, 0, 4611686018427387904\), larger than any"
+    ):
+        load_dataset(f"npy:{folder}")
+    with zipfile.ZipFile(tmp_path / "empty.npz", "w") as archive:
+        archive.writestr("x.npy", (folder / "x.npy").read_bytes())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    with pytest.raises(DataError, match=r"member x.npy declares shape \(0, 0, 4611686018427387904\)"):
+        load_dataset(f"npz:{tmp_path / 'empty.npz'}")
 
     folder = _npy_dir(tmp_path / "npy")
     (folder / "x.npy").write_bytes(_unclosed_npy_header())

@@ -417,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         replay(recorder, args.replay)
         engine = "replay"
     else:
-        run_random(recorder, seeds, args.runs, args.seconds, args.seed)
         engine = "random"
+        try:
+            run_random(recorder, seeds, args.runs, args.seconds, args.seed)
+        except KeyboardInterrupt:  # stopped by hand: the summary of what ran is still worth having
+            engine = "random (interrupted)"
     summary = recorder.summary(
         engine, target="data", seed=args.seed, budget_mb=args.budget_mb, seeds=len(seeds)
     )

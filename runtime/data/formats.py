@@ -190,6 +190,11 @@ def _npy_header(stream, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
         raise DataError(f"{where}: not a valid .npy header: {_one_line(exc)}") from exc
     if any(d < 0 for d in shape):
         raise DataError(f"{where} declares shape {shape}, with a negative dimension: corrupt")
+    # numpy multiplies the non-zero dimensions when it makes an array of this shape (a float32 copy
+    # too), even with a zero among them: past 2**62 bytes that is "array is too big", a ValueError
+    # far from the file (found by tools/fuzz_data.py: shape (0, 0, 2**62) of uint8, holding no data)
+    if int(np.prod([d for d in shape if d], dtype=object)) * max(dtype.itemsize, 8) >= 1 << 62:
+        raise DataError(f"{where} declares shape {shape}, larger than any array can be: corrupt")
     return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
