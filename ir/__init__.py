@@ -1,7 +1,7 @@
 """codec.ir: the neuron-granular IR, lifting from ONNX and lowering back to it."""
 
 from codec.ir.lift import lift, load_model
-from codec.ir.lower import lower, save_model, tap_name, to_bytes
+from codec.ir.lower import lower, save_model, tap_names, to_bytes
 from codec.ir.network import (
     INPUT,
     Activation,
@@ -34,6 +34,6 @@ __all__ = [
     "load_model",
     "lower",
     "save_model",
-    "tap_name",
+    "tap_names",
     "to_bytes",
 ]

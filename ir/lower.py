@@ -4,7 +4,7 @@
 Dense -> Gemm(transB=1), Conv -> Conv, Pool -> MaxPool/AveragePool/GlobalAveragePool, Flatten -> Flatten,
 Add -> Add, Concat -> Concat (axis 1), each compute layer and Add followed by its activation node(s)
 (GELU and SiLU as element-wise opset-18 nodes). With `taps=True` every profiled layer's (hidden compute
-layers, and hidden Adds of a DAG) post-activation output is also a graph output named `tap_name(layer)`,
+layers, and hidden Adds of a DAG) post-activation output is also a graph output named by `tap_names(net)`,
 which is how profiling observes neurons with onnxruntime.
 """
 
@@ -40,9 +40,17 @@ _ACTIVATION_OPS = {
 _DECOMPOSED_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
 
-def tap_name(layer_name: str) -> str:
-    """The graph-output name under which `lower(..., taps=True)` exposes a layer's activations."""
-    return TAP_PREFIX + layer_name
+def tap_names(net: NetworkIR) -> dict[str, str]:
+    """The graph-output names under which `lower(net, taps=True)` exposes each profiled layer's activations.
+
+    `codec.tap.<layer>`, unless the model's own input or output, or an earlier layer's tap, already has that
+    name (a model may name anything anything): then `codec.tap.<layer>.1`, `.2`, ... by the builder's one
+    naming rule, so the tap outputs never collide with the graph's own names. Deterministic in `net`, so the
+    profiler reads back exactly the names `lower` wrote.
+    """
+    builder = GraphBuilder()
+    builder.reserve(net.input_name, net.output_name)
+    return {layer.name: builder.fresh_name(TAP_PREFIX + layer.name) for layer in net.profiled_layers()}
 
 
 class GraphBuilder:
@@ -217,11 +225,10 @@ def lower(net: NetworkIR, taps: bool = False) -> ir.Model:
     """Build an ONNX model (onnx_ir) computing `net`; with `taps`, hidden activations are extra outputs."""
     builder = GraphBuilder()
     x = input_value(net)
-    builder.reserve(
-        net.input_name, net.output_name, *(tap_name(layer.name) for layer in net.profiled_layers() if taps)
-    )
+    names = tap_names(net) if taps else {}
+    builder.reserve(net.input_name, net.output_name, *names.values())
     value, tapped = builder.network(net, x, {id(layer) for layer in net.profiled_layers()} if taps else None)
-    tap_outputs = [builder.node("Identity", [v], tap_name(layer.name), exact=True) for layer, v in tapped]
+    tap_outputs = [builder.node("Identity", [v], names[layer.name], exact=True) for layer, v in tapped]
     if value is x:
         value = builder.node("Identity", [x], net.output_name, exact=True)
     value.name = net.output_name

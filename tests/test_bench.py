@@ -343,3 +343,96 @@ def test_bench_end_to_end(tmp_path):
     page = render([out, tmp_path / "work" / "classifier_s" / "code_0"])
     assert page.count("<svg") >= 8 and page.count("<table") >= 8
     assert "Table 1 analogue" in page and "compile run" in page and "<script" not in page
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/engine.py: the machine-limit arithmetic and the end-to-end protocol
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _engine_bench():
+    """bench/engine.py is a script, not a module of codec: load it from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_bench_counts_gemm_flops_and_adam_bytes():
+    from torch import nn
+
+    engine = _engine_bench()
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    layers = engine.gemm_layers(mlp, (4,))
+    assert [(g["m"], g["k"], g["n"], g["macs"]) for g in layers] == [(1, 4, 3, 12), (1, 3, 2, 6)]
+    # batch 5: forward and weight gradient 2*5*18 each; the input gradient skips the first layer: 2*5*6
+    assert engine.training_flops(layers, 5) == {
+        "forward": 180.0,
+        "weight_grad": 180.0,
+        "input_grad": 60.0,
+        "total": 420.0,
+    }
+    # a 3x3 convolution over a 2x5x5 input: 9 output positions, 2*3*3 inputs each, 4 channels
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(36, 2))
+    layers = engine.gemm_layers(conv, (2, 5, 5))
+    assert [(g["m"], g["k"], g["n"], g["macs"]) for g in layers] == [(9, 18, 4, 648), (1, 36, 2, 72)]
+    # Adam: param, grad, exp_avg, exp_avg_sq read, param, exp_avg, exp_avg_sq written, 4 bytes each
+    assert engine.adam_bytes(10) == 10 * 7 * 4
+
+
+def test_engine_bench_time_to_quality_is_decided_on_validation_and_earliest_in_time():
+    engine = _engine_bench()
+    points = [
+        {"k": 1, "seconds": 2.0, "val": 0.90, "test": 0.80},
+        {"k": 2, "seconds": 2.0, "val": 0.95, "test": 0.81},
+        {"k": 3, "seconds": 5.0, "val": 0.96, "test": 0.99},
+        {"k": 4, "seconds": 5.0, "val": 0.99, "test": 0.70},
+    ]
+    reach = engine.time_to_quality(CLS, points, 0.95, baseline_seconds=4.0)
+    # k=2 reaches on validation at 2 s; its test quality is reported, not the best test
+    assert reach == {"reached": True, "k": 2, "seconds": 2.0, "val": 0.95, "test": 0.81, "fraction": 0.5}
+    # sizes out of time order: the earliest in seconds wins, not the smallest k
+    shuffled = [dict(points[3], seconds=1.0), *points[:3]]
+    assert engine.time_to_quality(CLS, shuffled, 0.95, 4.0)["k"] == 4
+    assert engine.time_to_quality(CLS, points, 0.995, 4.0)["reached"] is False
+    # reconstruction: lower MSE is better
+    mse = [
+        {"k": 1, "seconds": 1.0, "val": 0.05, "test": 0.06},
+        {"k": 2, "seconds": 3.0, "val": 0.03, "test": 0.04},
+    ]
+    assert engine.time_to_quality(REC, mse, 0.04, 2.0)["k"] == 2
+    # float noise (the same ensemble scored after a rewrite) reaches; a real difference does not
+    assert engine.time_to_quality(REC, mse, 0.03 * (1 - 1e-9), 2.0)["k"] == 2
+    assert engine.time_to_quality(REC, mse, 0.03 * (1 - 1e-4), 2.0)["reached"] is False
+
+
+def test_engine_bench_end_to_end_protocol(tmp_path):
+    """A tiny real run: 2 baseline members, engine-only, a 3-member compile; engine-only's members are the
+    baseline's (same seeds, same weights), and CODE's sizes carry the times the protocol says."""
+    engine = _engine_bench()
+    r = engine.end_to_end(
+        "classifier_s", 2, 3, None, 1, 0, tmp_path, {"n_train": 300, "n_test": 100, "max_epochs": 1}
+    )
+    assert r["data"] == {"train": 270, "validation": 30, "test": 100}
+    base, alone, code = r["baseline"], r["engine_only"], r["code"]
+    assert [p["k"] for p in base["sizes"]] == [1, 2] and [p["k"] for p in code["sizes"]] == [1, 2, 3]
+    assert base["sizes"][1]["seconds"] == pytest.approx(sum(m["train_seconds"] for m in base["members"]))
+    assert r["target_val"] == base["sizes"][-1]["val"]
+    # stacked training of the same seeds gives the baseline's members: the same quality at every size
+    assert alone["stacked"] == [0, 1]
+    assert [(p["val"], p["test"]) for p in alone["sizes"]] == [(p["val"], p["test"]) for p in base["sizes"]]
+    assert len({p["seconds"] for p in alone["sizes"]}) == 1
+    t = code["time"]
+    assert code["main_peer_stacked"]
+    assert [p["seconds"] for p in code["sizes"]] == pytest.approx(
+        [t["main_peer"] + t["passes"]] * 2 + [t["main_peer"] + t["passes"] + t["grown"]]
+    )
+    for name, arm in (("code", code), ("engine_only", alone)):
+        reach = r["time_to_baseline_quality"][name]
+        expected = engine.time_to_quality(CLS, arm["sizes"], r["target_val"], base["seconds"])
+        assert reach == expected
+        assert reach["reached"] == any(p["val"] >= r["target_val"] for p in arm["sizes"])

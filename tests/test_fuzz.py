@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codec.ir import Activation, Conv, Dense, Flatten, NetworkIR, Pool, lift, lower, tap_name, to_bytes
+from codec.ir import Activation, Conv, Dense, Flatten, NetworkIR, Pool, lift, lower, tap_names, to_bytes
 from codec.passes.base import Calibration, EnsembleModule
 from codec.passes.manager import PassManager
 from codec.passes.registry import parse_pipeline
@@ -251,7 +251,7 @@ def _plant_dead(net: NetworkIR, rng: np.random.Generator, fraction: float) -> No
 def _raw_taps(net: NetworkIR, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every hidden layer's raw post-activation output, (N, neurons[, H, W]), straight from onnxruntime."""
     hidden = net.hidden_layers()
-    outs = _run(to_bytes(lower(net, taps=True)), x, [tap_name(l.name) for l in hidden])
+    outs = _run(to_bytes(lower(net, taps=True)), x, [tap_names(net)[l.name] for l in hidden])
     return {l.name: o for l, o in zip(hidden, outs)}
 
 

@@ -438,8 +438,22 @@ def _mlp(input_name: str, output_name: str, first: str, second: str, last_act: s
         ("g1.weight", "y", "W1", "W2", None),  # input named like the weight codec generates (layer g1)
         ("x", "y", "a", "a.relu", None),  # layers `a` and `a.relu`
         ("x", "g2.bias", "W1", "W2", "Sigmoid"),  # output named like a generated bias
+        ("codec.tap.g1", "y", "W1", "W2", None),  # input named like the first layer's profiling tap
+        ("x", "codec.tap.g1", "W1", "W2", None),  # output named like the first layer's profiling tap
+        ("x", "y", "a", "a.1", None),  # tap `codec.tap.a` moved aside must not take `a.1`'s tap
     ],
-    ids=["out=first", "out=own-layer", "out=activation", "in=first", "in=weight", "a+a.relu", "out=weight"],
+    ids=[
+        "out=first",
+        "out=own-layer",
+        "out=activation",
+        "in=first",
+        "in=weight",
+        "a+a.relu",
+        "out=weight",
+        "in=tap",
+        "out=tap",
+        "a+a.1",
+    ],
 )
 def test_names_codec_generates_never_collide_with_the_models_names(
     input_name, output_name, first, second, last_act
@@ -458,6 +472,14 @@ def test_names_codec_generates_never_collide_with_the_models_names(
         np.testing.assert_allclose(run_onnx(lowered, x), run_onnx(model, x), rtol=1e-5, atol=1e-6)
     again = lift(to_bytes(lower(net)))
     assert again.input_name == input_name and again.output_name == output_name
+    # The profiler reads the taps back by name: each must be the hidden layer's activation, never the
+    # model's own input or output that happens to share the name.
+    from codec.runtime.execution.profile import activations
+
+    hidden = activations(net, x)
+    first = net.compute_layers()[0]
+    expected = np.maximum(x @ first.weight.T + first.bias, 0)
+    np.testing.assert_allclose(hidden[first.name], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])

@@ -232,12 +232,15 @@ def check_one(data: bytes) -> tuple[str, BaseException | None]:
     inputs (shape and values); where it refuses the original, `lift` with its default check refuses it.
     """
     from codec.errors import CodecError
-    from codec.ir import lift, lower, to_bytes
+    from codec.ir import lift, lower, tap_names, to_bytes
 
     try:
         net = lift(data, check=False)
         net.shapes()
-        lowered = to_bytes(lower(net))
+        # Lowered with the profiler's taps, so a tap named like the model's own input or output (or
+        # another tap) is a model onnxruntime refuses: a finding below.
+        lowered = to_bytes(lower(net, taps=True))
+        taps = list(tap_names(net).values())
     except CodecError as exc:
         return type(exc).__name__, None
     except (Exception, MemoryError, RecursionError) as exc:  # everything else is a bug in codec
@@ -274,6 +277,9 @@ def check_one(data: bytes) -> tuple[str, BaseException | None]:
         return "finding", SilentWrongResult(
             "onnxruntime refuses the model but lift (with its check) accepts it"
         )
+    names = [o.name for o in got_session.get_outputs()]
+    if names != [net.output_name, *taps]:
+        return "finding", SilentWrongResult(f"the lowered model's outputs are {names[:4]}, not the net's")
     got = got_session.run(None, {got_session.get_inputs()[0].name: x})[0]
     finite = np.abs(expected[np.isfinite(expected)])
     scale = max(1.0, float(finite.max()) if finite.size else 1.0)
@@ -665,7 +671,10 @@ def _mutate_round2(model, kind: int, rng: random.Random) -> None:
     elif kind == 1:  # names: inputs, outputs, initializers and nodes renamed to collide
         what = rng.randrange(4)
         new = rng.choice(
-            _NAMES + tuple(n.name for n in graph.node) + tuple(v for n in graph.node for v in n.output)
+            _NAMES
+            + tuple(n.name for n in graph.node)
+            + tuple(v for n in graph.node for v in n.output)
+            + tuple(f"codec.tap.{n.name}" for n in graph.node)  # the profiler's tap names
         )
         if what == 0 and graph.input:
             old = graph.input[0].name

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codec.errors import ConfigError, DataError, ShapeError
-from codec.ir.lower import lower, tap_name, to_bytes
+from codec.ir.lower import lower, tap_names, to_bytes
 from codec.ir.network import Add, NetworkIR
 from codec.runtime.execution.inputs import fit_examples
 
@@ -205,7 +205,8 @@ class _Tapped:
         self.net = net
         self.hidden = net.profiled_layers()
         self.session = create_session(to_bytes(lower(net, taps=True)), intra_op_threads)
-        self.outputs = [tap_name(layer.name) for layer in self.hidden]
+        names = tap_names(net)
+        self.outputs = [names[layer.name] for layer in self.hidden]
 
     def new_stats(self) -> ActivationStats:
         stats = ActivationStats(network=self.net.name)
