@@ -330,6 +330,8 @@ def test_bench_end_to_end(tmp_path):
         assert entry["available"] or entry["why"]
         if entry["available"]:
             assert entry["train_seconds"] > 0
+    if comparison["treenet"]["available"]:
+        assert comparison["treenet"]["heads_stacked"] is True  # classifier_s's MLP branches stack
     inference = r["inference"]
     row = inference["batches"][0]
     assert row["batch"] == 4 and row["max_abs_diff_fused_vs_separate"] < 1e-4

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from codec import cli
+from codec.commands.train_ensemble import format_report
 from codec.errors import ShapeError
 from codec.pipelines.report import assignment_svg
 from codec.runtime.data import load_dataset
@@ -69,6 +70,8 @@ def test_run_writes_fused_ensemble_members_report_and_heatmap(mcl_run):
     ] == [1, 1, 1]
     assert report["n_train"] == 540 and report["n_val"] == 60 and report["n_test"] == 200
     assert report["epochs_run"] == 2 and len(report["history"]) == 2
+    assert report["heads_stacked"] is True  # MLP branches: trained as one stacked computation
+    assert "s (heads stacked);" in format_report(report)
     assert (out / "assignment.svg").read_text().startswith("<svg ")
     assert (out / "ensemble.ckpt").is_file()
 
@@ -160,8 +163,10 @@ def test_bagged_treenet_human_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained 3 members of classifier_s together" in out and "variation both, shared everything" in out
     assert "oracle" in out and "lowest-loss member per test example" in out
+    assert "heads stacked" not in out  # everything shared: the loop (nothing to stack) ran
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(0.55 < u < 0.72 for u in report["bag_unique_fraction"])
+    assert report["heads_stacked"] is False  # everything shared: no branch weights to stack
     accuracies = report["metrics"]["member_accuracies"]
     assert accuracies[0] == accuracies[1] == accuracies[2]  # full sharing: the heads are one network
 

@@ -118,6 +118,10 @@ def test_report_fields(compiled):
     assert len(t["grow"]) == 2 and t["passes"] > 0 and t["train_main"] > 0
     assert 0 <= report["quality"]["redundancy"] <= 1
     assert set(report["options"]["grow"]) == {"init", "lr_scale", "cache", "cache_limit_mb"}
+    # the two grown members trained as one stacked unit around the frozen CSN
+    grown = [report["training"][name] for name in ("grown_1", "grown_2")]
+    assert all(g["stacked"] and g["unstacked_reason"] is None for g in grown)
+    assert grown[0]["trained_with"] == ["grown_1", "grown_2"]
 
 
 def test_member_outputs_in_compile_and_export(compiled, tmp_path):

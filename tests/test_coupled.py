@@ -456,3 +456,148 @@ def test_monitors_watch_different_validation_losses():
     assert values["objective"] == pytest.approx(float(losses.min(dim=0).values.mean()), rel=1e-5)
     assert values["member_ce"] == pytest.approx(float(losses.mean()), rel=1e-5)
     assert values["objective"] < values["ensemble_nll"] and values["objective"] < values["member_ce"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stacked heads: the branches as one stacked computation give the loop's weights
+# --------------------------------------------------------------------------------------------------------
+
+
+def _train_both(build, split, options, cfg, *, x=None, y=None, xv=None, yv=None, seed=0):
+    """The same run with the heads stacked and with the loop over branches."""
+    if x is None:
+        (x, y), (xv, yv) = toy_data(), toy_data(48, seed=1)
+    return [
+        train_coupled(
+            build_treenet(build, options.members, split, seed=seed, stack_heads=stack),
+            x,
+            y,
+            xv,
+            yv,
+            cfg,
+            options,
+        )
+        for stack in (True, False)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("split", "options", "changes"),
+    [
+        ("fc1", {"loss": "score_avg"}, {"lr_decay": 0.8}),
+        ("fc1", {"loss": "prob_avg"}, {}),
+        ("fc1", {"loss": "mcl", "k": 1, "pretrain_epochs": 1}, {}),
+        ("relu1", {"loss": "mcl", "k": 2, "alpha": 0.3}, {"weight_decay": 1e-3}),
+        ("fc1", {"loss": "independent", "variation": "both"}, {"optimizer": "sgd", "momentum": 0.9}),
+        ("none", {"loss": "independent", "variation": "bagging"}, {}),
+    ],
+)
+def test_stacked_mlp_heads_give_exactly_the_loops_weights_and_logits(split, options, changes):
+    options = EnsembleOptions(members=3, split=split, **options)
+    stacked, loop = _train_both(mlp, split, options, config(max_epochs=3, **changes))
+    assert stacked.heads_stacked and not loop.heads_stacked
+    _assert_same(_state(stacked.module), _state(loop.module))
+    assert [e["train_loss"] for e in stacked.history] == [e["train_loss"] for e in loop.history]
+    assert [e["val_loss"] for e in stacked.history] == [e["val_loss"] for e in loop.history]
+    xv, _ = toy_data(48, seed=1)
+    stacked_logits = ensemble_logits(stacked.module, xv)  # TreeNet.forward, stacked
+    assert stacked.module.stacks_on(stacked.module.trunk(torch.from_numpy(xv)))
+    stacked.module.stack_heads = False
+    torch.testing.assert_close(stacked_logits, ensemble_logits(stacked.module, xv), rtol=0, atol=0)
+    torch.testing.assert_close(stacked_logits, ensemble_logits(loop.module, xv), rtol=0, atol=0)
+
+
+def test_stacked_convolutional_heads_are_float_close_to_the_loop():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((48, *QUICK_SHAPE), dtype=np.float32), rng.integers(0, 5, 48)
+    options = EnsembleOptions(members=3, split="conv2", loss="mcl", k=1)
+    # SGD: Adam divides by the root of tiny second moments, which magnifies the grouped convolution's
+    # float-level differences in the gradients (measured: 6e-5 in the weights after 2 epochs).
+    cfg = config(max_epochs=2, optimizer="sgd", momentum=0.9, lr=0.05)
+    stacked, loop = _train_both(quick, "conv2", options, cfg, x=x, y=y, xv=x[:16], yv=y[:16])
+    assert stacked.heads_stacked and not loop.heads_stacked
+    for a, b in zip(_state(stacked.module), _state(loop.module)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        ensemble_logits(stacked.module, x), ensemble_logits(loop.module, x), rtol=0, atol=1e-5
+    )
+
+
+def test_stacked_heads_resume_exactly_from_either_paths_checkpoint(tmp_path):
+    x, y = toy_data()
+    xv, yv = toy_data(48, seed=1)
+    options = EnsembleOptions(members=3, split="fc1", loss="mcl", k=2, variation="both")
+
+    def run(stack, **kwargs):
+        tree = build_treenet(mlp, 3, "fc1", seed=1, stack_heads=stack)
+        return train_coupled(tree, x, y, xv, yv, config(max_epochs=4), options, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch, entry):
+        if epoch == 2:
+            raise Stop
+
+    straight = run(True)
+    paths = {stack: tmp_path / f"stacked_{stack}.ckpt" for stack in (True, False)}
+    for stack, path in paths.items():
+        with pytest.raises(Stop):
+            run(stack, checkpoint_path=path, on_epoch_end=stop_after_two)
+    # One checkpoint format: the stacked path writes the loop's model and optimizer layout, same values.
+    written = {stack: load_checkpoint(path)["units"][0] for stack, path in paths.items()}
+    _assert_same(list(written[True]["model"].values()), list(written[False]["model"].values()))
+    opt_stacked, opt_loop = written[True]["optimizer"], written[False]["optimizer"]
+    assert opt_stacked["param_groups"] == opt_loop["param_groups"]
+    assert opt_stacked["state"].keys() == opt_loop["state"].keys()
+    for i, entry in opt_loop["state"].items():
+        assert entry.keys() == opt_stacked["state"][i].keys()
+        _assert_same(list(opt_stacked["state"][i].values()), list(entry.values()))
+    # Each path resumes from each checkpoint to the uninterrupted weights.
+    for path in paths.values():
+        for stack in (True, False):
+            copy = tmp_path / "resume.ckpt"
+            copy.write_bytes(path.read_bytes())
+            resumed = run(stack, checkpoint_path=copy, resume=True)
+            assert resumed.heads_stacked is stack and resumed.epochs_run == 4
+            _assert_same(_state(straight.module), _state(resumed.module))
+            assert [e["train_loss"] for e in resumed.history] == [e["train_loss"] for e in straight.history]
+
+
+def test_unstackable_heads_keep_the_loop():
+    def dropout_mlp(seed):
+        return build_model("classifier", (1, 6, 6), 4, hidden=(12, 8), dropout=0.3, seed=seed)
+
+    x, y = toy_data(32)
+    tree = build_treenet(dropout_mlp, 2, "fc1", seed=0)
+    assert not tree.heads_stacked  # dropout masks come from the global RNG, drawn per branch
+    result = train_coupled(
+        tree, x, y, None, None, config(max_epochs=1), EnsembleOptions(members=2, split="fc1")
+    )
+    assert not result.heads_stacked
+    assert not build_treenet(mlp, 2, "all", seed=0).heads_stacked  # no branch weights
+    assert not build_treenet(mlp, 2, "fc1", seed=0, stack_heads=False).heads_stacked
+    assert not build_treenet(mlp, 1, "fc1", seed=0).heads_stacked  # one member: nothing to stack
+    assert build_treenet(mlp, 2, "fc1", seed=0).heads_stacked
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(36, 8))
+    batch_norm = TreeNet(trunk, [nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4)) for _ in range(2)], [])
+    widths = TreeNet(trunk, [nn.Sequential(nn.Linear(8, w), nn.ReLU(), nn.Linear(w, 4)) for w in (5, 6)], [])
+    assert not batch_norm.heads_stacked and not widths.heads_stacked
+    # equal shapes, other settings: the stacked computation would follow branch 0's
+    slopes = TreeNet(trunk, [nn.Sequential(nn.LeakyReLU(a), nn.Linear(8, 4)) for a in (0.1, 0.2)], [])
+    assert not slopes.heads_stacked
+    # a Linear head on a spatial trunk output acts on the last axis: left to the loop
+    spatial = TreeNet(nn.Sequential(), [nn.Sequential(nn.Linear(6, 4), nn.Flatten()) for _ in range(2)], [])
+    assert spatial.heads_stacked and not spatial.stacks_on(torch.zeros(2, 1, 6, 6))
+    assert spatial(torch.zeros(2, 1, 6, 6)).shape == (2, 2, 24)
+
+
+def test_stacked_forward_gives_a_callers_backward_the_loops_gradients():
+    x, y = (torch.from_numpy(a) for a in toy_data(24))
+    grads = []
+    for stack in (True, False):
+        tree = build_treenet(mlp, 3, "fc1", seed=2, stack_heads=stack)
+        independent_ce(tree(x), y).backward()  # the caller's own step: gradients land on the branch modules
+        grads.append([p.grad.clone() for p in tree.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    _assert_same(grads[0], grads[1])

@@ -279,7 +279,8 @@ def format_report(report: dict) -> str:
         (
             f"  {report['epochs_run']} epochs, best epoch {report['best_epoch']}"
             f"{' (stopped early)' if report['stopped_early'] else ''}, "
-            f"{report['times']['train_seconds']:.1f} s; "
+            f"{report['times']['train_seconds']:.1f} s"
+            f"{' (heads stacked)' if report.get('heads_stacked') else ''}; "
             f"parameters stored {tree['parameters']['stored']} (unshared {tree['parameters']['unshared']})"
         ),
         (

@@ -544,9 +544,9 @@ def _grow(
         facts = {
             "path": f"members/{name}.onnx",
             **member_facts(result, seeds[name]),
-            **_group_facts(result, names),
-            **extra,
-        }  # grown members (IRModule, frozen CSN) are module units: never stacked
+            **_group_facts(result, names, stacked=extra["stacked"]),
+            **extra,  # the CSN cache, and why a member was not stacked ("unstacked_reason")
+        }
         out[name] = (facts, to_bytes(lower(net)))
     return out
 
@@ -777,6 +777,7 @@ def _report(
                     "stopped_early",
                     "trained_with",
                     "stacked",
+                    "unstacked_reason",
                     "group_train_seconds",
                     "ensemble_stopping",
                 )

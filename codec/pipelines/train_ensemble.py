@@ -202,6 +202,8 @@ def train_ensemble_recipe(
             "fused_parameters": ensemble_parameter_count(members_ir, trunk_ir),
         },
         "bag_unique_fraction": result.bag_unique,
+        # which training path ran: the branches as one stacked computation, or a loop over them
+        "heads_stacked": result.heads_stacked,
         "n_train": len(data.x_train),
         "n_val": data.n_val,
         "n_test": len(data.x_test),

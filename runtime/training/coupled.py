@@ -37,6 +37,18 @@ score- and probability-averaged losses), gradients optionally accumulated over `
 early stopping on a validation loss (`MONITORS`, see `EnsembleOptions.monitor`), a checkpoint written
 atomically at every epoch end and read with ``torch.load(weights_only=True)``, and exact resume.
 
+**Stacked heads** (`heads_stackable`, `_StackedHeads`): when the branches are stackable (more than one, of
+equal shapes, each an `nn.Sequential` the engine can stack: Linear, Conv2d, pools, element-wise
+activations, Flatten, Dropout(p=0)), training runs them as one stacked computation: each layer's weights
+one leaf [M, out, in] (the engine's `_StackedLinear`, a grouped convolution for Conv2d), the trunk's output
+fed to all M at once (`_BranchInputs`, whose backward sums the branches' gradients in autograd's order for
+M separate branches). The leaves are written back into the branch modules at the end of every training
+epoch, and the checkpoint keeps the loop's layout, so the branches stay what everything else reads
+(export, `member`, checkpoints, the distributed rank split). MLP heads train bit for bit as the loop does
+on the CPU; convolutional heads float-close. Dropout with p > 0, batch norm or branches of different
+shapes keep the loop; `CoupledResult.heads_stacked` (report.json's ``heads_stacked``) says which ran.
+docs/decisions.md has why and what was measured.
+
 **Export** (`treenet_networks`, `emit_treenet`): each member becomes a NetworkIR whose trunk layers are
 whole FROZEN_SHARED copies of a trunk chain (the CSN), so `codec.ir.ensemble.emit_ensemble` computes the
 trunk once in the fused graph.
@@ -63,7 +75,14 @@ from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError
 from codec.ir.network import NetworkIR, Role, is_compute
-from codec.runtime.training.engine import _ModuleUnit, train_members
+from codec.runtime.training.engine import (
+    _ModuleUnit,
+    _same_shapes,
+    stack_layers,
+    stackable,
+    stacked_forward,
+    train_members,
+)
 from codec.runtime.training.losses import LOSSES, EnsembleLoss, member_losses
 from codec.runtime.training.torch_ir import sequential_to_network
 from codec.runtime.training.train import (
@@ -71,6 +90,8 @@ from codec.runtime.training.train import (
     EarlyStopping,
     TrainConfig,
     _check_training_data,
+    _make_optimizer,
+    _make_scheduler,
     batched_forward,
 )
 
@@ -264,14 +285,28 @@ def resolve_split(model: nn.Sequential, split: str | int | None) -> int:
 class TreeNet(nn.Module):
     """M members sharing a trunk: ``forward(x) -> (M, B, K)`` logits, the trunk computed once.
 
+    When the branches are stackable (`heads_stacked`), ``forward`` runs them as one stacked computation
+    (the engine's layout, stacking the branch modules' parameters at each call, so gradients reach them);
+    otherwise it runs them one after another. Both give the same logits (bit for bit for MLP heads on the
+    CPU, float-close for convolutional ones).
+
     Attributes:
         trunk: the shared leading modules (an empty Sequential for an independent ensemble).
-        branches: one Sequential per member (empty Sequentials when everything is shared).
+        branches: one Sequential per member (empty Sequentials when everything is shared). They are the
+            weights' home: state_dict, export, checkpoints and the distributed rank split read them.
         names: the split-point names of the full network's modules (`module_names`).
         split: how many leading modules are in the trunk.
+        stack_heads: allow the stacked computation (False: always the loop over branches).
     """
 
-    def __init__(self, trunk: nn.Sequential, branches: Sequence[nn.Sequential], names: Sequence[str]):
+    def __init__(
+        self,
+        trunk: nn.Sequential,
+        branches: Sequence[nn.Sequential],
+        names: Sequence[str],
+        *,
+        stack_heads: bool = True,
+    ):
         super().__init__()
         if not branches:
             raise ConfigError("a TreeNet needs at least one branch (member)")
@@ -279,6 +314,7 @@ class TreeNet(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.names = list(names)
         self.split = len(trunk)
+        self.stack_heads = bool(stack_heads)
 
     @property
     def members(self) -> int:
@@ -289,8 +325,26 @@ class TreeNet(nn.Module):
         """True when the branches hold no weights: the M members are one network."""
         return not any(p.numel() for b in self.branches for p in b.parameters())
 
+    @property
+    def heads_stacked(self) -> bool:
+        """True when the branches run as one stacked computation: `stack_heads` is on and the branches
+        are `heads_stackable` (training, `forward`)."""
+        return self.stack_heads and heads_stackable(self.branches)
+
+    def stacks_on(self, h: torch.Tensor) -> bool:
+        """True when the branches run stacked on trunk output `h` (`heads_stacked`, and a first Linear
+        layer sees (B, features))."""
+        return self.heads_stacked and _fits_heads(self.branches[0], h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.trunk(x)
+        if self.stacks_on(h):
+            plan, names, _ = stack_layers([self.branches[0]], h.device)
+            params = [
+                torch.stack([b.get_parameter(name) for b in self.branches]) if name else None
+                for name in names
+            ]
+            return stacked_forward(plan, params, _BranchInputs.apply(h, self.members))
         return torch.stack([branch(h) for branch in self.branches])
 
     def member(self, index: int) -> nn.Sequential:
@@ -318,6 +372,147 @@ class TreeNet(nn.Module):
         }
 
 
+def heads_stackable(branches: Sequence[nn.Module]) -> bool:
+    """True when a TreeNet's branches can run as one stacked computation: more than one, each
+    `codec.runtime.training.engine.stackable` (Linear, Conv2d, pools, element-wise activations, Flatten,
+    Dropout(p=0)), all of the same shapes and settings (the stacked computation follows branch 0's
+    strides, paddings, pool sizes and activation parameters), every parameter trainable. Dropout with
+    p > 0, batch norm or other modules keep the loop over branches."""
+    branches = list(branches)
+    return (
+        len(branches) > 1
+        and all(stackable(b) for b in branches)
+        and _same_shapes(branches)
+        and all([repr(m) for m in b] == [repr(m) for m in branches[0]] for b in branches[1:])
+        and all(p.requires_grad for b in branches for p in b.parameters())
+    )
+
+
+def _fits_heads(branch: nn.Sequential, h: torch.Tensor) -> bool:
+    """The stacked layout reads a Linear's input as (B, features): a branch whose first shape-dependent
+    layer is a Linear needs a 2-d trunk output (nn.Linear alone would act on the last axis of any)."""
+    for layer in branch:
+        if isinstance(layer, nn.Linear):
+            return h.ndim == 2
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            return h.ndim == 4
+        if isinstance(layer, nn.Flatten):
+            return True
+    return True
+
+
+class _BranchInputs(torch.autograd.Function):
+    """The trunk's output h (B, ...) as every branch's input, (M, B, ...).
+
+    Its backward sums the M branches' gradients of h in the order autograd sums them for M separate
+    branches reading one h (the last branch's gradient arrives first, then the one before it, ...), so
+    the trunk's gradients are bit-identical to the loop's where the branches' own gradients are.
+    """
+
+    @staticmethod
+    def forward(ctx, h, members):
+        ctx.members = members
+        return h.unsqueeze(0).expand(members, *h.shape).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad[ctx.members - 1].clone()
+        for m in range(ctx.members - 2, -1, -1):
+            total = total + grad[m]
+        return total, None
+
+
+class _StackedHeads:
+    """A TreeNet's branches held as stacked leaves [M, ...] while `train_coupled` trains it.
+
+    The leaves (`codec.runtime.training.engine.stack_layers`) are what the optimizer steps; the branch
+    modules stay the weights' home for everything outside the training loop: `write_back` copies the
+    leaves into them at the end of every training epoch (before validation, early stopping's best state
+    and the checkpoint read them), `reload` copies them into the leaves after a resume. The optimizer is
+    one ``torch.optim`` optimizer over the trunk's parameters and the leaves (its arithmetic is
+    element-wise, so one stacked tensor steps exactly as M separate ones); `loop_state` and
+    `stacked_state` convert its state to and from the layout of the loop's optimizer over
+    ``treenet.parameters()``, so a checkpoint is the same whichever path wrote it.
+    """
+
+    def __init__(self, treenet: TreeNet, config: TrainConfig, device: torch.device):
+        self.members = treenet.members
+        self.plan, names, leaves = stack_layers(list(treenet.branches), device)
+        # Parameters (sharing the leaves' storage) so an nn.Module can hand them to _make_optimizer.
+        self.params = [nn.Parameter(p.detach()) if p is not None else None for p in leaves]
+        self.trainable = [p for p in self.params if p is not None]
+        self.targets = [[b.get_parameter(name) for b in treenet.branches] for name in names if name]
+        holder = nn.Module()
+        holder.trunk = treenet.trunk
+        holder.heads = nn.ParameterList(self.trainable)
+        self.trunk_count = sum(1 for p in treenet.trunk.parameters() if p.requires_grad)
+        self.optimizer = _make_optimizer(holder, config)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """(M, B, K) logits of the branches on trunk output h (B, ...)."""
+        return stacked_forward(self.plan, self.params, _BranchInputs.apply(h, self.members))
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for leaf, targets in zip(self.trainable, self.targets):
+            for m, target in enumerate(targets):
+                target.copy_(leaf[m])
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        for leaf, targets in zip(self.trainable, self.targets):
+            leaf.copy_(torch.stack([t.detach() for t in targets]))
+
+    def _loop_index(self, member: int, j: int) -> int:
+        return self.trunk_count + member * len(self.trainable) + j
+
+    def loop_state(self, state: dict) -> dict:
+        """The optimizer's state_dict as the loop's optimizer over ``treenet.parameters()`` holds it."""
+        t, count = self.trunk_count, self.trunk_count + self.members * len(self.trainable)
+        out = {i: entry for i, entry in state["state"].items() if i < t}
+        for i, entry in state["state"].items():
+            if i >= t:
+                leaf = self.trainable[i - t]
+                for m in range(self.members):
+                    out[self._loop_index(m, i - t)] = {
+                        key: value[m].clone() if _stacked_like(value, leaf) else copy.deepcopy(value)
+                        for key, value in entry.items()
+                    }
+        groups = [{**group, "params": list(range(count))} for group in state["param_groups"]]
+        return {"state": dict(sorted(out.items())), "param_groups": groups}
+
+    def stacked_state(self, state: dict) -> dict:
+        """`loop_state`'s inverse: a loop-layout optimizer state_dict for this optimizer.
+
+        Raises:
+            ModelLoadError: a state that is not of one optimizer over this TreeNet's parameters.
+        """
+        t = self.trunk_count
+        groups = state.get("param_groups", [])
+        if len(groups) != 1 or len(groups[0]["params"]) != t + self.members * len(self.trainable):
+            raise ModelLoadError("the checkpoint's optimizer state does not match this TreeNet")
+        saved = state["state"]
+        out = {i: entry for i, entry in saved.items() if i < t}
+        for j, leaf in enumerate(self.trainable):
+            entries = [saved.get(self._loop_index(m, j)) for m in range(self.members)]
+            if all(e is None for e in entries):
+                continue
+            if any(e is None for e in entries):
+                raise ModelLoadError("the checkpoint's optimizer state covers only some members")
+            out[t + j] = {
+                key: torch.stack([e[key] for e in entries])
+                if _stacked_like(value, leaf[0])
+                else copy.deepcopy(value)
+                for key, value in entries[0].items()
+            }
+        return {"state": out, "param_groups": [{**groups[0], "params": list(range(t + len(self.trainable)))}]}
+
+
+def _stacked_like(value, like: torch.Tensor) -> bool:
+    """A per-element optimizer state tensor (moments, momentum), not a step count or None."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) == tuple(like.shape)
+
+
 def build_treenet(
     build: Callable[[int], nn.Sequential],
     members: int,
@@ -325,6 +520,7 @@ def build_treenet(
     seed: int,
     *,
     random_init: bool = True,
+    stack_heads: bool = True,
 ) -> TreeNet:
     """A TreeNet from a network builder.
 
@@ -335,6 +531,8 @@ def build_treenet(
         seed: the run's seed; member m is initialised from `member_seed(seed, m)` (the trunk from member
             0's), or every member from member 0's seed when `random_init` is False.
         random_init: different initial weights per member (False: bagging alone).
+        stack_heads: let stackable branches run as one stacked computation (`TreeNet.heads_stacked`);
+            False keeps the loop over branches (the reference the stacked path is tested against).
     """
     template = build(member_seed(seed, 0))
     if not isinstance(template, nn.Sequential):
@@ -346,7 +544,7 @@ def build_treenet(
     for m in range(members):
         source = template if m == 0 else build(member_seed(seed, m) if random_init else member_seed(seed, 0))
         branches.append(nn.Sequential(*copy.deepcopy(list(source)[count:])))
-    return TreeNet(trunk, branches, names)
+    return TreeNet(trunk, branches, names, stack_heads=stack_heads)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -427,6 +625,8 @@ class CoupledResult:
         best_epoch, epochs_run, train_seconds, stopped_early: as in `runtime.train.TrainResult`.
         bag_unique: per member, the share of distinct training examples in its bootstrap sample (1.0 each
             without bagging).
+        heads_stacked: whether training ran the branches as one stacked computation (`_StackedHeads`)
+            or looped over them.
     """
 
     module: TreeNet
@@ -436,6 +636,7 @@ class CoupledResult:
     train_seconds: float = 0.0
     stopped_early: bool = False
     bag_unique: list[float] = field(default_factory=list)
+    heads_stacked: bool = False
 
 
 @torch.no_grad()
@@ -513,13 +714,15 @@ def train_coupled(
         ConfigError: options that do not fit (members, loss), or a checkpoint written under other options.
         DataError: bad data or a non-finite loss (names the epoch and batch).
     """
-    _, _, _, _, weights, bag_unique, step_config = coupled_setup(
+    x_t, _, _, _, weights, bag_unique, step_config = coupled_setup(
         treenet, x_train, y_train, x_val, y_val, config, options
     )
     n = x_train.shape[0]
+    units = []
 
     def objective(module, member_config, seed, device):
-        return _CoupledUnit(module, step_config, options, weights, n, device)
+        units.append(_CoupledUnit(module, step_config, options, weights, n, device, example=x_t[:2]))
+        return units[-1]
 
     # The engine's loop: the TreeNet is its one module, the coupled loss is this objective's.
     run = train_members(
@@ -540,7 +743,7 @@ def train_coupled(
         else lambda e, record: on_epoch_end(e, record["members"][0]),
         objective=objective,
     )
-    return coupled_result(treenet, run, bag_unique)
+    return coupled_result(treenet, run, bag_unique, heads_stacked=units[0].heads is not None)
 
 
 def coupled_setup(treenet, x_train, y_train, x_val, y_val, config: TrainConfig, options):
@@ -570,7 +773,7 @@ def coupled_setup(treenet, x_train, y_train, x_val, y_val, config: TrainConfig, 
     return x_t, y_t, xv_t, yv_t, weights, bag_unique, step_config
 
 
-def coupled_result(treenet, run, bag_unique) -> CoupledResult:
+def coupled_result(treenet, run, bag_unique, *, heads_stacked: bool = False) -> CoupledResult:
     """The engine's run of a TreeNet (its one module) as a CoupledResult."""
     result = run.members[0]
     return CoupledResult(
@@ -581,6 +784,7 @@ def coupled_result(treenet, run, bag_unique) -> CoupledResult:
         train_seconds=result.train_seconds,
         stopped_early=result.stopped_early,
         bag_unique=bag_unique,
+        heads_stacked=heads_stacked,
     )
 
 
@@ -591,17 +795,46 @@ class _CoupledUnit(_ModuleUnit):
     from the bootstrap samples under bagging; MCL's ties broken by a seeded generator), with gradients
     accumulated over ``options.accumulate`` batches. Pretraining epochs never stop early, and the
     best-so-far restarts when the main loss takes over.
+
+    When the TreeNet's heads stack on the training inputs (`TreeNet.stacks_on`), the unit trains them as
+    `_StackedHeads` (`heads`): stacked leaves stepped by the optimizer, written back into the branch
+    modules at the end of every training epoch; the checkpoint keeps the loop's layout.
     """
 
     kind = CHECKPOINT_KIND
+    heads: _StackedHeads | None = None  # also for subclasses that do not call this __init__
 
-    def __init__(self, treenet, config: TrainConfig, options: EnsembleOptions, weights, n: int, device):
+    def __init__(
+        self,
+        treenet,
+        config: TrainConfig,
+        options: EnsembleOptions,
+        weights,
+        n: int,
+        device,
+        *,
+        example: torch.Tensor | None = None,
+    ):
         super().__init__(0, treenet, config, config.seed, device)
         self.options = options
         self.weights = weights
         self.batches_per_epoch = len(range(0, n, config.batch_size))
         self.ties = torch.Generator().manual_seed(_stream_seed(config.seed, _TIE_STREAM))
         self.loss = None
+        if (
+            example is not None
+            and treenet.heads_stacked
+            and treenet.stacks_on(_trunk_output(treenet, example, device))
+        ):
+            self.heads = _StackedHeads(treenet, config, device)
+            self.optimizer = self.heads.optimizer
+            self.scheduler = _make_scheduler(self.optimizer, config)
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        """(M, B, K) training logits: the stacked heads' leaves, or the TreeNet's own forward."""
+        if self.heads is None:
+            return self.module(xb)
+        return self.heads(self.module.trunk(xb))
 
     def check_outputs(self, x_t, y_t) -> None:
         _check_labels(self.module, x_t, y_t, self.device)
@@ -635,7 +868,7 @@ class _CoupledUnit(_ModuleUnit):
             self.optimizer.zero_grad(set_to_none=True)
             for batch, (index, xb, yb, _) in enumerate(batches(0), start=1):
                 wb = self.weights[:, index].to(self.device) if self.weights is not None else None
-                value = self.loss(self.module(xb), yb, wb if self.loss.memberwise else None, self.ties)
+                value = self.loss(self.forward(xb), yb, wb if self.loss.memberwise else None, self.ties)
                 if not torch.isfinite(value):
                     raise DataError(
                         f"non-finite training loss ({float(value.detach())}) at epoch {epoch}, batch "
@@ -652,6 +885,8 @@ class _CoupledUnit(_ModuleUnit):
                 count += len(index)
             return {0: total / count}
         finally:
+            if self.heads is not None:
+                self.heads.write_back()  # validation, the best state and the checkpoint read the branches
             self.rng = self._get_rng()
             self._set_rng(saved)
 
@@ -668,11 +903,29 @@ class _CoupledUnit(_ModuleUnit):
         return fields, fields["val_loss"]
 
     def state(self) -> dict:
-        return {**super().state(), "tie_generator": self.ties.get_state()}
+        state = {**super().state(), "tie_generator": self.ties.get_state()}
+        if self.heads is not None:
+            state["optimizer"] = self.heads.loop_state(state["optimizer"])
+        return state
 
     def restore(self, state: dict) -> None:
+        if self.heads is not None:
+            state = {**state, "optimizer": self.heads.stacked_state(state["optimizer"])}
         super().restore(state)
+        if self.heads is not None:
+            self.heads.reload()
         self.ties.set_state(state["tie_generator"])
+
+
+@torch.no_grad()
+def _trunk_output(treenet: TreeNet, example: torch.Tensor, device) -> torch.Tensor:
+    """The trunk's output on a few examples, in eval mode (no batch statistics or RNG touched)."""
+    was_training = treenet.training
+    treenet.eval()
+    try:
+        return treenet.trunk(example.to(device))
+    finally:
+        treenet.train(was_training)
 
 
 @torch.no_grad()
@@ -705,6 +958,7 @@ __all__ = [
     "build_treenet",
     "emit_treenet",
     "ensemble_logits",
+    "heads_stackable",
     "member_seed",
     "module_names",
     "resolve_split",

@@ -32,10 +32,20 @@ slices of the stacked tensors, with no functional optimizer.
 Convolutional layers are stacked as one grouped convolution (groups = K over the members' channels,
 concatenated): that is float-close to K separate convolutions, not bit-identical (tests/test_engine.py).
 
-Members that cannot be stacked (dropout with p > 0, batch norm, grown members with their frozen CSN,
-custom modules) are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within
-each epoch by the same loop, each with its own global-RNG state swapped in for its steps, so dropout draws
-the same masks as a separate run would.
+**Grown members** (runtime/training/grow.py: `IRModule`s built from one CSNE template, or the
+`CachedCSNModule`s around them) are stacked by `_GrownStackedUnit` when `grown_unstackable_reason` finds
+nothing against it (a chain of dense and ungrouped conv IRLayers, pools and Flattens) and they share one
+CSN: each layer's trainable rows are stacked [K, out - k, in] as above, and its k frozen CSN rows, the same
+in every member, are read from the CSN-cache columns of each member's own batch or, uncached, computed for
+all K members' batches by one no-grad product. Dense grown members are bit-identical to their module-unit
+runs on CPU; conv ones float-close (grouped convolution). A grown member that cannot be stacked (a DAG
+member, a grouped convolution, a softmax inside the network) is a module unit, and grow.py records why.
+The same unit stacks lifted members without a CSN (`codec compile --model`: IRModules, no frozen rows).
+
+Members that cannot be stacked (dropout with p > 0, batch norm, custom modules, the grown members above)
+are each a `_ModuleUnit` (one module, ``torch.optim``), trained one after another within each epoch by the
+same loop, each with its own global-RNG state swapped in for its steps, so dropout draws the same masks as
+a separate run would.
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.errors import ConfigError, DataError, ModelLoadError
+from codec.runtime.training.grow import CachedCSNModule
+from codec.runtime.training.torch_ir import IRLayer, IRModule, IRPool, activation
 from codec.runtime.training.train import (
     CHECKPOINT_FORMAT,
     EVAL_BATCH_SIZE,
@@ -386,6 +398,81 @@ class _StackedOptimizer:
                 mine.copy_(saved)
 
 
+def stack_layers(modules: Sequence[nn.Module], device: torch.device) -> tuple[list, list[str], list]:
+    """The stacked layout of K `stackable` Sequentials of equal shapes (`_StackedUnit`'s, shared with the
+    TreeNet's stacked heads in runtime/training/coupled.py).
+
+    Returns the plan `stacked_forward` follows, the state-dict keys of the stacked parameters in the
+    template's parameter order ("" for an absent bias), and the parameters: new leaf tensors [K, ...]
+    that require grad, copied from the modules (None for an absent bias).
+    """
+    template = modules[0]
+    plan: list[tuple[str, object]] = []
+    names: list[str] = []  # state-dict keys of the template, in parameter order ("" for an absent bias)
+    params: list[torch.Tensor | None] = []
+    for position, layer in enumerate(template):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+            plan.append((kind, len(params) if kind == "linear" else (len(params), layer)))
+            for attr in ("weight", "bias"):
+                if getattr(layer, attr) is None:  # only a bias can be absent
+                    params.append(None)
+                    names.append("")
+                    continue
+                stacked = torch.stack([getattr(m[position], attr).detach() for m in modules]).to(device)
+                params.append(stacked.clone().requires_grad_(True))
+                names.append(f"{position}.{attr}")
+        elif isinstance(layer, nn.Flatten):
+            plan.append(("flatten", None))
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            plan.append(("spatial", copy.deepcopy(layer).to(device)))
+        elif isinstance(layer, nn.Dropout):
+            continue
+        else:
+            plan.append(("elementwise", copy.deepcopy(layer).to(device)))
+    return plan, names, params
+
+
+def stacked_forward(plan: list, params: list, x: torch.Tensor) -> torch.Tensor:
+    """`stack_layers`' plan on (K, B, ...) inputs, member k's batch in row k, to (K, B, outputs)."""
+    members = x.shape[0]
+    h = x
+    grouped = False  # h is (B, K*C, H, W)
+
+    def to_grouped(t):
+        return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
+
+    for kind, what in plan:
+        if kind == "linear":
+            h = _StackedLinear.apply(h, params[what], params[what + 1])
+        elif kind == "conv":
+            index, layer = what
+            if not grouped:
+                h, grouped = to_grouped(h), True
+            weight, bias = params[index], params[index + 1]
+            h = F.conv2d(
+                h,
+                weight.reshape(-1, *weight.shape[2:]),
+                None if bias is None else bias.reshape(-1),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups=members,
+            )
+        elif kind == "spatial":
+            if not grouped:
+                h, grouped = to_grouped(h), True
+            h = what(h)
+        elif kind == "flatten":
+            if grouped:
+                h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
+            else:
+                h = h.reshape(h.shape[0], h.shape[1], -1)
+        else:
+            h = what(h)
+    return h
+
+
 class _StackedUnit:
     """K members with equal shapes as stacked [K, ...] weights: one forward/backward for all K.
 
@@ -406,30 +493,7 @@ class _StackedUnit:
         self.modules = modules
         self.device = device
         self.lr_decay = config.lr_decay if config.lr_decay not in (None, 1.0) else None
-        template = modules[0]
-        self.plan: list[tuple[str, object]] = []
-        self.names: list[str] = []  # state-dict keys of the template, in parameter order
-        self.params: list[torch.Tensor] = []
-        for position, layer in enumerate(template):
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                kind = "linear" if isinstance(layer, nn.Linear) else "conv"
-                self.plan.append((kind, len(self.params) if kind == "linear" else (len(self.params), layer)))
-                for attr in ("weight", "bias"):
-                    if getattr(layer, attr) is None:  # only a bias can be absent
-                        self.params.append(None)  # type: ignore[arg-type]
-                        self.names.append("")
-                        continue
-                    stacked = torch.stack([getattr(m[position], attr).detach() for m in modules]).to(device)
-                    self.params.append(stacked.clone().requires_grad_(True))
-                    self.names.append(f"{position}.{attr}")
-            elif isinstance(layer, nn.Flatten):
-                self.plan.append(("flatten", None))
-            elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
-                self.plan.append(("spatial", copy.deepcopy(layer).to(device)))
-            elif isinstance(layer, nn.Dropout):
-                continue
-            else:
-                self.plan.append(("elementwise", copy.deepcopy(layer).to(device)))
+        self.plan, self.names, self.params = stack_layers(modules, device)
         self.trainable = [p for p in self.params if p is not None]
         self.optimizer = _StackedOptimizer(self.trainable, config, [lrs[i] for i in self.indices])
 
@@ -441,42 +505,7 @@ class _StackedUnit:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, ...) inputs, member k's batch in row k, to (K, B, outputs)."""
-        members = x.shape[0]
-        h = x
-        grouped = False  # h is (B, K*C, H, W)
-
-        def to_grouped(t):
-            return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
-
-        for kind, what in self.plan:
-            if kind == "linear":
-                h = _StackedLinear.apply(h, self.params[what], self.params[what + 1])
-            elif kind == "conv":
-                index, layer = what
-                if not grouped:
-                    h, grouped = to_grouped(h), True
-                weight, bias = self.params[index], self.params[index + 1]
-                h = F.conv2d(
-                    h,
-                    weight.reshape(-1, *weight.shape[2:]),
-                    None if bias is None else bias.reshape(-1),
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    groups=members,
-                )
-            elif kind == "spatial":
-                if not grouped:
-                    h, grouped = to_grouped(h), True
-                h = what(h)
-            elif kind == "flatten":
-                if grouped:
-                    h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
-                else:
-                    h = h.reshape(h.shape[0], h.shape[1], -1)
-            else:
-                h = what(h)
-        return h
+        return stacked_forward(self.plan, self.params, x)
 
     def train_epoch(
         self, batches, loss_fn, loss_name: str, epoch: int, desc: Callable[[int], str], active: list[int]
@@ -547,6 +576,243 @@ class _StackedUnit:
         module = self.modules[self.slot(index)]
         module.load_state_dict(best)
         return module
+
+
+# --------------------------------------------------------------------------------------------------------
+# Grown members stacked: IRModule / CachedCSNModule members around one frozen CSN
+# --------------------------------------------------------------------------------------------------------
+
+
+def _grown_parts(module: nn.Module) -> tuple[IRModule | None, tuple | None]:
+    """The IRModule inside a grown member and its CSN-cache layout (input size, cached layer indices,
+    widths, shapes), or (None, None) for any other module."""
+    if type(module) is CachedCSNModule:
+        layout = (module.input_size, list(module.cached), list(module.widths), list(module.shapes))
+        return module.module, layout
+    if type(module) is IRModule:
+        return module, None
+    return None, None
+
+
+def grown_unstackable_reason(module: nn.Module) -> str | None:
+    """Why the stacked layout cannot compute grown member `module` (an IRModule, or a CachedCSNModule
+    around one), or None when it can: a chain of dense and ungrouped conv IRLayers, IRPools and Flattens,
+    with a Flatten between the last spatial layer and the first dense layer after it, softmax only as the
+    last layer's logits, and at least one trainable row."""
+    inner, _ = _grown_parts(module)
+    if inner is None:
+        return "not a grown member (IRModule)"
+    if not inner.is_chain:
+        return "a DAG member (residual or concat layers) is not a chain"
+    spatial = len(inner.input_shape) > 1
+    trainable = False
+    last = len(inner.blocks) - 1
+    for i, block in enumerate(inner.blocks):
+        if isinstance(block, IRLayer):
+            if block.kind == "conv":
+                if block.groups != 1:
+                    return "a grouped convolution"
+                spatial = True
+            elif spatial:
+                return "a dense layer on a spatial input without a Flatten"
+            if block.activation == "softmax" and (i != last or inner.probabilities):
+                return "a softmax that is not the last layer's logits"
+            trainable = trainable or block.weight.shape[0] > 0
+        elif isinstance(block, IRPool):
+            if not spatial:
+                return "a pooling layer on a flat input"
+        elif isinstance(block, nn.Flatten):
+            spatial = False
+        else:
+            return f"a {type(block).__name__} block"
+    if spatial:
+        return "a spatial output (no Flatten before the last layer)"
+    if not trainable:
+        return "no trainable rows"
+    return None
+
+
+def _grown_signature(module: nn.Module) -> tuple:
+    """What grown members stacked together must share: parameter shapes, layer settings, cache layout."""
+    inner, cache = _grown_parts(module)
+    layers = []
+    for block in inner.blocks:
+        if isinstance(block, IRLayer):
+            conv = (block.stride, block.padding, block.pad4, block.dilation) if block.kind == "conv" else ()
+            layers.append((block.kind, block.activation, block.alpha, block.k, *conv))
+        elif isinstance(block, IRPool):
+            layers.append(("pool", repr(block.layer)))
+        else:
+            layers.append(("flatten",))
+    shapes = tuple((name, tuple(t.shape)) for name, t in module.state_dict().items())
+    return shapes, tuple(layers), repr(cache), tuple(inner.input_shape), inner.probabilities
+
+
+def _same_csn(a: nn.Module, b: nn.Module) -> bool:
+    """Equal signatures and the same frozen CSN rows (what the stacked unit computes once for all K)."""
+    if _grown_signature(a) != _grown_signature(b):
+        return False
+    blocks = zip(_grown_parts(a)[0].blocks, _grown_parts(b)[0].blocks)
+    return all(
+        torch.equal(x.frozen_weight, y.frozen_weight) and torch.equal(x.frozen_bias, y.frozen_bias)
+        for x, y in blocks
+        if isinstance(x, IRLayer)
+    )
+
+
+class _GrownStackedUnit(_StackedUnit):
+    """K grown members built from one CSNE template as stacked weights: one forward/backward for all K.
+
+    Each IRLayer's trainable rows are one leaf tensor [K, out - k, in] (`_StackedLinear` for dense layers,
+    one grouped convolution for conv layers, as `_StackedUnit`); its k frozen CSN rows are one tensor,
+    the same for every member, never trained. Their pre-activations are read from the CSN-cache columns of
+    each member's own batch (CachedCSNModule members) or, uncached, computed for all K members' batches
+    by one no-grad product per layer. Frozen then trainable rows are concatenated per member, as
+    `IRLayer.pre_activation` does, so on CPU a dense member's weights are bit-identical to its module-unit
+    run (tests/test_grow.py).
+    """
+
+    def __init__(
+        self,
+        indices: list[int],
+        modules: list[nn.Module],
+        config: TrainConfig,
+        lrs: list[float],
+        device: torch.device,
+    ):
+        self.indices = list(indices)
+        self.modules = modules
+        self.device = device
+        self.lr_decay = config.lr_decay if config.lr_decay not in (None, 1.0) else None
+        inners = [_grown_parts(m)[0] for m in modules]
+        template, self.cache = _grown_parts(modules[0])
+        self.input_shape = tuple(template.input_shape)
+        prefix = "module." if self.cache is not None else ""
+        last = len(template.blocks) - 1
+        self.plan: list[tuple[str, object]] = []
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        for i, block in enumerate(template.blocks):
+            if isinstance(block, IRLayer):
+                index = None
+                if block.weight.shape[0]:
+                    index = len(self.params)
+                    for attr in ("weight", "bias"):
+                        stacked = torch.stack([getattr(m.blocks[i], attr).detach() for m in inners])
+                        self.params.append(stacked.to(device).clone().requires_grad_(True))
+                        self.names.append(f"{prefix}blocks.{i}.{attr}")
+                frozen = None
+                if block.k:
+                    frozen = (block.frozen_weight.to(device), block.frozen_bias.to(device))
+                logits = i == last and block.activation == "softmax" and not template.probabilities
+                self.plan.append(("layer", (i, block, index, frozen, logits)))
+            elif isinstance(block, IRPool):
+                self.plan.append(("spatial", copy.deepcopy(block).to(device)))
+            else:
+                self.plan.append(("flatten", None))
+        self.trainable = list(self.params)
+        # Each member's state-dict entries that the unit does not train (the CSN buffers, empty rows).
+        self.fixed = [
+            {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items() if k not in self.names}
+            for m in modules
+        ]
+        self.keys = list(modules[0].state_dict())
+        self.optimizer = _StackedOptimizer(self.trainable, config, [lrs[i] for i in self.indices])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, ...) inputs, member k's batch in row k (with its cache columns), to (K, B, outputs)."""
+        members, batch = x.shape[0], x.shape[1]
+        cached: dict[int, torch.Tensor] = {}
+        if self.cache is not None:
+            input_size, indices, widths, shapes = self.cache
+            offset = input_size
+            for layer, width, shape in zip(indices, widths, shapes):
+                cached[layer] = x[:, :, offset : offset + width].reshape(members, batch, *shape)
+                offset += width
+            x = x[:, :, :input_size].reshape(members, batch, *self.input_shape)
+        h = x
+        grouped = False  # h is (B, K*C, H, W), member k's channels in the k-th group
+
+        def to_grouped(t):
+            return t.transpose(0, 1).reshape(t.shape[1], members * t.shape[2], *t.shape[3:])
+
+        for kind, what in self.plan:
+            if kind == "layer":
+                i, block, index, frozen, logits = what
+                if block.kind == "dense":
+                    parts = []
+                    if frozen is not None:
+                        part = cached.get(i)
+                        if part is None:
+                            with torch.no_grad():
+                                weight, bias = frozen
+                                part = torch.baddbmm(
+                                    bias.expand(members, 1, -1),
+                                    h,
+                                    weight.t().expand(members, -1, -1),
+                                )
+                        parts.append(part)
+                    if index is not None:
+                        parts.append(_StackedLinear.apply(h, self.params[index], self.params[index + 1]))
+                    h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+                else:
+                    if not grouped:
+                        h, grouped = to_grouped(h), True
+                    h = self._conv(block, h, cached.get(i), frozen, index, members)
+                if not logits:
+                    h = activation(block.activation, block.alpha, h)
+            elif kind == "spatial":
+                if not grouped:
+                    h, grouped = to_grouped(h), True
+                h = what(h)
+            elif grouped:
+                h, grouped = h.reshape(h.shape[0], members, -1).transpose(0, 1), False
+            else:
+                h = h.reshape(members, batch, -1)
+        return h
+
+    def _conv(self, block: IRLayer, h, cached, frozen, index, members: int) -> torch.Tensor:
+        """One conv IRLayer in the grouped layout: frozen and trainable channels, member by member."""
+        if not block.symmetric:
+            h = F.pad(h, block.pad4)
+        batch = h.shape[0]
+        parts = []
+        if frozen is not None:
+            if cached is not None:
+                part = cached.transpose(0, 1)  # (B, K, k, H, W)
+            else:
+                weight, bias = frozen
+                with torch.no_grad():
+                    part = F.conv2d(
+                        h,
+                        weight.repeat(members, 1, 1, 1),
+                        bias.repeat(members),
+                        block.stride,
+                        block.padding,
+                        block.dilation,
+                        groups=members,
+                    )
+                part = part.reshape(batch, members, -1, *part.shape[2:])
+            parts.append(part)
+        if index is not None:
+            weight, bias = self.params[index], self.params[index + 1]
+            part = F.conv2d(
+                h,
+                weight.reshape(-1, *weight.shape[2:]),
+                bias.reshape(-1),
+                block.stride,
+                block.padding,
+                block.dilation,
+                groups=members,
+            )
+            parts.append(part.reshape(batch, members, -1, *part.shape[2:]))
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return h.reshape(batch, -1, *h.shape[3:])
+
+    def member_state(self, index: int) -> dict:
+        s = self.slot(index)
+        trained = {name: p.detach()[s].to("cpu", copy=True) for name, p in zip(self.names, self.params)}
+        return {key: trained[key] if key in trained else self.fixed[s][key] for key in self.keys}
 
 
 def _member_loss(loss_fn, loss_name: str, out, xb, yb, wb) -> torch.Tensor:
@@ -858,16 +1124,24 @@ def train_members(
 
 
 def _plan_units(modules, configs, seeds, lrs, config, device, stack: bool) -> list:
-    """Stack every stackable member of the first stackable member's shapes; the rest are module units."""
+    """Stack every stackable member of the first stackable member's shapes (plain Sequentials first, else
+    grown members around the same CSN); the rest are module units."""
     units: list = []
-    group = []
+    group: list[int] = []
     if stack and len(modules) > 1:
         candidates = [k for k, m in enumerate(modules) if stackable(m)]
         if candidates:
             first = modules[candidates[0]]
             group = [k for k in candidates if _same_shapes([first, modules[k]])]
+        unit_class = _StackedUnit
+        if len(group) < 2:
+            candidates = [k for k, m in enumerate(modules) if grown_unstackable_reason(m) is None]
+            if candidates:
+                first = modules[candidates[0]]
+                group = [k for k in candidates if _same_csn(first, modules[k])]
+            unit_class = _GrownStackedUnit
     if len(group) > 1:
-        units.append(_StackedUnit(group, [modules[k] for k in group], config, lrs, device))
+        units.append(unit_class(group, [modules[k] for k in group], config, lrs, device))
     for k, module in enumerate(modules):
         if k not in group or len(group) == 1:
             units.append(_ModuleUnit(k, module, configs[k], seeds[k], device))
@@ -1073,4 +1347,4 @@ class _Progress:
             self.bar.close()
 
 
-__all__ = ["EnsembleResult", "stackable", "train_members"]
+__all__ = ["EnsembleResult", "grown_unstackable_reason", "stackable", "train_members"]

@@ -8,8 +8,12 @@ Because CSN neurons depend only on the input and never change, their pre-activat
 once for the whole training set and cached (`cache`): each training step then skips the CSN's forward
 pass. The cache is fed to the model as extra input columns, so the ordinary training loop (early
 stopping, checkpoints, exact resume) trains grown members unchanged. `train_grown_members` trains several
-grown members in one engine run (runtime/training/engine.py) with the cache computed once for all of them;
-they are module units there, not stacked (the stacked layout covers plain MLPs only).
+grown members in one engine run (runtime/training/engine.py) with the cache computed once for all of them,
+stacked (`engine._GrownStackedUnit`: one forward and backward per step for all K, the trainable rows as
+[K, out - k, in] tensors, the frozen CSN pre-activations read from the cache or, uncached, computed once
+per step for all K members' batches). Members the stacked layout cannot compute (DAG members, grouped
+convolutions) train as module units; each member's facts say whether it was stacked ("stacked") and, if
+not, why ("unstacked_reason").
 """
 
 from __future__ import annotations
@@ -184,15 +188,18 @@ def train_grown_members(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     names: list[str] | None = None,
+    stack: bool = True,
 ) -> list[tuple[NetworkIR, object, dict]]:
     """Train grown members together (one engine run, one checkpoint): member k is built with ``seeds[k]``
     and shuffled with ``shuffle_seeds[k]`` (default: the same seed). The CSN cache is computed once for all
-    of them (the CSN is the same in every member).
+    of them (the CSN is the same in every member). With `stack` (the default) the engine trains them as one
+    stacked unit when their layout allows (`engine.grown_unstackable_reason`); ``stack=False`` forces one
+    module unit per member (the reference path, e.g. to measure stacking).
 
     Returns:
         Per member: (its NetworkIR, its TrainResult, facts for the report).
     """
-    from codec.runtime.training.engine import train_members
+    from codec.runtime.training.engine import grown_unstackable_reason, train_members
 
     names = [f"grown {k}" for k in range(len(seeds))] if names is None else list(names)
     modules = [build_grown(template, seed, options) for seed in seeds]
@@ -230,6 +237,7 @@ def train_grown_members(
         "resume": resume,
         "names": names,
         "desc": "+".join(names),
+        "stack": stack,
     }
     if use_cache:
         flat, cached, widths, shapes = frozen_preactivations(first, x_train)
@@ -244,10 +252,15 @@ def train_grown_members(
             fact["csn_cache_mb"] = round(flat.nbytes / 2**20, 2)
     else:
         run = train_members(modules, x_train, y_train, x_val, y_val, config, **common)
-    for fact in facts:
+    reason = grown_unstackable_reason(wrapped[0] if use_cache else first)
+    for k, fact in enumerate(facts):
         fact["ensemble_stopping"] = {
             key: run.ensemble[key] for key in ("patience", "monitored", "best_epoch", "stopped_early")
         }
+        fact["stacked"] = k in run.stacked
+        if len(modules) > 1 and not fact["stacked"]:
+            # why this member trained as its own module unit (engine.grown_unstackable_reason)
+            fact["unstacked_reason"] = reason if stack else "stacking switched off (stack=False)"
     return [
         (m.to_network(name), result, fact)
         for m, result, name, fact in zip(modules, run.members, names, facts)

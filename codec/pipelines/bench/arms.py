@@ -372,6 +372,7 @@ def run_treenet(ctx: _Context, replicate: int, n: int) -> dict:
         "loss": options.loss,
         "epochs": report["epochs_run"],
         "train_seconds": report["times"]["train_seconds"],
+        "heads_stacked": report["heads_stacked"],  # the training path behind train_seconds
         "stored_parameters": int(report["treenet"]["fused_parameters"]["total_stored"]),
         "trunk": report["treenet"].get("trunk"),
         "per_example": per_example,
