@@ -621,6 +621,25 @@ def test_fuzz_target_seeds_lift_and_short_fuzz_run_finds_nothing():
     assert recorder.outcomes.get("ok", 0) > 0 and recorder.outcomes.get("LiftError", 0) > 0
 
 
+def test_data_fuzz_target_seeds_load_and_short_fuzz_run_finds_nothing(tmp_path, monkeypatch):
+    """A short deterministic run of the data fuzz target (tools/fuzz_data.py; campaigns in
+    docs/guarantees.md): every seed kind loads, and mutated npz/npy/IDX/folder inputs are loaded or
+    refused with a CodecError, never anything else."""
+    import fuzz_data
+    from fuzz_data import Recorder, check_data, run_random, seed_inputs, unpack
+
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(256 << 20))
+    monkeypatch.setattr(fuzz_data, "_WORK", tmp_path)
+    seeds = seed_inputs()
+    assert {unpack(s)[0] for s in seeds} == {"npz", "npy", "idx", "folder"}
+    assert [check_data(s)[0] for s in seeds] == ["ok"] * len(seeds)
+    recorder = Recorder(findings_dir=None, check=check_data, suffix=".zip")
+    run_random(recorder, seeds, runs=1000, seconds=0, seed=2024)
+    assert recorder.iterations == 1000
+    assert recorder.findings == {}, recorder.findings
+    assert recorder.outcomes.get("ok", 0) > 0 and recorder.outcomes.get("DataError", 0) > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Never unpickle
 # ---------------------------------------------------------------------------------------------------
@@ -905,3 +924,239 @@ def test_ndg_graphml_is_streamed_and_budgeted(tmp_path, monkeypatch):
     small.write_graphml(tmp_path / "small.graphml")
     read = nx.read_graphml(tmp_path / "small.graphml")
     assert sorted(read.edges(data="weight")) == [("a/1", "b/0", 0.25), ("a/1", "b/1", 1.0)]
+
+
+def _npy_with_header(path: Path, shape, descr: str = "<f4", data: bytes = b"") -> None:
+    """An .npy file whose header declares `shape` whatever `data` it really holds (a hostile file)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    path.write_bytes(buf.getvalue() + data)
+
+
+def _npy_dir(folder: Path, **arrays) -> Path:
+    folder.mkdir()
+    base = {"x": np.zeros((8, 4), np.float32), "y": np.arange(8) % 2}
+    base.update(arrays)
+    for name, value in base.items():
+        np.save(folder / f"{name}.npy", value)
+    return folder
+
+
+def test_npy_headers_are_budgeted_before_numpy_allocates(tmp_path, monkeypatch):
+    """npy:DIR reads every header first: a file declaring 4 GiB in 200 bytes made numpy allocate the
+    4 GiB before finding the data missing; a negative dimension, an honest set past the budget (summed
+    over the folder's files, as float32) and a label of 2**33 are one line too."""
+    from codec.runtime.data import load_dataset
+
+    bomb = _npy_dir(tmp_path / "bomb")
+    _npy_with_header(bomb / "x.npy", (1 << 28, 4), data=bytes(64))  # 4 GiB of float32 declared
+    assert (bomb / "x.npy").stat().st_size < 256
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"declares shape \(268435456, 4\).*truncated or corrupt") as err:
+            load_dataset(f"npy:{bomb}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _one_line(err.value)
+    assert str(bomb / "x.npy") in str(err.value) and peak < 16 << 20, peak
+    _npy_with_header(bomb / "x.npy", (8, -4), data=bytes(128))
+    with pytest.raises(DataError, match="negative dimension"):
+        load_dataset(f"npy:{bomb}")
+
+    # 1 MiB of uint8 is 4 MiB as float32: the budget counts what codec holds, over all files together
+    honest = _npy_dir(
+        tmp_path / "honest",
+        x=np.zeros((4096, 256), np.uint8),
+        y=np.arange(4096) % 2,
+        x_test=np.zeros((4, 256), np.uint8),
+        y_test=np.arange(4) % 2,
+    )
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
+    with pytest.raises(DataError, match=r"past the limit of 1048576 bytes \(set CODEC_MAX_DATA_BYTES"):
+        load_dataset(f"npy:{honest}")
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(64 << 20))
+    assert load_dataset(f"npy:{honest}").x_train.shape == (4096, 256)
+
+    huge_label = _npy_dir(tmp_path / "label", y=np.array([0, 1, 2**33, 1, 0, 1, 0, 1]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="largest label is 8589934592.*limit of 65536"):
+            load_dataset(f"npy:{huge_label}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+def _png(path: Path, width: int, height: int, rows: int | None = None) -> None:
+    """A grey PNG declaring width x height, holding only its first `rows` rows of (zero) pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = height if rows is None else rows
+    pixels = zlib.compress(bytes((width + 1) * rows), 9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def decoded_images(monkeypatch):
+    """Counts the images Pillow decodes (ImageFile.load), to prove a refusal came before any decoding."""
+    from PIL import ImageFile
+
+    count = {"n": 0}
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        count["n"] += 1
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return count
+
+
+@pytest.mark.parametrize(
+    "width, height, fragment",
+    [
+        (10000, 10000, r"declares 10000x10000 = 100000000 pixels, past the limit of 89478485"),
+        (20000, 20000, "refused as a decompression bomb"),  # past 2x the limit Pillow raises itself
+    ],
+)
+def test_a_decompression_bomb_image_is_refused_from_its_header(
+    width, height, fragment, tmp_path, decoded_images
+):
+    """A 10000x10000 PNG is a few hundred bytes here (its rows are missing); decoding it allocates
+    100 MB in Pillow. Pillow only warns below 2x its limit (and raises a non-OSError above it, which was a
+    traceback): refused in one line from the header, before any image is decoded."""
+    from codec.runtime.data import load_dataset
+
+    _png(tmp_path / "imgs" / "b" / "bomb.png", width, height, rows=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=fragment) as err:
+            load_dataset(f"folder:{tmp_path / 'imgs'}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _one_line(err.value)
+    assert "bomb.png" in str(err.value) and decoded_images["n"] == 0 and peak < 16 << 20
+
+
+def test_an_image_folder_is_budgeted_before_decoding(tmp_path, monkeypatch, decoded_images):
+    """Image count x decoded size (float32, RGB when any image has colour), summed over train/ and test/,
+    is checked against CODEC_MAX_DATA_BYTES from the headers alone; within the budget the set loads
+    (a grey test/ beside a colour train/ is read as RGB: it was refused for its channel count)."""
+    from PIL import Image
+
+    from codec.runtime.data import load_dataset
+
+    for split, count in (("train", 10), ("test", 2)):
+        for label in ("a", "b"):
+            (tmp_path / "imgs" / split / label).mkdir(parents=True)
+            for i in range(count):
+                mode = "RGB" if i == 0 and split == "train" else "L"  # test/ all grey: read as RGB too
+                Image.new(mode, (64, 64)).save(tmp_path / "imgs" / split / label / f"{i}.png")
+    # 24 images of 64x64x3 as float32: 1,179,648 bytes
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1 << 20))
+    with pytest.raises(
+        DataError, match=r"the image folder \(24 images\) declares 1179648 bytes.*1048576"
+    ) as err:
+        load_dataset(f"folder:{tmp_path / 'imgs'}")
+    _one_line(err.value)
+    assert decoded_images["n"] == 0
+    monkeypatch.setenv("CODEC_MAX_DATA_BYTES", str(1179648))
+    dataset = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    assert dataset.x_train.shape == (20, 3, 64, 64) and dataset.x_test.shape == (4, 3, 64, 64)
+    assert decoded_images["n"] >= 24  # the spy sees decoding (Pillow may load an image twice to convert it)
+
+
+def _unclosed_npy_header() -> bytes:
+    """An npy header with an unclosed bracket: numpy's tokenizer raised tokenize.TokenError (found by
+    tools/fuzz_data.py, seed 1)."""
+    import struct
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4"
+    header += b" " * (118 - len(header)) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(48)
+
+
+def test_data_fuzz_findings_are_one_line(tmp_path):
+    """The data fuzzer's findings (tools/fuzz_data.py, seeds 1-3 and 11): a corrupt lzma-compressed npz
+    member escaped as lzma.LZMAError, an unsupported zip version as NotImplementedError, an unclosed npy
+    header as tokenize.TokenError, an empty shape with a 2**62 dimension as ValueError: all tracebacks."""
+    import io
+    import zipfile
+
+    from codec.runtime.data import load_dataset
+
+    path = tmp_path / "lzma.npz"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((8, 4), np.float32))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_LZMA) as archive:
+        archive.writestr("x.npy", buf.getvalue())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"PK\x03\x04") + 30 + len("x.npy")
+    raw[start + 8 : start + 40] = bytes(range(32))  # corrupt the lzma stream, keep the zip headers
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="lzma.npz: cannot read as .npz") as err:
+        load_dataset(f"npz:{path}")
+    _one_line(err.value)
+
+    # seeds 2 and 3: a member needing "zip version 8.7" raised NotImplementedError
+    path = tmp_path / "version.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", _npy_bytes_of(np.zeros((8, 4), np.float32)))
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 6 : central + 8] = (87).to_bytes(2, "little")  # version needed to extract
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="version.npz: cannot read as .npz: zip file version 8.7") as err:
+        load_dataset(f"npz:{path}")
+    _one_line(err.value)
+
+    # the first campaign (seed 11): shape (0, 0, 2**62) holds no data, but its float32 copy raised
+    # numpy's "array is too big" ValueError; refused from the header, in npy:DIR and in an npz
+    folder = _npy_dir(tmp_path / "empty")
+    _npy_with_header(folder / "x.npy", (0, 0, 2**62), descr="|u1")
+    with pytest.raises(
+        DataError, match=r"x.npy declares shape \(0, 0, 4611686018427387904\), larger than any"
+    ):
+        load_dataset(f"npy:{folder}")
+    with zipfile.ZipFile(tmp_path / "empty.npz", "w") as archive:
+        archive.writestr("x.npy", (folder / "x.npy").read_bytes())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    with pytest.raises(DataError, match=r"member x.npy declares shape \(0, 0, 4611686018427387904\)"):
+        load_dataset(f"npz:{tmp_path / 'empty.npz'}")
+
+    folder = _npy_dir(tmp_path / "npy")
+    (folder / "x.npy").write_bytes(_unclosed_npy_header())
+    with pytest.raises(DataError, match=r"x.npy: not a valid .npy header") as err:
+        load_dataset(f"npy:{folder}")
+    _one_line(err.value)
+    with zipfile.ZipFile(tmp_path / "header.npz", "w") as archive:
+        archive.writestr("x.npy", _unclosed_npy_header())
+        archive.writestr("y.npy", _npy_bytes_of(np.arange(8) % 2))
+    with pytest.raises(DataError, match=r"member x.npy: not a valid .npy header") as err:
+        load_dataset(f"npz:{tmp_path / 'header.npz'}")
+    _one_line(err.value)
+
+
+def _npy_bytes_of(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

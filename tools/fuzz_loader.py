@@ -307,8 +307,14 @@ def signature(exc: BaseException) -> str:
 class Recorder:
     """Counts outcomes, keeps one saved input and traceback per finding signature."""
 
-    def __init__(self, findings_dir: Path | None, slow_seconds: float = 2.0):
+    def __init__(
+        self, findings_dir: Path | None, slow_seconds: float = 2.0, check=None, suffix: str = ".onnx"
+    ):
+        """`check(data) -> (outcome, exception)` judges one input (default: `check_one`, the ONNX
+        target); findings are saved as `<sha1>{suffix}` (tools/fuzz_data.py passes its own)."""
         self.findings_dir = findings_dir
+        self.check = check or check_one
+        self.suffix = suffix
         self.slow_seconds = slow_seconds
         self.iterations = 0
         self.outcomes: dict[str, int] = {}
@@ -317,7 +323,7 @@ class Recorder:
 
     def run(self, data: bytes) -> None:
         t0 = time.perf_counter()
-        outcome, exc = check_one(data)
+        outcome, exc = self.check(data)
         elapsed = time.perf_counter() - t0
         self.iterations += 1
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -334,9 +340,9 @@ class Recorder:
         if entry["input"] is None and self.findings_dir is not None:
             self.findings_dir.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha1(data).hexdigest()[:16]
-            (self.findings_dir / f"{name}.onnx").write_bytes(data)
+            (self.findings_dir / f"{name}{self.suffix}").write_bytes(data)
             (self.findings_dir / f"{name}.txt").write_text(f"{sig}\n\n{text}")
-            entry["input"] = str(self.findings_dir / f"{name}.onnx")
+            entry["input"] = str(self.findings_dir / f"{name}{self.suffix}")
         print(f"finding: {sig}: {entry['traceback']}", file=sys.stderr, flush=True)
 
     def summary(self, engine: str, **extra) -> dict:
@@ -785,7 +791,7 @@ def run_atheris(
 
 
 def replay(recorder: Recorder, folder: Path) -> None:
-    for path in sorted(folder.glob("*.onnx")):
+    for path in sorted(folder.glob(f"*{recorder.suffix}")):
         recorder.run(path.read_bytes())
 
 

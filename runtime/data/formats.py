@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import logging
+import lzma
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -175,6 +177,34 @@ def _over_budget(path: Path, what: str, nbytes: int) -> DataError:
     )
 
 
+def _npy_header(stream, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, dtype and data size an npy stream's header declares (read from the header alone:
+    numpy allocates that many bytes before it reads any). Leaves `stream` at the start of the data."""
+    version = np.lib.format.read_magic(stream)
+    try:
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=10000)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=10000)
+    except tokenize.TokenError as exc:  # numpy tokenizes the header: an unclosed bracket escapes as this
+        raise DataError(f"{where}: not a valid .npy header: {_one_line(exc)}") from exc
+    if any(d < 0 for d in shape):
+        raise DataError(f"{where} declares shape {shape}, with a negative dimension: corrupt")
+    # numpy multiplies the non-zero dimensions when it makes an array of this shape (a float32 copy
+    # too), even with a zero among them: past 2**62 bytes that is "array is too big", a ValueError
+    # far from the file (found by tools/fuzz_data.py: shape (0, 0, 2**62) of uint8, holding no data)
+    if int(np.prod([d for d in shape if d], dtype=object)) * max(dtype.itemsize, 8) >= 1 << 62:
+        raise DataError(f"{where} declares shape {shape}, larger than any array can be: corrupt")
+    return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _decoded_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """What codec holds for an array: numeric data is converted to float32, so budget that, not only
+    what is stored (a uint8 image set grows four times)."""
+    count = int(np.prod(shape, dtype=object))
+    return max(count * dtype.itemsize, count * 4 if dtype.kind in "biuf" else 0)
+
+
 def _check_npz_sizes(path: Path, names: Sequence[str]) -> None:
     """Budget an .npz from what it declares, before numpy decompresses or allocates anything: each
     member's npy header (shape x dtype, which numpy allocates), its zip size (what it inflates to), and
@@ -196,22 +226,49 @@ def _check_npz_sizes(path: Path, names: Sequence[str]) -> None:
                     "compressed (more than deflate can produce): corrupt or a decompression bomb"
                 )
             with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(member, max_header_size=10000)
-                else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(member, max_header_size=10000)
-            count = int(np.prod(shape, dtype=object))
-            data_bytes = count * dtype.itemsize
+                shape, dtype, data_bytes = _npy_header(member, f"{path}: member {info.filename}")
             if data_bytes > info.file_size:
                 raise DataError(
                     f"{path}: member {info.filename} declares shape {shape} ({data_bytes} bytes) but holds "
                     f"{info.file_size}: truncated or corrupt"
                 )
-            # codec converts numeric data to float32: budget what it will hold, not only what is stored
-            total += max(data_bytes, count * 4 if dtype.kind in "biuf" else 0)
+            total += _decoded_bytes(shape, dtype)
             if total > budget:
                 raise _over_budget(path, f"member {info.filename} (shape {shape})", total)
+
+
+def _read_npy_files(files: Sequence[Path]) -> list[np.ndarray]:
+    """Read .npy files (one data set: their sizes are budgeted together) without ever unpickling.
+
+    Every header is read and budgeted first (shape x dtype against the bytes the file holds, the
+    float32 total against `CODEC_MAX_DATA_BYTES`), so a small file declaring many GB is one line and
+    nothing is allocated; every failure is a one-line DataError naming the file.
+    """
+    budget, total = data_budget(), 0
+    for file in files:
+        regular_file(file, "file", DataError)  # never open a FIFO (it blocks) or a device
+        try:
+            with open(file, "rb") as stream:
+                shape, dtype, data_bytes = _npy_header(stream, str(file))
+                held = os.fstat(stream.fileno()).st_size - stream.tell()
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
+            raise DataError(f"{file}: cannot read as .npy: {_one_line(exc)}") from exc
+        if data_bytes > held:
+            raise DataError(
+                f"{file}: declares shape {shape} ({data_bytes} bytes) but holds {held}: truncated or corrupt"
+            )
+        total += _decoded_bytes(shape, dtype)
+        if total > budget:
+            raise _over_budget(file, f"its header (shape {shape}, {dtype})", total)
+    arrays = []
+    for file in files:
+        try:
+            arrays.append(np.load(file, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{file}: cannot read as .npy: {_one_line(exc)}") from exc
+    return arrays
 
 
 def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -233,7 +290,18 @@ def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ())
             return {k: npz[k] for k in (*required, *optional) if k in npz.files}
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+        NotImplementedError,
+    ) as exc:
+        # zip members may be lzma- or bzip2-compressed (a corrupt lzma stream raises its own error), and
+        # zipfile raises NotImplementedError for a version or compression method it does not know
         raise DataError(f"{path}: cannot read as .npz: {_one_line(exc)}") from exc
 
 

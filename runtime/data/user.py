@@ -12,7 +12,7 @@ Array layouts (the same names in an `.npz`, or as `<name>.npy` files in a folder
 `DIR/train/<class>/...` with optional `DIR/val/` and `DIR/test/` beside it. Images are PNG or JPEG (read
 with Pillow), all of one size (no resizing: a different size is refused, naming the file); classes are
 the subfolder names in sorted order, as ImageFolder numbers them. Grey images stay one channel unless
-any image has colour, then all are read as RGB.
+any image (of any split) has colour, then all are read as RGB.
 
 Values: uint8 pixels are scaled by 1/255 (so images are in [0, 1]); NHWC images become NCHW.
 `Normalization` then optionally standardises per channel (axis 1: an image's colour channel, a tabular
@@ -24,13 +24,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from codec.errors import ConfigError, DataError
+from codec.errors import ConfigError, DataError, first_line
+from codec.io import regular_file
 from codec.runtime.data.dataset import Dataset, stratified_indices
 
 log = logging.getLogger(__name__)
@@ -81,17 +84,12 @@ def read_user_arrays(spec: str) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _read_npy_dir(path: Path) -> dict[str, np.ndarray]:
+    from codec.runtime.data.formats import _read_npy_files
+
     if not path.is_dir():
         raise DataError(f"{path}: no such folder (npy:DIR names a folder of x_train.npy, y_train.npy, ...)")
-    arrays = {}
-    for key in (*SPLIT_KEYS, *SINGLE_KEYS, "class_names"):
-        file = path / f"{key}.npy"
-        if file.is_file():
-            try:
-                arrays[key] = np.load(file, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise DataError(f"{file}: cannot read as .npy: {str(exc).splitlines()[0]}") from exc
-    return arrays
+    keys = [k for k in (*SPLIT_KEYS, *SINGLE_KEYS, "class_names") if (path / f"{k}.npy").is_file()]
+    return dict(zip(keys, _read_npy_files([path / f"{k}.npy" for k in keys])))
 
 
 def _class_folders(path: Path) -> list[Path]:
@@ -108,23 +106,26 @@ def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
     splits = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
     if "train" in splits:
         classes = [d.name for d in _class_folders(splits["train"])]
-        arrays = {"class_names": np.array(classes)}
-        for split, folder in splits.items():
-            arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_images(folder, classes)
-        return arrays
-    classes = [d.name for d in _class_folders(path)]
-    x, y = _read_images(path, classes)
-    return {"x": x, "y": y, "class_names": np.array(classes)}
+        found = {split: _image_files(folder, classes) for split, folder in splits.items()}
+    else:
+        classes = [d.name for d in _class_folders(path)]
+        found = {"": _image_files(path, classes)}
+    # Every image's size is read from its header before any is decoded, and the whole set is budgeted
+    # together, as an .npz's members are: a folder of small files declaring many GB is one line.
+    headers = {split: _image_headers(files) for split, (files, _) in found.items()}
+    _check_image_budget(path, headers)
+    # one colour rule for every split (a grey test set beside a colour training set is read as RGB too)
+    colour = any(_colour(split) for split in headers.values())
+    arrays = {"class_names": np.array(classes)}
+    for split, (files, labels) in found.items():
+        suffix = f"_{split}" if split else ""
+        arrays[f"x{suffix}"] = _decode_images(files, headers[split], colour)
+        arrays[f"y{suffix}"] = np.asarray(labels, dtype=np.int64)
+    return arrays
 
 
-def _read_images(folder: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Every image under folder/<class>/, as uint8 NHWC (or NHW for grey) and int64 labels."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is installed where codec's tests run
-        raise DataError(
-            "folder: data needs Pillow to read images: pip install 'codec[images]' (or Pillow)"
-        ) from None
+def _image_files(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Every PNG or JPEG under folder/<class>/ and its label (the class's index in `classes`)."""
     if not classes:
         raise DataError(f"{folder}: no class subfolders (expected {folder}/<class>/<image>.png)")
     found = [d.name for d in _class_folders(folder)]
@@ -143,24 +144,95 @@ def _read_images(folder: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.n
                     labels.append(label)
     if not files:
         raise DataError(f"{folder}: no PNG or JPEG images in its class folders")
-    images = []
+    return files, labels
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is installed where codec's tests run
+        raise DataError(
+            "folder: data needs Pillow to read images: pip install 'codec[images]' (or Pillow)"
+        ) from None
+    return Image
+
+
+# What Pillow raises on a malformed image besides OSError (its plugins use these for bad headers and
+# streams); every one of them is a file that cannot be read, said in one line.
+_IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, IndexError, TypeError)
+
+
+def _image_headers(files: Sequence[Path]) -> list[tuple[tuple[int, int], str]]:
+    """(width, height) and mode of every image, read from its header (Pillow decodes lazily).
+
+    Raises:
+        DataError: An unreadable image, one past Pillow's decompression-bomb limit (`MAX_IMAGE_PIXELS`,
+            about 89 million pixels, a 300 MB grey or 1 GB float32 RGB image), or images of two sizes.
+    """
+    Image = _pillow()
+    limit = Image.MAX_IMAGE_PIXELS
+    headers = []
     for file in files:
+        regular_file(file, "image", DataError)
         try:
-            with Image.open(file) as img:
-                img.load()
-                images.append(img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy())
-        except OSError as exc:
-            raise DataError(f"{file}: cannot read as an image: {str(exc).splitlines()[0]}") from exc
-    size = images[0].size
-    for file, img in zip(files, images):
-        if img.size != size:
+            with warnings.catch_warnings():
+                # between 1x and 2x the limit Pillow only warns: codec refuses it below, in one line
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(file) as img:
+                    size, mode = img.size, img.mode
+        except Image.DecompressionBombError as exc:
+            raise DataError(f"{file}: refused as a decompression bomb: {first_line(exc)}") from exc
+        except _IMAGE_ERRORS as exc:
+            raise DataError(f"{file}: cannot read as an image: {first_line(exc)}") from exc
+        if limit is not None and size[0] * size[1] > limit:
             raise DataError(
-                f"{file}: is {img.size[0]}x{img.size[1]} but {files[0].name} is {size[0]}x{size[1]}; "
+                f"{file}: declares {size[0]}x{size[1]} = {size[0] * size[1]} pixels, past the limit of "
+                f"{limit} pixels for one image (Pillow's MAX_IMAGE_PIXELS): a decompression bomb?"
+            )
+        if headers and size != headers[0][0]:
+            first = headers[0][0]
+            raise DataError(
+                f"{file}: is {size[0]}x{size[1]} but {files[0].name} is {first[0]}x{first[1]}; "
                 "all images must have one size (resize them first)"
             )
-    mode = "RGB" if any(img.mode == "RGB" for img in images) else "L"
-    x = np.stack([np.asarray(img.convert(mode), dtype=np.uint8) for img in images])
-    return x, np.asarray(labels, dtype=np.int64)
+        headers.append((size, mode))
+    return headers
+
+
+def _colour(headers: Sequence[tuple[tuple[int, int], str]]) -> bool:
+    """Whether the images are read as RGB: any image that is not grey makes them all RGB."""
+    return any(mode != "L" for _, mode in headers)
+
+
+def _check_image_budget(path: Path, headers: Mapping[str, Sequence[tuple[tuple[int, int], str]]]) -> None:
+    """Refuse, before decoding, a folder whose images decode past `CODEC_MAX_DATA_BYTES` as float32."""
+    from codec.runtime.data.formats import _over_budget, data_budget
+
+    channels = 3 if any(_colour(split) for split in headers.values()) else 1
+    total = sum(4 * len(split) * split[0][0][0] * split[0][0][1] * channels for split in headers.values())
+    if total > data_budget():
+        count = sum(len(split) for split in headers.values())
+        raise _over_budget(path, f"the image folder ({count} images)", total)
+
+
+def _decode_images(
+    files: Sequence[Path], headers: Sequence[tuple[tuple[int, int], str]], colour: bool
+) -> np.ndarray:
+    """The images, decoded one at a time into one uint8 array: NHW for grey, NHWC for colour."""
+    Image = _pillow()
+    (width, height), mode = headers[0][0], "RGB" if colour else "L"
+    x = np.empty((len(files), height, width, 3) if mode == "RGB" else (len(files), height, width), np.uint8)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                if img.size != (width, height):  # the file changed since its header was read
+                    raise DataError(f"{file}: changed while it was read ({img.size[0]}x{img.size[1]} now)")
+                x[i] = np.asarray(img.convert(mode), dtype=np.uint8)
+        except DataError:
+            raise
+        except (*_IMAGE_ERRORS, Image.DecompressionBombError) as exc:
+            raise DataError(f"{file}: cannot read as an image: {first_line(exc)}") from exc
+    return x
 
 
 def _found(arrays: Mapping[str, np.ndarray]) -> str:
