@@ -575,3 +575,29 @@ def test_gemm_alpha_is_folded_only_where_it_cannot_change_overflow(alpha, scale,
         x = RNG.standard_normal((5, 4)).astype(np.float32)
         got = run_onnx(to_bytes(lower(lift(model, check=False))), x)
         np.testing.assert_allclose(got, run_onnx(model, x), rtol=1e-5)
+
+
+def test_an_attribute_the_opset_does_not_define_is_refused():
+    """MaxPool's ceil_mode exists from opset 10: onnxruntime refuses an opset-7 model carrying it, so lift
+    does too, with its check off as well (found by the extended hypothesis run)."""
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2])
+    nodes = [conv, helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], ceil_mode=0)]
+    weights = {"w": CONV_W, "b": CONV_B}
+    model = _free_model(nodes, weights, ("n", 1, 7, 7), opset=7)
+    for check in (False, True):
+        with pytest.raises(ModelLoadError, match="ceil_mode.*opset 7"):
+            lift(model, check=check)
+    lift(_free_model(nodes, weights, ("n", 1, 7, 7), opset=10))
+
+
+def test_same_auto_pad_with_an_all_zero_pads_attribute_is_refused():
+    """ONNX shape inference applies a `pads` attribute even beside auto_pad=SAME_*, onnxruntime's kernel
+    does not: a model with both declares shapes onnxruntime refuses (found by the extended hypothesis run)."""
+    attrs = {"kernel_shape": [2, 2], "strides": [1, 1], "auto_pad": "SAME_UPPER"}
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[2, 2])
+    weights = {"w": CONV_W, "b": CONV_B}
+    with_pads = [conv, helper.make_node("MaxPool", ["c"], ["y"], name="pool", pads=[0, 0, 0, 0], **attrs)]
+    with pytest.raises(LiftError, match="auto_pad=SAME_UPPER"):
+        lift(_free_model(with_pads, weights, ("n", 1, 7, 7)), check=False)
+    without = [conv, helper.make_node("MaxPool", ["c"], ["y"], name="pool", **attrs)]
+    lift(_free_model(without, weights, ("n", 1, 7, 7)))
