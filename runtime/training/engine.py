@@ -489,13 +489,17 @@ class _StackedUnit:
         lrs: list[float],
         device: torch.device,
     ):
+        self._members(indices, modules, config, device)
+        self.plan, self.names, self.params = stack_layers(modules, device)
+        self.trainable = [p for p in self.params if p is not None]
+        self.optimizer = _StackedOptimizer(self.trainable, config, [lrs[i] for i in self.indices])
+
+    def _members(self, indices, modules, config: TrainConfig, device: torch.device) -> None:
+        """What every stacked unit holds of its members: which they are, their modules, device, LR decay."""
         self.indices = list(indices)
         self.modules = modules
         self.device = device
         self.lr_decay = config.lr_decay if config.lr_decay not in (None, 1.0) else None
-        self.plan, self.names, self.params = stack_layers(modules, device)
-        self.trainable = [p for p in self.params if p is not None]
-        self.optimizer = _StackedOptimizer(self.trainable, config, [lrs[i] for i in self.indices])
 
     def slot(self, index: int) -> int:
         return self.indices.index(index)
@@ -680,10 +684,7 @@ class _GrownStackedUnit(_StackedUnit):
         lrs: list[float],
         device: torch.device,
     ):
-        self.indices = list(indices)
-        self.modules = modules
-        self.device = device
-        self.lr_decay = config.lr_decay if config.lr_decay not in (None, 1.0) else None
+        self._members(indices, modules, config, device)
         inners = [_grown_parts(m)[0] for m in modules]
         template, self.cache = _grown_parts(modules[0])
         self.input_shape = tuple(template.input_shape)
